@@ -1,0 +1,3 @@
+from wlidd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""Configuration: a TOML file plus ``WLIDD_*`` environment overrides, validated once.
+
+The names are a contract (../shared/CONFIG.md): add options, never rename them. Every error
+names the key and where its value came from (the file, or the environment variable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from wlidd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/wlidd/wlidd.toml")
+DEFAULT_GCE_DIR = Path("/var/run/secrets/workload-spiffe-credentials")
+DEFAULT_CERTIFICATE_CONFIG = Path("~/.config/gcloud/certificate_config.json")
+ENV_PREFIX = "WLIDD_"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as ``"90s"``, ``"10m"``, ``"1h"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '90s', '10m', '1h'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration; use seconds or a string like '90s', '10m', '1h'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def _expand_path(value: object) -> object:
+    if isinstance(value, str | Path):
+        return Path(os.path.expanduser(str(value)))
+    return value
+
+
+def _parse_mode(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    elif isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{3,4}", value.strip()):
+        mode = int(value.strip().replace("o", ""), 8)
+    else:
+        raise ValueError(f"{value!r} is not a file mode; use an octal string like '0660'")
+    if not 0 <= mode <= 0o7777:
+        raise ValueError(f"{value!r} is out of range for a file mode")
+    return mode
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+ExpandedPath = Annotated[Path, BeforeValidator(_expand_path)]
+FileMode = Annotated[int, BeforeValidator(_parse_mode)]
+
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonConfig(_Strict):
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    runtime_dir: ExpandedPath = Path("/run/wlidd")
+
+
+class IdentityConfig(_Strict):
+    """Where one identity's X.509-SVID comes from (one source per identity)."""
+
+    source: Literal["gce", "certificate_config", "files"]
+    dir: ExpandedPath | None = None
+    certificate_config: ExpandedPath | None = None
+    cert: ExpandedPath | None = None
+    key: ExpandedPath | None = None
+    bundle: ExpandedPath | None = None
+    bundles: dict[str, ExpandedPath] = Field(default_factory=dict)
+    trust_domain: str | None = None
+    reload_interval: Duration = 600.0
+    mismatch_retries: int = Field(default=4, ge=1, le=100)
+    mismatch_retry_delay: Duration = 5.0
+    debounce: Duration = 0.05
+    required: bool = True
+
+    @model_validator(mode="after")
+    def _check_source(self) -> IdentityConfig:
+        if self.source == "files":
+            missing = [k for k in ("cert", "key", "bundle") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"source 'files' needs {', '.join(missing)}")
+        if self.source == "certificate_config" and self.bundle is None:
+            raise ValueError("source 'certificate_config' needs bundle (the trust bundle path)")
+        if self.source != "gce" and self.dir is not None:
+            raise ValueError("dir is only for source 'gce'")
+        if self.source != "certificate_config" and self.certificate_config is not None:
+            raise ValueError("certificate_config is only for source 'certificate_config'")
+        if self.source != "files" and self.cert is not None:
+            raise ValueError("cert is only for source 'files'")
+        if self.source == "certificate_config" and self.key is not None:
+            raise ValueError("key comes from certificate_config.json for source 'certificate_config'")
+        for domain in [self.trust_domain, *self.bundles]:
+            if domain is not None and not _TRUST_DOMAIN.match(domain):
+                raise ValueError(
+                    f"{domain!r} is not a trust domain (lowercase letters, digits, '.', '-', '_')"
+                )
+        if self.reload_interval < 1:
+            raise ValueError("reload_interval must be at least 1s")
+        return self
+
+    def gce_dir(self) -> Path:
+        return self.dir if self.dir is not None else DEFAULT_GCE_DIR
+
+    def certificate_config_path(self, environ: Mapping[str, str]) -> Path:
+        if self.certificate_config is not None:
+            return self.certificate_config
+        from_env = environ.get("GOOGLE_API_CERTIFICATE_CONFIG")
+        if from_env:
+            return Path(os.path.expanduser(from_env))
+        return Path(os.path.expanduser(str(DEFAULT_CERTIFICATE_CONFIG)))
+
+
+class UnixListenerConfig(_Strict):
+    path: ExpandedPath = Path("/run/wlidd/wlidd.sock")
+    mode: FileMode = 0o660
+    group: str | None = None
+    max_connections: int = Field(default=256, ge=1)
+    request_timeout: Duration = 10.0
+    idle_timeout: Duration = 60.0
+
+
+class ListenersConfig(_Strict):
+    unix: UnixListenerConfig = Field(default_factory=UnixListenerConfig)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """The environment source, reading a given mapping instead of the process environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._environ.items()}
+
+
+class Config(BaseSettings):
+    """The whole configuration. Build it with :func:`load_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    identities: dict[str, IdentityConfig] = Field(default_factory=dict)
+    listeners: ListenersConfig = Field(default_factory=ListenersConfig)
+
+    _toml_file: ClassVar[Path | None] = None
+    _environ: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            _MappingEnvSource(settings_cls, cls._environ),
+        ]
+        if cls._toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> Config:
+        for name in self.identities:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"identity name {name!r} may only hold letters, digits, '_', '.', '-'")
+        return self
+
+
+def config_path_from(cli_path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path:
+    """``--config`` wins, then ``WLIDD_CONFIG``, then the default path."""
+    if cli_path is not None:
+        return Path(os.path.expanduser(str(cli_path)))
+    if environ.get("WLIDD_CONFIG"):
+        return Path(os.path.expanduser(environ["WLIDD_CONFIG"]))
+    return DEFAULT_CONFIG_PATH
+
+
+def _env_key_for(loc: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(part).upper() for part in loc)
+
+
+def _check_env_names(environ: Mapping[str, str]) -> None:
+    top = set(Config.model_fields)
+    for name in environ:
+        if not name.startswith(ENV_PREFIX) or name == "WLIDD_CONFIG":
+            continue
+        first = name[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        if first not in top:
+            raise ConfigError(f"environment {name}: unknown key {first!r} (known: {', '.join(sorted(top))})")
+
+
+def _describe(error: Mapping[str, Any], path: Path | None, environ: Mapping[str, str]) -> str:
+    loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    env_name = _env_key_for(loc)
+    where = f"environment {env_name}" if env_name in environ else (str(path) if path else "defaults")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{where}: {key}: {message}"
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration; raise ConfigError naming the key and the file."""
+    env = dict(os.environ if environ is None else environ)
+    if path is not None:
+        try:
+            with path.open("rb") as handle:
+                tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except PermissionError:
+            raise ConfigError(f"{path}: config file not readable (permission denied)") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _check_env_names(env)
+    try:
+        Config._toml_file, Config._environ = path, env
+        return Config()
+    except ValidationError as exc:
+        problems = [_describe(err, path, env) for err in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+    finally:
+        Config._toml_file, Config._environ = None, {}
+
+
+def read_certificate_config(path: Path) -> tuple[Path, Path]:
+    """The workload cert and key paths from a certificate_config.json (SPECS.md §1.1)."""
+    try:
+        document = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: certificate config not found") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: certificate config unreadable or not JSON: {exc}") from None
+    workload = document.get("cert_configs", {}).get("workload") if isinstance(document, dict) else None
+    if not isinstance(workload, dict):
+        raise ConfigError(f"{path}: cert_configs.workload: missing")
+    paths = []
+    for key in ("cert_path", "key_path"):
+        value = workload.get(key)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: cert_configs.workload.{key}: missing or not a string")
+        paths.append(Path(os.path.expanduser(value)))
+    return paths[0], paths[1]

@@ -1,0 +1,132 @@
+"""Frozen values of identity material: SpiffeId, TrustBundle, BundleSet, Svid."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+@dataclass(frozen=True, order=True)
+class SpiffeId:
+    """A parsed, well-formed SPIFFE ID (see `wlidd.svid.spiffeid.parse_spiffe_id`)."""
+
+    trust_domain: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"spiffe://{self.trust_domain}{self.path}"
+
+
+def _pem(certs: tuple[x509.Certificate, ...]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+@dataclass(frozen=True)
+class TrustBundle:
+    """The X.509 authorities of one trust domain."""
+
+    trust_domain: str
+    authorities: tuple[x509.Certificate, ...]
+
+    @property
+    def pem(self) -> bytes:
+        return _pem(self.authorities)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(
+            b"".join(sorted(c.fingerprint(hashes.SHA256()) for c in self.authorities))
+        ).hexdigest()
+
+
+@dataclass(frozen=True)
+class BundleSet:
+    """One TrustBundle per trust domain; the SVID's own domain and any federated ones."""
+
+    bundles: Mapping[str, TrustBundle] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bundles", MappingProxyType(dict(sorted(self.bundles.items()))))
+
+    def __iter__(self) -> Iterator[TrustBundle]:
+        return iter(self.bundles.values())
+
+    def __len__(self) -> int:
+        return len(self.bundles)
+
+    def get(self, trust_domain: str) -> TrustBundle | None:
+        return self.bundles.get(trust_domain)
+
+    @property
+    def trust_domains(self) -> tuple[str, ...]:
+        return tuple(self.bundles)
+
+    @property
+    def all_authorities(self) -> tuple[x509.Certificate, ...]:
+        return tuple(c for bundle in self.bundles.values() for c in bundle.authorities)
+
+    @property
+    def pem(self) -> bytes:
+        return _pem(self.all_authorities)
+
+    def fingerprint(self) -> str:
+        parts = [f"{td}={b.fingerprint()}" for td, b in self.bundles.items()]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Svid:
+    """A validated X.509-SVID: chain (leaf first), its private key, and what the checks warned about.
+
+    The key never appears in a repr; `key_pem()` is the one way to get it out.
+    """
+
+    spiffe_id: SpiffeId
+    chain: tuple[x509.Certificate, ...]
+    private_key: PrivateKey = field(repr=False, compare=False)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    @property
+    def serial(self) -> str:
+        return format(self.leaf.serial_number, "x")
+
+    @property
+    def not_before(self) -> dt.datetime:
+        return self.leaf.not_valid_before_utc
+
+    @property
+    def not_after(self) -> dt.datetime:
+        """The earliest expiry in the chain: the SVID is unusable once any member expires."""
+        return min(c.not_valid_after_utc for c in self.chain)
+
+    @property
+    def chain_pem(self) -> bytes:
+        return _pem(self.chain)
+
+    def key_pem(self) -> bytes:
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def key_der(self) -> bytes:
+        return self.private_key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def seconds_left(self, now: dt.datetime) -> float:
+        return (self.not_after - now).total_seconds()
+
+    def is_valid_at(self, now: dt.datetime) -> bool:
+        return self.not_before <= now < self.not_after

@@ -1,0 +1,100 @@
+"""SPIFFE ID parsing (spiffe/spiffe SPIFFE-ID.md), strict like go-spiffe: every refusal names its rule."""
+
+from __future__ import annotations
+
+import re
+
+from cryptography import x509
+
+from wlidd.errors import SvidError
+from wlidd.svid.model import SpiffeId
+
+MAX_SPIFFE_ID_BYTES = 2048
+_TD_CHARS = re.compile(r"^[a-z0-9._-]+$")
+_SEGMENT_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def _bad(reason: str, message: str, value: str) -> SvidError:
+    shown = value if len(value) <= 120 else value[:117] + "..."
+    return SvidError(reason, f"{message}: {shown!r}")
+
+
+def parse_trust_domain(value: str) -> str:
+    """A trust domain name: non-empty, lowercase letters, digits, '.', '-', '_'."""
+    if not value:
+        raise _bad("spiffe_id_empty_trust_domain", "trust domain is empty", value)
+    if value.lower() != value and _TD_CHARS.match(value.lower()):
+        raise _bad("spiffe_id_uppercase_trust_domain", "trust domain must be lowercase", value)
+    if ":" in value:
+        raise _bad("spiffe_id_port", "trust domain must not carry a port", value)
+    if "@" in value:
+        raise _bad("spiffe_id_userinfo", "trust domain must not carry userinfo", value)
+    if "%" in value:
+        raise _bad("spiffe_id_percent_encoded", "SPIFFE ID must not be percent-encoded", value)
+    if not _TD_CHARS.match(value):
+        raise _bad(
+            "spiffe_id_bad_trust_domain_char", "trust domain has a character outside [a-z0-9._-]", value
+        )
+    return value
+
+
+def parse_spiffe_id(value: str) -> SpiffeId:
+    """Parse a SPIFFE ID or raise SvidError with a `spiffe_id_*` reason."""
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_SPIFFE_ID_BYTES:
+        raise SvidError("spiffe_id_too_long", f"SPIFFE ID longer than {MAX_SPIFFE_ID_BYTES} bytes")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme != "spiffe":
+        if scheme.lower() == "spiffe" and sep:
+            raise _bad("spiffe_id_bad_scheme", "scheme must be exactly 'spiffe' (lowercase)", value)
+        raise _bad("spiffe_id_bad_scheme", "not a spiffe:// URI", value)
+    if "?" in rest:
+        raise _bad("spiffe_id_query", "SPIFFE ID must not have a query", value)
+    if "#" in rest:
+        raise _bad("spiffe_id_fragment", "SPIFFE ID must not have a fragment", value)
+    trust_domain, slash, path = rest.partition("/")
+    parse_trust_domain(trust_domain)
+    path = slash + path
+    if "%" in path:
+        raise _bad("spiffe_id_percent_encoded", "SPIFFE ID must not be percent-encoded", value)
+    if path:
+        if path.endswith("/"):
+            raise _bad("spiffe_id_trailing_slash", "SPIFFE ID path must not end with '/'", value)
+        for segment in path[1:].split("/"):
+            if segment == "":
+                raise _bad("spiffe_id_empty_segment", "SPIFFE ID path has an empty segment", value)
+            if segment in (".", ".."):
+                raise _bad("spiffe_id_dot_segment", "SPIFFE ID path has a '.' or '..' segment", value)
+            if not _SEGMENT_CHARS.match(segment):
+                raise _bad(
+                    "spiffe_id_bad_path_char", "SPIFFE ID path has a character outside [A-Za-z0-9._-]", value
+                )
+    return SpiffeId(trust_domain=trust_domain, path=path)
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    """The URI SANs of a certificate (empty when it has no SAN extension)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+
+
+def spiffe_id_from_cert(cert: x509.Certificate) -> SpiffeId:
+    """The one SPIFFE ID of an X.509-SVID leaf; used by validation and by authorization alike."""
+    try:
+        uris = uri_sans(cert)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise SvidError("leaf_bad_san", f"leaf subjectAltName cannot be parsed: {exc}") from None
+    if not uris:
+        raise SvidError("leaf_no_uri_san", "leaf has no URI SAN, so it carries no SPIFFE ID")
+    if len(uris) > 1:
+        raise SvidError(
+            "leaf_multiple_uri_sans", f"leaf has {len(uris)} URI SANs; an X509-SVID has exactly one"
+        )
+    spiffe_id = parse_spiffe_id(uris[0])
+    if not spiffe_id.path:
+        raise SvidError(
+            "spiffe_id_no_path", f"leaf SPIFFE ID {uris[0]!r} has no path (that names a trust domain)"
+        )
+    return spiffe_id

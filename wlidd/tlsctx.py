@@ -1,0 +1,88 @@
+"""TLS 1.3 contexts built from a validated identity, and a server context that follows rotations.
+
+Key material reaches OpenSSL through an anonymous memfd (never a file on disk) and no pass phrase
+callback can prompt. `HotServerContext` is one long-lived SSLContext for listeners: its
+`sni_callback` (called on every ClientHello, with or without SNI) switches the connection to the
+current identity's server context, so a rotation needs no restart and new handshakes get the new
+leaf while established connections keep theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from wlidd.svid.load import Identity
+
+
+def _no_pass_phrase() -> bytes:
+    raise ssl.SSLError("wlidd never loads encrypted keys")
+
+
+def _load_identity_into(context: ssl.SSLContext, identity: Identity) -> None:
+    fd = os.memfd_create("wlidd-svid", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, identity.svid.chain_pem + identity.svid.key_pem())
+        context.load_cert_chain(f"/proc/self/fd/{fd}", password=_no_pass_phrase)
+    finally:
+        os.close(fd)
+
+
+def _tls13_only(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+def build_server_context(identity: Identity) -> ssl.SSLContext:
+    """Server side: present the SVID, require a client certificate verified against the bundles."""
+    context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=identity.bundles.pem.decode("ascii"))
+    _load_identity_into(context, identity)
+    return context
+
+
+def build_client_context(identity: Identity) -> ssl.SSLContext:
+    """Client side: present the SVID; the peer's chain is verified against the bundles.
+
+    SPIFFE peers are named by URI SAN, not host name, so host name checks are off; callers check
+    the peer's SPIFFE ID themselves.
+    """
+    context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=identity.bundles.pem.decode("ascii"))
+    _load_identity_into(context, identity)
+    return context
+
+
+@dataclass(frozen=True)
+class TlsContexts:
+    """A matched pair for one identity; replaced as a whole, never edited."""
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+    @classmethod
+    def build(cls, identity: Identity) -> TlsContexts:
+        return cls(server=build_server_context(identity), client=build_client_context(identity))
+
+
+class HotServerContext:
+    """A listener's SSLContext that hands each new handshake the current server context."""
+
+    def __init__(self, current: Callable[[], TlsContexts | None]) -> None:
+        self._current = current
+        self.context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context.sni_callback = self._switch
+
+    def _switch(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext) -> int | None:
+        contexts = self._current()
+        if contexts is None:
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR  # nothing valid to present yet
+        connection.context = contexts.server
+        return None
