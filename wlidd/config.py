@@ -119,9 +119,7 @@ class IdentityConfig(_Strict):
             raise ValueError("key comes from certificate_config.json for source 'certificate_config'")
         for domain in [self.trust_domain, *self.bundles]:
             if domain is not None and not _TRUST_DOMAIN.match(domain):
-                raise ValueError(
-                    f"{domain!r} is not a trust domain (lowercase letters, digits, '.', '-', '_')"
-                )
+                raise ValueError(f"{domain!r} is not a trust domain (lowercase letters, digits, '.', '-', '_')")
         if self.reload_interval < 1:
             raise ValueError("reload_interval must be at least 1s")
         return self
@@ -165,9 +163,7 @@ class _MappingEnvSource(EnvSettingsSource):
 class Config(BaseSettings):
     """The whole configuration. Build it with :func:`load_config`."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True)
 
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     identities: dict[str, IdentityConfig] = Field(default_factory=dict)

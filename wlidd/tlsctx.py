@@ -80,7 +80,9 @@ class HotServerContext:
         self.context.verify_mode = ssl.CERT_REQUIRED
         self.context.sni_callback = self._switch
 
-    def _switch(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext) -> int | None:
+    def _switch(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
+    ) -> int | None:
         contexts = self._current()
         if contexts is None:
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR  # nothing valid to present yet

@@ -7,6 +7,7 @@ build "CA as leaf", "two URI SANs", "RSA 1024" and friends from the same code as
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ def new_key(kind: str = "ec256") -> PrivateKey:
     raise ValueError(f"unknown key kind {kind!r}")
 
 
-def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
+def _hash_for(key: PrivateKey) -> hashes.SHA256 | None:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
@@ -45,11 +46,7 @@ def key_pem(key: PrivateKey, fmt: str = "pkcs8", password: bytes | None = None) 
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
     )
-    pem_format = (
-        serialization.PrivateFormat.PKCS8
-        if fmt == "pkcs8"
-        else serialization.PrivateFormat.TraditionalOpenSSL
-    )
+    pem_format = serialization.PrivateFormat.PKCS8 if fmt == "pkcs8" else serialization.PrivateFormat.TraditionalOpenSSL
     return key.private_bytes(serialization.Encoding.PEM, pem_format, encryption)
 
 
@@ -105,14 +102,14 @@ def make_ca_cert(
     )
     if issuer:
         builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()),
             critical=False,
         )
     if spiffe_id:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False
         )
-    return builder.sign(signing_key, _hash_for(signing_key))  # type: ignore[arg-type]
+    return builder.sign(signing_key, _hash_for(signing_key))
 
 
 @dataclass
@@ -220,7 +217,7 @@ class CertificateAuthority:
             .not_valid_after(not_after or start + ttl)
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),  # type: ignore[arg-type]
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
                 critical=False,
             )
             .add_extension(_ski(leaf_key), critical=False)
@@ -248,20 +245,14 @@ class CertificateAuthority:
             builder = builder.add_extension(usage, critical=key_usage_critical)
         if eku is not None:
             builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
-        leaf = builder.sign(issuer_key, _hash_for(issuer_key))  # type: ignore[arg-type]
+        leaf = builder.sign(issuer_key, _hash_for(issuer_key))
         chain = [leaf]
-        if (
-            include_intermediate
-            and issuer_cert is not self.root
-            and issuer_cert.subject != issuer_cert.issuer
-        ):
+        if include_intermediate and issuer_cert is not self.root and issuer_cert.subject != issuer_cert.issuer:
             chain.append(issuer_cert)
         return IssuedSvid(leaf=leaf, chain=chain, key=leaf_key, key_format=key_format)
 
 
-def key_usage(
-    *, digital_signature: bool = True, key_cert_sign: bool = False, crl_sign: bool = False
-) -> x509.KeyUsage:
+def key_usage(*, digital_signature: bool = True, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
     """A KeyUsage value for defect fixtures."""
     return x509.KeyUsage(
         digital_signature=digital_signature,
@@ -274,3 +265,15 @@ def key_usage(
         encipher_only=False,
         decipher_only=False,
     )
+
+
+def spiffe_bundle(*authorities: x509.Certificate, sequence: int | None = None) -> dict[str, object]:
+    """A SPIFFE bundle (JWK Set) holding X.509 authorities (SPIFFE_Trust_Domain_and_Bundle.md)."""
+    keys = [
+        {"use": "x509-svid", "x5c": [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()]}
+        for c in authorities
+    ]
+    document: dict[str, object] = {"keys": keys}
+    if sequence is not None:
+        document["spiffe_sequence"] = sequence
+    return document

@@ -8,6 +8,7 @@ done (a missing file, a key that does not match the leaf), with an injectable sl
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -22,7 +23,13 @@ import anyio.to_thread
 from wlidd.config import IdentityConfig, read_certificate_config
 from wlidd.errors import ConfigError, RetryableSvidError, SvidError
 from wlidd.svid.model import BundleSet, Svid, TrustBundle
-from wlidd.svid.parse import MAX_FILE_BYTES, parse_bundle, parse_chain, parse_private_key, parse_trust_bundles_json
+from wlidd.svid.parse import (
+    MAX_FILE_BYTES,
+    parse_bundle,
+    parse_chain,
+    parse_private_key,
+    parse_trust_bundles_json,
+)
 from wlidd.svid.spiffeid import spiffe_id_from_cert
 from wlidd.svid.validate import validate_svid
 
@@ -81,8 +88,8 @@ def _key_mode_note(path: Path) -> tuple[str, ...]:
         return ()
     if mode & 0o077:
         return (
-            f"private key {path} has mode {mode:04o} (readable beyond its owner); the GCE guest agent "
-            "writes it this way, wlidd reads it and never copies it to disk",
+            f"private key file has mode {mode:04o} (readable beyond its owner); the GCE guest agent "
+            "writes it this way: wlidd reads it and never copies it to disk, but restrict who can log in",
         )
     return ()
 
@@ -104,10 +111,8 @@ class CredentialSource:
         elif cfg.source == "certificate_config":
             config_path = cfg.certificate_config_path(self.environ)
             paths.append(config_path)
-            try:
+            with contextlib.suppress(ConfigError):
                 paths.extend(read_certificate_config(config_path))
-            except ConfigError:
-                pass
         else:
             assert cfg.cert is not None and cfg.key is not None
             paths += [cfg.cert, cfg.key]

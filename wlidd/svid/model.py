@@ -42,9 +42,7 @@ class TrustBundle:
         return _pem(self.authorities)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(
-            b"".join(sorted(c.fingerprint(hashes.SHA256()) for c in self.authorities))
-        ).hexdigest()
+        return hashlib.sha256(b"".join(sorted(c.fingerprint(hashes.SHA256()) for c in self.authorities))).hexdigest()
 
 
 @dataclass(frozen=True)

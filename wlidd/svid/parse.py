@@ -40,9 +40,7 @@ def pem_blocks(data: bytes, what: str) -> list[tuple[str, bytes]]:
     for index, match in enumerate(_PEM_BLOCK.finditer(data), start=1):
         begin, body, end = match.group(1), match.group(2), match.group(3)
         if begin != end:
-            raise SvidError(
-                f"{what}_bad_pem", f"{what} PEM block {index}: BEGIN {begin!r} closed by END {end!r}"
-            )
+            raise SvidError(f"{what}_bad_pem", f"{what} PEM block {index}: BEGIN {begin!r} closed by END {end!r}")
         lines = body.split(b"\n")
         if any(b":" in line for line in lines):
             if begin in _KEY_LABELS and b"ENCRYPTED" in body:
@@ -55,9 +53,7 @@ def pem_blocks(data: bytes, what: str) -> list[tuple[str, bytes]]:
         blocks.append((begin.decode("ascii"), der))
     begins = len(_PEM_BEGIN.findall(data))
     if begins != len(blocks):
-        raise SvidError(
-            f"{what}_bad_pem", f"{what} has {begins - len(blocks)} unterminated or damaged PEM block(s)"
-        )
+        raise SvidError(f"{what}_bad_pem", f"{what} has {begins - len(blocks)} unterminated or damaged PEM block(s)")
     return blocks
 
 
@@ -76,9 +72,7 @@ def _load_der_cert(der: bytes, what: str, index: int) -> x509.Certificate:
         cert.public_key()
         cert.not_valid_after_utc  # noqa: B018
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
-        raise SvidError(
-            f"{what}_bad_certificate", f"{what} certificate {index} cannot be parsed: {exc}"
-        ) from None
+        raise SvidError(f"{what}_bad_certificate", f"{what} certificate {index} cannot be parsed: {exc}") from None
     return cert
 
 
@@ -94,9 +88,7 @@ def parse_certificates(data: bytes, what: str) -> list[x509.Certificate]:
         if label in {"PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY", "ENCRYPTED PRIVATE KEY"}:
             raise SvidError(f"{what}_contains_private_key", f"{what} PEM block {index} is a private key")
         if label != "CERTIFICATE":
-            raise SvidError(
-                f"{what}_unexpected_block", f"{what} PEM block {index} is {label!r}, not CERTIFICATE"
-            )
+            raise SvidError(f"{what}_unexpected_block", f"{what} PEM block {index} is {label!r}, not CERTIFICATE")
         certs.append(_load_der_cert(der, what, index))
     if not certs:
         raise SvidError(f"{what}_empty", f"{what} has no certificate")
@@ -112,15 +104,11 @@ def check_key_type(key: object, what: str = "key") -> None:
     """EC P-256/P-384 or RSA of at least 2048 bits; anything else is refused with its own reason."""
     if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
-            raise SvidError(
-                f"{what}_rsa_too_small", f"{what} is RSA {key.key_size}; at least {MIN_RSA_BITS} bits"
-            )
+            raise SvidError(f"{what}_rsa_too_small", f"{what} is RSA {key.key_size}; at least {MIN_RSA_BITS} bits")
         return
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
         if key.curve.name not in SUPPORTED_CURVES:
-            raise SvidError(
-                f"{what}_curve_unsupported", f"{what} uses curve {key.curve.name}; P-256 or P-384 only"
-            )
+            raise SvidError(f"{what}_curve_unsupported", f"{what} uses curve {key.curve.name}; P-256 or P-384 only")
         return
     raise SvidError(f"{what}_type_unsupported", f"{what} is {type(key).__name__}; EC P-256/P-384 or RSA only")
 
@@ -170,9 +158,7 @@ def _check_authorities(certs: list[x509.Certificate], what: str) -> list[x509.Ce
 
 def _spiffe_bundle_certs(document: Any, trust_domain: str, what: str) -> list[x509.Certificate]:
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        raise SvidError(
-            f"{what}_bad_json", f"{what} for {trust_domain!r} is not a SPIFFE bundle (no 'keys' list)"
-        )
+        raise SvidError(f"{what}_bad_json", f"{what} for {trust_domain!r} is not a SPIFFE bundle (no 'keys' list)")
     certs: list[x509.Certificate] = []
     for index, jwk in enumerate(document["keys"], start=1):
         if not isinstance(jwk, dict):
@@ -187,9 +173,7 @@ def _spiffe_bundle_certs(document: Any, trust_domain: str, what: str) -> list[x5
         try:
             der = base64.b64decode(x5c[0], validate=True)
         except (binascii.Error, ValueError):
-            raise SvidError(
-                f"{what}_bad_json", f"{what} key {index} for {trust_domain!r}: x5c is not base64"
-            ) from None
+            raise SvidError(f"{what}_bad_json", f"{what} key {index} for {trust_domain!r}: x5c is not base64") from None
         certs.append(_load_der_cert(der, what, index))
     if not certs:
         raise SvidError(f"{what}_empty", f"{what} for {trust_domain!r} has no x509-svid authority")

@@ -32,9 +32,7 @@ def parse_trust_domain(value: str) -> str:
     if "%" in value:
         raise _bad("spiffe_id_percent_encoded", "SPIFFE ID must not be percent-encoded", value)
     if not _TD_CHARS.match(value):
-        raise _bad(
-            "spiffe_id_bad_trust_domain_char", "trust domain has a character outside [a-z0-9._-]", value
-        )
+        raise _bad("spiffe_id_bad_trust_domain_char", "trust domain has a character outside [a-z0-9._-]", value)
     return value
 
 
@@ -65,9 +63,7 @@ def parse_spiffe_id(value: str) -> SpiffeId:
             if segment in (".", ".."):
                 raise _bad("spiffe_id_dot_segment", "SPIFFE ID path has a '.' or '..' segment", value)
             if not _SEGMENT_CHARS.match(segment):
-                raise _bad(
-                    "spiffe_id_bad_path_char", "SPIFFE ID path has a character outside [A-Za-z0-9._-]", value
-                )
+                raise _bad("spiffe_id_bad_path_char", "SPIFFE ID path has a character outside [A-Za-z0-9._-]", value)
     return SpiffeId(trust_domain=trust_domain, path=path)
 
 
@@ -89,12 +85,8 @@ def spiffe_id_from_cert(cert: x509.Certificate) -> SpiffeId:
     if not uris:
         raise SvidError("leaf_no_uri_san", "leaf has no URI SAN, so it carries no SPIFFE ID")
     if len(uris) > 1:
-        raise SvidError(
-            "leaf_multiple_uri_sans", f"leaf has {len(uris)} URI SANs; an X509-SVID has exactly one"
-        )
+        raise SvidError("leaf_multiple_uri_sans", f"leaf has {len(uris)} URI SANs; an X509-SVID has exactly one")
     spiffe_id = parse_spiffe_id(uris[0])
     if not spiffe_id.path:
-        raise SvidError(
-            "spiffe_id_no_path", f"leaf SPIFFE ID {uris[0]!r} has no path (that names a trust domain)"
-        )
+        raise SvidError("spiffe_id_no_path", f"leaf SPIFFE ID {uris[0]!r} has no path (that names a trust domain)")
     return spiffe_id

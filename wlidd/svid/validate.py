@@ -54,7 +54,10 @@ def check_leaf(leaf: x509.Certificate) -> tuple[SpiffeId, tuple[str, ...]]:
         purposes = set(eku.value)
         missing = [
             name
-            for name, oid in (("serverAuth", ExtendedKeyUsageOID.SERVER_AUTH), ("clientAuth", ExtendedKeyUsageOID.CLIENT_AUTH))
+            for name, oid in (
+                ("serverAuth", ExtendedKeyUsageOID.SERVER_AUTH),
+                ("clientAuth", ExtendedKeyUsageOID.CLIENT_AUTH),
+            )
             if oid not in purposes
         ]
         if missing:
@@ -89,7 +92,8 @@ def check_validity(chain: list[x509.Certificate], now: dt.datetime) -> None:
             )
         if now >= cert.not_valid_after_utc:
             raise SvidError(
-                f"{who}_expired", f"{_describe(cert, index)} expired at {cert.not_valid_after_utc.isoformat()}"
+                f"{who}_expired",
+                f"{_describe(cert, index)} expired at {cert.not_valid_after_utc.isoformat()}",
             )
 
 

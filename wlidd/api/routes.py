@@ -1,0 +1,190 @@
+"""The /v1 routes: plain async Request -> Response functions over the published identity states."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from wlidd import __version__
+from wlidd.api.server import Request, Response
+from wlidd.metrics import Metrics
+from wlidd.svid.load import Clock
+from wlidd.watch import CredentialWatcher, describe_source
+
+Route = Callable[[Request, dict[str, str]], Awaitable[Response]]
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, Any]:
+    """Status of one identity: what is loaded, how fresh, what went wrong last."""
+    stats = watcher.stats
+    state = watcher.current
+    document: dict[str, Any] = {
+        "source": watcher.source.config.source,
+        "path": describe_source(watcher.source),
+        "valid": watcher.is_valid(now),
+        "required": watcher.source.config.required,
+        "spiffe_id": None,
+        "serial": None,
+        "not_before": None,
+        "not_after": None,
+        "seconds_left": None,
+        "trust_domains": [],
+        "last_loaded": _iso(stats.last_loaded),
+        "last_checked": _iso(stats.last_checked),
+        "last_error": None,
+        "reloads": stats.reloads,
+        "updates": stats.updates,
+        "rejections": stats.rejections,
+        "warnings": sorted(stats.warned),
+    }
+    if stats.last_error is not None:
+        document["last_error"] = {
+            "reason": stats.last_error_reason,
+            "message": stats.last_error,
+            "at": _iso(stats.last_error_at),
+        }
+    if state is not None:
+        svid = state.identity.svid
+        document.update(
+            spiffe_id=str(svid.spiffe_id),
+            serial=svid.serial,
+            not_before=_iso(svid.not_before),
+            not_after=_iso(svid.not_after),
+            seconds_left=max(0, int(svid.seconds_left(now))),
+            trust_domains=list(state.identity.bundles.trust_domains),
+            origin=state.identity.origin,
+            version=state.version,
+        )
+    return document
+
+
+def _not_ready_reason(watcher: CredentialWatcher, now: dt.datetime) -> str | None:
+    state = watcher.current
+    if state is None:
+        last = watcher.stats.last_error
+        return f"no valid SVID loaded yet{': ' + last if last else ''}"
+    if not state.identity.svid.is_valid_at(now):
+        return f"SVID {state.identity.svid.serial} is outside its validity window (not_after {_iso(state.identity.svid.not_after)})"
+    return None
+
+
+@dataclass
+class Api:
+    """The route table of the local API, bound to the daemon's live state."""
+
+    watchers: Mapping[str, CredentialWatcher]
+    metrics: Metrics
+    clock: Clock
+    started_at: dt.datetime
+
+    def __post_init__(self) -> None:
+        self._routes: list[tuple[re.Pattern[str], Route]] = [
+            (re.compile(r"^/v1/status$"), self.status),
+            (re.compile(r"^/v1/health$"), self.health),
+            (re.compile(r"^/v1/identity/(?P<name>[^/]+)$"), self.identity),
+            (re.compile(r"^/v1/ready/(?P<name>[^/]+)$"), self.ready),
+            (re.compile(r"^/metrics$"), self.prometheus),
+        ]
+
+    async def __call__(self, request: Request) -> Response:
+        for pattern, route in self._routes:
+            match = pattern.match(request.path)
+            if match is None:
+                continue
+            if request.method not in ("GET", "HEAD"):
+                return Response.error(
+                    405,
+                    "method_not_allowed",
+                    f"{request.method} is not allowed on {request.path}; use GET",
+                    headers=(("allow", "GET, HEAD"),),
+                )
+            response = await route(request, match.groupdict())
+            return (
+                Response(response.status, b"", response.content_type, response.headers)
+                if request.method == "HEAD"
+                else response
+            )
+        return Response.error(404, "not_found", f"no route {request.path}")
+
+    def _watcher(self, name: str) -> CredentialWatcher | Response:
+        watcher = self.watchers.get(name)
+        if watcher is None:
+            known = ", ".join(sorted(self.watchers)) or "none"
+            return Response.error(404, "unknown_identity", f"no identity named {name!r} (configured: {known})")
+        return watcher
+
+    async def status(self, request: Request, _: dict[str, str]) -> Response:
+        now = self.clock()
+        identities = {name: identity_status(w, now) for name, w in sorted(self.watchers.items())}
+        healthy = all(doc["valid"] for doc in identities.values() if doc["required"])
+        return Response.json(
+            200,
+            {
+                "daemon": {
+                    "state": "running" if healthy else "degraded",
+                    "version": __version__,
+                    "pid": os.getpid(),
+                    "started_at": _iso(self.started_at),
+                    "uptime_seconds": int((now - self.started_at).total_seconds()),
+                    "now": _iso(now),
+                },
+                "identities": identities,
+            },
+        )
+
+    async def health(self, request: Request, _: dict[str, str]) -> Response:
+        now = self.clock()
+        problems = {
+            f"identity/{name}": reason
+            for name, watcher in sorted(self.watchers.items())
+            if watcher.source.config.required and (reason := _not_ready_reason(watcher, now)) is not None
+        }
+        if problems:
+            return Response.json(503, {"status": "unhealthy", "problems": problems})
+        return Response.json(200, {"status": "ok"})
+
+    async def ready(self, request: Request, params: dict[str, str]) -> Response:
+        watcher = self._watcher(params["name"])
+        if isinstance(watcher, Response):
+            return watcher
+        reason = _not_ready_reason(watcher, self.clock())
+        if reason is not None:
+            return Response.json(503, {"ready": False, "name": watcher.name, "reason": reason})
+        return Response.json(200, {"ready": True, "name": watcher.name})
+
+    async def identity(self, request: Request, params: dict[str, str]) -> Response:
+        watcher = self._watcher(params["name"])
+        if isinstance(watcher, Response):
+            return watcher
+        state = watcher.current
+        if state is None:
+            return Response.error(503, "identity_unavailable", _not_ready_reason(watcher, self.clock()) or "not loaded")
+        svid = state.identity.svid
+        return Response.json(
+            200,
+            {
+                "name": watcher.name,
+                "spiffe_id": str(svid.spiffe_id),
+                "serial": svid.serial,
+                "not_before": _iso(svid.not_before),
+                "not_after": _iso(svid.not_after),
+                "valid": svid.is_valid_at(self.clock()),
+                "chain_pem": svid.chain_pem.decode("ascii"),
+                "bundle_pem": state.identity.own_bundle.pem.decode("ascii"),
+                "trust_domains": list(state.identity.bundles.trust_domains),
+            },
+        )
+
+    async def prometheus(self, request: Request, _: dict[str, str]) -> Response:
+        now = self.clock()
+        for name, watcher in self.watchers.items():
+            self.metrics.identity_valid.labels(name).set(1 if watcher.is_valid(now) else 0)
+        return Response(200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")

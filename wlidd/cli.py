@@ -1,0 +1,173 @@
+"""Command line: ``wlidd run | check | status | demo``.
+
+Every failure a user can cause prints one clear message (no traceback) and exits non-zero:
+2 for configuration errors, 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from wlidd import __version__
+from wlidd.config import DEFAULT_CONFIG_PATH, Config, UnixListenerConfig, config_path_from, load_config
+from wlidd.errors import SvidError, WlidError
+from wlidd.logs import configure_logging
+from wlidd.svid.load import CredentialSource, load_identity
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_path_from(args.config, os.environ))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from wlidd.daemon import Daemon
+
+    config = _load(args)
+    configure_logging(args.log_level or config.daemon.log_level, config.daemon.log_format)
+    if not config.identities:
+        raise WlidError("no identities configured: add an [identities.<name>] table to the config")
+    anyio.run(Daemon(config).run)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    configure_logging("error", "console")
+    failures = 0
+    if not config.identities:
+        print("problem: no identities configured ([identities.<name>])")
+        return 1
+
+    async def check_all() -> None:
+        nonlocal failures
+        for name, identity_config in sorted(config.identities.items()):
+            source = CredentialSource(name, identity_config, dict(os.environ))
+            try:
+                identity = await load_identity(source, attempts=1)
+            except SvidError as exc:
+                failures += 1
+                print(f"FAIL {name}: {exc.reason}: {exc.message}")
+                continue
+            svid = identity.svid
+            left = int(svid.seconds_left(dt.datetime.now(dt.UTC)))
+            print(
+                f"ok   {name}: {svid.spiffe_id} serial {svid.serial} expires {svid.not_after.isoformat()} ({left}s left)"
+            )
+            for note in (*svid.warnings, *identity.notes):
+                print(f"     warning: {note}")
+
+    anyio.run(check_all)
+    return 1 if failures else 0
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    path = config_path_from(args.config, os.environ)
+    if path == DEFAULT_CONFIG_PATH and not path.exists():
+        return UnixListenerConfig().path
+    return _load(args).listeners.unix.path
+
+
+def fetch_status(socket_path: Path, timeout: float = 5.0) -> dict[str, Any]:
+    transport = httpx.HTTPTransport(uds=str(socket_path))
+    try:
+        with httpx.Client(transport=transport, timeout=timeout) as client:
+            response = client.get("http://wlidd/v1/status")
+    except httpx.HTTPError as exc:
+        raise WlidError(f"cannot reach wlidd at {socket_path}: {exc} (is the daemon running?)") from None
+    if response.status_code != 200:
+        raise WlidError(f"wlidd answered {response.status_code}: {response.text.strip()}")
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def render_status(document: dict[str, Any]) -> str:
+    daemon = document["daemon"]
+    lines = [f"wlidd {daemon['version']} pid {daemon['pid']}: {daemon['state']}, up {daemon['uptime_seconds']}s"]
+    header = f"{'IDENTITY':<14} {'VALID':<6} {'LEFT':>8}  {'SERIAL':<12} {'SPIFFE ID'}"
+    lines.append(header)
+    for name, ident in document["identities"].items():
+        left = "-" if ident["seconds_left"] is None else f"{ident['seconds_left']}s"
+        serial = (ident["serial"] or "-")[:12]
+        lines.append(
+            f"{name:<14} {'yes' if ident['valid'] else 'NO':<6} {left:>8}  {serial:<12} {ident['spiffe_id'] or '-'}"
+        )
+        if ident["last_error"]:
+            err = ident["last_error"]
+            lines.append(f"{'':<14} last error {err['at']}: {err['reason']}: {err['message']}")
+        lines.append(
+            f"{'':<14} reloads {ident['reloads']}, updates {ident['updates']}, rejections {ident['rejections']}, "
+            f"last loaded {ident['last_loaded'] or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    document = fetch_status(_socket_path(args))
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps(document, indent=2))
+    else:
+        print(render_status(document))
+    return 0 if document["daemon"]["state"] == "running" else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from wlidd.emulator.demo import run_demo
+
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="wlidd-demo-"))
+    configure_logging("info", "console")
+    anyio.run(run_demo, base, args.rotate_every, args.ttl, args.duration)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wlidd", description="Workload identity daemon for Linux nodes.")
+    parser.add_argument("--version", action="version", version=f"wlidd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", help=f"config file (env WLIDD_CONFIG; default {DEFAULT_CONFIG_PATH})")
+        return p
+
+    run = with_config(sub.add_parser("run", help="run the daemon"))
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=cmd_run)
+    check = with_config(sub.add_parser("check", help="validate the config and the current credential files"))
+    check.set_defaults(func=cmd_check)
+    status = with_config(sub.add_parser("status", help="ask the running daemon how fresh every credential is"))
+    status.add_argument("--socket", help="the daemon's Unix socket (default: from the config)")
+    status.add_argument("--json", action="store_true", help="print JSON even on a terminal")
+    status.set_defaults(func=cmd_status)
+    demo = sub.add_parser("demo", help="run the daemon on a local CA rotating GCE-style credentials")
+    demo.add_argument("--dir", help="work directory (default: a new temp dir)")
+    demo.add_argument("--rotate-every", type=float, default=30.0, help="seconds between rotations (default 30)")
+    demo.add_argument("--ttl", type=float, default=120.0, help="SVID lifetime in seconds (default 120)")
+    demo.add_argument(
+        "--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)"
+    )
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except WlidError as exc:
+        print(f"wlidd: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,111 @@
+"""The daemon: watchers, listeners and signals in one anyio task group.
+
+Start order: every identity's watcher is started (initial load tried), then the listeners are
+bound, then `task_status.started()` — the point where READY will be sent (issue: systemd).
+SIGHUP re-reads every identity; SIGTERM/SIGINT stop gracefully with exit code 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+
+import anyio
+import structlog
+from anyio.abc import SocketListener, TaskStatus
+
+from wlidd.api.listeners import bind_unix_socket
+from wlidd.api.routes import Api
+from wlidd.api.server import HttpServer, Request, Response, ServerLimits
+from wlidd.config import Config
+from wlidd.metrics import Metrics
+from wlidd.svid.load import Clock, CredentialSource, utc_now
+from wlidd.watch import CredentialWatcher
+
+log = structlog.get_logger("wlidd.daemon")
+
+
+class Daemon:
+    """Everything one `wlidd run` process serves."""
+
+    def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None, clock: Clock = utc_now) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = Metrics()
+        env = dict(os.environ if environ is None else environ)
+        self.watchers: dict[str, CredentialWatcher] = {
+            name: CredentialWatcher(name, CredentialSource(name, cfg, env), clock=clock, metrics=self.metrics)
+            for name, cfg in config.identities.items()
+        }
+        self.started_at = clock()
+        self.api = Api(self.watchers, self.metrics, clock, self.started_at)
+        unix = config.listeners.unix
+        self.unix_server = HttpServer(
+            self.api,
+            name="unix",
+            limits=ServerLimits(
+                request_timeout=unix.request_timeout,
+                idle_timeout=unix.idle_timeout,
+                max_connections=unix.max_connections,
+            ),
+            on_response=self._count_response,
+        )
+        self.socket_path: Path = unix.path
+        self._stopping = anyio.Event()
+
+    def _count_response(self, request: Request, response: Response) -> None:
+        route = (
+            request.path
+            if request.path in ("/v1/status", "/v1/health", "/metrics")
+            else "/" + "/".join(request.path.split("/")[1:3])
+        )
+        if response.status == 404:
+            route = "unknown"
+        self.metrics.http_requests.labels(request.listener, route, str(response.status)).inc()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until stopped (signal or `stop()`); returns normally on a graceful stop."""
+        log.info("starting", identities=sorted(self.watchers), socket=str(self.socket_path), pid=os.getpid())
+        async with anyio.create_task_group() as tg:
+            for watcher in self.watchers.values():
+                await tg.start(watcher.run)
+            sock = bind_unix_socket(self.socket_path, self.config.listeners.unix.mode, self.config.listeners.unix.group)
+            listener = await SocketListener.from_socket(sock)
+            tg.start_soon(self._serve, listener)
+            tg.start_soon(self._signals)
+            now = self.clock()
+            invalid = [name for name, w in self.watchers.items() if not w.is_valid(now)]
+            log.info("ready", socket=str(self.socket_path), invalid_identities=invalid)
+            task_status.started()
+            await self._stopping.wait()
+            log.info("stopping")
+            for watcher in self.watchers.values():
+                watcher.close()
+            tg.cancel_scope.cancel()
+        try:
+            if self.socket_path.is_socket():
+                self.socket_path.unlink()
+        except OSError:
+            pass
+        log.info("stopped")
+
+    async def _serve(self, listener: SocketListener) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError):
+            await listener.serve(self.unix_server.serve_stream)
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: re-reading credentials")
+                    for watcher in self.watchers.values():
+                        watcher.request_reload("sighup")
+                else:
+                    log.info("signal received, stopping", signal=signal.Signals(signum).name)
+                    self.stop()

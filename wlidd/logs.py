@@ -1,0 +1,66 @@
+"""Structured logs (structlog) with secret redaction.
+
+JSON when stderr is not a TTY (or when asked), a console format otherwise. Redaction is a pure
+processor: values under secret-looking keys are replaced, and PEM private keys or JWT-shaped strings
+anywhere in a value are masked. Tracebacks never include local variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+REDACTED = "[redacted]"
+SECRET_KEYS = re.compile(r"(token|secret|password|assertion|private_key|key_pem|authorization)", re.I)
+_PRIVATE_KEY_PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S)
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+_BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}")
+
+
+def scrub(text: str) -> str:
+    """Mask private keys, JWTs and bearer tokens inside free text."""
+    text = _PRIVATE_KEY_PEM.sub(REDACTED, text)
+    text = _JWT.sub(REDACTED, text)
+    return _BEARER.sub("Bearer " + REDACTED, text)
+
+
+def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: no secret leaves through a log line."""
+    for key, value in list(event_dict.items()):
+        if SECRET_KEYS.search(key) and value is not None and not isinstance(value, bool | int | float):
+            event_dict[key] = REDACTED
+        elif isinstance(value, str):
+            event_dict[key] = scrub(value)
+        elif isinstance(value, BaseException):
+            event_dict[key] = scrub(f"{type(value).__name__}: {value}")
+    return event_dict
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Configure structlog once for the process."""
+    out = stream or sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
+    if use_json:
+        processors += [
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ]
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,51 @@
+"""Prometheus metrics: one registry per daemon (tests run several daemons in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    """The daemon's metrics. Labels carry names and stable reasons, never secrets."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.identity_reloads = Counter(
+            "wlidd_identity_reloads",
+            "Credential reload attempts by identity and result (updated, unchanged, rejected).",
+            ["identity", "result"],
+            registry=self.registry,
+        )
+        self.identity_rejections = Counter(
+            "wlidd_identity_rejections",
+            "Credential sets refused, by identity and stable reason.",
+            ["identity", "reason"],
+            registry=self.registry,
+        )
+        self.identity_not_after = Gauge(
+            "wlidd_identity_not_after_timestamp_seconds",
+            "Expiry (Unix time) of the identity's current SVID chain.",
+            ["identity"],
+            registry=self.registry,
+        )
+        self.identity_valid = Gauge(
+            "wlidd_identity_valid",
+            "1 when the identity has a valid SVID now, else 0.",
+            ["identity"],
+            registry=self.registry,
+        )
+        self.identity_last_reload = Gauge(
+            "wlidd_identity_last_reload_timestamp_seconds",
+            "When the identity's current SVID was loaded (Unix time).",
+            ["identity"],
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "wlidd_http_requests",
+            "Local API requests by listener, route and status.",
+            ["listener", "route", "status"],
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,302 @@
+"""CredentialWatcher: every trigger feeds one `reload(reason)`; consumers read one published state.
+
+Triggers: watchfiles events on the parent directories (symlink swaps, renames, Kubernetes ``..data``
+swaps), a periodic re-read, SIGHUP (through the daemon), and re-reads just before and at the
+leaf's expiry. Change is decided by content fingerprint, not by events. A valid new set is
+published by one assignment of an immutable `IdentityState`; an invalid one is counted, logged
+with its reason, and the last good state stays.
+
+Consumers either read `watcher.current` (the TLS server context does, per handshake) or iterate
+`watcher.changes()` to be woken on every new state (the Workload API and token engine will).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import structlog
+from anyio.abc import TaskStatus
+from watchfiles import awatch
+
+from wlidd.errors import SvidError
+from wlidd.metrics import Metrics
+from wlidd.svid.load import Clock, CredentialSource, Identity, load_identity, utc_now
+from wlidd.tlsctx import TlsContexts
+
+log = structlog.get_logger("wlidd.watch")
+
+PRE_EXPIRY_MARGIN = 30.0  # seconds before not_after to re-read once more
+MAX_TIMER_SLEEP = 30.0  # wall clock is re-checked at least this often (suspend/resume)
+
+
+@dataclass(frozen=True)
+class IdentityState:
+    """What consumers see: one validated identity with its matched TLS contexts."""
+
+    name: str
+    identity: Identity
+    tls: TlsContexts
+    version: int
+    loaded_at: dt.datetime
+
+
+@dataclass
+class IdentityStats:
+    """Counters and last outcomes for status; owned and written only by the watcher."""
+
+    reloads: int = 0
+    updates: int = 0
+    rejections: int = 0
+    last_loaded: dt.datetime | None = None
+    last_checked: dt.datetime | None = None
+    last_error: str | None = None
+    last_error_reason: str | None = None
+    last_error_at: dt.datetime | None = None
+    last_trigger: str | None = None
+    warned: set[str] = field(default_factory=set)
+
+
+class CredentialWatcher:
+    """Keeps one identity's current validated state and publishes each new one."""
+
+    def __init__(
+        self,
+        name: str,
+        source: CredentialSource,
+        *,
+        clock: Clock = utc_now,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.clock = clock
+        self.metrics = metrics
+        self.stats = IdentityStats()
+        self.current: IdentityState | None = None
+        self._lock = anyio.Lock()
+        self._wake = anyio.Event()
+        self._pending: str | None = None
+        self._changed = anyio.Event()
+        self._watch_stop = anyio.Event()
+        self._closed = False
+        self._log = log.bind(identity=name)
+
+    # ---- consumers -------------------------------------------------------------------------
+    def current_tls(self) -> TlsContexts | None:
+        state = self.current
+        return state.tls if state is not None else None
+
+    def is_valid(self, now: dt.datetime | None = None) -> bool:
+        state = self.current
+        return state is not None and state.identity.svid.is_valid_at(now or self.clock())
+
+    async def wait_for_change(self, after_version: int) -> IdentityState:
+        """Return the first published state newer than `after_version`."""
+        while self.current is None or self.current.version <= after_version:
+            await self._changed.wait()
+        return self.current
+
+    async def changes(self) -> AsyncIterator[IdentityState]:
+        """The current state (if any), then every newer one; slow consumers skip to the latest."""
+        version = 0
+        while True:
+            state = await self.wait_for_change(version)
+            version = state.version
+            yield state
+
+    # ---- triggers --------------------------------------------------------------------------
+    def request_reload(self, reason: str) -> None:
+        """Ask for a reload; triggers arriving while one runs coalesce into one more."""
+        self._pending = self._pending or reason
+        self._wake.set()
+
+    async def _retry_sleep(self, delay: float) -> None:
+        # A half-done rotation: wait the retry delay, but a new file event ends the wait early.
+        with anyio.move_on_after(delay):
+            await self._wake.wait()
+        if self._wake.is_set():
+            self._wake = anyio.Event()
+            self._pending = None
+
+    async def reload(self, reason: str) -> bool:
+        """Read, validate and (if changed) publish. True when a new state was published."""
+        async with self._lock:
+            return await self._reload(reason)
+
+    async def _reload(self, reason: str) -> bool:
+        stats = self.stats
+        stats.reloads += 1
+        stats.last_trigger = reason
+
+        def on_retry(attempt: int, exc: SvidError) -> None:
+            self._log.info(
+                "credential set incomplete, retrying", attempt=attempt, reason=exc.reason, detail=exc.message
+            )
+
+        try:
+            identity = await load_identity(self.source, now=self.clock, sleep=self._retry_sleep, on_retry=on_retry)
+            current = self.current
+            if current is not None and current.identity.fingerprint == identity.fingerprint:
+                stats.last_checked = self.clock()
+                self._count("unchanged")
+                self._log.debug("credentials unchanged", trigger=reason)
+                return False
+            tls = await anyio.to_thread.run_sync(TlsContexts.build, identity)
+        except SvidError as exc:
+            self._reject(exc.reason, exc.message, reason)
+            return False
+        except (OSError, ValueError) as exc:  # OpenSSL refusing what we validated: keep the old state
+            self._reject("tls_context_failed", f"TLS context could not be built: {exc}", reason)
+            return False
+        now = self.clock()
+        version = (self.current.version if self.current else 0) + 1
+        self.current = IdentityState(self.name, identity, tls, version, now)
+        stats.updates += 1
+        stats.last_loaded = stats.last_checked = now
+        self._count("updated")
+        svid = identity.svid
+        if self.metrics is not None:
+            self.metrics.identity_not_after.labels(self.name).set(svid.not_after.timestamp())
+            self.metrics.identity_last_reload.labels(self.name).set(now.timestamp())
+            self.metrics.identity_valid.labels(self.name).set(1)
+        self._log.info(
+            "credentials loaded",
+            trigger=reason,
+            spiffe_id=str(svid.spiffe_id),
+            serial=svid.serial,
+            not_after=svid.not_after.isoformat(),
+            origin=identity.origin,
+            version=version,
+        )
+        for note in (*svid.warnings, *identity.notes):
+            if note not in stats.warned:
+                stats.warned.add(note)
+                self._log.warning(note)
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+        return True
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.identity_reloads.labels(self.name, result).inc()
+
+    def _reject(self, reason_code: str, message: str, trigger: str) -> None:
+        stats = self.stats
+        stats.rejections += 1
+        stats.last_error, stats.last_error_reason, stats.last_error_at = message, reason_code, self.clock()
+        self._count("rejected")
+        if self.metrics is not None:
+            self.metrics.identity_rejections.labels(self.name, reason_code).inc()
+            self.metrics.identity_valid.labels(self.name).set(1 if self.is_valid() else 0)
+        kept = self.current.identity.svid.serial if self.current else None
+        self._log.warning(
+            "credential set rejected", reason=reason_code, detail=message, trigger=trigger, kept_serial=kept
+        )
+        if self.current is not None and not self.is_valid():
+            self._log.error("identity has expired and no valid replacement is available", serial=kept)
+
+    def close(self) -> None:
+        """Stop the file watcher thread promptly (call before cancelling `run`)."""
+        self._closed = True
+        self._watch_stop.set()
+
+    # ---- the service -----------------------------------------------------------------------
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Initial load, then watch, time and reload until cancelled. Started once loading was tried."""
+        await self.reload("start")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_files)
+            tg.start_soon(self._timer)
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                reason, self._pending = self._pending or "event", None
+                await self.reload(reason)
+
+    def _watch_dirs(self) -> list[Path]:
+        dirs: list[Path] = []
+        for path in self.source.watch_dirs():
+            if any(path != d and d in path.parents for d in dirs):
+                continue  # e.g. a Kubernetes ..2026_x target dir under a watched parent: it vanishes
+            dirs = [d for d in dirs if path not in d.parents]
+            dirs.append(path)
+        return dirs
+
+    async def _watch_files(self) -> None:
+        debounce_ms = max(1, int(self.source.config.debounce * 1000))
+        while not self._closed:
+            dirs = self._watch_dirs()
+            existing = [str(d) for d in dirs if d.is_dir()]
+            stop = self._watch_stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                if len(existing) < len(dirs):
+                    # Re-check for directories that do not exist yet (first provisioning).
+                    tg.start_soon(_set_after, stop, 2.0)
+                if not existing:
+                    await stop.wait()
+                    continue
+                try:
+                    async for _changes in awatch(
+                        *existing,
+                        debounce=debounce_ms,
+                        step=max(1, min(50, debounce_ms // 5)),
+                        stop_event=stop,
+                        recursive=False,
+                        ignore_permission_denied=True,
+                    ):
+                        self.request_reload("file-event")
+                except (OSError, RuntimeError) as exc:
+                    self._log.warning("file watch failed, restarting", error=str(exc))
+                    await anyio.sleep(1.0)
+                tg.cancel_scope.cancel()
+
+    def next_timer_deadline(self, now: dt.datetime) -> tuple[dt.datetime, str]:
+        """When the timer fires next, and why: periodic re-read, shortly before expiry, or at expiry."""
+        interval = dt.timedelta(seconds=self.source.config.reload_interval)
+        last = self.stats.last_checked or self.stats.last_loaded or now
+        candidates = [(last + interval, "timer")]
+        state = self.current
+        if state is not None:
+            not_after = state.identity.svid.not_after
+            pre = not_after - dt.timedelta(seconds=PRE_EXPIRY_MARGIN)
+            if pre > now:
+                candidates.append((pre, "pre-expiry"))
+            elif not_after > now:
+                candidates.append((not_after, "expiry"))
+        return min(candidates)
+
+    async def _timer(self) -> None:
+        while True:
+            now = self.clock()
+            deadline, why = self.next_timer_deadline(now)
+            wait = (deadline - now).total_seconds()
+            if wait <= 0:
+                if why == "expiry" and self.metrics is not None:
+                    self.metrics.identity_valid.labels(self.name).set(0)
+                self.request_reload(why)
+                self.stats.last_checked = now
+                await anyio.sleep(0.5)
+                continue
+            # Sleep in bounded steps: the monotonic clock stands still across a VM suspend.
+            await anyio.sleep(min(wait, MAX_TIMER_SLEEP))
+
+
+async def _set_after(event: anyio.Event, delay: float) -> None:
+    await anyio.sleep(delay)
+    event.set()
+
+
+def describe_source(source: CredentialSource) -> str:
+    cfg = source.config
+    if cfg.source == "gce":
+        return str(cfg.gce_dir())
+    if cfg.source == "certificate_config":
+        return str(cfg.certificate_config_path(source.environ))
+    return os.fspath(cfg.cert or "")
