@@ -120,6 +120,15 @@ def verify_chain(chain: list[x509.Certificate], bundles: BundleSet, spiffe_id: S
         .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ExtensionPolicy.permit_all())
         .build_client_verifier()
     )
+    top_issuer = chain[-1].issuer
+    if top_issuer not in {c.subject for c in bundle.authorities}:
+        for other in bundles:
+            if other.trust_domain != spiffe_id.trust_domain and top_issuer in {c.subject for c in other.authorities}:
+                raise SvidError(
+                    "chain_other_trust_domain",
+                    f"chain of {str(spiffe_id)!r} leads to the {other.trust_domain!r} bundle, not to its own "
+                    f"{spiffe_id.trust_domain!r} bundle: one trust domain's CA cannot issue another's IDs",
+                )
     known_subjects = {c.subject for c in chain[1:]} | {c.subject for c in bundle.authorities}
     for index, cert in enumerate(chain):
         if cert.issuer not in known_subjects and cert.issuer != cert.subject:

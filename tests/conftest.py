@@ -1,0 +1,89 @@
+"""Shared fixtures: a clean environment per test, CAs, and identity files in a tmp dir."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wlidd.config import IdentityConfig
+from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
+from wlidd.svid.load import CredentialSource
+
+TD = "example.org"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("WLIDD_", "GOOGLE_", "GCE_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority(TD)
+
+
+@pytest.fixture(scope="session")
+def other_ca() -> CertificateAuthority:
+    """Another root for the same trust domain (a chain to it must not verify against `ca`)."""
+    return CertificateAuthority(TD)
+
+
+@pytest.fixture(scope="session")
+def foreign_ca() -> CertificateAuthority:
+    """The CA of another trust domain."""
+    return CertificateAuthority("other.org")
+
+
+@pytest.fixture
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class FileSet:
+    """chain.pem / key.pem / bundle.pem in a directory, written by atomic rename."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cert = directory / "chain.pem"
+        self.key = directory / "key.pem"
+        self.bundle = directory / "bundle.pem"
+
+    def write(self, name: str, data: bytes) -> None:
+        target = self.dir / name
+        tmp = target.with_name(f".{name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
+    def put(self, svid: IssuedSvid, bundle: bytes | None = None) -> None:
+        self.write("chain.pem", svid.chain_pem)
+        self.write("key.pem", svid.key_pem)
+        if bundle is not None:
+            self.write("bundle.pem", bundle)
+
+    def config(self, **overrides: object) -> IdentityConfig:
+        values: dict[str, object] = {
+            "source": "files",
+            "cert": self.cert,
+            "key": self.key,
+            "bundle": self.bundle,
+            "mismatch_retries": 2,
+            "mismatch_retry_delay": 0.01,
+            "debounce": 0.02,
+        }
+        values.update(overrides)
+        return IdentityConfig.model_validate(values)
+
+    def source(self, **overrides: object) -> CredentialSource:
+        return CredentialSource("default", self.config(**overrides))
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Iterator[FileSet]:
+    yield FileSet(tmp_path / "creds")

@@ -1,0 +1,361 @@
+"""Real rotations on real files: the watcher picks up every writer's pattern and keeps the last good set."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.streams.tls import TLSListener, TLSStream
+from cryptography import x509
+
+from tests.conftest import TD, FileSet
+from wlidd.config import IdentityConfig
+from wlidd.emulator.ca import CertificateAuthority, cert_pem, spiffe_bundle
+from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
+from wlidd.errors import SvidError
+from wlidd.svid.load import CredentialFiles, CredentialSource, build_identity, load_identity
+from wlidd.tlsctx import HotServerContext, TlsContexts
+from wlidd.watch import CredentialWatcher
+
+pytestmark = pytest.mark.asyncio
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.01)
+
+
+@asynccontextmanager
+async def running(watcher: CredentialWatcher) -> AsyncIterator[CredentialWatcher]:
+    async with anyio.create_task_group() as tg:
+        await tg.start(watcher.run)
+        yield watcher
+        watcher.close()
+        tg.cancel_scope.cancel()
+
+
+def serial_of(svid_leaf: x509.Certificate) -> str:
+    return format(svid_leaf.serial_number, "x")
+
+
+def gce_config(writer: GceCredentialWriter, **overrides: object) -> IdentityConfig:
+    values: dict[str, object] = {
+        "source": "gce",
+        "dir": writer.link,
+        "mismatch_retries": 4,
+        "mismatch_retry_delay": 0.2,
+        "debounce": 0.02,
+    }
+    values.update(overrides)
+    return IdentityConfig.model_validate(values)
+
+
+async def test_atomic_rename_of_new_files_is_picked_up(files: FileSet, ca: CertificateAuthority) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    async with running(CredentialWatcher("default", files.source(mismatch_retries=4, mismatch_retry_delay=0.2))) as w:
+        assert w.current is not None and w.current.version == 1
+        new = ca.issue_svid("/ns/default/sa/new")
+        files.put(new)
+        state = await w.wait_for_change(1)
+        assert state.identity.svid.serial == serial_of(new.leaf)
+        assert str(state.identity.svid.spiffe_id) == f"spiffe://{TD}/ns/default/sa/new"
+
+
+@pytest.mark.parametrize("atomic", [False, True], ids=["current-writer-unlink-window", "older-writer-atomic"])
+async def test_gce_symlink_swap_is_picked_up_and_old_dir_may_vanish(
+    tmp_path: Path, ca: CertificateAuthority, atomic: bool
+) -> None:
+    writer = GceCredentialWriter(tmp_path / "secrets", atomic=atomic)
+    first = ca.issue_svid()
+    writer.rotate(gce_files(first.chain_pem, first.key_pem, ca_pem=ca.bundle_pem))
+    async with running(CredentialWatcher("default", CredentialSource("default", gce_config(writer)))) as w:
+        assert w.current is not None
+        assert w.current.identity.svid.serial == serial_of(first.leaf)
+        for _ in range(3):
+            new = ca.issue_svid()
+            version = w.current.version
+            writer.rotate(gce_files(new.chain_pem, new.key_pem, ca_pem=ca.bundle_pem))
+            state = await w.wait_for_change(version)
+            assert state.identity.svid.serial == serial_of(new.leaf)
+        assert w.stats.rejections == 0
+        assert len(list((tmp_path / "secrets").glob("workload-spiffe-contents-*"))) == 1
+
+
+async def test_gce_unlink_window_is_retried_not_rejected(tmp_path: Path, ca: CertificateAuthority) -> None:
+    writer = GceCredentialWriter(tmp_path / "secrets")
+    first = ca.issue_svid()
+    writer.rotate(gce_files(first.chain_pem, first.key_pem, ca_pem=ca.bundle_pem))
+    watcher = CredentialWatcher("default", CredentialSource("default", gce_config(writer)))
+    assert await watcher.reload("start")
+    new = ca.issue_svid()
+    new_dir = writer.new_contents_dir()
+    writer.write_files(new_dir, gce_files(new.chain_pem, new.key_pem, ca_pem=ca.bundle_pem))
+    os.unlink(writer.link)  # the agent's window: no live link at all
+
+    async def finish_swap() -> None:
+        await anyio.sleep(0.1)
+        os.symlink(new_dir, writer.link)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(finish_swap)
+        assert await watcher.reload("event") is True
+    assert watcher.current is not None and watcher.current.identity.svid.serial == serial_of(new.leaf)
+    assert watcher.stats.rejections == 0
+
+
+async def test_gce_first_provisioning_link_before_files_is_loaded_once_written(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    writer = GceCredentialWriter(tmp_path / "secrets")
+    svid = ca.issue_svid()
+    new_dir = writer.new_contents_dir()
+    writer.swap_to(new_dir)  # the link exists, the files do not yet
+    watcher = CredentialWatcher("default", CredentialSource("default", gce_config(writer)))
+
+    async def provision() -> None:
+        await anyio.sleep(0.15)
+        writer.write_files(new_dir, gce_files(svid.chain_pem, svid.key_pem, ca_pem=ca.bundle_pem))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(provision)
+        await tg.start(watcher.run)
+        await wait_until(lambda: watcher.current is not None)
+        watcher.close()
+        tg.cancel_scope.cancel()
+    assert watcher.current is not None
+    assert watcher.current.identity.svid.serial == serial_of(svid.leaf)
+
+
+async def test_gce_swap_with_unchanged_content_publishes_nothing(tmp_path: Path, ca: CertificateAuthority) -> None:
+    writer = GceCredentialWriter(tmp_path / "secrets")
+    svid = ca.issue_svid()
+    files = gce_files(svid.chain_pem, svid.key_pem, ca_pem=ca.bundle_pem)
+    writer.rotate(files)
+    watcher = CredentialWatcher("default", CredentialSource("default", gce_config(writer)))
+    assert await watcher.reload("start")
+    writer.rotate(files)  # the agent swaps every 10 minutes even when nothing changed
+    assert await watcher.reload("file-event") is False
+    assert watcher.current is not None and watcher.current.version == 1
+    assert watcher.stats.reloads == 2 and watcher.stats.rejections == 0
+
+
+async def test_gce_trust_bundles_json_with_several_trust_domains(
+    tmp_path: Path, ca: CertificateAuthority, foreign_ca: CertificateAuthority
+) -> None:
+    writer = GceCredentialWriter(tmp_path / "secrets")
+    svid = ca.issue_svid()
+    bundles = {TD: spiffe_bundle(ca.root), "other.org": spiffe_bundle(foreign_ca.root)}
+    for wrapped in (bundles, {"trust_domains": bundles}):
+        writer.rotate(gce_files(svid.chain_pem, svid.key_pem, trust_bundles_json=json.dumps(wrapped).encode()))
+        identity = await load_identity(CredentialSource("default", gce_config(writer)))
+        assert identity.bundles.trust_domains == ("example.org", "other.org")
+        assert identity.own_bundle.authorities == (ca.root,)
+
+
+async def test_gce_leaf_signed_by_another_domains_ca_is_rejected_with_trust_bundles_json(
+    tmp_path: Path, ca: CertificateAuthority, foreign_ca: CertificateAuthority
+) -> None:
+    writer = GceCredentialWriter(tmp_path / "secrets")
+    forged = foreign_ca.issue_svid(spiffe_id=f"spiffe://{TD}/ns/default/sa/admin")
+    bundles = {TD: spiffe_bundle(ca.root), "other.org": spiffe_bundle(foreign_ca.root)}
+    writer.rotate(gce_files(forged.chain_pem, forged.key_pem, trust_bundles_json=json.dumps(bundles).encode()))
+    with pytest.raises(SvidError) as info:
+        await load_identity(CredentialSource("default", gce_config(writer)))
+    assert info.value.reason == "chain_other_trust_domain"
+
+
+async def test_kubernetes_data_symlink_swap_is_picked_up(tmp_path: Path, ca: CertificateAuthority) -> None:
+    mount = tmp_path / "mount"
+    mount.mkdir()
+
+    def publish(svid_chain: bytes, key: bytes, stamp: str) -> None:
+        ts_dir = mount / f"..{stamp}"
+        ts_dir.mkdir()
+        (ts_dir / "tls.crt").write_bytes(svid_chain)
+        (ts_dir / "tls.key").write_bytes(key)
+        (ts_dir / "ca.crt").write_bytes(ca.bundle_pem)
+        old = os.readlink(mount / "..data") if (mount / "..data").is_symlink() else None
+        os.symlink(ts_dir.name, mount / "..data_tmp")
+        os.rename(mount / "..data_tmp", mount / "..data")
+        for name in ("tls.crt", "tls.key", "ca.crt"):
+            if not (mount / name).is_symlink():
+                os.symlink(f"..data/{name}", mount / name)
+        if old:
+            shutil.rmtree(mount / old)
+
+    first = ca.issue_svid()
+    publish(first.chain_pem, first.key_pem, "2026_01_01_00_00_00.1")
+    config = IdentityConfig.model_validate(
+        {"source": "files", "cert": mount / "tls.crt", "key": mount / "tls.key", "bundle": mount / "ca.crt", "debounce": 0.02}
+    )
+    async with running(CredentialWatcher("default", CredentialSource("default", config))) as w:
+        assert w.current is not None and w.current.identity.svid.serial == serial_of(first.leaf)
+        second = ca.issue_svid()
+        publish(second.chain_pem, second.key_pem, "2026_01_01_00_10_00.2")
+        state = await w.wait_for_change(1)
+        assert state.identity.svid.serial == serial_of(second.leaf)
+
+
+async def test_torn_in_place_write_is_rejected_then_accepted_when_complete(
+    files: FileSet, ca: CertificateAuthority
+) -> None:
+    first = ca.issue_svid()
+    files.put(first, ca.bundle_pem)
+    async with running(CredentialWatcher("default", files.source())) as w:
+        second = ca.issue_svid(key=first.key)  # same key: only the chain file changes
+        data = second.chain_pem
+        with open(files.cert, "wb") as handle:  # truncate and write in place, in two halves
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            await wait_until(lambda: w.stats.rejections >= 1)
+            assert w.stats.last_error_reason == "chain_bad_pem"
+            assert w.current is not None and w.current.identity.svid.serial == serial_of(first.leaf)
+            handle.write(data[len(data) // 2 :])
+        state = await w.wait_for_change(1)
+        assert state.identity.svid.serial == serial_of(second.leaf)
+
+
+async def test_key_mismatch_that_resolves_within_the_retries_is_accepted(files: FileSet, ca: CertificateAuthority) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    watcher = CredentialWatcher("default", files.source(mismatch_retries=4, mismatch_retry_delay=0.1))
+    assert await watcher.reload("start")
+    new = ca.issue_svid()
+    files.write("chain.pem", new.chain_pem)  # the key follows a moment later
+
+    async def write_key() -> None:
+        await anyio.sleep(0.05)
+        files.write("key.pem", new.key_pem)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write_key)
+        assert await watcher.reload("event") is True
+    assert watcher.current is not None and watcher.current.identity.svid.serial == serial_of(new.leaf)
+    assert watcher.stats.rejections == 0
+
+
+async def test_key_mismatch_that_never_resolves_is_retried_then_rejected(files: FileSet, ca: CertificateAuthority) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    files.write("key.pem", ca.issue_svid().key_pem)
+    sleeps: list[float] = []
+    retries: list[int] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    with pytest.raises(SvidError) as info:
+        await load_identity(
+            files.source(mismatch_retries=4, mismatch_retry_delay=5.0),
+            sleep=fake_sleep,
+            on_retry=lambda attempt, exc: retries.append(attempt),
+        )
+    assert info.value.reason == "key_mismatch"
+    assert sleeps == [5.0, 5.0, 5.0]  # 4 attempts, 5 s apart
+    assert retries == [1, 2, 3]
+
+
+async def test_trust_bundle_rotation_adds_then_removes_a_root(files: FileSet, ca: CertificateAuthority) -> None:
+    new_ca = CertificateAuthority(TD)
+    old_svid = ca.issue_svid()
+    files.put(old_svid, ca.bundle_pem)
+    watcher = CredentialWatcher("default", files.source())
+    assert await watcher.reload("start")
+    # 1. the new root is added beside the old one: same SVID, new bundle, new state
+    files.write("bundle.pem", cert_pem(ca.root, new_ca.root))
+    assert await watcher.reload("event") is True
+    assert watcher.current is not None
+    assert len(watcher.current.identity.own_bundle.authorities) == 2
+    # 2. SVIDs from the new CA are issued
+    new_svid = new_ca.issue_svid()
+    files.put(new_svid)
+    assert await watcher.reload("event") is True
+    # 3. the old root is removed; an SVID of the old CA no longer verifies
+    files.write("bundle.pem", new_ca.bundle_pem)
+    assert await watcher.reload("event") is True
+    assert watcher.current.identity.own_bundle.authorities == (new_ca.root,)
+    files.put(old_svid)
+    assert await watcher.reload("event") is False
+    assert watcher.stats.last_error_reason == "chain_untrusted"
+    assert watcher.current.identity.svid.serial == serial_of(new_svid.leaf)
+
+
+def _client_context(ca: CertificateAuthority, path: str = "/ns/client/sa/c") -> ssl.SSLContext:
+    svid = ca.issue_svid(path)
+    files = CredentialFiles("test", svid.chain_pem, svid.key_pem, own_bundle=ca.bundle_pem)
+    return TlsContexts.build(build_identity(files, dt.datetime.now(dt.UTC))).client
+
+
+async def _handshake_serial(port: int, context: ssl.SSLContext) -> tuple[str, TLSStream]:
+    tcp = await anyio.connect_tcp("127.0.0.1", port)
+    stream = await TLSStream.wrap(tcp, server_side=False, ssl_context=context, standard_compatible=False)
+    der = stream.extra(anyio.streams.tls.TLSAttribute.peer_certificate_binary)
+    assert stream.extra(anyio.streams.tls.TLSAttribute.tls_version) == "TLSv1.3"
+    return serial_of(x509.load_der_x509_certificate(der)), stream
+
+
+async def test_mtls_handshake_presents_new_leaf_after_rotation(tmp_path: Path, ca: CertificateAuthority) -> None:
+    writer = GceCredentialWriter(tmp_path / "secrets")
+    first = ca.issue_svid("/ns/server/sa/s")
+    writer.rotate(gce_files(first.chain_pem, first.key_pem, ca_pem=ca.bundle_pem))
+    watcher = CredentialWatcher("default", CredentialSource("default", gce_config(writer)))
+    hot = HotServerContext(watcher.current_tls)
+    client_context = _client_context(ca)
+
+    async def echo(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            try:
+                async for chunk in stream:
+                    await stream.send(chunk)
+            except (anyio.BrokenResourceError, ssl.SSLError):
+                pass
+
+    async with running(watcher):
+        tcp_listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = tcp_listener.extra(anyio.abc.SocketAttribute.local_port)
+        listener = TLSListener(tcp_listener, hot.context, standard_compatible=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, echo)
+            serial, old_stream = await _handshake_serial(port, client_context)
+            assert serial == serial_of(first.leaf)
+
+            second = ca.issue_svid("/ns/server/sa/s")
+            writer.rotate(gce_files(second.chain_pem, second.key_pem, ca_pem=ca.bundle_pem))
+            await watcher.wait_for_change(1)
+            serial, new_stream = await _handshake_serial(port, client_context)
+            assert serial == serial_of(second.leaf)
+            # the established connection keeps working on its old session
+            await old_stream.send(b"ping")
+            assert await old_stream.receive() == b"ping"
+            await old_stream.aclose()
+            await new_stream.aclose()
+            # a client certificate from another root of the same trust domain is refused
+            with pytest.raises((ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream)):
+                _, bad = await _handshake_serial(port, _client_context(CertificateAuthority(TD)))
+                await bad.send(b"x")
+                await bad.receive()
+            tg.cancel_scope.cancel()
+
+
+async def test_timer_schedules_periodic_pre_expiry_and_expiry_rereads(files: FileSet, ca: CertificateAuthority) -> None:
+    base = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    ca = CertificateAuthority(TD, now=base)
+    svid = ca.issue_svid(now=base, ttl=dt.timedelta(minutes=20))
+    files.put(svid, ca.bundle_pem)
+    clock_now = [base]
+    watcher = CredentialWatcher("default", files.source(reload_interval="10m"), clock=lambda: clock_now[0])
+    await watcher.reload("start")
+    assert watcher.next_timer_deadline(base) == (base + dt.timedelta(minutes=10), "timer")
+    later = base + dt.timedelta(minutes=15)
+    watcher.stats.last_checked = later
+    assert watcher.next_timer_deadline(later) == (svid.leaf.not_valid_after_utc - dt.timedelta(seconds=30), "pre-expiry")
+    at_margin = svid.leaf.not_valid_after_utc - dt.timedelta(seconds=10)
+    watcher.stats.last_checked = at_margin
+    assert watcher.next_timer_deadline(at_margin) == (svid.leaf.not_valid_after_utc, "expiry")
