@@ -49,7 +49,9 @@ def with_id(spiffe_id: str) -> Callable[[Cas], Defect]:
 def expired_intermediate(c: Cas, *, expired: bool) -> Defect:
     key = new_key()
     start, end = (c.now - 3 * HOUR, c.now - HOUR) if expired else (c.now + HOUR, c.now + 3 * HOUR)
-    intermediate = make_ca_cert(key, "stale intermediate", issuer=(c.ca.root, c.ca.root_key), not_before=start, not_after=end)
+    intermediate = make_ca_cert(
+        key, "stale intermediate", issuer=(c.ca.root, c.ca.root_key), not_before=start, not_after=end
+    )
     svid = c.ca.issue_svid(signer=(intermediate, key), now=c.now)
     return Defect(svid.chain_pem, svid.key_pem)
 
@@ -101,7 +103,10 @@ def bundle(defect: Defect, data: bytes) -> Defect:
 
 CASES: dict[str, tuple[Callable[[Cas], Defect], str]] = {
     "expired-leaf": (lambda c: svid_files(c.ca, not_before=c.now - 2 * HOUR, not_after=c.now - HOUR), "leaf_expired"),
-    "leaf-not-yet-valid": (lambda c: svid_files(c.ca, not_before=c.now + HOUR, not_after=c.now + 2 * HOUR), "leaf_not_yet_valid"),
+    "leaf-not-yet-valid": (
+        lambda c: svid_files(c.ca, not_before=c.now + HOUR, not_after=c.now + 2 * HOUR),
+        "leaf_not_yet_valid",
+    ),
     "expired-intermediate": (lambda c: expired_intermediate(c, expired=True), "intermediate_expired"),
     "intermediate-not-yet-valid": (lambda c: expired_intermediate(c, expired=False), "intermediate_not_yet_valid"),
     "wrong-trust-domain": (
@@ -110,7 +115,10 @@ CASES: dict[str, tuple[Callable[[Cas], Defect], str]] = {
     ),
     "leaf-issued-by-another-trust-domains-ca": (leaf_from_foreign_ca, "chain_other_trust_domain"),
     "ca-as-leaf": (lambda c: svid_files(c.ca, ca=True), "leaf_is_ca"),
-    "key-cert-sign-on-leaf": (lambda c: svid_files(c.ca, key_usage=key_usage(key_cert_sign=True)), "leaf_key_cert_sign"),
+    "key-cert-sign-on-leaf": (
+        lambda c: svid_files(c.ca, key_usage=key_usage(key_cert_sign=True)),
+        "leaf_key_cert_sign",
+    ),
     "crl-sign-on-leaf": (lambda c: svid_files(c.ca, key_usage=key_usage(crl_sign=True)), "leaf_crl_sign"),
     "no-digital-signature": (
         lambda c: svid_files(c.ca, key_usage=key_usage(digital_signature=False)),
@@ -168,7 +176,9 @@ CASES: dict[str, tuple[Callable[[Cas], Defect], str]] = {
 
 
 @pytest.fixture
-def cas(ca: CertificateAuthority, other_ca: CertificateAuthority, foreign_ca: CertificateAuthority, now: dt.datetime) -> Cas:
+def cas(
+    ca: CertificateAuthority, other_ca: CertificateAuthority, foreign_ca: CertificateAuthority, now: dt.datetime
+) -> Cas:
     return Cas(ca, other_ca, foreign_ca, now)
 
 
@@ -228,7 +238,9 @@ def test_key_usage_not_critical_is_accepted_with_a_warning(files: FileSet, cas: 
     assert any("not marked critical" in w for w in identity.svid.warnings)
 
 
-@pytest.mark.parametrize("fmt,kind", [("pkcs8", "ec256"), ("sec1", "ec384"), ("pkcs1", "rsa2048"), ("pkcs8", "rsa3072")])
+@pytest.mark.parametrize(
+    "fmt,kind", [("pkcs8", "ec256"), ("sec1", "ec384"), ("pkcs1", "rsa2048"), ("pkcs8", "rsa3072")]
+)
 def test_supported_key_formats_and_types_are_accepted(files: FileSet, cas: Cas, fmt: str, kind: str) -> None:
     svid = cas.ca.issue_svid(key_kind=kind, key_format=fmt)
     files.put(svid, cas.ca.bundle_pem)

@@ -195,7 +195,13 @@ async def test_kubernetes_data_symlink_swap_is_picked_up(tmp_path: Path, ca: Cer
     first = ca.issue_svid()
     publish(first.chain_pem, first.key_pem, "2026_01_01_00_00_00.1")
     config = IdentityConfig.model_validate(
-        {"source": "files", "cert": mount / "tls.crt", "key": mount / "tls.key", "bundle": mount / "ca.crt", "debounce": 0.02}
+        {
+            "source": "files",
+            "cert": mount / "tls.crt",
+            "key": mount / "tls.key",
+            "bundle": mount / "ca.crt",
+            "debounce": 0.02,
+        }
     )
     async with running(CredentialWatcher("default", CredentialSource("default", config))) as w:
         assert w.current is not None and w.current.identity.svid.serial == serial_of(first.leaf)
@@ -224,7 +230,9 @@ async def test_torn_in_place_write_is_rejected_then_accepted_when_complete(
         assert state.identity.svid.serial == serial_of(second.leaf)
 
 
-async def test_key_mismatch_that_resolves_within_the_retries_is_accepted(files: FileSet, ca: CertificateAuthority) -> None:
+async def test_key_mismatch_that_resolves_within_the_retries_is_accepted(
+    files: FileSet, ca: CertificateAuthority
+) -> None:
     files.put(ca.issue_svid(), ca.bundle_pem)
     watcher = CredentialWatcher("default", files.source(mismatch_retries=4, mismatch_retry_delay=0.1))
     assert await watcher.reload("start")
@@ -242,7 +250,9 @@ async def test_key_mismatch_that_resolves_within_the_retries_is_accepted(files: 
     assert watcher.stats.rejections == 0
 
 
-async def test_key_mismatch_that_never_resolves_is_retried_then_rejected(files: FileSet, ca: CertificateAuthority) -> None:
+async def test_key_mismatch_that_never_resolves_is_retried_then_rejected(
+    files: FileSet, ca: CertificateAuthority
+) -> None:
     files.put(ca.issue_svid(), ca.bundle_pem)
     files.write("key.pem", ca.issue_svid().key_pem)
     sleeps: list[float] = []
@@ -295,7 +305,11 @@ def _client_context(ca: CertificateAuthority, path: str = "/ns/client/sa/c") -> 
 
 async def _handshake_serial(port: int, context: ssl.SSLContext) -> tuple[str, TLSStream]:
     tcp = await anyio.connect_tcp("127.0.0.1", port)
-    stream = await TLSStream.wrap(tcp, server_side=False, ssl_context=context, standard_compatible=False)
+    try:
+        stream = await TLSStream.wrap(tcp, server_side=False, ssl_context=context, standard_compatible=False)
+    except BaseException:
+        await tcp.aclose()
+        raise
     der = stream.extra(anyio.streams.tls.TLSAttribute.peer_certificate_binary)
     assert stream.extra(anyio.streams.tls.TLSAttribute.tls_version) == "TLSv1.3"
     return serial_of(x509.load_der_x509_certificate(der)), stream
@@ -321,7 +335,7 @@ async def test_mtls_handshake_presents_new_leaf_after_rotation(tmp_path: Path, c
         tcp_listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
         port = tcp_listener.extra(anyio.abc.SocketAttribute.local_port)
         listener = TLSListener(tcp_listener, hot.context, standard_compatible=False)
-        async with anyio.create_task_group() as tg:
+        async with listener, anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, echo)
             serial, old_stream = await _handshake_serial(port, client_context)
             assert serial == serial_of(first.leaf)
@@ -339,8 +353,9 @@ async def test_mtls_handshake_presents_new_leaf_after_rotation(tmp_path: Path, c
             # a client certificate from another root of the same trust domain is refused
             with pytest.raises((ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream)):
                 _, bad = await _handshake_serial(port, _client_context(CertificateAuthority(TD)))
-                await bad.send(b"x")
-                await bad.receive()
+                async with bad:
+                    await bad.send(b"x")
+                    await bad.receive()
             tg.cancel_scope.cancel()
 
 
@@ -355,7 +370,10 @@ async def test_timer_schedules_periodic_pre_expiry_and_expiry_rereads(files: Fil
     assert watcher.next_timer_deadline(base) == (base + dt.timedelta(minutes=10), "timer")
     later = base + dt.timedelta(minutes=15)
     watcher.stats.last_checked = later
-    assert watcher.next_timer_deadline(later) == (svid.leaf.not_valid_after_utc - dt.timedelta(seconds=30), "pre-expiry")
+    assert watcher.next_timer_deadline(later) == (
+        svid.leaf.not_valid_after_utc - dt.timedelta(seconds=30),
+        "pre-expiry",
+    )
     at_margin = svid.leaf.not_valid_after_utc - dt.timedelta(seconds=10)
     watcher.stats.last_checked = at_margin
     assert watcher.next_timer_deadline(at_margin) == (svid.leaf.not_valid_after_utc, "expiry")
