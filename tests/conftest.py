@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 
 from wlidd.config import IdentityConfig
@@ -87,3 +90,31 @@ class FileSet:
 @pytest.fixture
 def files(tmp_path: Path) -> Iterator[FileSet]:
     yield FileSet(tmp_path / "creds")
+
+
+@asynccontextmanager
+async def in_background(run: Callable[..., Awaitable[None]], stop: Callable[[], None]) -> AsyncIterator[None]:
+    """Start an anyio service (`run(task_status=…)`) in its own task, so fixtures may set up and tear down in
+    different tasks; stop it with `stop()` and wait for it to finish."""
+    started = asyncio.Event()
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(run)
+                started.set()
+        except BaseException as exc:
+            failure.append(exc)
+            started.set()
+            raise
+
+    task = asyncio.create_task(main())
+    await asyncio.wait_for(started.wait(), 30)
+    if failure:
+        raise failure[0]
+    try:
+        yield
+    finally:
+        stop()
+        await asyncio.wait_for(task, 30)

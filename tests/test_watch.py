@@ -25,8 +25,6 @@ from wlidd.svid.load import CredentialFiles, CredentialSource, build_identity, l
 from wlidd.tlsctx import HotServerContext, TlsContexts
 from wlidd.watch import CredentialWatcher
 
-pytestmark = pytest.mark.asyncio
-
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     with anyio.fail_after(timeout):

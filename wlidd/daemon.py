@@ -72,22 +72,30 @@ class Daemon:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped (signal or `stop()`); returns normally on a graceful stop."""
         log.info("starting", identities=sorted(self.watchers), socket=str(self.socket_path), pid=os.getpid())
-        async with anyio.create_task_group() as tg:
-            for watcher in self.watchers.values():
-                await tg.start(watcher.run)
-            sock = bind_unix_socket(self.socket_path, self.config.listeners.unix.mode, self.config.listeners.unix.group)
-            listener = await SocketListener.from_socket(sock)
-            tg.start_soon(self._serve, listener)
-            tg.start_soon(self._signals)
-            now = self.clock()
-            invalid = [name for name, w in self.watchers.items() if not w.is_valid(now)]
-            log.info("ready", socket=str(self.socket_path), invalid_identities=invalid)
-            task_status.started()
-            await self._stopping.wait()
-            log.info("stopping")
-            for watcher in self.watchers.values():
-                watcher.close()
-            tg.cancel_scope.cancel()
+        listener: SocketListener | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                for watcher in self.watchers.values():
+                    await tg.start(watcher.run)
+                sock = bind_unix_socket(
+                    self.socket_path, self.config.listeners.unix.mode, self.config.listeners.unix.group
+                )
+                listener = await SocketListener.from_socket(sock)
+                tg.start_soon(self._serve, listener)
+                tg.start_soon(self._signals)
+                now = self.clock()
+                invalid = [name for name, w in self.watchers.items() if not w.is_valid(now)]
+                log.info("ready", socket=str(self.socket_path), invalid_identities=invalid)
+                task_status.started()
+                await self._stopping.wait()
+                log.info("stopping")
+                for watcher in self.watchers.values():
+                    watcher.close()
+                tg.cancel_scope.cancel()
+        finally:
+            if listener is not None:
+                with anyio.CancelScope(shield=True):
+                    await listener.aclose()
         try:
             if self.socket_path.is_socket():
                 self.socket_path.unlink()

@@ -189,15 +189,16 @@ class CredentialWatcher:
     def _reject(self, reason_code: str, message: str, trigger: str) -> None:
         stats = self.stats
         stats.rejections += 1
-        stats.last_error, stats.last_error_reason, stats.last_error_at = message, reason_code, self.clock()
         self._count("rejected")
         if self.metrics is not None:
             self.metrics.identity_rejections.labels(self.name, reason_code).inc()
             self.metrics.identity_valid.labels(self.name).set(1 if self.is_valid() else 0)
         kept = self.current.identity.svid.serial if self.current else None
-        self._log.warning(
-            "credential set rejected", reason=reason_code, detail=message, trigger=trigger, kept_serial=kept
-        )
+        repeated = (stats.last_error_reason, stats.last_error) == (reason_code, message)
+        stats.last_error, stats.last_error_reason, stats.last_error_at = message, reason_code, self.clock()
+        # The same refusal again (every file event, every timer tick) is news only at debug level.
+        emit = self._log.debug if repeated else self._log.warning
+        emit("credential set rejected", reason=reason_code, detail=message, trigger=trigger, kept_serial=kept)
         if self.current is not None and not self.is_valid():
             self._log.error("identity has expired and no valid replacement is available", serial=kept)
 

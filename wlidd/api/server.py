@@ -207,6 +207,9 @@ class HttpServer:
             if isinstance(event, h11.ConnectionClosed):
                 return None
             assert isinstance(event, h11.Request), event
+            header_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+            if header_bytes > self.limits.max_header_bytes:
+                raise ApiError(431, "headers_too_large", f"request headers over {self.limits.max_header_bytes} bytes")
             body = bytearray()
             while True:
                 part = await self._next_event(conn, stream)
