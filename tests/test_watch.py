@@ -375,3 +375,20 @@ async def test_timer_schedules_periodic_pre_expiry_and_expiry_rereads(files: Fil
     at_margin = svid.leaf.not_valid_after_utc - dt.timedelta(seconds=10)
     watcher.stats.last_checked = at_margin
     assert watcher.next_timer_deadline(at_margin) == (svid.leaf.not_valid_after_utc, "expiry")
+
+
+async def test_certificate_config_workload_entry_is_followed(tmp_path: Path, ca: CertificateAuthority) -> None:
+    creds = FileSet(tmp_path / "workload")
+    svid = ca.issue_svid()
+    creds.put(svid, ca.bundle_pem)
+    config_file = tmp_path / "certificate_config.json"
+    config_file.write_text(
+        json.dumps(
+            {"version": 1, "cert_configs": {"workload": {"cert_path": str(creds.cert), "key_path": str(creds.key)}}}
+        )
+    )
+    config = IdentityConfig.model_validate({"source": "certificate_config", "bundle": creds.bundle})
+    source = CredentialSource("default", config, {"GOOGLE_API_CERTIFICATE_CONFIG": str(config_file)})
+    identity = await load_identity(source)
+    assert identity.svid.serial == serial_of(svid.leaf)
+    assert creds.dir in source.watch_dirs() and tmp_path in source.watch_dirs()
