@@ -5,6 +5,7 @@ Usage: python bench/_tls_server.py LINK_PATH  — prints the port once it serves
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -26,10 +27,8 @@ async def main(link: Path) -> None:
 
     async def handle(stream: anyio.abc.ByteStream) -> None:
         async with stream:
-            try:
+            with contextlib.suppress(Exception):
                 await stream.receive()
-            except Exception:
-                pass
 
     async with anyio.create_task_group() as tg:
         await tg.start(watcher.run)

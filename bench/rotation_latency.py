@@ -148,9 +148,11 @@ def main() -> int:
     print(f"ratio wlidd/bare-watchfiles p50 {p50 / b50:5.2f}x  p99 {p99 / b99:5.2f}x")
     print(f"ratio wlidd p50 / handshake p50 {p50 / hs50:5.2f}x")
     print()
-    print(f"| figure | value | target | result |\n|---|---|---|---|")
+    print("| figure | value | target | result |\n|---|---|---|---|")
     ok = p99 <= TARGET_P99_MS and missed == 0
-    print(f"| rotation pick-up p99 (swap → new leaf in handshake) | {p99:.1f} ms | ≤ {TARGET_P99_MS:.0f} ms | {'pass' if ok else 'FAIL'} |")
+    print(
+        f"| rotation pick-up p99 (swap → new leaf in handshake) | {p99:.1f} ms | ≤ {TARGET_P99_MS:.0f} ms | {'pass' if ok else 'FAIL'} |"
+    )
     return 0 if ok else 1
 
 
