@@ -23,7 +23,12 @@ from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
 from wlidd.errors import SvidError
 from wlidd.svid.load import CredentialFiles, CredentialSource, build_identity, load_identity
 from wlidd.tlsctx import HotServerContext, TlsContexts
-from wlidd.watch import CredentialWatcher
+from wlidd.watch import CredentialWatcher, IdentityState
+
+
+async def changed(watcher: CredentialWatcher, after_version: int, timeout: float = 10.0) -> IdentityState:
+    with anyio.fail_after(timeout):
+        return await watcher.wait_for_change(after_version)
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -63,7 +68,7 @@ async def test_atomic_rename_of_new_files_is_picked_up(files: FileSet, ca: Certi
         assert w.current is not None and w.current.version == 1
         new = ca.issue_svid("/ns/default/sa/new")
         files.put(new)
-        state = await w.wait_for_change(1)
+        state = await changed(w, 1)
         assert state.identity.svid.serial == serial_of(new.leaf)
         assert str(state.identity.svid.spiffe_id) == f"spiffe://{TD}/ns/default/sa/new"
 
@@ -82,7 +87,7 @@ async def test_gce_symlink_swap_is_picked_up_and_old_dir_may_vanish(
             new = ca.issue_svid()
             version = w.current.version
             writer.rotate(gce_files(new.chain_pem, new.key_pem, ca_pem=ca.bundle_pem))
-            state = await w.wait_for_change(version)
+            state = await changed(w, version)
             assert state.identity.svid.serial == serial_of(new.leaf)
         assert w.stats.rejections == 0
         assert len(list((tmp_path / "secrets").glob("workload-spiffe-contents-*"))) == 1
@@ -205,7 +210,7 @@ async def test_kubernetes_data_symlink_swap_is_picked_up(tmp_path: Path, ca: Cer
         assert w.current is not None and w.current.identity.svid.serial == serial_of(first.leaf)
         second = ca.issue_svid()
         publish(second.chain_pem, second.key_pem, "2026_01_01_00_10_00.2")
-        state = await w.wait_for_change(1)
+        state = await changed(w, 1)
         assert state.identity.svid.serial == serial_of(second.leaf)
 
 
@@ -224,7 +229,7 @@ async def test_torn_in_place_write_is_rejected_then_accepted_when_complete(
             assert w.stats.last_error_reason == "chain_bad_pem"
             assert w.current is not None and w.current.identity.svid.serial == serial_of(first.leaf)
             handle.write(data[len(data) // 2 :])
-        state = await w.wait_for_change(1)
+        state = await changed(w, 1)
         assert state.identity.svid.serial == serial_of(second.leaf)
 
 
@@ -340,7 +345,7 @@ async def test_mtls_handshake_presents_new_leaf_after_rotation(tmp_path: Path, c
 
             second = ca.issue_svid("/ns/server/sa/s")
             writer.rotate(gce_files(second.chain_pem, second.key_pem, ca_pem=ca.bundle_pem))
-            await watcher.wait_for_change(1)
+            await changed(watcher, 1)
             serial, new_stream = await _handshake_serial(port, client_context)
             assert serial == serial_of(second.leaf)
             # the established connection keeps working on its old session
@@ -392,3 +397,72 @@ async def test_certificate_config_workload_entry_is_followed(tmp_path: Path, ca:
     identity = await load_identity(source)
     assert identity.svid.serial == serial_of(svid.leaf)
     assert creds.dir in source.watch_dirs() and tmp_path in source.watch_dirs()
+
+
+def test_link_parents_follow_every_symlink_on_the_way(tmp_path: Path) -> None:
+    from wlidd.svid.load import link_parents
+
+    store = tmp_path / "store"
+    (store / "v1").mkdir(parents=True)
+    (store / "v1" / "tls.crt").write_text("x")
+    os.symlink("v1", store / "current")  # a swapped "current" directory link
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    os.symlink(store / "current" / "tls.crt", certs / "tls.crt")
+    assert link_parents(certs / "tls.crt") == [certs, certs, store, store / "v1"]
+
+
+async def test_symlinked_directory_swap_elsewhere_is_picked_up(tmp_path: Path, ca: CertificateAuthority) -> None:
+    store = tmp_path / "store"
+    certs = tmp_path / "certs"
+    certs.mkdir()
+
+    def publish(version: str, svid_chain: bytes, key: bytes) -> None:
+        target = store / version
+        target.mkdir(parents=True)
+        (target / "tls.crt").write_bytes(svid_chain)
+        (target / "tls.key").write_bytes(key)
+        os.symlink(version, store / "current.tmp")
+        os.rename(store / "current.tmp", store / "current")
+
+    first = ca.issue_svid()
+    publish("v1", first.chain_pem, first.key_pem)
+    for name in ("tls.crt", "tls.key"):
+        os.symlink(store / "current" / name, certs / name)
+    (certs / "ca.crt").write_bytes(ca.bundle_pem)
+    config = IdentityConfig.model_validate(
+        {
+            "source": "files",
+            "cert": certs / "tls.crt",
+            "key": certs / "tls.key",
+            "bundle": certs / "ca.crt",
+            "debounce": 0.02,
+        }
+    )
+    async with running(CredentialWatcher("default", CredentialSource("default", config))) as w:
+        second = ca.issue_svid()
+        publish("v2", second.chain_pem, second.key_pem)  # only /store changes; /certs sees no event
+        state = await changed(w, 1)
+        assert state.identity.svid.serial == serial_of(second.leaf)
+
+
+async def test_directory_that_appears_later_is_watched_and_read(tmp_path: Path, ca: CertificateAuthority) -> None:
+    secrets = tmp_path / "secrets"  # does not exist yet: the guest agent has not run
+    config = IdentityConfig.model_validate(
+        {"source": "gce", "dir": secrets / "workload-spiffe-credentials", "mismatch_retries": 1, "debounce": 0.02}
+    )
+    watcher = CredentialWatcher("default", CredentialSource("default", config))
+    async with running(watcher) as w:
+        assert w.current is None and w.stats.last_error_reason == "file_missing"
+        writer = GceCredentialWriter(secrets)
+        svid = ca.issue_svid()
+        writer.rotate(gce_files(svid.chain_pem, svid.key_pem, ca_pem=ca.bundle_pem))
+        state = await changed(w, 0)
+        assert state.identity.svid.serial == serial_of(svid.leaf)
+
+
+def test_reread_interval_is_short_while_nothing_valid_is_loaded(files: FileSet) -> None:
+    watcher = CredentialWatcher("default", files.source(reload_interval="10m"))
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    watcher.stats.last_checked = now
+    assert watcher.next_timer_deadline(now) == (now + dt.timedelta(seconds=30), "timer")

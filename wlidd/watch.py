@@ -33,6 +33,7 @@ log = structlog.get_logger("wlidd.watch")
 
 PRE_EXPIRY_MARGIN = 30.0  # seconds before not_after to re-read once more
 MAX_TIMER_SLEEP = 30.0  # wall clock is re-checked at least this often (suspend/resume)
+INVALID_REREAD_INTERVAL = 30.0  # re-read at least this often while no valid SVID is loaded
 
 
 @dataclass(frozen=True)
@@ -232,9 +233,15 @@ class CredentialWatcher:
 
     async def _watch_files(self) -> None:
         debounce_ms = max(1, int(self.source.config.debounce * 1000))
+        watched: set[str] | None = None
         while not self._closed:
             dirs = self._watch_dirs()
             existing = [str(d) for d in dirs if d.is_dir()]
+            if watched is not None and not set(existing) <= watched:
+                # A directory appeared (first provisioning) or links now lead elsewhere: events
+                # before this moment were not seen, so read once now.
+                self.request_reload("watch-changed")
+            watched = set(existing)
             stop = self._watch_stop = anyio.Event()
             async with anyio.create_task_group() as tg:
                 if len(existing) < len(dirs):
@@ -253,6 +260,8 @@ class CredentialWatcher:
                         ignore_permission_denied=True,
                     ):
                         self.request_reload("file-event")
+                        if self._watch_dirs() != dirs:
+                            stop.set()  # a link now leads through other directories: watch those
                 except (OSError, RuntimeError) as exc:
                     self._log.warning("file watch failed, restarting", error=str(exc))
                     await anyio.sleep(1.0)
@@ -261,9 +270,12 @@ class CredentialWatcher:
     def next_timer_deadline(self, now: dt.datetime) -> tuple[dt.datetime, str]:
         """When the timer fires next, and why: periodic re-read, shortly before expiry, or at expiry."""
         interval = dt.timedelta(seconds=self.source.config.reload_interval)
+        state = self.current
+        if state is None or not state.identity.svid.is_valid_at(now):
+            # Nothing valid to serve: do not wait the full interval for a missed event.
+            interval = min(interval, dt.timedelta(seconds=INVALID_REREAD_INTERVAL))
         last = self.stats.last_checked or self.stats.last_loaded or now
         candidates = [(last + interval, "timer")]
-        state = self.current
         if state is not None:
             not_after = state.identity.svid.not_after
             pre = not_after - dt.timedelta(seconds=PRE_EXPIRY_MARGIN)

@@ -94,6 +94,34 @@ def _key_mode_note(path: Path) -> tuple[str, ...]:
     return ()
 
 
+def link_parents(path: Path, max_links: int = 40) -> list[Path]:
+    """Directories whose entries decide what `path` resolves to.
+
+    The parent of `path`, the directory holding every symlink met while resolving it (a swapped
+    ``..data`` or ``current`` link anywhere on the way), and the parent of the final target.
+    """
+    found = [path.parent]
+    pending = Path(os.path.abspath(path))
+    for _ in range(max_links):
+        current = Path(pending.parts[0])
+        for index, part in enumerate(pending.parts[1:], start=1):
+            step = current / part
+            if step.is_symlink():
+                found.append(current)
+                try:
+                    target = Path(os.readlink(step))
+                except OSError:
+                    return found
+                rest = pending.parts[index + 1 :]
+                pending = Path(os.path.normpath(current / target)).joinpath(*rest)
+                break
+            current = step
+        else:
+            found.append(pending.parent)
+            return found
+    return found
+
+
 @dataclass(frozen=True)
 class CredentialSource:
     """Where one identity's files are; `read()` returns them as one consistent set."""
@@ -120,7 +148,7 @@ class CredentialSource:
         paths += list(cfg.bundles.values())
         dirs: list[Path] = []
         for path in paths:
-            for candidate in (path.parent, Path(os.path.realpath(path)).parent):
+            for candidate in link_parents(path):
                 if candidate not in dirs:
                     dirs.append(candidate)
         return dirs
