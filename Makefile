@@ -31,7 +31,7 @@ bench: venv
 	$(PY) bench/rotation_latency.py
 
 soak: venv
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m soak -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -235,3 +235,28 @@ async def test_peer_credentials_of_the_caller_reach_the_handler(tmp_path: Path) 
         tg.cancel_scope.cancel()
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"uid": os.getuid()}
     assert seen[0].peer.pid == os.getpid() and seen[0].peer.gid == os.getgid()
+
+
+async def test_expiry_is_judged_by_the_wall_clock_on_every_request(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+) -> None:
+    import datetime as dt
+
+    svid = ca.issue_svid(ttl=dt.timedelta(minutes=5))
+    files.put(svid, ca.bundle_pem)
+    wall = [dt.datetime.now(dt.UTC)]
+    d = Daemon(make_config(tmp_path, {"default": files.config()}), clock=lambda: wall[0])
+    async with in_background(d.run, d.stop), client(d) as c:
+        assert (await c.get("/v1/health")).status_code == 200
+        wall[0] = svid.leaf.not_valid_after_utc + dt.timedelta(seconds=1)  # a suspended VM wakes up later
+        health = await c.get("/v1/health")
+        ready = await c.get("/v1/ready/default")
+        document = (await c.get("/v1/status")).json()
+        identity = (await c.get("/v1/identity/default")).json()
+    assert health.status_code == 503 and "outside its validity window" in health.json()["problems"]["identity/default"]
+    assert ready.status_code == 503
+    assert (
+        document["identities"]["default"]["valid"] is False and document["identities"]["default"]["seconds_left"] == 0
+    )
+    assert document["daemon"]["state"] == "degraded"
+    assert identity["valid"] is False

@@ -104,3 +104,11 @@ def test_invalid_spiffe_ids_name_the_rule(bad: str, reason: str) -> None:
     with pytest.raises(SvidError) as info:
         parse_spiffe_id(bad)
     assert info.value.reason == reason
+
+
+def test_reprs_never_show_key_material() -> None:
+    files = CredentialFiles("x", GOOD.chain_pem, GOOD.key_pem, own_bundle=CA.bundle_pem)
+    identity = build_identity(files, NOW)
+    secret_line = GOOD.key_pem.splitlines()[1].decode()
+    for text in (repr(files), repr(identity), repr(identity.svid), str(identity)):
+        assert "PRIVATE KEY" not in text and secret_line not in text
