@@ -167,3 +167,21 @@ def test_demo_rotates_and_serves(tmp_path: Path) -> None:
         if line.startswith("rotated:"):
             new, served = line.split("serial ")[1].split(";")[0], line.rsplit("serial ", 1)[1]
             assert new == served
+
+
+def test_status_table_is_readable(daemon_process: tuple[subprocess.Popen[str], Path]) -> None:
+    from wlidd.cli import fetch_status, render_status
+
+    _, sock = daemon_process
+    table = render_status(fetch_status(sock))
+    lines = table.splitlines()
+    assert lines[0].startswith("wlidd ") and lines[0].endswith("s") and ": running" in lines[0]
+    assert lines[1].split() == ["IDENTITY", "VALID", "LEFT", "SERIAL", "SPIFFE", "ID"]
+    assert lines[2].split()[:2] == ["default", "yes"] and "spiffe://example.org/ns/default/sa/app" in lines[2]
+
+
+def test_status_without_a_daemon_says_so(tmp_path: Path) -> None:
+    result = run_cli("status", "--socket", str(tmp_path / "absent.sock"))
+    assert result.returncode == 1
+    assert "cannot reach wlidd at" in result.stderr and "is the daemon running?" in result.stderr
+    assert "Traceback" not in result.stderr
