@@ -136,6 +136,126 @@ class IdentityConfig(_Strict):
         return Path(os.path.expanduser(str(DEFAULT_CERTIFICATE_CONFIG)))
 
 
+class EntraConfig(_Strict):
+    authority: str = "https://login.microsoftonline.com"
+    tenant_id: str
+    client_id: str
+    scope: str
+    alg: Literal["PS256", "RS256"] = "PS256"
+    cert: ExpandedPath | None = None
+    key: ExpandedPath | None = None
+    assertion_lifetime: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _check(self) -> EntraConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("entra.cert and entra.key go together")
+        if not 0 < self.assertion_lifetime <= 600:
+            raise ValueError("entra.assertion_lifetime must be at most 10m (Entra refuses longer assertions)")
+        return self
+
+    def token_url(self) -> str:
+        return f"{self.authority.rstrip('/')}/{self.tenant_id}/oauth2/v2.0/token"
+
+
+DEFAULT_SCOPE = ("https://www.googleapis.com/auth/cloud-platform",)
+
+
+class StsConfig(_Strict):
+    url: str | None = None
+    audience: str
+    scope: tuple[str, ...] = DEFAULT_SCOPE
+
+
+class ImpersonateConfig(_Strict):
+    service_account: str
+    url: str | None = None
+    scope: tuple[str, ...] = DEFAULT_SCOPE
+    lifetime: Duration = 3600.0
+    delegates: tuple[str, ...] = ()
+
+
+class MetadataConfig(_Strict):
+    url: str = "http://metadata.google.internal"
+    account: str = "default"
+    scopes: tuple[str, ...] = ()
+
+
+class SinkConfig(_Strict):
+    path: ExpandedPath
+    format: Literal["text", "json"] = "text"
+    mode: FileMode = 0o600
+    on_change: tuple[str, ...] = ()
+    on_change_timeout: Duration = 30.0
+
+
+class TokenConfig(_Strict):
+    """One token source: a flow, its upstreams, and how it is refreshed."""
+
+    flow: Literal["entra-sts", "x509-sts", "gce-metadata"]
+    identity: str | None = None
+    refresh_at: float = Field(default=0.8, gt=0.0, lt=1.0)
+    jitter: float = Field(default=0.1, ge=0.0, lt=0.5)
+    skew: Duration = 60.0
+    require_at_start: bool = False
+    require_timeout: Duration = 30.0
+    ca_file: ExpandedPath | None = None
+    min_interval: Duration = 1.0
+    start_delay: Duration = 30.0
+    on_demand: bool = False
+    idle: Duration = 3600.0
+    backoff_min: Duration = 1.0
+    backoff_max: Duration = 300.0
+    timeout: Duration = 30.0
+    entra: EntraConfig | None = None
+    sts: StsConfig | None = None
+    impersonate: ImpersonateConfig | None = None
+    metadata: MetadataConfig | None = None
+    sinks: tuple[SinkConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_flow(self) -> TokenConfig:
+        if self.flow in ("entra-sts", "x509-sts"):
+            if self.sts is None:
+                raise ValueError(f"flow '{self.flow}' needs an sts table (sts.audience)")
+            if self.metadata is not None:
+                raise ValueError(f"metadata is only for flow 'gce-metadata', not '{self.flow}'")
+        if self.flow == "entra-sts" and self.entra is None:
+            raise ValueError("flow 'entra-sts' needs an entra table (tenant_id, client_id, scope)")
+        if self.flow == "entra-sts" and self.identity is None and (self.entra is None or self.entra.cert is None):
+            raise ValueError("flow 'entra-sts' needs identity, or entra.cert and entra.key")
+        if self.flow == "x509-sts" and self.identity is None:
+            raise ValueError("flow 'x509-sts' needs identity (its SVID is the client certificate)")
+        if self.flow == "gce-metadata":
+            for name in ("entra", "sts", "impersonate"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is not used by flow 'gce-metadata'")
+        if self.flow != "entra-sts" and self.entra is not None:
+            raise ValueError("entra is only for flow 'entra-sts'")
+        if self.backoff_min <= 0 or self.backoff_max < self.backoff_min:
+            raise ValueError("backoff_min must be > 0 and at most backoff_max")
+        return self
+
+    def sts_url(self) -> str:
+        default = (
+            "https://sts.mtls.googleapis.com/v1/token"
+            if self.flow == "x509-sts"
+            else "https://sts.googleapis.com/v1/token"
+        )
+        return (self.sts.url if self.sts and self.sts.url else None) or default
+
+    def impersonate_base(self) -> str:
+        default = (
+            "https://iamcredentials.mtls.googleapis.com"
+            if self.flow == "x509-sts"
+            else "https://iamcredentials.googleapis.com"
+        )
+        return ((self.impersonate.url if self.impersonate and self.impersonate.url else None) or default).rstrip("/")
+
+    def metadata_config(self) -> MetadataConfig:
+        return self.metadata or MetadataConfig()
+
+
 class UnixListenerConfig(_Strict):
     path: ExpandedPath = Path("/run/wlidd/wlidd.sock")
     mode: FileMode = 0o660
@@ -167,6 +287,7 @@ class Config(BaseSettings):
 
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     identities: dict[str, IdentityConfig] = Field(default_factory=dict)
+    tokens: dict[str, TokenConfig] = Field(default_factory=dict)
     listeners: ListenersConfig = Field(default_factory=ListenersConfig)
 
     _toml_file: ClassVar[Path | None] = None
@@ -191,9 +312,14 @@ class Config(BaseSettings):
 
     @model_validator(mode="after")
     def _check_names(self) -> Config:
-        for name in self.identities:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise ValueError(f"identity name {name!r} may only hold letters, digits, '_', '.', '-'")
+        for kind, names in (("identity", self.identities), ("token", self.tokens)):
+            for name in names:
+                if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                    raise ValueError(f"{kind} name {name!r} may only hold letters, digits, '_', '.', '-'")
+        for name, token in self.tokens.items():
+            if token.identity is not None and token.identity not in self.identities:
+                known = ", ".join(sorted(self.identities)) or "none"
+                raise ValueError(f"tokens.{name}.identity: no identity named {token.identity!r} (configured: {known})")
         return self
 
 

@@ -23,6 +23,8 @@ from wlidd.api.server import HttpServer, Request, Response, ServerLimits
 from wlidd.config import Config
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, CredentialSource, utc_now
+from wlidd.tokens.flows import Flow
+from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher
 
 log = structlog.get_logger("wlidd.daemon")
@@ -40,8 +42,20 @@ class Daemon:
             name: CredentialWatcher(name, CredentialSource(name, cfg, env), clock=clock, metrics=self.metrics)
             for name, cfg in config.identities.items()
         }
+        self.tokens: dict[str, TokenSource] = {}
+        for name, token_config in config.tokens.items():
+            watcher = self.watchers.get(token_config.identity) if token_config.identity else None
+            current = (lambda w: lambda: w.current)(watcher) if watcher is not None else None
+            self.tokens[name] = TokenSource(
+                name,
+                token_config,
+                Flow(name, token_config, current),
+                watcher=watcher,
+                clock=clock,
+                metrics=self.metrics,
+            )
         self.started_at = clock()
-        self.api = Api(self.watchers, self.metrics, clock, self.started_at)
+        self.api = Api(self.watchers, self.metrics, clock, self.started_at, self.tokens)
         unix = config.listeners.unix
         self.unix_server = HttpServer(
             self.api,
@@ -71,12 +85,23 @@ class Daemon:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped (signal or `stop()`); returns normally on a graceful stop."""
-        log.info("starting", identities=sorted(self.watchers), socket=str(self.socket_path), pid=os.getpid())
+        log.info(
+            "starting",
+            identities=sorted(self.watchers),
+            sources=list(self.tokens),
+            socket=str(self.socket_path),
+            pid=os.getpid(),
+        )
         listener: SocketListener | None = None
         try:
             async with anyio.create_task_group() as tg:
                 for watcher in self.watchers.values():
                     await tg.start(watcher.run)
+                for source in self.tokens.values():
+                    await tg.start(source.run)
+                for source in self.tokens.values():
+                    if source.config.require_at_start:
+                        await source.wait_until_servable(source.config.require_timeout)
                 sock = bind_unix_socket(
                     self.socket_path, self.config.listeners.unix.mode, self.config.listeners.unix.group
                 )
@@ -93,9 +118,11 @@ class Daemon:
                     watcher.close()
                 tg.cancel_scope.cancel()
         finally:
-            if listener is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if listener is not None:
                     await listener.aclose()
+                for source in self.tokens.values():
+                    await source.flow.aclose()
         try:
             if self.socket_path.is_socket():
                 self.socket_path.unlink()

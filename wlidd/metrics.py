@@ -40,6 +40,30 @@ class Metrics:
             ["identity"],
             registry=self.registry,
         )
+        self.token_refreshes = Counter(
+            "wlidd_token_refreshes",
+            "Token fetches by source and result (success, failure).",
+            ["source", "result"],
+            registry=self.registry,
+        )
+        self.token_failures = Counter(
+            "wlidd_token_failures",
+            "Failed token fetches by source and stable reason (e.g. sts_invalid_grant, entra_aadsts700027).",
+            ["source", "reason"],
+            registry=self.registry,
+        )
+        self.token_expiry = Gauge(
+            "wlidd_token_expiry_timestamp_seconds",
+            "Expiry (Unix time) of the source's current token.",
+            ["source"],
+            registry=self.registry,
+        )
+        self.token_valid = Gauge(
+            "wlidd_token_valid",
+            "1 when the source has a servable token now (outside the skew), else 0.",
+            ["source"],
+            registry=self.registry,
+        )
         self.http_requests = Counter(
             "wlidd_http_requests",
             "Local API requests by listener, route and status.",

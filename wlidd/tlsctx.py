@@ -21,7 +21,8 @@ def _no_pass_phrase() -> bytes:
     raise ssl.SSLError("wlidd never loads encrypted keys")
 
 
-def _load_identity_into(context: ssl.SSLContext, identity: Identity) -> None:
+def load_identity_into(context: ssl.SSLContext, identity: Identity) -> None:
+    """Load the SVID chain and key into `context` through a memfd (never a file on disk)."""
     fd = os.memfd_create("wlidd-svid", os.MFD_CLOEXEC)
     try:
         os.write(fd, identity.svid.chain_pem + identity.svid.key_pem())
@@ -41,7 +42,7 @@ def build_server_context(identity: Identity) -> ssl.SSLContext:
     context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=identity.bundles.pem.decode("ascii"))
-    _load_identity_into(context, identity)
+    load_identity_into(context, identity)
     return context
 
 
@@ -55,7 +56,7 @@ def build_client_context(identity: Identity) -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=identity.bundles.pem.decode("ascii"))
-    _load_identity_into(context, identity)
+    load_identity_into(context, identity)
     return context
 
 

@@ -6,13 +6,15 @@ import datetime as dt
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from wlidd import __version__
 from wlidd.api.server import Request, Response
+from wlidd.errors import ApiError
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock
+from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher, describe_source
 
 Route = Callable[[Request, dict[str, str]], Awaitable[Response]]
@@ -84,6 +86,7 @@ class Api:
     metrics: Metrics
     clock: Clock
     started_at: dt.datetime
+    tokens: Mapping[str, TokenSource] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._routes: list[tuple[re.Pattern[str], Route]] = [
@@ -91,6 +94,8 @@ class Api:
             (re.compile(r"^/v1/health$"), self.health),
             (re.compile(r"^/v1/identity/(?P<name>[^/]+)$"), self.identity),
             (re.compile(r"^/v1/ready/(?P<name>[^/]+)$"), self.ready),
+            (re.compile(r"^/v1/token/(?P<name>[^/]+)$"), self.token),
+            (re.compile(r"^/get_wif_token$"), self.wif_token),
             (re.compile(r"^/metrics$"), self.prometheus),
         ]
 
@@ -124,7 +129,8 @@ class Api:
     async def status(self, request: Request, _: dict[str, str]) -> Response:
         now = self.clock()
         identities = {name: identity_status(w, now) for name, w in sorted(self.watchers.items())}
-        healthy = all(doc["valid"] for doc in identities.values() if doc["required"])
+        tokens = {name: source.status(now) for name, source in self.tokens.items()}
+        healthy = all(doc["valid"] for doc in [*identities.values(), *tokens.values()] if doc["required"])
         return Response.json(
             200,
             {
@@ -137,6 +143,7 @@ class Api:
                     "now": _iso(now),
                 },
                 "identities": identities,
+                "tokens": tokens,
             },
         )
 
@@ -147,11 +154,26 @@ class Api:
             for name, watcher in sorted(self.watchers.items())
             if watcher.source.config.required and (reason := _not_ready_reason(watcher, now)) is not None
         }
+        problems.update(
+            {
+                f"token/{name}": source.not_servable_reason(now)
+                for name, source in self.tokens.items()
+                if source.config.require_at_start and source.servable(now) is None
+            }
+        )
         if problems:
             return Response.json(503, {"status": "unhealthy", "problems": problems})
         return Response.json(200, {"status": "ok"})
 
     async def ready(self, request: Request, params: dict[str, str]) -> Response:
+        source = self.tokens.get(params["name"])
+        if source is not None and params["name"] not in self.watchers:
+            now = self.clock()
+            if source.servable(now) is None:
+                return Response.json(
+                    503, {"ready": False, "name": source.name, "reason": source.not_servable_reason(now)}
+                )
+            return Response.json(200, {"ready": True, "name": source.name})
         watcher = self._watcher(params["name"])
         if isinstance(watcher, Response):
             return watcher
@@ -183,8 +205,41 @@ class Api:
             },
         )
 
+    async def _serve_token(self, name: str) -> tuple[TokenSource, dt.datetime, str, dt.datetime] | Response:
+        source = self.tokens.get(name)
+        if source is None:
+            known = ", ".join(self.tokens) or "none"
+            return Response.error(404, "unknown_token", f"no token named {name!r} (configured: {known})")
+        token = await source.get()
+        return source, token.expire_time, token.value, self.clock()
+
+    async def token(self, request: Request, params: dict[str, str]) -> Response:
+        served = await self._serve_token(params["name"])
+        if isinstance(served, Response):
+            return served
+        _, expire_time, value, now = served
+        return Response.json(
+            200,
+            {
+                "access_token": value,
+                "token_type": "Bearer",
+                "expires_in": max(0, int((expire_time - now).total_seconds())),
+                "expire_time": _iso(expire_time),
+            },
+        )
+
+    async def wif_token(self, request: Request, _: dict[str, str]) -> Response:
+        if not self.tokens:
+            raise ApiError(404, "no_tokens", "no token is configured ([tokens.<name>])")
+        served = await self._serve_token(next(iter(self.tokens)))
+        if isinstance(served, Response):
+            return served
+        return Response.text(200, served[2])
+
     async def prometheus(self, request: Request, _: dict[str, str]) -> Response:
         now = self.clock()
         for name, watcher in self.watchers.items():
             self.metrics.identity_valid.labels(name).set(1 if watcher.is_valid(now) else 0)
+        for name, source in self.tokens.items():
+            self.metrics.token_valid.labels(name).set(1 if source.servable(now) is not None else 0)
         return Response(200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")

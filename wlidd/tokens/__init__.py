@@ -1,0 +1,1 @@
+"""Tokens: Workload Identity Federation flows, refreshed before expiry and served locally."""

@@ -1,0 +1,165 @@
+"""The three token flows: each turns the current identity (if any) into a Token.
+
+entra-sts     assertion signed with the identity's (or entra.cert's) RSA key → Entra ID token
+              → STS exchange (jwt) → [IAM generateAccessToken]
+x509-sts      STS exchange over mTLS with the SVID (subject token = its chain) → [IAM over the same mTLS]
+              the token never outlives the certificate it was obtained with
+gce-metadata  the metadata server's service account token
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+
+from wlidd.config import TokenConfig
+from wlidd.errors import SvidError, UpstreamError
+from wlidd.svid.parse import parse_chain, parse_private_key
+from wlidd.tlsctx import load_identity_into
+from wlidd.tokens.model import Token
+from wlidd.tokens.providers.entra import fetch_entra_token
+from wlidd.tokens.providers.impersonate import generate_access_token
+from wlidd.tokens.providers.metadata import fetch_metadata_token
+from wlidd.tokens.providers.sts import JWT_TOKEN_TYPE, MTLS_TOKEN_TYPE, exchange, mtls_subject_token
+from wlidd.watch import IdentityState
+
+CurrentIdentity = Callable[[], IdentityState | None]
+
+
+def upstream_ssl_context(ca_file: Path | None, state: IdentityState | None = None) -> ssl.SSLContext:
+    """Verify upstream servers against `ca_file` or the system store; with `state`, present its SVID
+    (TLS 1.3 only, as required for mTLS with workload credentials)."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if state is not None:
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        load_identity_into(context, state.identity)
+    return context
+
+
+def _client(context: ssl.SSLContext, timeout: float) -> httpx.AsyncClient:
+    return httpx.AsyncClient(verify=context, timeout=timeout, trust_env=False, headers={"User-Agent": "wlidd"})
+
+
+def _require_identity(current: CurrentIdentity | None, name: str | None, now: dt.datetime) -> IdentityState:
+    state = current() if current is not None else None
+    if state is None:
+        raise UpstreamError("identity", f"identity {name!r} has no valid SVID loaded", code="unavailable")
+    if not state.identity.svid.is_valid_at(now):
+        raise UpstreamError("identity", f"identity {name!r} SVID is outside its validity window", code="expired")
+    return state
+
+
+@dataclass
+class Flow:
+    """One token source's way to a Token; owns its HTTP clients."""
+
+    name: str
+    config: TokenConfig
+    current_identity: CurrentIdentity | None = None
+    _plain: httpx.AsyncClient | None = field(default=None, repr=False)
+    _mtls: tuple[int, httpx.AsyncClient] | None = field(default=None, repr=False)
+
+    @property
+    def plain(self) -> httpx.AsyncClient:
+        if self._plain is None:
+            self._plain = _client(upstream_ssl_context(self.config.ca_file), self.config.timeout)
+        return self._plain
+
+    async def mtls(self, state: IdentityState) -> httpx.AsyncClient:
+        """A client presenting `state`'s SVID; rebuilt when the identity rotates."""
+        if self._mtls is None or self._mtls[0] != state.version:
+            if self._mtls is not None:
+                await self._mtls[1].aclose()
+            self._mtls = (state.version, _client(upstream_ssl_context(self.config.ca_file, state), self.config.timeout))
+        return self._mtls[1]
+
+    async def aclose(self) -> None:
+        if self._plain is not None:
+            await self._plain.aclose()
+        if self._mtls is not None:
+            await self._mtls[1].aclose()
+
+    async def fetch(self, now: dt.datetime) -> Token:
+        if self.config.flow == "entra-sts":
+            return await self._entra_sts(now)
+        if self.config.flow == "x509-sts":
+            return await self._x509_sts(now)
+        return await self._metadata(now)
+
+    def _entra_signer(self, now: dt.datetime) -> tuple[object, x509.Certificate]:
+        entra = self.config.entra
+        assert entra is not None
+        if entra.cert is not None and entra.key is not None:
+            try:
+                return parse_private_key(entra.key.read_bytes()), parse_chain(entra.cert.read_bytes())[0]
+            except OSError as exc:
+                raise UpstreamError(
+                    "entra", f"cannot read entra.cert/entra.key: {exc.strerror}", code="signer", retryable=False
+                ) from None
+            except SvidError as exc:
+                raise UpstreamError(
+                    "entra", f"entra.cert/entra.key: {exc.message}", code="signer", retryable=False
+                ) from None
+        state = _require_identity(self.current_identity, self.config.identity, now)
+        return state.identity.svid.private_key, state.identity.svid.leaf
+
+    async def _impersonate(
+        self, client: httpx.AsyncClient, federated: str, expires_in: float, now: dt.datetime
+    ) -> tuple[str, dt.datetime]:
+        imp = self.config.impersonate
+        if imp is None:
+            return federated, now + dt.timedelta(seconds=expires_in)
+        return await generate_access_token(
+            client,
+            self.config.impersonate_base(),
+            service_account=imp.service_account,
+            bearer=federated,
+            scope=imp.scope,
+            lifetime=imp.lifetime,
+            delegates=imp.delegates,
+        )
+
+    async def _entra_sts(self, now: dt.datetime) -> Token:
+        entra, sts = self.config.entra, self.config.sts
+        assert entra is not None and sts is not None
+        key, cert = self._entra_signer(now)
+        entra_token, _ = await fetch_entra_token(self.plain, entra, key=key, cert=cert, now=now)
+        federated, expires_in = await exchange(
+            self.plain,
+            self.config.sts_url(),
+            audience=sts.audience,
+            scope=sts.scope,
+            subject_token=entra_token,
+            subject_token_type=JWT_TOKEN_TYPE,
+        )
+        value, expire_time = await self._impersonate(self.plain, federated, expires_in, now)
+        return Token(value, expire_time, now, self.name)
+
+    async def _x509_sts(self, now: dt.datetime) -> Token:
+        sts = self.config.sts
+        assert sts is not None
+        state = _require_identity(self.current_identity, self.config.identity, now)
+        client = await self.mtls(state)
+        svid = state.identity.svid
+        federated, expires_in = await exchange(
+            client,
+            self.config.sts_url(),
+            audience=sts.audience,
+            scope=sts.scope,
+            subject_token=mtls_subject_token(svid.chain),
+            subject_token_type=MTLS_TOKEN_TYPE,
+        )
+        value, expire_time = await self._impersonate(client, federated, expires_in, now)
+        # A certificate-bound token must not outlive the certificate it was obtained with.
+        return Token(value, min(expire_time, svid.not_after), now, self.name, identity_version=state.version)
+
+    async def _metadata(self, now: dt.datetime) -> Token:
+        meta = self.config.metadata_config()
+        value, expires_in = await fetch_metadata_token(self.plain, meta.url, account=meta.account, scopes=meta.scopes)
+        return Token(value, now + dt.timedelta(seconds=expires_in), now, self.name)

@@ -1,0 +1,1 @@
+"""One module per upstream. Each takes an httpx.AsyncClient; errors become UpstreamError here."""
