@@ -22,6 +22,7 @@ import anyio
 import h11
 import structlog
 from anyio.abc import ByteStream, SocketAttribute
+from anyio.streams.tls import TLSAttribute
 
 from wlidd.errors import ApiError
 
@@ -39,6 +40,7 @@ class Peer:
     pid: int | None = None
     address: str = ""
     spiffe_id: str | None = None
+    certificate: bytes | None = field(default=None, repr=False)  # a TLS peer's leaf, DER
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,19 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
     return pid, uid, gid
 
 
+def stream_peer(stream: ByteStream) -> Peer:
+    """Who is on the other end: SO_PEERCRED for Unix sockets, the certificate for TLS."""
+    try:
+        der = stream.extra(TLSAttribute.peer_certificate_binary)
+    except anyio.TypedAttributeLookupError:
+        return unix_peer(stream)
+    try:
+        address = str(stream.extra(SocketAttribute.remote_address))
+    except anyio.TypedAttributeLookupError:
+        address = ""
+    return Peer(address=address, certificate=der)
+
+
 def unix_peer(stream: ByteStream) -> Peer:
     try:
         sock = stream.extra(SocketAttribute.raw_socket)
@@ -148,7 +163,7 @@ class HttpServer:
             await self._reject_busy(stream)
             return
         try:
-            await self._serve(stream, peer if peer is not None else unix_peer(stream))
+            await self._serve(stream, peer if peer is not None else stream_peer(stream))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
             pass
         finally:

@@ -277,3 +277,40 @@ def spiffe_bundle(*authorities: x509.Certificate, sequence: int | None = None) -
     if sequence is not None:
         document["spiffe_sequence"] = sequence
     return document
+
+
+def issue_server_cert(
+    ca: CertificateAuthority,
+    names: Sequence[str] = ("localhost", "127.0.0.1"),
+    ttl: dt.timedelta = dt.timedelta(days=2),
+) -> IssuedSvid:
+    """A Web-PKI-style TLS server certificate (DNS/IP SANs, serverAuth) for the emulator's HTTPS."""
+    import ipaddress
+
+    key = new_key()
+    now = dt.datetime.now(dt.UTC)
+    issuer_cert, issuer_key = ca.signer
+    sans: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(names[0]))
+        .issuer_name(issuer_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + ttl)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(key_usage(), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+        .add_extension(_ski(key), critical=False)
+        .sign(issuer_key, _hash_for(issuer_key))
+    )
+    chain = [cert] + ([issuer_cert] if issuer_cert is not ca.root else [])
+    return IssuedSvid(leaf=cert, chain=chain, key=key)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from wlidd.tokens.model import Token
 
+MAX_RETRY_AFTER = 3600.0
+
 
 @dataclass(frozen=True)
 class RefreshPolicy:
@@ -50,7 +52,8 @@ class Backoff:
         self.attempts += 1
         delay = rng.uniform(self.minimum, max(self.minimum, ceiling))
         if retry_after is not None:
-            delay = max(delay, min(retry_after, self.maximum))
+            # The server knows its quota best: wait at least what it asked (within reason).
+            delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
         return delay
 
     def reset(self) -> None:
