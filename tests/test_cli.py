@@ -159,10 +159,13 @@ def test_logs_are_json_lines_without_key_material(daemon_process: tuple[subproce
 
 
 def test_demo_rotates_and_serves(tmp_path: Path) -> None:
-    result = run_cli("demo", "--dir", str(tmp_path / "demo"), "--rotate-every", "1", "--ttl", "30", "--duration", "3.5")
+    result = run_cli("demo", "--dir", str(tmp_path / "demo"), "--rotate-every", "1.5", "--ttl", "30", "--duration", "5")
     assert result.returncode == 0, result.stderr
     assert "curl --unix-socket" in result.stdout
     assert result.stdout.count("rotated: new SVID serial") >= 2
+    token_lines = [line for line in result.stdout.splitlines() if line.startswith("tokens:")]
+    assert token_lines and all(f"{name}: " in token_lines[-1] for name in ("gcp", "x509", "mds"))
+    assert "none" not in token_lines[-1]
     for line in result.stdout.splitlines():
         if line.startswith("rotated:"):
             new, served = line.split("serial ")[1].split(";")[0], line.rsplit("serial ", 1)[1]

@@ -535,3 +535,22 @@ async def test_no_secret_in_any_log_line(
     assert "eyJ" not in logs  # no JWT (assertion or Entra token)
     assert "PRIVATE KEY" not in logs
     assert TD in logs  # the logs did capture the daemon's lines
+
+
+async def test_cli_token_prints_the_token_for_scripts(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
+) -> None:
+    import sys
+
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    d = Daemon(daemon_config(tmp_path, files, {"mds": metadata_token_config(upstreams)}))
+    async with in_background(d.run, d.stop), client(d) as c:
+        document = await wait_for_token(c, "mds")
+        result = await anyio.run_process(
+            [sys.executable, "-m", "wlidd", "token", "mds", "--socket", str(d.socket_path)]
+        )
+        missing = await anyio.run_process(
+            [sys.executable, "-m", "wlidd", "token", "nope", "--socket", str(d.socket_path)], check=False
+        )
+    assert result.stdout.decode() == document["access_token"] + "\n"
+    assert missing.returncode == 1 and b"no token named 'nope'" in missing.stderr

@@ -93,6 +93,24 @@ def fetch_status(socket_path: Path, timeout: float = 5.0) -> dict[str, Any]:
     return document
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    transport = httpx.HTTPTransport(uds=str(_socket_path(args)))
+    try:
+        with httpx.Client(transport=transport, timeout=60) as client:
+            response = client.get(f"http://wlidd/v1/token/{args.name}")
+    except httpx.HTTPError as exc:
+        raise WlidError(f"cannot reach wlidd: {exc} (is the daemon running?)") from None
+    if response.status_code != 200:
+        try:
+            message = response.json()["message"]
+        except (ValueError, KeyError):
+            message = response.text.strip()
+        raise WlidError(f"wlidd answered {response.status_code}: {message}")
+    document = response.json()
+    print(json.dumps(document, indent=2) if args.json else document["access_token"])
+    return 0
+
+
 def render_status(document: dict[str, Any]) -> str:
     daemon = document["daemon"]
     lines = [f"wlidd {daemon['version']} pid {daemon['pid']}: {daemon['state']}, up {daemon['uptime_seconds']}s"]
@@ -111,6 +129,17 @@ def render_status(document: dict[str, Any]) -> str:
             f"{'':<14} reloads {ident['reloads']}, updates {ident['updates']}, rejections {ident['rejections']}, "
             f"last loaded {ident['last_loaded'] or '-'}"
         )
+    tokens = document.get("tokens") or {}
+    if tokens:
+        lines.append(f"{'TOKEN':<14} {'VALID':<6} {'LEFT':>8}  {'FLOW':<13} {'FAILURES':>8}  NEXT REFRESH")
+        for name, token in tokens.items():
+            left = "-" if token["seconds_left"] is None else f"{token['seconds_left']}s"
+            lines.append(
+                f"{name:<14} {'yes' if token['valid'] else 'NO':<6} {left:>8}  {token['flow']:<13} {token['failures']:>8}  {token['next_refresh'] or '-'}"
+            )
+            if token["last_error"]:
+                err = token["last_error"]
+                lines.append(f"{'':<14} last error {err['at']}: {err['reason']}: {err['message']}")
     return "\n".join(lines)
 
 
@@ -128,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="wlidd-demo-"))
     configure_logging("info", "console")
-    anyio.run(run_demo, base, args.rotate_every, args.ttl, args.duration)
+    anyio.run(run_demo, base, args.rotate_every, args.ttl, args.duration, not args.no_tokens)
     return 0
 
 
@@ -150,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", help="the daemon's Unix socket (default: from the config)")
     status.add_argument("--json", action="store_true", help="print JSON even on a terminal")
     status.set_defaults(func=cmd_status)
+    token = with_config(sub.add_parser("token", help="print a token from the running daemon (for scripts)"))
+    token.add_argument("name", help="the token's name ([tokens.<name>])")
+    token.add_argument("--socket", help="the daemon's Unix socket (default: from the config)")
+    token.add_argument("--json", action="store_true", help="print the whole JSON answer")
+    token.set_defaults(func=cmd_token)
     demo = sub.add_parser("demo", help="run the daemon on a local CA rotating GCE-style credentials")
     demo.add_argument("--dir", help="work directory (default: a new temp dir)")
     demo.add_argument("--rotate-every", type=float, default=30.0, help="seconds between rotations (default 30)")
@@ -157,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)"
     )
+    demo.add_argument("--no-tokens", action="store_true", help="identities only: no emulated upstreams, no tokens")
     demo.set_defaults(func=cmd_demo)
     return parser
 

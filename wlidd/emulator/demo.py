@@ -1,4 +1,5 @@
-"""`wlidd demo`: a local CA, GCE-style rotations every few seconds, and the real daemon serving them."""
+"""`wlidd demo`: a local CA rotating GCE-style SVIDs, emulated upstreams, and the real daemon serving
+identities and tokens from all three flows (entra-sts, x509-sts, gce-metadata)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,23 @@ from wlidd.config import load_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
+from wlidd.emulator.upstreams import Upstreams
 
 DEMO_TRUST_DOMAIN = "demo.global.123456789.workload.id.goog"
 DEMO_PATH = "/ns/demo/sa/app"
+POOL = "//iam.googleapis.com/projects/123456789/locations/global/workloadIdentityPools/demo"
+ENTRA_AUDIENCE = f"{POOL}/providers/entra"
+X509_AUDIENCE = f"{POOL}/providers/x509"
+APP_URI = "api://wlidd-demo"
+CLIENT_ID = "6d1a5c1e-0000-4000-8000-00000000demo"
+SERVICE_ACCOUNT = "app@demo-project.iam.gserviceaccount.com"
 
 
-def write_demo_config(base: Path, secrets: Path) -> Path:
+def write_demo_config(
+    base: Path, secrets: Path, upstreams: Upstreams | None = None, token_lifetime: float = 120
+) -> Path:
     config = base / "wlidd.toml"
-    config.write_text(
-        f"""# written by `wlidd demo`
+    text = f"""# written by `wlidd demo`
 [daemon]
 log_level = "info"
 runtime_dir = "{base / "run"}"
@@ -36,7 +45,43 @@ mismatch_retry_delay = "1s"
 path = "{base / "wlidd.sock"}"
 mode = "0660"
 """
-    )
+    if upstreams is not None:
+        common = f'ca_file = "{upstreams.ca_file}"\nskew = "10s"\nstart_delay = "2s"\nbackoff_max = "10s"'
+        text += f"""
+[tokens.gcp]                       # Entra ID assertion -> STS -> impersonation
+flow = "entra-sts"
+{common}
+entra.authority = "{upstreams.authority}"
+entra.tenant_id = "{upstreams.tenant_id}"
+entra.client_id = "{CLIENT_ID}"
+entra.scope = "{APP_URI}/.default"
+entra.cert = "{base / "entra.crt"}"
+entra.key = "{base / "entra.key"}"
+sts.url = "{upstreams.sts_url}"
+sts.audience = "{ENTRA_AUDIENCE}"
+impersonate.service_account = "{SERVICE_ACCOUNT}"
+impersonate.url = "{upstreams.iam_url}"
+impersonate.lifetime = "{int(token_lifetime)}s"
+
+[[tokens.gcp.sinks]]
+path = "{base / "gcp.token"}"
+
+[tokens.x509]                      # the SVID itself over mTLS -> STS -> impersonation
+flow = "x509-sts"
+identity = "default"
+{common}
+sts.url = "{upstreams.sts_mtls_url}"
+sts.audience = "{X509_AUDIENCE}"
+impersonate.service_account = "{SERVICE_ACCOUNT}"
+impersonate.url = "{upstreams.iam_mtls_url}"
+impersonate.lifetime = "{int(token_lifetime)}s"
+
+[tokens.mds]                       # the GCE metadata server as an upstream
+flow = "gce-metadata"
+{common}
+metadata.url = "{upstreams.metadata_url}"
+"""
+    config.write_text(text)
     return config
 
 
@@ -44,7 +89,18 @@ def _say(text: str) -> None:
     print(text, file=sys.stdout, flush=True)
 
 
-async def run_demo(base: Path, rotate_every: float, ttl: float, duration: float) -> None:
+def _token_line(daemon: Daemon) -> str:
+    now = dt.datetime.now(dt.UTC)
+    parts = []
+    for name, source in daemon.tokens.items():
+        token = source.servable(now)
+        parts.append(
+            f"{name}: {'%ds left' % token.seconds_left(now) if token else 'none'} ({source.upstream_calls} fetches)"
+        )
+    return "; ".join(parts)
+
+
+async def run_demo(base: Path, rotate_every: float, ttl: float, duration: float, tokens: bool = True) -> None:
     base.mkdir(parents=True, exist_ok=True)
     secrets = base / "secrets"
     ca = CertificateAuthority(DEMO_TRUST_DOMAIN)
@@ -56,11 +112,37 @@ async def run_demo(base: Path, rotate_every: float, ttl: float, duration: float)
         return format(svid.leaf.serial_number, "x")
 
     first = rotate()
-    config_path = write_demo_config(base, secrets)
-    daemon = Daemon(load_config(config_path))
-    sock = shlex.quote(str(daemon.socket_path))
     async with anyio.create_task_group() as tg:
+        upstreams = None
+        if tokens:
+            upstreams = Upstreams(
+                base / "emulator",
+                spiffe_bundle_pem=ca.bundle_pem,
+                sts_lifetime=120,
+                metadata_lifetime=120,
+                service_accounts=[SERVICE_ACCOUNT],
+            )
+            signer = CertificateAuthority("entra-app.demo", intermediate=False).issue_svid(key_kind="rsa2048")
+            (base / "entra.crt").write_bytes(signer.chain_pem)
+            (base / "entra.key").write_bytes(signer.key_pem)
+            (base / "entra.key").chmod(0o600)
+            upstreams.register_app(CLIENT_ID, APP_URI, signer.leaf)
+            upstreams.register_oidc_provider(ENTRA_AUDIENCE, allowed_audiences=[APP_URI])
+            upstreams.register_x509_provider(X509_AUDIENCE)
+            await tg.start(upstreams.run)
+        config_path = write_demo_config(base, secrets, upstreams)
+        daemon = Daemon(load_config(config_path))
+        sock = shlex.quote(str(daemon.socket_path))
         await tg.start(daemon.run)
+        token_help = (
+            f"""
+  curl --unix-socket {sock} http://localhost/v1/token/gcp      # Entra ID -> STS -> impersonation
+  curl --unix-socket {sock} http://localhost/v1/token/x509     # SVID over mTLS -> STS
+  curl --unix-socket {sock} http://localhost/get_wif_token
+  cat {shlex.quote(str(base / "gcp.token"))}"""
+            if tokens
+            else ""
+        )
         _say(
             f"""
 wlidd demo is running in {base}
@@ -68,23 +150,27 @@ wlidd demo is running in {base}
   config:      {config_path}
 Try, in another terminal:
   curl --unix-socket {sock} http://localhost/v1/status
-  curl --unix-socket {sock} http://localhost/v1/identity/default
+  curl --unix-socket {sock} http://localhost/v1/identity/default{token_help}
   .venv/bin/wlidd status --socket {sock}
   .venv/bin/wlidd check --config {shlex.quote(str(config_path))}
 Press Ctrl-C to stop.
 first SVID serial {first}"""
         )
+        watcher = daemon.watchers["default"]
         started = anyio.current_time()
         while duration <= 0 or anyio.current_time() - started < duration:
-            await anyio.sleep(
-                min(rotate_every, duration - (anyio.current_time() - started)) if duration > 0 else rotate_every
-            )
+            remaining = duration - (anyio.current_time() - started) if duration > 0 else rotate_every
+            await anyio.sleep(min(rotate_every, remaining))
             if duration > 0 and anyio.current_time() - started >= duration:
                 break
+            version = watcher.current.version if watcher.current else 0
             serial = rotate()
-            state = await daemon.watchers["default"].wait_for_change(
-                daemon.watchers["default"].current.version if daemon.watchers["default"].current else 0
-            )
+            state = await watcher.wait_for_change(version)
             _say(f"rotated: new SVID serial {serial}; daemon now serves serial {state.identity.svid.serial}")
+            if tokens:
+                await anyio.sleep(0.5)
+                _say(f"tokens:  {_token_line(daemon)}")
         daemon.stop()
+        if upstreams is not None:
+            upstreams.stop()
     _say("demo stopped")
