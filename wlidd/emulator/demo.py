@@ -95,7 +95,7 @@ def _token_line(daemon: Daemon) -> str:
     for name, source in daemon.tokens.items():
         token = source.servable(now)
         parts.append(
-            f"{name}: {'%ds left' % token.seconds_left(now) if token else 'none'} ({source.upstream_calls} fetches)"
+        parts.append(f"{name}: {f'{int(token.seconds_left(now))}s left' if token else 'none'} ({source.upstream_calls} fetches)")
         )
     return "; ".join(parts)
 
