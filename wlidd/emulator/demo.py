@@ -94,9 +94,8 @@ def _token_line(daemon: Daemon) -> str:
     parts = []
     for name, source in daemon.tokens.items():
         token = source.servable(now)
-        parts.append(
-        parts.append(f"{name}: {f'{int(token.seconds_left(now))}s left' if token else 'none'} ({source.upstream_calls} fetches)")
-        )
+        left = f"{int(token.seconds_left(now))}s left" if token else "none"
+        parts.append(f"{name}: {left} ({source.upstream_calls} fetches)")
     return "; ".join(parts)
 
 
