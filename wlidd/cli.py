@@ -35,8 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     configure_logging(args.log_level or config.daemon.log_level, config.daemon.log_format)
-    if not config.identities:
-        raise WlidError("no identities configured: add an [identities.<name>] table to the config")
+    if not config.identities and not config.tokens:
+        raise WlidError("nothing to serve: add an [identities.<name>] or a [tokens.<name>] table to the config")
     anyio.run(Daemon(config).run)
     return 0
 

@@ -1,0 +1,201 @@
+"""Cached-token serving over the Unix socket: wlidd vs a bare asyncio server returning the same bytes.
+
+Both servers run in their own process on the same kind of socket (AF_UNIX stream); one load
+process drives N keep-alive clients against each in turn with the same code, so the ratio compares
+the servers, not the client. Targets: throughput ≥ 0.5× the bare server, p99 ≤ 2 ms at 64 clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REQUEST = b"GET /v1/token/mds HTTP/1.1\r\nHost: wlidd\r\n\r\n"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))]
+
+
+async def _client(path: str, deadline: float, latencies: list[float]) -> int:
+    reader, writer = await asyncio.open_unix_connection(path)
+    done = 0
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        writer.write(REQUEST)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        await reader.readexactly(length)
+        latencies.append(time.perf_counter() - start)
+        done += 1
+    writer.close()
+    return done
+
+
+def _load(path: str, clients: int, seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    async def run() -> tuple[int, list[float]]:
+        latencies: list[float] = []
+        deadline = time.perf_counter() + seconds
+        counts = await asyncio.gather(*[_client(path, deadline, latencies) for _ in range(clients)])
+        return sum(counts), latencies
+
+    total, latencies = asyncio.run(run())
+    out.put((total / seconds, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000))
+
+
+def measure(path: str, clients: int, seconds: float) -> tuple[float, float, float]:
+    queue: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    process = multiprocessing.Process(target=_load, args=(path, clients, seconds, queue))
+    process.start()
+    result = queue.get(timeout=seconds + 60)
+    process.join(30)
+    return result  # type: ignore[no-any-return]
+
+
+BARE_SERVER = """
+import asyncio, sys
+RESPONSE = bytes.fromhex(sys.argv[2])
+class Bare(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buffer = transport, b""
+    def data_received(self, data):
+        self.buffer += data
+        while b"\\r\\n\\r\\n" in self.buffer:
+            _, self.buffer = self.buffer.split(b"\\r\\n\\r\\n", 1)
+            self.transport.write(RESPONSE)
+async def main():
+    server = await asyncio.get_running_loop().create_unix_server(Bare, sys.argv[1])
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main())
+"""
+
+
+def wait_for_token(sock: Path, timeout: float = 30) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as c:
+                if c.get("http://wlidd/v1/token/mds").status_code == 200:
+                    return raw_response(sock)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("wlidd never served the token")
+
+
+def raw_response(sock: Path) -> bytes:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(REQUEST)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(
+            [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")][0].split(b":")[1]
+        )
+        while len(body) < length:
+            body += s.recv(65536)
+        return head + b"\r\n\r\n" + body
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--clients", default="1,16,64")
+    args = parser.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    work = Path(tempfile.mkdtemp(prefix="wlidd-bench-"))
+    upstreams = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "_upstreams.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert upstreams.stdout is not None and upstreams.stdin is not None
+    urls = json.loads(upstreams.stdout.readline())
+    sock = work / "wlidd.sock"
+    config = work / "wlidd.toml"
+    config.write_text(
+        f"""
+[daemon]
+log_level = "warning"
+log_format = "json"
+[tokens.mds]
+flow = "gce-metadata"
+start_delay = 0
+metadata.url = "{urls["metadata_url"]}"
+[listeners.unix]
+path = "{sock}"
+max_connections = 1024
+"""
+    )
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "wlidd", "run", "--config", str(config)], env=env, stderr=open(work / "wlidd.log", "w")
+    )
+    bare = None
+    try:
+        response = wait_for_token(sock)
+        bare_sock = work / "bare.sock"
+        bare = subprocess.Popen(
+            [sys.executable, "-c", BARE_SERVER, str(bare_sock), response.hex()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert bare.stdout is not None
+        bare.stdout.readline()
+        rows = []
+        for clients in [int(c) for c in args.clients.split(",")]:
+            w = measure(str(sock), clients, args.seconds)
+            b = measure(str(bare_sock), clients, args.seconds)
+            rows.append((clients, w, b))
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        if bare is not None and bare.stdin is not None:
+            bare.stdin.close()
+            bare.wait(10)
+        upstreams.stdin.close()
+        upstreams.wait(10)
+
+    print(f"response: {len(response)} bytes (the same bytes from both servers)")
+    print(
+        f"{'clients':>7}  {'wlidd req/s':>11} {'p50 ms':>7} {'p99 ms':>7}   {'bare req/s':>10} {'p50 ms':>7} {'p99 ms':>7}   {'ratio':>5}"
+    )
+    for clients, w, b in rows:
+        print(
+            f"{clients:>7}  {w[0]:>11.0f} {w[1]:>7.3f} {w[2]:>7.3f}   {b[0]:>10.0f} {b[1]:>7.3f} {b[2]:>7.3f}   {w[0] / b[0]:>5.2f}"
+        )
+    worst_ratio = min(w[0] / b[0] for _, w, b in rows)
+    p99_64 = next((w[2] for c, w, _ in rows if c == 64), None)
+    print("\n| figure | value | target | result |\n|---|---|---|---|")
+    print(
+        f"| cached token req/s vs bare asyncio (worst of {args.clients}) | {worst_ratio:.2f}x | ≥ 0.5x | {'pass' if worst_ratio >= 0.5 else 'FAIL'} |"
+    )
+    if p99_64 is not None:
+        print(f"| p99 at 64 keep-alive clients | {p99_64:.2f} ms | ≤ 2 ms | {'pass' if p99_64 <= 2 else 'FAIL'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
