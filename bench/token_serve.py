@@ -110,7 +110,7 @@ def raw_response(sock: Path) -> bytes:
             data += s.recv(65536)
         head, body = data.split(b"\r\n\r\n", 1)
         length = int(
-            [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")][0].split(b":")[1]
+            next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1]
         )
         while len(body) < length:
             body += s.recv(65536)
@@ -150,7 +150,9 @@ max_connections = 1024
 """
     )
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "wlidd", "run", "--config", str(config)], env=env, stderr=open(work / "wlidd.log", "w")
+        [sys.executable, "-m", "wlidd", "run", "--config", str(config)],
+        env=env,
+        stderr=open(work / "wlidd.log", "w"),  # noqa: SIM115
     )
     bare = None
     try:
