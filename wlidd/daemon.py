@@ -12,6 +12,7 @@ import os
 import signal
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
@@ -68,17 +69,23 @@ class Daemon:
             on_response=self._count_response,
         )
         self.socket_path: Path = unix.path
+        self._request_counters: dict[tuple[str, str, int], Any] = {}
         self._stopping = anyio.Event()
 
     def _count_response(self, request: Request, response: Response) -> None:
-        route = (
-            request.path
-            if request.path in ("/v1/status", "/v1/health", "/metrics")
-            else "/" + "/".join(request.path.split("/")[1:3])
-        )
         if response.status == 404:
             route = "unknown"
-        self.metrics.http_requests.labels(request.listener, route, str(response.status)).inc()
+        elif request.path in ("/v1/status", "/v1/health", "/metrics", "/get_wif_token"):
+            route = request.path
+        else:
+            route = "/" + "/".join(request.path.split("/")[1:3])
+        key = (request.listener, route, response.status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.metrics.http_requests.labels(
+                request.listener, route, str(response.status)
+            )
+        counter.inc()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -132,7 +139,7 @@ class Daemon:
 
     async def _serve(self, listener: SocketListener) -> None:
         with contextlib.suppress(anyio.ClosedResourceError):
-            await listener.serve(self.unix_server.serve_stream)
+            await self.unix_server.serve(listener)
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:

@@ -89,6 +89,7 @@ class Api:
     tokens: Mapping[str, TokenSource] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._token_bodies: dict[str, tuple[tuple[str, int], Response]] = {}
         self._routes: list[tuple[re.Pattern[str], Route]] = [
             (re.compile(r"^/v1/status$"), self.status),
             (re.compile(r"^/v1/health$"), self.health),
@@ -218,15 +219,22 @@ class Api:
         if isinstance(served, Response):
             return served
         _, expire_time, value, now = served
-        return Response.json(
-            200,
-            {
-                "access_token": value,
-                "token_type": "Bearer",
-                "expires_in": max(0, int((expire_time - now).total_seconds())),
-                "expire_time": _iso(expire_time),
-            },
-        )
+        expires_in = max(0, int((expire_time - now).total_seconds()))
+        # The body only changes when the token or the whole second of expires_in does: reuse it.
+        key = (value, expires_in)
+        cached = self._token_bodies.get(params["name"])
+        if cached is None or cached[0] != key:
+            body = Response.json(
+                200,
+                {
+                    "access_token": value,
+                    "token_type": "Bearer",
+                    "expires_in": expires_in,
+                    "expire_time": _iso(expire_time),
+                },
+            )
+            cached = self._token_bodies[params["name"]] = (key, body)
+        return cached[1]
 
     async def wif_token(self, request: Request, _: dict[str, str]) -> Response:
         if not self.tokens:

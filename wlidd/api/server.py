@@ -16,7 +16,7 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 import anyio
 import h11
@@ -27,8 +27,6 @@ from anyio.streams.tls import TLSAttribute
 from wlidd.errors import ApiError
 
 log = structlog.get_logger("wlidd.api")
-
-SERVER_NAME = b"wlidd"
 
 
 @dataclass(frozen=True)
@@ -138,8 +136,67 @@ def unix_peer(stream: ByteStream) -> Peer:
     return Peer(uid=uid, gid=gid, pid=pid, address=f"pid={pid},uid={uid}")
 
 
+_STATUS_TEXT = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    409: "Conflict",
+    412: "Precondition Failed",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def serialize_response(response: Response, *, close: bool, head: bool = False) -> bytes:
+    """HTTP/1.1 bytes of a response. Every header is ours (no caller input); CR/LF are refused anyway."""
+    lines = [
+        f"HTTP/1.1 {response.status} {_STATUS_TEXT.get(response.status, 'Unknown')}",
+        f"content-type: {response.content_type}",
+        f"content-length: {len(response.body)}",
+        "cache-control: no-store",
+    ]
+    lines += [f"{name}: {value}" for name, value in response.headers]
+    if close:
+        lines.append("connection: close")
+    if any("\r" in line or "\n" in line for line in lines):
+        raise ValueError("response header with a line break")
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (b"" if head else response.body)
+
+
+class _Connection:
+    """One open connection's timeout bookkeeping, read by the sweeper."""
+
+    __slots__ = ("deadline", "phase", "stream", "timed_out")
+
+    def __init__(self, stream: ByteStream, deadline: float) -> None:
+        self.stream = stream
+        self.deadline = deadline
+        self.phase = "idle"  # idle (between requests) | request (partly received) | busy (handling)
+        self.timed_out = False
+
+
+REQUEST_TIMEOUT = serialize_response(Response.error(408, "request_timeout", "request not received in time"), close=True)
+TOO_MANY_CONNECTIONS = serialize_response(
+    Response.error(503, "too_many_connections", "connection limit reached; retry later"), close=True
+)
+
+
 class HttpServer:
-    """Serves one handler on any number of listeners; one instance per listener kind."""
+    """Serves one handler on any number of listeners; one instance per listener kind.
+
+    Timeouts cost nothing per request: each connection records a deadline, and one sweeper task
+    (running only while connections are open) answers 408 to requests that stall and closes idle
+    keep-alive connections.
+    """
 
     def __init__(
         self,
@@ -154,6 +211,30 @@ class HttpServer:
         self.limits = limits or ServerLimits()
         self.on_response = on_response
         self._slots = anyio.CapacityLimiter(self.limits.max_connections)
+        self._open: set[_Connection] = set()
+        self._arrived = anyio.Event()
+
+    async def serve(self, listener: anyio.abc.Listener[Any]) -> None:
+        """Accept from `listener` until cancelled, with the timeout sweeper."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._sweep)
+            await listener.serve(self.serve_stream)
+
+    async def _sweep(self) -> None:
+        tick = max(0.02, min(self.limits.request_timeout, self.limits.idle_timeout) / 4)
+        while True:
+            if not self._open:
+                await self._arrived.wait()
+                self._arrived = anyio.Event()
+            await anyio.sleep(tick)
+            now = anyio.current_time()
+            for connection in [c for c in self._open if c.deadline <= now and not c.timed_out]:
+                connection.timed_out = True
+                if connection.phase == "request":
+                    with anyio.move_on_after(1.0), _quiet():
+                        await connection.stream.send(REQUEST_TIMEOUT)
+                with anyio.CancelScope(shield=True), _quiet():
+                    await connection.stream.aclose()
 
     async def serve_stream(self, stream: ByteStream, peer: Peer | None = None) -> None:
         """Serve one accepted connection until it closes; never raises."""
@@ -162,110 +243,79 @@ class HttpServer:
         except anyio.WouldBlock:
             await self._reject_busy(stream)
             return
+        connection = _Connection(stream, anyio.current_time() + self.limits.idle_timeout)
+        self._open.add(connection)
+        self._arrived.set()
         try:
-            await self._serve(stream, peer if peer is not None else stream_peer(stream))
+            await self._serve(connection, peer if peer is not None else stream_peer(stream))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
             pass
         finally:
+            self._open.discard(connection)
             self._slots.release()
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
 
     async def _reject_busy(self, stream: ByteStream) -> None:
-        response = Response.error(503, "too_many_connections", "connection limit reached; retry later")
-        conn = h11.Connection(h11.SERVER)
         with anyio.move_on_after(1.0), _quiet():
-            await stream.send(
-                conn.send(h11.Response(status_code=503, headers=self._headers(response, close=True)))
-                + conn.send(h11.Data(data=response.body))
-                + conn.send(h11.EndOfMessage())
-            )
+            await stream.send(TOO_MANY_CONNECTIONS)
         with anyio.CancelScope(shield=True):
             await stream.aclose()
 
-    def _headers(self, response: Response, *, close: bool) -> list[tuple[bytes, bytes]]:
-        headers = [
-            (b"content-type", response.content_type.encode()),
-            (b"content-length", str(len(response.body)).encode()),
-            (b"server", SERVER_NAME),
-            (b"cache-control", b"no-store"),
-        ]
-        headers += [(k.encode(), v.encode()) for k, v in response.headers]
-        if close:
-            headers.append((b"connection", b"close"))
-        return headers
-
-    async def _receive_into(self, conn: h11.Connection, stream: ByteStream) -> None:
-        try:
-            data = await stream.receive(65536)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            data = b""
-        conn.receive_data(data)
-
-    async def _next_event(self, conn: h11.Connection, stream: ByteStream) -> Any:
+    async def _read_request(self, conn: h11.Connection, connection: _Connection) -> tuple[h11.Request, bytes] | None:
+        """The next complete request, or None when the peer closed. Deadlines: idle_timeout for the
+        first byte of a request, then request_timeout for the whole of it."""
+        stream = connection.stream
+        request: h11.Request | None = None
+        body = bytearray()
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                await self._receive_into(conn, stream)
-                continue
-            return event
-
-    async def _read_request(self, conn: h11.Connection, stream: ByteStream) -> tuple[h11.Request, bytes] | None:
-        # Wait for the first byte up to idle_timeout; then the whole request within request_timeout.
-        if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
-            with anyio.move_on_after(self.limits.idle_timeout) as idle:
-                await self._receive_into(conn, stream)
-            if idle.cancelled_caught:
+                now = anyio.current_time()
+                if request is None and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                    connection.phase, connection.deadline = "idle", now + self.limits.idle_timeout
+                elif connection.phase != "request":
+                    connection.phase, connection.deadline = "request", now + self.limits.request_timeout
+                try:
+                    data = await stream.receive(65536)
+                except anyio.EndOfStream:
+                    data = b""
+                if connection.phase == "idle" and data:
+                    connection.phase, connection.deadline = "request", now + self.limits.request_timeout
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                header_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if header_bytes > self.limits.max_header_bytes:
+                    raise ApiError(
+                        431, "headers_too_large", f"request headers over {self.limits.max_header_bytes} bytes"
+                    )
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self.limits.max_body_bytes:
+                    raise ApiError(413, "payload_too_large", f"request body over {self.limits.max_body_bytes} bytes")
+            elif isinstance(event, h11.EndOfMessage) and request is not None:
+                connection.phase, connection.deadline = "busy", float("inf")
+                return request, bytes(body)
+            else:  # ConnectionClosed, or a closed peer between requests
                 return None
-        with anyio.fail_after(self.limits.request_timeout):
-            event = await self._next_event(conn, stream)
-            if isinstance(event, h11.ConnectionClosed):
-                return None
-            assert isinstance(event, h11.Request), event
-            header_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-            if header_bytes > self.limits.max_header_bytes:
-                raise ApiError(431, "headers_too_large", f"request headers over {self.limits.max_header_bytes} bytes")
-            body = bytearray()
-            while True:
-                part = await self._next_event(conn, stream)
-                if isinstance(part, h11.Data):
-                    body += part.data
-                    if len(body) > self.limits.max_body_bytes:
-                        raise ApiError(
-                            413, "payload_too_large", f"request body over {self.limits.max_body_bytes} bytes"
-                        )
-                elif isinstance(part, h11.EndOfMessage):
-                    return event, bytes(body)
-                else:
-                    return None
 
-    async def _send(self, conn: h11.Connection, stream: ByteStream, response: Response, *, close: bool) -> None:
-        data = conn.send(h11.Response(status_code=response.status, headers=self._headers(response, close=close)))
-        data += conn.send(h11.Data(data=response.body)) if response.body else b""
-        data += conn.send(h11.EndOfMessage())
-        await stream.send(data)
-
-    async def _send_error(self, conn: h11.Connection, stream: ByteStream, status: int, code: str, message: str) -> None:
-        if conn.our_state not in {h11.IDLE, h11.SEND_RESPONSE}:
-            return
-        response = Response.error(status, code, message)
+    async def _send_error(self, stream: ByteStream, status: int, code: str, message: str) -> None:
         with anyio.move_on_after(2.0), _quiet():
-            await self._send(conn, stream, response, close=True)
+            await stream.send(serialize_response(Response.error(status, code, message), close=True))
 
-    async def _serve(self, stream: ByteStream, peer: Peer) -> None:
+    async def _serve(self, connection: _Connection, peer: Peer) -> None:
+        stream = connection.stream
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
         while True:
             try:
-                received = await self._read_request(conn, stream)
-            except TimeoutError:
-                await self._send_error(conn, stream, 408, "request_timeout", "request not received in time")
-                return
+                received = await self._read_request(conn, connection)
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
-                await self._send_error(conn, stream, status, _REASONS.get(status, "bad_request"), str(exc))
+                await self._send_error(stream, status, _REASONS.get(status, "bad_request"), str(exc))
                 return
             except ApiError as exc:
-                await self._send_error(conn, stream, exc.http_status, exc.reason, exc.message)
+                await self._send_error(stream, exc.http_status, exc.reason, exc.message)
                 return
             if received is None:
                 return
@@ -274,22 +324,24 @@ class HttpServer:
             if self.on_response is not None:
                 self.on_response(request, response)
             close = conn.their_state is h11.MUST_CLOSE or not _keep_alive(received[0])
-            await self._send(conn, stream, response, close=close)
-            if conn.our_state is h11.MUST_CLOSE or close:
+            await stream.send(serialize_response(response, close=close, head=request.method == "HEAD"))
+            if close:
                 return
-            try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
+            # h11 parsed this request; the next one gets a fresh parser fed with what is already buffered
+            # (pipelined bytes), since our responses are written without h11's send-side state machine.
+            leftover = conn.trailing_data[0]
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+            if leftover:
+                conn.receive_data(leftover)
 
     def _request(self, event: h11.Request, body: bytes, peer: Peer) -> Request:
         target = event.target.decode("latin-1")
-        parts = urlsplit(target)
+        path, _, query = target.partition("?")
         headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in event.headers)
         return Request(
             method=event.method.decode("ascii", "replace"),
-            path=unquote(parts.path) or "/",
-            query=parse_qs(parts.query, keep_blank_values=True),
+            path=unquote(path) or "/",
+            query=parse_qs(query, keep_blank_values=True) if query else {},
             headers=headers,
             body=body,
             peer=peer,

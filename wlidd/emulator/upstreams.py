@@ -585,7 +585,4 @@ def _default_error(endpoint: str, status: int) -> dict[str, Any]:
 
 
 async def _serve_quietly(listener: Any, server: HttpServer) -> None:
-    async def handle(stream: Any) -> None:
-        await server.serve_stream(stream)
-
-    await listener.serve(handle)
+    await server.serve(listener)
