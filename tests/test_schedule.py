@@ -73,3 +73,22 @@ def test_start_delay_spreads_over_the_window() -> None:
     delays = [start_delay(rng, 30) for _ in range(1000)]
     assert 0 <= min(delays) < 1 and 29 < max(delays) <= 30
     assert start_delay(rng, 0) == 0
+
+
+def test_first_refresh_is_drawn_from_the_whole_window_to_break_up_boot_herds() -> None:
+    policy = RefreshPolicy(refresh_at=0.8, jitter=0.1)
+    rng = random.Random(8)
+    times = [(policy.next_refresh(token(), rng, first=True) - T0).total_seconds() for _ in range(2000)]
+    assert 0.1 * 3600 <= min(times) < 0.15 * 3600 and 0.85 * 3600 < max(times) <= 0.9 * 3600
+
+
+def test_after_failure_combines_backoff_retry_after_and_the_last_good_bound() -> None:
+    from wlidd.tokens.schedule import after_failure
+
+    last = token(lifetime=600)
+    now = T0 + dt.timedelta(seconds=100)
+    assert after_failure(Backoff(1, 300), now, random.Random(9), last, 60, retry_after=30) >= now + dt.timedelta(
+        seconds=30
+    )
+    bounded = after_failure(Backoff(1000, 1000), now, random.Random(9), last, 60)
+    assert bounded == last.expire_time - dt.timedelta(seconds=61)

@@ -29,7 +29,7 @@ from wlidd.sinks import publish_token
 from wlidd.svid.load import Clock, utc_now
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.model import Token
-from wlidd.tokens.schedule import Backoff, RefreshPolicy, retry_at, start_delay
+from wlidd.tokens.schedule import Backoff, RefreshPolicy, after_failure, start_delay
 from wlidd.watch import CredentialWatcher
 
 log = structlog.get_logger("wlidd.tokens")
@@ -165,8 +165,7 @@ class TokenSource:
     def _failed(self, exc: UpstreamError, now: dt.datetime, reason: str) -> None:
         self.failures += 1
         self.last_error, self.last_error_at = exc, now
-        delay = self.backoff.next(self.rng, exc.retry_after)
-        self.next_refresh = retry_at(now, delay, self.current, self.config.skew)
+        self.next_refresh = after_failure(self.backoff, now, self.rng, self.current, self.config.skew, exc.retry_after)
         if self.metrics is not None:
             self.metrics.token_refreshes.labels(self.name, "failure").inc()
             self.metrics.token_failures.labels(self.name, exc.reason).inc()
@@ -181,11 +180,12 @@ class TokenSource:
         )
 
     def _succeeded(self, token: Token, reason: str) -> None:
+        first = self.current is None
         self.current = token
         self.failures = 0
         self.backoff.reset()
         self.last_refresh = token.issued_at
-        self.next_refresh = self.policy.next_refresh(token, self.rng)
+        self.next_refresh = self.policy.next_refresh(token, self.rng, first=first)
         if self.metrics is not None:
             self.metrics.token_refreshes.labels(self.name, "success").inc()
             self.metrics.token_expiry.labels(self.name).set(token.expire_time.timestamp())

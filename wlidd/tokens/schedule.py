@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from wlidd.tokens.model import Token
 
 MAX_RETRY_AFTER = 3600.0
+FIRST_REFRESH_FLOOR = 0.1  # the earliest first refresh, as a fraction of the lifetime
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,15 @@ class RefreshPolicy:
     def margin(self, token: Token) -> float:
         return max(self.skew, 0.1 * token.lifetime)
 
-    def next_refresh(self, token: Token, rng: random.Random) -> dt.datetime:
+    def next_refresh(self, token: Token, rng: random.Random, *, first: bool = False) -> dt.datetime:
+        """When to refresh `token`. For the first token a source obtains, the fraction is drawn from
+        the whole window [FIRST_REFRESH_FLOOR, refresh_at + jitter]: nodes that booted together (and
+        so fetched together) leave each other's phase in one cycle instead of drifting apart slowly."""
         lifetime = token.lifetime
-        fraction = self.refresh_at + rng.uniform(-self.jitter, self.jitter)
+        if first:
+            fraction = rng.uniform(min(FIRST_REFRESH_FLOOR, self.refresh_at), self.refresh_at + self.jitter)
+        else:
+            fraction = self.refresh_at + rng.uniform(-self.jitter, self.jitter)
         planned = token.issued_at + dt.timedelta(seconds=lifetime * fraction)
         latest = token.expire_time - dt.timedelta(seconds=self.margin(token))
         earliest = token.issued_at + dt.timedelta(seconds=self.min_interval)
@@ -74,3 +81,16 @@ def retry_at(now: dt.datetime, delay: float, last_good: Token | None, skew: floa
 
 def start_delay(rng: random.Random, spread: float) -> float:
     return rng.uniform(0.0, spread) if spread > 0 else 0.0
+
+
+def after_failure(
+    backoff: Backoff,
+    now: dt.datetime,
+    rng: random.Random,
+    last_good: Token | None,
+    skew: float,
+    retry_after: float | None = None,
+) -> dt.datetime:
+    """The next attempt after a failed fetch: backoff (at least Retry-After), bounded by what remains
+    of the last good token. TokenSource and the fleet simulation both decide with this."""
+    return retry_at(now, backoff.next(rng, retry_after), last_good, skew)
