@@ -28,7 +28,9 @@ pytest: venv
 test: lint pytest
 
 bench: venv
-	$(PY) bench/rotation_latency.py
+	-$(PY) bench/rotation_latency.py
+	-$(PY) bench/token_serve.py
+	-$(PY) bench/fleet.py
 
 soak: venv
 	$(PY) -m pytest -m soak -s $(PYTEST_ARGS)
