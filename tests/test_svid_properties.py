@@ -28,7 +28,32 @@ def pem_like() -> st.SearchStrategy[bytes]:
         st.sampled_from([b"CERTIFICATE", b"PRIVATE KEY", b"EC PRIVATE KEY", b"RSA PRIVATE KEY", b"X"]),
         st.binary(max_size=300).map(lambda b: __import__("base64").b64encode(b)),
     ).map(lambda t: b"-----BEGIN " + t[0] + b"-----\n" + t[1] + b"\n-----END " + t[0] + b"-----\n")
-    return st.one_of(st.binary(max_size=2000), mutated, framed, real)
+    der_mutated = st.tuples(
+        real, st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4)
+    ).map(lambda t: _mutate_der(t[0], t[1]))
+    return st.one_of(st.binary(max_size=2000), mutated, framed, real, der_mutated)
+
+
+def _mutate_der(pem: bytes, edits: list[tuple[int, int]]) -> bytes:
+    """Flip bytes inside the DER of every PEM block, keeping the PEM framing valid (reaches the ASN.1 parser)."""
+    import base64
+    import re
+
+    def one(match: re.Match[bytes]) -> bytes:
+        der = bytearray(base64.b64decode(b"".join(match.group(2).split())))
+        for position, value in edits:
+            der[position % len(der)] = value
+        return (
+            b"-----BEGIN "
+            + match.group(1)
+            + b"-----\n"
+            + base64.encodebytes(bytes(der))
+            + b"-----END "
+            + match.group(1)
+            + b"-----"
+        )
+
+    return re.sub(rb"-----BEGIN ([A-Z ]+)-----\n(.*?)-----END [A-Z ]+-----", one, pem, flags=re.S)
 
 
 def outcome(chain: bytes, key: bytes, bundle: bytes) -> str:

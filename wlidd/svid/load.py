@@ -237,7 +237,10 @@ def build_identity(files: CredentialFiles, now: dt.datetime, *, trust_domain: st
             for td, certs in authorities.items()
         }
     )
-    svid = validate_svid(chain, key, bundles, now, trust_domain=trust_domain)
+    try:
+        svid = validate_svid(chain, key, bundles, now, trust_domain=trust_domain)
+    except (ValueError, TypeError) as exc:  # a damaged field the parser only reads on use
+        raise SvidError("chain_bad_certificate", f"chain cannot be validated: {exc}") from None
     return Identity(svid=svid, bundles=bundles, fingerprint=files.fingerprint(), origin=files.origin, notes=files.notes)
 
 

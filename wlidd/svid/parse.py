@@ -14,12 +14,14 @@ import base64
 import binascii
 import json
 import re
+import warnings
 from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 
 from wlidd.errors import SvidError
 from wlidd.svid.model import PrivateKey
@@ -66,12 +68,22 @@ def _check_size(data: bytes, what: str) -> None:
 
 def _load_der_cert(der: bytes, what: str, index: int) -> x509.Certificate:
     try:
-        cert = x509.load_der_x509_certificate(der)
-        # Touch the fields validation needs so lazy parse errors surface here, with a reason.
-        cert.extensions  # noqa: B018
-        cert.public_key()
-        cert.not_valid_after_utc  # noqa: B018
-    except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
+        with warnings.catch_warnings():
+            # cryptography warns (and will refuse) on e.g. a non-positive serial: refuse it now.
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            cert = x509.load_der_x509_certificate(der)
+            # The parser is lazy: touch every field validation reads, so damage surfaces here.
+            cert.serial_number  # noqa: B018
+            cert.subject  # noqa: B018
+            cert.issuer  # noqa: B018
+            cert.not_valid_before_utc  # noqa: B018
+            cert.not_valid_after_utc  # noqa: B018
+            cert.signature_algorithm_oid  # noqa: B018
+            cert.extensions  # noqa: B018
+            cert.public_key()
+    except CryptographyDeprecationWarning as exc:
+        raise SvidError(f"{what}_bad_certificate", f"{what} certificate {index} is malformed: {exc}") from None
+    except Exception as exc:  # untrusted bytes: any parser complaint (InvalidVersion, ValueError …) is a refusal
         raise SvidError(f"{what}_bad_certificate", f"{what} certificate {index} cannot be parsed: {exc}") from None
     return cert
 
@@ -135,7 +147,7 @@ def parse_private_key(data: bytes) -> PrivateKey:
         raise SvidError("key_encrypted", "private key is encrypted; wlidd needs an unencrypted key") from None
     except UnsupportedAlgorithm as exc:
         raise SvidError("key_type_unsupported", f"private key algorithm not supported: {exc}") from None
-    except ValueError:
+    except Exception:  # untrusted bytes: any other parser complaint is a refusal
         raise SvidError("key_bad", f"{label} block does not hold a valid private key") from None
     check_key_type(key)
     assert isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
