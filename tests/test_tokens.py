@@ -554,3 +554,69 @@ async def test_cli_token_prints_the_token_for_scripts(
         )
     assert result.stdout.decode() == document["access_token"] + "\n"
     assert missing.returncode == 1 and b"no token named 'nope'" in missing.stderr
+
+
+async def test_min_interval_spaces_upstream_calls(
+    files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
+) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    ticks = [100.0]
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        ticks[0] += seconds
+
+    config = TokenConfig.model_validate(metadata_token_config(upstreams, min_interval=5))
+    source = TokenSource("mds", config, Flow("mds", config), monotonic=lambda: ticks[0], sleep=fake_sleep)
+    try:
+        await source.refresh("one")
+        ticks[0] += 2  # two seconds later someone asks again
+        await source.refresh("two")
+    finally:
+        await source.flow.aclose()
+    assert slept == [3.0] and upstreams.calls["metadata"] == 2
+
+
+async def test_on_demand_source_stops_refreshing_when_idle(files: FileSet, upstreams: Upstreams) -> None:
+    ticks = [0.0]
+    config = TokenConfig.model_validate(metadata_token_config(upstreams, on_demand=True, idle=60))
+    source = TokenSource("mds", config, Flow("mds", config), monotonic=lambda: ticks[0])
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(source.run)
+            await source.get()  # first request: fetched on demand
+            assert upstreams.calls["metadata"] == 1
+            ticks[0] = 61.0  # no request for longer than `idle`
+            source.trigger("test")  # even a due refresh is skipped while idle
+            await anyio.sleep(0.2)
+            assert upstreams.calls["metadata"] == 1
+            await source.get()  # still valid: served from memory, and marks the source active again
+            source.trigger("test")
+            with anyio.fail_after(5):
+                while upstreams.calls["metadata"] < 2:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    finally:
+        await source.flow.aclose()
+
+
+async def test_an_upstream_that_hangs_becomes_a_timeout_error(files: FileSet, upstreams: Upstreams) -> None:
+    config = TokenConfig.model_validate(metadata_token_config(upstreams, timeout=0.3))
+    source = TokenSource("mds", config, Flow("mds", config))
+    upstreams.inject("metadata", Fault(hang=True, count=1))
+    try:
+        with pytest.raises(UpstreamError) as info:
+            await source.refresh("test")
+    finally:
+        await source.flow.aclose()
+    assert info.value.reason == "metadata_timeout" and info.value.retryable
+    assert "did not answer in time" in info.value.message
+
+
+def test_token_repr_never_shows_the_value() -> None:
+    from wlidd.tokens.model import Token
+
+    now = dt.datetime.now(dt.UTC)
+    token = Token("ya29.super-secret", now + dt.timedelta(hours=1), now, "gcp")
+    assert "super-secret" not in repr(token) and "super-secret" not in str(token)
