@@ -188,3 +188,36 @@ def test_status_without_a_daemon_says_so(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "cannot reach wlidd at" in result.stderr and "is the daemon running?" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_required_token_that_cannot_be_had_fails_start_cleanly(tmp_path: Path) -> None:
+    config = tmp_path / "wlidd.toml"
+    config.write_text(
+        f"""
+[tokens.mds]
+flow = "gce-metadata"
+require_at_start = true
+require_timeout = "1s"
+backoff_min = "0.1s"
+backoff_max = "0.2s"
+metadata.url = "http://127.0.0.1:1"
+[listeners.unix]
+path = "{tmp_path / "wlidd.sock"}"
+"""
+    )
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 1
+    assert "wlidd: error: token 'mds' could not be obtained within 1s: metadata unreachable" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "wlidd.sock").exists()
+
+
+def test_a_socket_path_that_is_not_a_socket_fails_start_cleanly(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    occupied = tmp_path / "wlidd.sock"
+    occupied.write_text("not a socket")
+    result = run_cli("run", "--config", str(write_config(tmp_path, files)))
+    assert result.returncode == 3
+    assert f"wlidd: error: {occupied} exists and is not a socket; refusing to replace it" in result.stderr
+    assert "Traceback" not in result.stderr and occupied.read_text() == "not a socket"

@@ -196,13 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wlid_errors(exc: BaseException) -> list[WlidError]:
+    """The WlidErrors inside `exc` (task groups wrap what their tasks raise in exception groups)."""
+    if isinstance(exc, WlidError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        return [found for inner in exc.exceptions for found in _wlid_errors(inner)]
+    return []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except WlidError as exc:
-        print(f"wlidd: error: {exc.message}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        errors = _wlid_errors(exc)
+        if not errors:
+            raise
+        for error in errors:
+            print(f"wlidd: error: {error.message}", file=sys.stderr)
+        return errors[0].exit_code
     return code
