@@ -50,53 +50,44 @@ def rsa_svid(ca: CertificateAuthority) -> IssuedSvid:
     return ca.issue_svid("/ns/prod/sa/entra-client", key_kind="rsa2048")
 
 
+def _fast(upstreams: Upstreams, flow: str, overrides: dict[str, Any], **values: Any) -> dict[str, Any]:
+    """A token config that fetches at once and backs off in milliseconds, for tests."""
+    base: dict[str, Any] = {"flow": flow, "ca_file": str(upstreams.ca_file), "start_delay": 0, "min_interval": 0}
+    base |= {"backoff_min": 0.05, "backoff_max": 0.2}
+    return base | values | overrides
+
+
 def entra_token_config(upstreams: Upstreams, **overrides: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "flow": "entra-sts",
-        "identity": "default",
-        "ca_file": str(upstreams.ca_file),
-        "start_delay": 0,
-        "min_interval": 0,
-        "backoff_min": 0.05,
-        "backoff_max": 0.2,
-        "entra": {
-            "authority": upstreams.authority,
-            "tenant_id": upstreams.tenant_id,
-            "client_id": CLIENT_ID,
-            "scope": f"{APP_URI}/.default",
-        },
-        "sts": {"url": upstreams.sts_url, "audience": AUDIENCE},
-        "impersonate": {"service_account": SA, "url": upstreams.iam_url},
+    entra = {
+        "authority": upstreams.authority,
+        "tenant_id": upstreams.tenant_id,
+        "client_id": CLIENT_ID,
+        "scope": f"{APP_URI}/.default",
     }
-    values.update(overrides)
-    return values
+    return _fast(
+        upstreams,
+        "entra-sts",
+        overrides,
+        identity="default",
+        entra=entra,
+        sts={"url": upstreams.sts_url, "audience": AUDIENCE},
+        impersonate={"service_account": SA, "url": upstreams.iam_url},
+    )
 
 
 def x509_token_config(upstreams: Upstreams, **overrides: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "flow": "x509-sts",
-        "identity": "default",
-        "ca_file": str(upstreams.ca_file),
-        "start_delay": 0,
-        "min_interval": 0,
-        "backoff_min": 0.05,
-        "backoff_max": 0.2,
-        "sts": {"url": upstreams.sts_mtls_url, "audience": X509_AUDIENCE},
-        "impersonate": {"service_account": SA, "url": upstreams.iam_mtls_url},
-    }
-    values.update(overrides)
-    return values
+    return _fast(
+        upstreams,
+        "x509-sts",
+        overrides,
+        identity="default",
+        sts={"url": upstreams.sts_mtls_url, "audience": X509_AUDIENCE},
+        impersonate={"service_account": SA, "url": upstreams.iam_mtls_url},
+    )
 
 
 def metadata_token_config(upstreams: Upstreams, **overrides: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "flow": "gce-metadata",
-        "start_delay": 0,
-        "min_interval": 0,
-        "metadata": {"url": upstreams.metadata_url},
-    }
-    values.update(overrides)
-    return values
+    return _fast(upstreams, "gce-metadata", overrides, metadata={"url": upstreams.metadata_url})
 
 
 def daemon_config(tmp_path: Path, files: FileSet, tokens: dict[str, dict[str, Any]]) -> Config:
