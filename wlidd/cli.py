@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 
 from wlidd import __version__
 from wlidd.config import DEFAULT_CONFIG_PATH, Config, UnixListenerConfig, config_path_from, load_config
@@ -81,33 +80,43 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 
 def fetch_status(socket_path: Path, timeout: float = 5.0) -> dict[str, Any]:
-    transport = httpx.HTTPTransport(uds=str(socket_path))
-    try:
-        with httpx.Client(transport=transport, timeout=timeout) as client:
-            response = client.get("http://wlidd/v1/status")
-    except httpx.HTTPError as exc:
-        raise WlidError(f"cannot reach wlidd at {socket_path}: {exc} (is the daemon running?)") from None
-    if response.status_code != 200:
-        raise WlidError(f"wlidd answered {response.status_code}: {response.text.strip()}")
-    document: dict[str, Any] = response.json()
-    return document
+    from wlidd.client import Client
+
+    with Client(socket_path, timeout=timeout) as client:
+        return client.status()
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    transport = httpx.HTTPTransport(uds=str(_socket_path(args)))
-    try:
-        with httpx.Client(transport=transport, timeout=60) as client:
-            response = client.get(f"http://wlidd/v1/token/{args.name}")
-    except httpx.HTTPError as exc:
-        raise WlidError(f"cannot reach wlidd: {exc} (is the daemon running?)") from None
-    if response.status_code != 200:
-        try:
-            message = response.json()["message"]
-        except (ValueError, KeyError):
-            message = response.text.strip()
-        raise WlidError(f"wlidd answered {response.status_code}: {message}")
-    document = response.json()
-    print(json.dumps(document, indent=2) if args.json else document["access_token"])
+    from wlidd.client import Client
+
+    with Client(_socket_path(args)) as client:
+        token = client.get_token(args.name)
+    if args.json:
+        document = {
+            "access_token": token.access_token,
+            "token_type": token.token_type,
+            "expires_in": token.expires_in,
+            "expire_time": token.expire_time.isoformat().replace("+00:00", "Z"),
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(token.access_token)
+    return 0
+
+
+def cmd_creds(args: argparse.Namespace) -> int:
+    from wlidd.client import Client
+    from wlidd.sinks import write_atomic
+
+    with Client(_socket_path(args)) as client:
+        creds = client.get_credentials(args.identity)
+    out = Path(args.out)
+    write_atomic(out / "svid.pem", creds.chain_pem.encode(), 0o644)
+    write_atomic(out / "svid_key.pem", creds.key_pem.encode(), 0o600)
+    write_atomic(out / "bundle.pem", creds.bundle_pem.encode(), 0o644)
+    for trust_domain, pem in sorted(creds.federated_bundles_pem.items()):
+        write_atomic(out / f"federated_bundle.{trust_domain}.pem", pem.encode(), 0o644)
+    print(f"{creds.spiffe_id} serial {creds.serial} (expires {creds.not_after.isoformat()}) written to {out}")
     return 0
 
 
@@ -184,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--socket", help="the daemon's Unix socket (default: from the config)")
     token.add_argument("--json", action="store_true", help="print the whole JSON answer")
     token.set_defaults(func=cmd_token)
+    creds = with_config(
+        sub.add_parser("creds", help="write an identity's current chain, key and bundle (callers allowed by [policy])")
+    )
+    creds.add_argument("identity", help="the identity's name ([identities.<name>])")
+    creds.add_argument("--out", required=True, help="directory: svid.pem, svid_key.pem (0600), bundle.pem")
+    creds.add_argument("--socket", help="the daemon's Unix socket (default: from the config)")
+    creds.set_defaults(func=cmd_creds)
     demo = sub.add_parser("demo", help="run the daemon on a local CA rotating GCE-style credentials")
     demo.add_argument("--dir", help="work directory (default: a new temp dir)")
     demo.add_argument("--rotate-every", type=float, default=30.0, help="seconds between rotations (default 30)")

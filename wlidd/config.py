@@ -269,6 +269,22 @@ class ListenersConfig(_Strict):
     unix: UnixListenerConfig = Field(default_factory=UnixListenerConfig)
 
 
+class AccessRule(_Strict):
+    """Who may have something: Unix users and groups, by name or number."""
+
+    users: tuple[str | int, ...] = ()
+    groups: tuple[str | int, ...] = ()
+
+
+class PolicyConfig(_Strict):
+    """Who may call what over the Unix socket. Per-name rules replace the defaults for that name."""
+
+    tokens: AccessRule = Field(default_factory=lambda: AccessRule(users=("root",), groups=("wlidd-clients",)))
+    credentials: AccessRule = Field(default_factory=lambda: AccessRule(users=("root",)))
+    token: dict[str, AccessRule] = Field(default_factory=dict)
+    identity: dict[str, AccessRule] = Field(default_factory=dict)
+
+
 class _MappingEnvSource(EnvSettingsSource):
     """The environment source, reading a given mapping instead of the process environment."""
 
@@ -289,6 +305,7 @@ class Config(BaseSettings):
     identities: dict[str, IdentityConfig] = Field(default_factory=dict)
     tokens: dict[str, TokenConfig] = Field(default_factory=dict)
     listeners: ListenersConfig = Field(default_factory=ListenersConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
     _toml_file: ClassVar[Path | None] = None
     _environ: ClassVar[Mapping[str, str]] = {}
@@ -316,6 +333,13 @@ class Config(BaseSettings):
             for name in names:
                 if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
                     raise ValueError(f"{kind} name {name!r} may only hold letters, digits, '_', '.', '-'")
+        for kind, rules, known_names in (
+            ("token", self.policy.token, self.tokens),
+            ("identity", self.policy.identity, self.identities),
+        ):
+            for name in rules:
+                if name not in known_names:
+                    raise ValueError(f"policy.{kind}.{name}: no {kind} named {name!r}")
         for name, token in self.tokens.items():
             if token.identity is not None and token.identity not in self.identities:
                 known = ", ".join(sorted(self.identities)) or "none"

@@ -18,6 +18,7 @@ import anyio
 import structlog
 from anyio.abc import SocketListener, TaskStatus
 
+from wlidd.api.authz import Policy
 from wlidd.api.listeners import bind_unix_socket
 from wlidd.api.routes import Api
 from wlidd.api.server import HttpServer, Request, Response, ServerLimits
@@ -56,7 +57,9 @@ class Daemon:
                 metrics=self.metrics,
             )
         self.started_at = clock()
-        self.api = Api(self.watchers, self.metrics, clock, self.started_at, self.tokens)
+        self.api = Api(
+            self.watchers, self.metrics, clock, self.started_at, self.tokens, Policy.from_config(config.policy)
+        )
         unix = config.listeners.unix
         self.unix_server = HttpServer(
             self.api,

@@ -9,7 +9,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from wlidd import __version__
+from wlidd.api.authz import Caller, CallerCache, Policy, Rule
 from wlidd.api.server import Request, Response
 from wlidd.errors import ApiError
 from wlidd.metrics import Metrics
@@ -18,6 +21,7 @@ from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher, describe_source
 
 Route = Callable[[Request, dict[str, str]], Awaitable[Response]]
+audit = structlog.get_logger("wlidd.audit")
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -87,13 +91,16 @@ class Api:
     clock: Clock
     started_at: dt.datetime
     tokens: Mapping[str, TokenSource] = field(default_factory=dict)
+    policy: Policy | None = None
 
     def __post_init__(self) -> None:
+        self._callers = CallerCache()
         self._token_bodies: dict[str, tuple[tuple[str, int], Response]] = {}
         self._routes: list[tuple[re.Pattern[str], Route]] = [
             (re.compile(r"^/v1/status$"), self.status),
             (re.compile(r"^/v1/health$"), self.health),
             (re.compile(r"^/v1/identity/(?P<name>[^/]+)$"), self.identity),
+            (re.compile(r"^/v1/credentials/(?P<name>[^/]+)$"), self.credentials),
             (re.compile(r"^/v1/ready/(?P<name>[^/]+)$"), self.ready),
             (re.compile(r"^/v1/token/(?P<name>[^/]+)$"), self.token),
             (re.compile(r"^/get_wif_token$"), self.wif_token),
@@ -206,16 +213,96 @@ class Api:
             },
         )
 
-    async def _serve_token(self, name: str) -> tuple[TokenSource, dt.datetime, str, dt.datetime] | Response:
+    async def _authorize(self, request: Request, rule: Rule, what: str) -> Caller:
+        """The caller, if `rule` allows it `what`; else 403 with a reason naming the caller (and an audit line)."""
+        peer = request.peer
+        if peer.uid is None or peer.gid is None or peer.pid is None:
+            audit.warning("access denied", route=request.path, reason="not a local Unix caller", peer=peer.address)
+            raise ApiError(403, "forbidden", f"{what} is only handed to local Unix callers on this listener")
+        caller = await self._callers.get(peer.pid, peer.uid, peer.gid)
+        reason = rule.check(caller, what)
+        if reason is not None:
+            audit.warning(
+                "access denied",
+                route=request.path,
+                uid=caller.uid,
+                gid=caller.gid,
+                pid=caller.pid,
+                user=caller.user,
+                detail=reason,
+            )
+            raise ApiError(403, "forbidden", reason)
+        return caller
+
+    def _policy(self) -> Policy:
+        if self.policy is None:
+            from wlidd.config import PolicyConfig
+
+            self.policy = Policy.from_config(PolicyConfig())
+        return self.policy
+
+    async def _serve_token(
+        self, name: str, request: Request
+    ) -> tuple[TokenSource, dt.datetime, str, dt.datetime] | Response:
         source = self.tokens.get(name)
         if source is None:
             known = ", ".join(self.tokens) or "none"
             return Response.error(404, "unknown_token", f"no token named {name!r} (configured: {known})")
+        caller = await self._authorize(request, self._policy().token(name), f"token {name!r}")
         token = await source.get()
+        audit.info(
+            "token handed out",
+            route=request.path,
+            source=name,
+            uid=caller.uid,
+            gid=caller.gid,
+            pid=caller.pid,
+            user=caller.user,
+        )
         return source, token.expire_time, token.value, self.clock()
 
+    async def credentials(self, request: Request, params: dict[str, str]) -> Response:
+        watcher = self._watcher(params["name"])
+        if isinstance(watcher, Response):
+            return watcher
+        caller = await self._authorize(
+            request, self._policy().credentials(watcher.name), f"the credentials of {watcher.name!r}"
+        )
+        state = watcher.current
+        now = self.clock()
+        if state is None or not state.identity.svid.is_valid_at(now):
+            return Response.error(503, "identity_unavailable", _not_ready_reason(watcher, now) or "not loaded")
+        svid = state.identity.svid
+        audit.info(
+            "credentials handed out",
+            route=request.path,
+            identity=watcher.name,
+            serial=svid.serial,
+            uid=caller.uid,
+            gid=caller.gid,
+            pid=caller.pid,
+            user=caller.user,
+        )
+        return Response.json(
+            200,
+            {
+                "name": watcher.name,
+                "spiffe_id": str(svid.spiffe_id),
+                "serial": svid.serial,
+                "not_after": _iso(svid.not_after),
+                "chain_pem": svid.chain_pem.decode("ascii"),
+                "key_pem": svid.key_pem().decode("ascii"),
+                "bundle_pem": state.identity.own_bundle.pem.decode("ascii"),
+                "federated_bundles_pem": {
+                    bundle.trust_domain: bundle.pem.decode("ascii")
+                    for bundle in state.identity.bundles
+                    if bundle.trust_domain != svid.spiffe_id.trust_domain
+                },
+            },
+        )
+
     async def token(self, request: Request, params: dict[str, str]) -> Response:
-        served = await self._serve_token(params["name"])
+        served = await self._serve_token(params["name"], request)
         if isinstance(served, Response):
             return served
         _, expire_time, value, now = served
@@ -239,7 +326,7 @@ class Api:
     async def wif_token(self, request: Request, _: dict[str, str]) -> Response:
         if not self.tokens:
             raise ApiError(404, "no_tokens", "no token is configured ([tokens.<name>])")
-        served = await self._serve_token(next(iter(self.tokens)))
+        served = await self._serve_token(next(iter(self.tokens)), request)
         if isinstance(served, Response):
             return served
         return Response.text(200, served[2])
