@@ -4,6 +4,7 @@ identities and tokens from all three flows (entra-sts, x509-sts, gce-metadata)."
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -44,6 +45,10 @@ mismatch_retry_delay = "1s"
 [listeners.unix]
 path = "{base / "wlidd.sock"}"
 mode = "0660"
+
+[policy]                           # the demo's tokens and credentials go to you (uid {os.getuid()}) and root
+tokens = {{ users = ["root", {os.getuid()}] }}
+credentials = {{ users = ["root", {os.getuid()}] }}
 """
     if upstreams is not None:
         common = f'ca_file = "{upstreams.ca_file}"\nskew = "10s"\nstart_delay = "2s"\nbackoff_max = "10s"'
@@ -138,7 +143,8 @@ async def run_demo(base: Path, rotate_every: float, ttl: float, duration: float,
   curl --unix-socket {sock} http://localhost/v1/token/gcp      # Entra ID -> STS -> impersonation
   curl --unix-socket {sock} http://localhost/v1/token/x509     # SVID over mTLS -> STS
   curl --unix-socket {sock} http://localhost/get_wif_token
-  cat {shlex.quote(str(base / "gcp.token"))}"""
+  cat {shlex.quote(str(base / "gcp.token"))}
+  .venv/bin/wlidd creds default --out /tmp/wlidd-demo-creds --socket {sock}"""
             if tokens
             else ""
         )
