@@ -255,6 +255,14 @@ class TokenConfig(_Strict):
     def metadata_config(self) -> MetadataConfig:
         return self.metadata or MetadataConfig()
 
+    def scopes(self) -> tuple[str, ...]:
+        """The OAuth scopes the served token carries."""
+        if self.impersonate is not None:
+            return self.impersonate.scope
+        if self.sts is not None:
+            return self.sts.scope
+        return self.metadata_config().scopes or DEFAULT_SCOPE
+
 
 class UnixListenerConfig(_Strict):
     path: ExpandedPath = Path("/run/wlidd/wlidd.sock")
@@ -265,8 +273,47 @@ class UnixListenerConfig(_Strict):
     idle_timeout: Duration = 60.0
 
 
+class MetadataListenerConfig(_Strict):
+    """A GCE-metadata-compatible API on loopback, serving one token source to unmodified Google libraries."""
+
+    address: str = "127.0.0.1:8980"
+    token: str
+    email: str | None = None
+    project_id: str = "wlidd-project"
+    numeric_project_id: str = "0"
+    universe_domain: str = "googleapis.com"
+    max_connections: int = Field(default=256, ge=1)
+    request_timeout: Duration = 10.0
+    idle_timeout: Duration = 60.0
+
+    @model_validator(mode="after")
+    def _check(self) -> MetadataListenerConfig:
+        import ipaddress
+
+        host, port = split_address(self.address)
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            raise ValueError(
+                f"address {self.address!r} is not a loopback address; the metadata API must never face a network"
+            )
+        del port
+        return self
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'127.0.0.1:8980' or '[::1]:8980' -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
+        raise ValueError(f"{address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
 class ListenersConfig(_Strict):
     unix: UnixListenerConfig = Field(default_factory=UnixListenerConfig)
+    metadata: MetadataListenerConfig | None = None
 
 
 class AccessRule(_Strict):
@@ -340,6 +387,13 @@ class Config(BaseSettings):
             for name in rules:
                 if name not in known_names:
                     raise ValueError(f"policy.{kind}.{name}: no {kind} named {name!r}")
+        metadata = self.listeners.metadata
+        if metadata is not None:
+            if metadata.token not in self.tokens:
+                raise ValueError(f"listeners.metadata.token: no token named {metadata.token!r}")
+            source = self.tokens[metadata.token]
+            if metadata.email is None and (source.impersonate is None):
+                raise ValueError("listeners.metadata.email: needed when the token impersonates no service account")
         for name, token in self.tokens.items():
             if token.identity is not None and token.identity not in self.identities:
                 known = ", ".join(sorted(self.identities)) or "none"

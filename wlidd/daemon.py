@@ -19,10 +19,11 @@ import structlog
 from anyio.abc import SocketListener, TaskStatus
 
 from wlidd.api.authz import Policy
-from wlidd.api.listeners import bind_unix_socket
+from wlidd.api.listeners import ListenerError, bind_unix_socket
+from wlidd.api.metadata import MetadataApi
 from wlidd.api.routes import Api
 from wlidd.api.server import HttpServer, Request, Response, ServerLimits
-from wlidd.config import Config
+from wlidd.config import Config, split_address
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, CredentialSource, utc_now
 from wlidd.tokens.flows import Flow
@@ -57,9 +58,8 @@ class Daemon:
                 metrics=self.metrics,
             )
         self.started_at = clock()
-        self.api = Api(
-            self.watchers, self.metrics, clock, self.started_at, self.tokens, Policy.from_config(config.policy)
-        )
+        self.policy = Policy.from_config(config.policy)
+        self.api = Api(self.watchers, self.metrics, clock, self.started_at, self.tokens, self.policy)
         unix = config.listeners.unix
         self.unix_server = HttpServer(
             self.api,
@@ -72,6 +72,20 @@ class Daemon:
             on_response=self._count_response,
         )
         self.socket_path: Path = unix.path
+        self.metadata_server: HttpServer | None = None
+        self.metadata_port: int | None = None
+        metadata = config.listeners.metadata
+        if metadata is not None:
+            self.metadata_server = HttpServer(
+                MetadataApi(metadata, self.tokens[metadata.token], self.policy, clock),
+                name="metadata",
+                limits=ServerLimits(
+                    request_timeout=metadata.request_timeout,
+                    idle_timeout=metadata.idle_timeout,
+                    max_connections=metadata.max_connections,
+                ),
+                on_response=self._count_response,
+            )
         self._request_counters: dict[tuple[str, str, int], Any] = {}
         self._stopping = anyio.Event()
 
@@ -103,6 +117,7 @@ class Daemon:
             pid=os.getpid(),
         )
         listener: SocketListener | None = None
+        extra_listeners: list[anyio.abc.Listener[Any]] = []
         try:
             async with anyio.create_task_group() as tg:
                 for watcher in self.watchers.values():
@@ -117,6 +132,17 @@ class Daemon:
                 )
                 listener = await SocketListener.from_socket(sock)
                 tg.start_soon(self._serve, listener)
+                if self.metadata_server is not None and self.config.listeners.metadata is not None:
+                    host, port = split_address(self.config.listeners.metadata.address)
+                    try:
+                        tcp = await anyio.create_tcp_listener(local_host=host, local_port=port)
+                    except OSError as exc:
+                        raise ListenerError(
+                            f"listeners.metadata: cannot listen on {host}:{port}: {exc.strerror}"
+                        ) from None
+                    extra_listeners.append(tcp)
+                    self.metadata_port = tcp.extra(anyio.abc.SocketAttribute.local_port)
+                    tg.start_soon(self.metadata_server.serve, tcp)
                 tg.start_soon(self._signals)
                 now = self.clock()
                 invalid = [name for name, w in self.watchers.items() if not w.is_valid(now)]
@@ -131,6 +157,8 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 if listener is not None:
                     await listener.aclose()
+                for other in extra_listeners:
+                    await other.aclose()
                 for source in self.tokens.values():
                     await source.flow.aclose()
         try:

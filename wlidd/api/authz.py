@@ -22,25 +22,72 @@ log = structlog.get_logger("wlidd.authz")
 
 @dataclass(frozen=True)
 class Caller:
-    """A Unix caller: its ids and every group it belongs to."""
+    """A local caller: its ids and every group it belongs to (pid unknown for TCP peers)."""
 
     uid: int
     gid: int
-    pid: int
+    pid: int | None
     groups: frozenset[int]
     user: str
 
     def describe(self) -> str:
-        return f"uid {self.uid} ({self.user}) pid {self.pid}"
+        return f"uid {self.uid} ({self.user})" + (f" pid {self.pid}" if self.pid else "")
 
 
-def unix_caller(pid: int, uid: int, gid: int) -> Caller:
-    """Resolve a peer's supplementary groups from its passwd entry (a user without one has only its gid)."""
+def _proc_net_address(host: str, port: int) -> str:
+    """An address as /proc/net/tcp{,6} writes it: the IP's bytes in host order as hex, ':', the port in hex."""
+    import ipaddress
+    import struct
+
+    ip = ipaddress.ip_address(host)
+    if ip.version == 4:
+        hexed = f"{struct.unpack('=I', ip.packed)[0]:08X}"
+    else:
+        hexed = "".join(f"{struct.unpack('=I', ip.packed[i : i + 4])[0]:08X}" for i in range(0, 16, 4))
+    return f"{hexed}:{port:04X}"
+
+
+def loopback_peer_uid(remote: tuple[str, int], local: tuple[str, int], proc: str = "/proc/net") -> int | None:
+    """The uid owning the client end of a loopback TCP connection (its local address is our remote).
+
+    The kernel lists both ends; the client's has local = `remote` and rem = `local`. Returns None when
+    no such socket is visible (another network namespace, or the client already closed).
+    """
+    wanted_local, wanted_remote = _proc_net_address(*remote), _proc_net_address(*local)
+    candidates = []
+    if ":" in remote[0]:
+        candidates.append("tcp6")
+    else:
+        candidates += ["tcp", "tcp6"]  # an IPv4 client may sit on a dual-stack socket
+        v4 = f"0000000000000000FFFF0000{wanted_local[:8]}{wanted_local[8:]}"
+        v4_remote = f"0000000000000000FFFF0000{wanted_remote[:8]}{wanted_remote[8:]}"
+    for table in candidates:
+        try:
+            with open(f"{proc}/{table}") as handle:
+                next(handle)
+                for line in handle:
+                    fields = line.split()
+                    if len(fields) < 8:
+                        continue
+                    if (fields[1], fields[2]) == (wanted_local, wanted_remote) or (
+                        table == "tcp6" and ":" not in remote[0] and (fields[1], fields[2]) == (v4, v4_remote)
+                    ):
+                        return int(fields[7])
+        except OSError:
+            continue
+    return None
+
+
+def unix_caller(pid: int | None, uid: int, gid: int | None) -> Caller:
+    """Resolve a peer's groups from its passwd entry (a user without one has only its gid). With no
+    gid (a TCP peer), the passwd entry's primary group stands in."""
     try:
         entry = pwd.getpwuid(uid)
         user = entry.pw_name
+        gid = entry.pw_gid if gid is None else gid
         groups = frozenset(os.getgrouplist(user, gid)) | {gid}
     except KeyError:
+        gid = uid if gid is None else gid
         user, groups = str(uid), frozenset({gid})
     return Caller(uid=uid, gid=gid, pid=pid, groups=groups, user=user)
 
@@ -133,9 +180,9 @@ class CallerCache:
 
     def __init__(self, ttl: float = 60.0) -> None:
         self.ttl = ttl
-        self._cache: dict[tuple[int, int], tuple[float, frozenset[int], str]] = {}
+        self._cache: dict[tuple[int, int | None], tuple[float, frozenset[int], str, int]] = {}
 
-    async def get(self, pid: int, uid: int, gid: int) -> Caller:
+    async def get(self, pid: int | None, uid: int, gid: int | None) -> Caller:
         import anyio
         import anyio.to_thread
 
@@ -143,6 +190,6 @@ class CallerCache:
         hit = self._cache.get((uid, gid))
         if hit is None or hit[0] < now:
             resolved = await anyio.to_thread.run_sync(unix_caller, pid, uid, gid)
-            hit = (now + self.ttl, resolved.groups, resolved.user)
+            hit = (now + self.ttl, resolved.groups, resolved.user, resolved.gid)
             self._cache[(uid, gid)] = hit
-        return Caller(uid=uid, gid=gid, pid=pid, groups=hit[1], user=hit[2])
+        return Caller(uid=uid, gid=hit[3], pid=pid, groups=hit[1], user=hit[2])

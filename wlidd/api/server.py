@@ -39,6 +39,8 @@ class Peer:
     address: str = ""
     spiffe_id: str | None = None
     certificate: bytes | None = field(default=None, repr=False)  # a TLS peer's leaf, DER
+    tcp_remote: tuple[str, int] | None = None  # a TCP peer: its address, and ours, to find its uid on loopback
+    tcp_local: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,11 @@ def unix_peer(stream: ByteStream) -> Peer:
         return Peer()
     creds = peer_credentials(sock)
     if creds is None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            remote, local = sock.getpeername(), sock.getsockname()
+            return Peer(
+                address=f"{remote[0]}:{remote[1]}", tcp_remote=(remote[0], remote[1]), tcp_local=(local[0], local[1])
+            )
         return Peer()
     pid, uid, gid = creds
     return Peer(uid=uid, gid=gid, pid=pid, address=f"pid={pid},uid={uid}")

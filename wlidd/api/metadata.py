@@ -1,0 +1,152 @@
+"""A GCE-metadata-compatible API for one token source, so unmodified Google libraries work
+(SPECS.md §5: what google-auth asks and expects).
+
+    GET /                                                         ping: 200 + Metadata-Flavor: Google
+    GET /computeMetadata/v1/instance/service-accounts/default/?recursive=true   {aliases, email, scopes}
+    GET /computeMetadata/v1/instance/service-accounts/default/token[?scopes=a,b] {access_token, expires_in, token_type}
+    GET …/default/email, …/default/scopes, project/project-id, project/numeric-project-id, universe/universe-domain
+    GET …/default/identity?audience=…                             404: this source mints no ID tokens
+
+Like the real server: no `Metadata-Flavor: Google` → 403, any `X-Forwarded-For` → 403; every answer
+carries `Metadata-Flavor: Google`; JSON as application/json, plain values as application/text.
+Callers are loopback TCP peers: their uid comes from /proc/net/tcp{,6} and the token's [policy] rule
+decides, as on the Unix socket.
+"""
+
+from __future__ import annotations
+
+import re
+
+import anyio.to_thread
+import structlog
+
+from wlidd.api.authz import CallerCache, Policy, loopback_peer_uid
+from wlidd.api.server import Request, Response
+from wlidd.config import MetadataListenerConfig
+from wlidd.errors import ApiError
+from wlidd.svid.load import Clock
+from wlidd.tokens.manager import TokenSource
+
+audit = structlog.get_logger("wlidd.audit")
+
+FLAVOR = (("metadata-flavor", "Google"), ("server", "Metadata Server for VM"))
+_ACCOUNT = re.compile(r"^/computeMetadata/v1/instance/service-accounts/(?P<account>[^/]+)/(?P<rest>.*)$")
+
+
+def _text(status: int, text: str) -> Response:
+    return Response(status, text.encode(), "application/text", FLAVOR)
+
+
+def _json(status: int, document: object) -> Response:
+    response = Response.json(status, document)
+    return Response(status, response.body, "application/json", FLAVOR)
+
+
+class MetadataApi:
+    """Routes of the metadata emulation, bound to one token source."""
+
+    def __init__(self, config: MetadataListenerConfig, source: TokenSource, policy: Policy, clock: Clock) -> None:
+        self.config = config
+        self.source = source
+        self.policy = policy
+        self.clock = clock
+        impersonated = source.config.impersonate.service_account if source.config.impersonate else None
+        self.email = config.email or impersonated or "default"
+        self.scopes = source.config.scopes()
+        self._callers = CallerCache()
+
+    async def __call__(self, request: Request) -> Response:
+        if request.header("x-forwarded-for") is not None:
+            return _text(403, "X-Forwarded-For is not allowed: requests must come from this host directly")
+        if request.path != "/" and request.header("metadata-flavor") != "Google":
+            return _text(403, 'Missing required header "Metadata-Flavor": "Google"')
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, b"GET only", "application/text", (*FLAVOR, ("allow", "GET, HEAD")))
+        path = request.path
+        if path == "/":
+            return _text(200, "computeMetadata/\n")
+        if path == "/computeMetadata/v1/project/project-id":
+            return _text(200, self.config.project_id)
+        if path == "/computeMetadata/v1/project/numeric-project-id":
+            return _text(200, self.config.numeric_project_id)
+        if path == "/computeMetadata/v1/universe/universe-domain":
+            return _text(200, self.config.universe_domain)
+        match = _ACCOUNT.match(path)
+        if match is None:
+            return _text(
+                404, f"{path} is not served here (wlidd serves the service-accounts, project and universe paths)"
+            )
+        if match["account"] not in ("default", self.email):
+            return _text(404, f"service account {match['account']!r} is not served here (only default = {self.email})")
+        rest = match["rest"]
+        if rest == "" and request.query.get("recursive", [""])[0] == "true":
+            return _json(200, {"aliases": ["default"], "email": self.email, "scopes": list(self.scopes)})
+        if rest == "email":
+            return _text(200, self.email)
+        if rest == "scopes":
+            return _text(200, "\n".join(self.scopes) + "\n")
+        if rest == "aliases":
+            return _text(200, "default\n")
+        if rest == "token":
+            return await self._token(request)
+        if rest == "identity":
+            return _text(
+                404,
+                f"ID tokens are not available from token {self.source.name!r} (flow {self.source.config.flow}); "
+                "wlidd serves access tokens here",
+            )
+        return _text(404, f"{path} is not served here")
+
+    async def _token(self, request: Request) -> Response:
+        requested = [s for scope in request.query.get("scopes", []) for s in scope.split(",") if s]
+        missing = sorted(set(requested) - set(self.scopes))
+        if missing:
+            return _text(
+                400, f"scopes {', '.join(missing)} are not granted to this token (it carries {', '.join(self.scopes)})"
+            )
+        if request.query.get("bindCertificateFingerprint"):
+            return _text(400, "certificate-bound tokens (bindCertificateFingerprint) are not served by wlidd")
+        try:
+            caller = await self._authorize(request)
+        except ApiError as exc:
+            return _text(exc.http_status, exc.message)
+        try:
+            token = await self.source.get()
+        except ApiError as exc:
+            return _text(503, exc.message)
+        now = self.clock()
+        audit.info(
+            "token handed out",
+            route=request.path,
+            source=self.source.name,
+            uid=caller[0],
+            user=caller[1],
+            listener="metadata",
+        )
+        return _json(
+            200,
+            {"access_token": token.value, "expires_in": max(0, int(token.seconds_left(now))), "token_type": "Bearer"},
+        )
+
+    async def _authorize(self, request: Request) -> tuple[int, str]:
+        peer = request.peer
+        if peer.tcp_remote is None or peer.tcp_local is None:
+            raise ApiError(403, "forbidden", "only loopback TCP callers are served here")
+        uid = await anyio.to_thread.run_sync(loopback_peer_uid, peer.tcp_remote, peer.tcp_local)
+        if uid is None:
+            audit.warning(
+                "access denied",
+                route=request.path,
+                reason="caller uid not found",
+                peer=peer.address,
+                listener="metadata",
+            )
+            raise ApiError(403, "forbidden", f"the calling socket {peer.address} has no visible owner")
+        caller = await self._callers.get(None, uid, None)
+        reason = self.policy.token(self.source.name).check(caller, f"token {self.source.name!r}")
+        if reason is not None:
+            audit.warning(
+                "access denied", route=request.path, uid=uid, user=caller.user, detail=reason, listener="metadata"
+            )
+            raise ApiError(403, "forbidden", reason)
+        return uid, caller.user
