@@ -311,16 +311,49 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class MtlsListenerConfig(_Strict):
+    """An mTLS TCP listener presenting an identity's SVID; callers are told apart by their SPIFFE ID."""
+
+    address: str = "127.0.0.1:8443"
+    identity: str
+    allow: tuple[str, ...]
+    max_connections: int = Field(default=256, ge=1)
+    request_timeout: Duration = 10.0
+    idle_timeout: Duration = 60.0
+
+    @model_validator(mode="after")
+    def _check(self) -> MtlsListenerConfig:
+        from wlidd.api.authz import parse_matcher
+
+        split_address(self.address)
+        if not self.allow:
+            raise ValueError("allow: name at least one SPIFFE ID matcher (exact, spiffe://td, '*' or '**' patterns)")
+        for pattern in self.allow:
+            parse_matcher(pattern)
+        return self
+
+
 class ListenersConfig(_Strict):
     unix: UnixListenerConfig = Field(default_factory=UnixListenerConfig)
     metadata: MetadataListenerConfig | None = None
+    mtls: MtlsListenerConfig | None = None
 
 
 class AccessRule(_Strict):
-    """Who may have something: Unix users and groups, by name or number."""
+    """Who may have something: Unix users and groups (by name or number) on the Unix socket and the
+    metadata listener; SPIFFE ID matchers on the mTLS listener."""
 
     users: tuple[str | int, ...] = ()
     groups: tuple[str | int, ...] = ()
+    spiffe_ids: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_matchers(self) -> AccessRule:
+        from wlidd.api.authz import parse_matcher
+
+        for pattern in self.spiffe_ids:
+            parse_matcher(pattern)
+        return self
 
 
 class PolicyConfig(_Strict):
@@ -387,6 +420,9 @@ class Config(BaseSettings):
             for name in rules:
                 if name not in known_names:
                     raise ValueError(f"policy.{kind}.{name}: no {kind} named {name!r}")
+        mtls = self.listeners.mtls
+        if mtls is not None and mtls.identity not in self.identities:
+            raise ValueError(f"listeners.mtls.identity: no identity named {mtls.identity!r}")
         metadata = self.listeners.metadata
         if metadata is not None:
             if metadata.token not in self.tokens:

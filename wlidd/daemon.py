@@ -18,14 +18,16 @@ import anyio
 import structlog
 from anyio.abc import SocketListener, TaskStatus
 
-from wlidd.api.authz import Policy
+from wlidd.api.authz import Policy, parse_matcher
 from wlidd.api.listeners import ListenerError, bind_unix_socket
 from wlidd.api.metadata import MetadataApi
+from wlidd.api.mtls import MtlsGate, QuietTLSListener
 from wlidd.api.routes import Api
 from wlidd.api.server import HttpServer, Request, Response, ServerLimits
 from wlidd.config import Config, split_address
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, CredentialSource, utc_now
+from wlidd.tlsctx import HotServerContext
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher
@@ -72,6 +74,20 @@ class Daemon:
             on_response=self._count_response,
         )
         self.socket_path: Path = unix.path
+        self.mtls_server: HttpServer | None = None
+        self.mtls_port: int | None = None
+        mtls = config.listeners.mtls
+        if mtls is not None:
+            self.mtls_server = HttpServer(
+                MtlsGate(self.api, self.watchers[mtls.identity], tuple(parse_matcher(p) for p in mtls.allow)),
+                name="mtls",
+                limits=ServerLimits(
+                    request_timeout=mtls.request_timeout,
+                    idle_timeout=mtls.idle_timeout,
+                    max_connections=mtls.max_connections,
+                ),
+                on_response=self._count_response,
+            )
         self.metadata_server: HttpServer | None = None
         self.metadata_port: int | None = None
         metadata = config.listeners.metadata
@@ -132,6 +148,22 @@ class Daemon:
                 )
                 listener = await SocketListener.from_socket(sock)
                 tg.start_soon(self._serve, listener)
+                if self.mtls_server is not None and self.config.listeners.mtls is not None:
+                    mtls = self.config.listeners.mtls
+                    host, port = split_address(mtls.address)
+                    try:
+                        tcp_mtls = await anyio.create_tcp_listener(local_host=host, local_port=port)
+                    except OSError as exc:
+                        raise ListenerError(f"listeners.mtls: cannot listen on {host}:{port}: {exc.strerror}") from None
+                    extra_listeners.append(tcp_mtls)
+                    self.mtls_port = tcp_mtls.extra(anyio.abc.SocketAttribute.local_port)
+                    hot = HotServerContext(self.watchers[mtls.identity].current_tls)
+                    tg.start_soon(
+                        self.mtls_server.serve,
+                        QuietTLSListener(
+                            tcp_mtls, hot.context, standard_compatible=False, handshake_timeout=mtls.request_timeout
+                        ),
+                    )
                 if self.metadata_server is not None and self.config.listeners.metadata is not None:
                     host, port = split_address(self.config.listeners.metadata.address)
                     try:

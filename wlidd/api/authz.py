@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import structlog
 
 from wlidd.config import AccessRule
+from wlidd.errors import SvidError
+from wlidd.svid.model import SpiffeId
+from wlidd.svid.spiffeid import parse_spiffe_id, parse_trust_domain
 
 log = structlog.get_logger("wlidd.authz")
 
@@ -93,17 +96,75 @@ def unix_caller(pid: int | None, uid: int, gid: int | None) -> Caller:
 
 
 @dataclass(frozen=True)
+class Matcher:
+    """A SPIFFE ID matcher: an exact ID, a trust domain (spiffe://td: any member), or a path pattern
+    in which '*' is exactly one segment and a final '**' is one or more segments."""
+
+    trust_domain: str
+    segments: tuple[str, ...] | None  # None: any member of the trust domain
+    text: str
+
+    def matches(self, spiffe_id: SpiffeId) -> bool:
+        if spiffe_id.trust_domain != self.trust_domain:
+            return False
+        if self.segments is None:
+            return True
+        parts = spiffe_id.path[1:].split("/") if spiffe_id.path else []
+        pattern = self.segments
+        if pattern and pattern[-1] == "**":
+            head = pattern[:-1]
+            return len(parts) > len(head) and all(p == "*" or p == s for p, s in zip(head, parts, strict=False))
+        return len(parts) == len(pattern) and all(p == "*" or p == s for p, s in zip(pattern, parts, strict=True))
+
+
+def parse_matcher(pattern: str) -> Matcher:
+    """Parse a matcher, or ValueError saying what is wrong with it."""
+    if not pattern.startswith("spiffe://"):
+        raise ValueError(f"{pattern!r} is not a SPIFFE ID matcher (must start with spiffe://)")
+    trust_domain, slash, path = pattern.removeprefix("spiffe://").partition("/")
+    try:
+        parse_trust_domain(trust_domain)
+    except SvidError as exc:
+        raise ValueError(f"{pattern!r}: {exc.message}") from None
+    if not slash:
+        return Matcher(trust_domain, None, pattern)
+    segments = tuple(path.split("/"))
+    for index, segment in enumerate(segments):
+        if segment == "**" and index != len(segments) - 1:
+            raise ValueError(f"{pattern!r}: '**' may only be the last segment")
+        if segment not in ("*", "**"):
+            try:
+                parse_spiffe_id(f"spiffe://{trust_domain}/{segment}")
+            except SvidError as exc:
+                raise ValueError(f"{pattern!r}: {exc.message}") from None
+    return Matcher(trust_domain, segments, pattern)
+
+
+def match_any(spiffe_id: SpiffeId, matchers: tuple[Matcher, ...]) -> bool:
+    return any(m.matches(spiffe_id) for m in matchers)
+
+
+@dataclass(frozen=True)
 class Rule:
-    """An AccessRule with names resolved to ids once, at start or reload."""
+    """An AccessRule with names resolved to ids and matchers parsed once, at start or reload."""
 
     uids: frozenset[int]
     gids: frozenset[int]
     text: str
+    matchers: tuple[Matcher, ...] = ()
 
     def check(self, caller: Caller, what: str) -> str | None:
         if caller.uid in self.uids or caller.groups & self.gids:
             return None
         return f"{caller.describe()} may not have {what} (allowed: {self.text})"
+
+    def check_spiffe(self, spiffe_id: SpiffeId, what: str, *, allow_without_matchers: bool) -> str | None:
+        """For mTLS callers (already admitted by the listener's `allow`): this rule's spiffe_ids, if any."""
+        if not self.matchers:
+            return None if allow_without_matchers else f"{spiffe_id} may not have {what} (no spiffe_ids allowed for it)"
+        if match_any(spiffe_id, self.matchers):
+            return None
+        return f"{spiffe_id} may not have {what} (allowed: {', '.join(m.text for m in self.matchers)})"
 
 
 def _uid(value: str | int) -> int | None:
@@ -141,7 +202,8 @@ def resolve_rule(rule: AccessRule, where: str) -> Rule:
         f"users {', '.join(map(str, rule.users))}" if rule.users else "",
         f"groups {', '.join(map(str, rule.groups))}" if rule.groups else "",
     ]
-    return Rule(frozenset(uids), frozenset(gids), "; ".join(p for p in parts if p) or "nobody")
+    matchers = tuple(parse_matcher(p) for p in rule.spiffe_ids)
+    return Rule(frozenset(uids), frozenset(gids), "; ".join(p for p in parts if p) or "nobody", matchers)
 
 
 class Policy:

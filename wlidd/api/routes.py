@@ -72,6 +72,13 @@ def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, A
     return document
 
 
+def _who(caller: Caller | str) -> dict[str, Any]:
+    """Audit fields naming a caller."""
+    if isinstance(caller, str):
+        return {"spiffe_id": caller}
+    return {"uid": caller.uid, "gid": caller.gid, "pid": caller.pid, "user": caller.user}
+
+
 def _not_ready_reason(watcher: CredentialWatcher, now: dt.datetime) -> str | None:
     state = watcher.current
     if state is None:
@@ -213,9 +220,19 @@ class Api:
             },
         )
 
-    async def _authorize(self, request: Request, rule: Rule, what: str) -> Caller:
-        """The caller, if `rule` allows it `what`; else 403 with a reason naming the caller (and an audit line)."""
+    async def _authorize(self, request: Request, rule: Rule, what: str, *, spiffe_default: bool) -> Caller | str:
+        """The caller (a Unix Caller, or an mTLS peer's SPIFFE ID) if `rule` allows it `what`; else 403
+        with a reason naming the caller (and an audit line). mTLS peers were admitted by the listener's
+        `allow`; a rule's spiffe_ids narrow that, and without any, `spiffe_default` decides."""
         peer = request.peer
+        if peer.spiffe_id is not None:
+            from wlidd.svid.spiffeid import parse_spiffe_id
+
+            reason = rule.check_spiffe(parse_spiffe_id(peer.spiffe_id), what, allow_without_matchers=spiffe_default)
+            if reason is not None:
+                audit.warning("access denied", route=request.path, spiffe_id=peer.spiffe_id, detail=reason)
+                raise ApiError(403, "forbidden", reason)
+            return peer.spiffe_id
         if peer.uid is None or peer.gid is None or peer.pid is None:
             audit.warning("access denied", route=request.path, reason="not a local Unix caller", peer=peer.address)
             raise ApiError(403, "forbidden", f"{what} is only handed to local Unix callers on this listener")
@@ -248,17 +265,9 @@ class Api:
         if source is None:
             known = ", ".join(self.tokens) or "none"
             return Response.error(404, "unknown_token", f"no token named {name!r} (configured: {known})")
-        caller = await self._authorize(request, self._policy().token(name), f"token {name!r}")
+        caller = await self._authorize(request, self._policy().token(name), f"token {name!r}", spiffe_default=True)
         token = await source.get()
-        audit.info(
-            "token handed out",
-            route=request.path,
-            source=name,
-            uid=caller.uid,
-            gid=caller.gid,
-            pid=caller.pid,
-            user=caller.user,
-        )
+        audit.info("token handed out", route=request.path, source=name, **_who(caller))
         return source, token.expire_time, token.value, self.clock()
 
     async def credentials(self, request: Request, params: dict[str, str]) -> Response:
@@ -266,7 +275,10 @@ class Api:
         if isinstance(watcher, Response):
             return watcher
         caller = await self._authorize(
-            request, self._policy().credentials(watcher.name), f"the credentials of {watcher.name!r}"
+            request,
+            self._policy().credentials(watcher.name),
+            f"the credentials of {watcher.name!r}",
+            spiffe_default=False,
         )
         state = watcher.current
         now = self.clock()
@@ -274,14 +286,7 @@ class Api:
             return Response.error(503, "identity_unavailable", _not_ready_reason(watcher, now) or "not loaded")
         svid = state.identity.svid
         audit.info(
-            "credentials handed out",
-            route=request.path,
-            identity=watcher.name,
-            serial=svid.serial,
-            uid=caller.uid,
-            gid=caller.gid,
-            pid=caller.pid,
-            user=caller.user,
+            "credentials handed out", route=request.path, identity=watcher.name, serial=svid.serial, **_who(caller)
         )
         return Response.json(
             200,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class Peer:
     address: str = ""
     spiffe_id: str | None = None
     certificate: bytes | None = field(default=None, repr=False)  # a TLS peer's leaf, DER
+    verified_chain: tuple[bytes, ...] = field(default=(), repr=False)  # leaf … anchor, as OpenSSL verified it
     tcp_remote: tuple[str, int] | None = None  # a TCP peer: its address, and ours, to find its uid on loopback
     tcp_local: tuple[str, int] | None = None
 
@@ -123,7 +125,20 @@ def stream_peer(stream: ByteStream) -> Peer:
         address = str(stream.extra(SocketAttribute.remote_address))
     except anyio.TypedAttributeLookupError:
         address = ""
-    return Peer(address=address, certificate=der)
+    return Peer(address=address, certificate=der, verified_chain=verified_chain(stream.extra(TLSAttribute.ssl_object)))
+
+
+def verified_chain(ssl_object: ssl.SSLObject) -> tuple[bytes, ...]:
+    """The peer chain OpenSSL verified, leaf to anchor, DER (public API from Python 3.13; before, the
+    same method on the private _sslobj)."""
+    getter = getattr(ssl_object, "get_verified_chain", None) or getattr(
+        getattr(ssl_object, "_sslobj", None), "get_verified_chain", None
+    )
+    if getter is None:
+        return ()
+    chain = getter() or []
+    der = getattr(ssl, "_ssl").ENCODING_DER  # noqa: B009  (the _ssl.Certificate encoding constant)
+    return tuple(c if isinstance(c, bytes) else c.public_bytes(der) for c in chain)
 
 
 def unix_peer(stream: ByteStream) -> Peer:

@@ -1,0 +1,93 @@
+"""The mTLS listener: the identity's current SVID on the server side (hot: rotations need no
+restart), a client certificate required, and callers admitted by their SPIFFE ID.
+
+Client chains are verified by OpenSSL against the union of the configured bundles; then wlidd checks
+what OpenSSL cannot: the leaf is a valid X509-SVID and its chain ends at an anchor of the bundle of
+the leaf's *own* trust domain (one domain's CA cannot mint another's IDs). Then the listener's
+`allow` matchers, then the per-token/identity `spiffe_ids` of [policy].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+
+import anyio
+import structlog
+from anyio.abc import AnyByteStream
+from anyio.streams.tls import TLSListener
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from wlidd.api.authz import Matcher, match_any
+from wlidd.api.server import Handler, Request, Response
+from wlidd.errors import SvidError
+from wlidd.svid.model import SpiffeId
+from wlidd.svid.validate import check_leaf
+from wlidd.watch import CredentialWatcher
+
+log = structlog.get_logger("wlidd.mtls")
+audit = structlog.get_logger("wlidd.audit")
+
+
+class QuietTLSListener(TLSListener):
+    """A TLS listener whose handshake failures are one structured log line with the reason."""
+
+    @staticmethod
+    async def handle_handshake_error(exc: BaseException, stream: AnyByteStream) -> None:
+        await anyio.aclose_forcefully(stream)
+        if isinstance(exc, anyio.get_cancelled_exc_class()) or not isinstance(exc, Exception):
+            raise exc
+        reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else type(exc).__name__
+        log.info("tls handshake failed", reason=str(reason), detail=str(exc)[:200])
+
+
+class MtlsGate:
+    """Wraps the local API: identify the TLS peer, admit it by SPIFFE ID, pass it on."""
+
+    def __init__(self, api: Handler, watcher: CredentialWatcher, allow: tuple[Matcher, ...]) -> None:
+        self.api = api
+        self.watcher = watcher
+        self.allow = allow
+        self._known: dict[tuple[bytes, bytes], SpiffeId | str] = {}
+
+    def identify(self, leaf_der: bytes, anchor_der: bytes) -> SpiffeId | str:
+        """The peer's SPIFFE ID, or why it is refused."""
+        key = (leaf_der, anchor_der)
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        state = self.watcher.current
+        if state is None:
+            return "no identity loaded to check callers against"
+        try:
+            spiffe_id, _ = check_leaf(x509.load_der_x509_certificate(leaf_der))
+        except SvidError as exc:
+            result: SpiffeId | str = f"client certificate is not a valid X509-SVID: {exc.message}"
+        except ValueError:
+            result = "client certificate cannot be parsed"
+        else:
+            bundle = state.identity.bundles.get(spiffe_id.trust_domain)
+            anchors = {c.public_bytes(serialization.Encoding.DER) for c in bundle.authorities} if bundle else set()
+            if anchor_der not in anchors:
+                result = f"the chain of {spiffe_id} does not lead to the {spiffe_id.trust_domain!r} bundle (another trust domain's CA)"
+            else:
+                result = spiffe_id
+        if len(self._known) > 4096:
+            self._known.clear()
+        self._known[key] = result
+        return result
+
+    async def __call__(self, request: Request) -> Response:
+        peer = request.peer
+        if peer.certificate is None or not peer.verified_chain:
+            return Response.error(403, "forbidden", "a client certificate is required")
+        identity = self.identify(peer.certificate, peer.verified_chain[-1])
+        if isinstance(identity, str):
+            audit.warning("access denied", route=request.path, listener="mtls", peer=peer.address, detail=identity)
+            return Response.error(403, "forbidden", identity)
+        if not match_any(identity, self.allow):
+            reason = f"{identity} is not allowed on this listener (allowed: {', '.join(m.text for m in self.allow)})"
+            audit.warning("access denied", route=request.path, listener="mtls", spiffe_id=str(identity), detail=reason)
+            return Response.error(403, "forbidden", reason)
+        return await self.api(dataclasses.replace(request, peer=dataclasses.replace(peer, spiffe_id=str(identity))))
