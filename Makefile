@@ -31,6 +31,7 @@ bench: venv
 	-$(PY) bench/rotation_latency.py
 	-$(PY) bench/token_serve.py
 	-$(PY) bench/fleet.py
+	-$(PY) bench/mtls_handshake.py
 
 soak: venv
 	$(PY) -m pytest -m soak -s $(PYTEST_ARGS)
