@@ -84,6 +84,38 @@ class DaemonConfig(_Strict):
     runtime_dir: ExpandedPath = Path("/run/wlidd")
 
 
+class CredentialSinkConfig(_Strict):
+    """Files for consumers that read credentials from disk, rewritten atomically after every rotation.
+
+    layout "files": cert.pem (chain), key.pem, bundle.pem, and certificate_config.json ("workload" entry);
+    layout "spiffe": svid.pem (key and chain in one file), bundle.<trust domain>.pem per trust domain.
+    """
+
+    dir: ExpandedPath
+    layout: Literal["files", "spiffe"] = "files"
+    certificate_config: ExpandedPath | None = None  # files layout: default <dir>/certificate_config.json
+    mode: FileMode = 0o644
+    key_mode: FileMode = 0o600
+    owner: str | int | None = None
+    group: str | int | None = None
+    on_change: tuple[str, ...] = ()
+    on_change_timeout: Duration = 30.0
+    signal: str | None = None  # e.g. "SIGHUP", sent to the pid in pid_file after each rotation
+    pid_file: ExpandedPath | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CredentialSinkConfig:
+        import signal as signals
+
+        if (self.signal is None) != (self.pid_file is None):
+            raise ValueError("signal and pid_file go together")
+        if self.signal is not None and not hasattr(signals, self.signal.upper()):
+            raise ValueError(f"signal {self.signal!r} is not a signal name (e.g. SIGHUP, SIGUSR1)")
+        if self.key_mode & 0o007:
+            raise ValueError(f"key_mode {self.key_mode:04o} lets every user read the private key; 0640 at most")
+        return self
+
+
 class IdentityConfig(_Strict):
     """Where one identity's X.509-SVID comes from (one source per identity)."""
 
@@ -100,6 +132,7 @@ class IdentityConfig(_Strict):
     mismatch_retry_delay: Duration = 5.0
     debounce: Duration = 0.05
     required: bool = True
+    sinks: tuple[CredentialSinkConfig, ...] = ()
 
     @model_validator(mode="after")
     def _check_source(self) -> IdentityConfig:

@@ -26,6 +26,7 @@ from wlidd.api.routes import Api
 from wlidd.api.server import HttpServer, Request, Response, ServerLimits
 from wlidd.config import Config, split_address
 from wlidd.metrics import Metrics
+from wlidd.sinks import follow_credentials
 from wlidd.svid.load import Clock, CredentialSource, utc_now
 from wlidd.tlsctx import HotServerContext
 from wlidd.tokens.flows import Flow
@@ -138,6 +139,8 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 for watcher in self.watchers.values():
                     await tg.start(watcher.run)
+                    if watcher.source.config.sinks:
+                        tg.start_soon(follow_credentials, watcher, watcher.source.config.sinks)
                 for source in self.tokens.values():
                     await tg.start(source.run)
                 for source in self.tokens.values():

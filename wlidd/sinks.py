@@ -15,18 +15,21 @@ from pathlib import Path
 import anyio
 import structlog
 
-from wlidd.config import SinkConfig
+from wlidd.config import CredentialSinkConfig, SinkConfig
 from wlidd.tokens.model import Token
+from wlidd.watch import CredentialWatcher, IdentityState
 
 log = structlog.get_logger("wlidd.sinks")
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` in one rename; the file never exists with a wider mode."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, uid: int = -1, gid: int = -1) -> None:
+    """Replace `path` with `data` in one rename; the file never exists with a wider mode or another owner."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -79,3 +82,82 @@ async def run_command(argv: list[str], timeout: float, source: str) -> None:
         return
     if result.returncode != 0:
         log.warning("on_change command failed", source=source, command=argv[0], returncode=result.returncode)
+
+
+def _ids(sink: CredentialSinkConfig) -> tuple[int, int]:
+    import grp
+    import pwd
+
+    uid = gid = -1
+    if sink.owner is not None:
+        uid = (
+            sink.owner
+            if isinstance(sink.owner, int)
+            else (int(sink.owner) if sink.owner.isdigit() else pwd.getpwnam(sink.owner).pw_uid)
+        )
+    if sink.group is not None:
+        gid = (
+            sink.group
+            if isinstance(sink.group, int)
+            else (int(sink.group) if sink.group.isdigit() else grp.getgrnam(sink.group).gr_gid)
+        )
+    return uid, gid
+
+
+def credential_files(sink: CredentialSinkConfig, state: IdentityState) -> list[tuple[Path, bytes, int]]:
+    """(path, content, mode) of every file a sink writes for `state` (pure)."""
+    svid = state.identity.svid
+    if sink.layout == "spiffe":
+        files = [(sink.dir / "svid.pem", svid.key_pem() + svid.chain_pem, sink.key_mode)]
+        files += [
+            (sink.dir / f"bundle.{bundle.trust_domain}.pem", bundle.pem, sink.mode) for bundle in state.identity.bundles
+        ]
+        return files
+    cert, key = sink.dir / "cert.pem", sink.dir / "key.pem"
+    config_path = sink.certificate_config or sink.dir / "certificate_config.json"
+    document = {"version": 1, "cert_configs": {"workload": {"cert_path": str(cert), "key_path": str(key)}}}
+    return [
+        (cert, svid.chain_pem, sink.mode),
+        (key, svid.key_pem(), sink.key_mode),
+        (sink.dir / "bundle.pem", state.identity.own_bundle.pem, sink.mode),
+        (config_path, json.dumps(document, indent=2).encode() + b"\n", sink.mode),
+    ]
+
+
+def write_credentials(sink: CredentialSinkConfig, state: IdentityState) -> None:
+    """Write one sink's files. The key is written before the chain that needs it: a reader that sees the
+    new chain finds the new key (and the certificate_config.json names stable paths)."""
+    uid, gid = _ids(sink)
+    files = credential_files(sink, state)
+    files.sort(key=lambda item: 0 if item[2] == sink.key_mode else 1)
+    for path, data, mode in files:
+        write_atomic(path, data, mode, uid, gid)
+
+
+async def publish_credentials(sinks: tuple[CredentialSinkConfig, ...], state: IdentityState) -> None:
+    """Write every sink, then run its command and send its signal. Failures are logged, never raised."""
+    import signal as signals
+
+    for sink in sinks:
+        try:
+            await anyio.to_thread.run_sync(write_credentials, sink, state)
+        except (OSError, KeyError) as exc:
+            log.error("credential sink write failed", identity=state.name, dir=str(sink.dir), error=str(exc))
+            continue
+        log.info("credential sink written", identity=state.name, dir=str(sink.dir), serial=state.identity.svid.serial)
+        if sink.on_change:
+            await run_command(list(sink.on_change), sink.on_change_timeout, state.name)
+        if sink.signal is not None and sink.pid_file is not None:
+            try:
+                pid = int(sink.pid_file.read_text().strip())
+                os.kill(pid, getattr(signals, sink.signal.upper()))
+            except (OSError, ValueError) as exc:
+                log.warning(
+                    "could not signal after rotation", identity=state.name, pid_file=str(sink.pid_file), error=str(exc)
+                )
+
+
+async def follow_credentials(watcher: CredentialWatcher, sinks: tuple[CredentialSinkConfig, ...]) -> None:
+    """Rewrite the sinks on every new identity state."""
+    async for state in watcher.changes():
+        await publish_credentials(sinks, state)
