@@ -110,7 +110,7 @@ async def test_after_a_rotation_the_command_runs_and_the_pid_file_process_is_sig
             await wait_for(lambda: marker.exists() and got_signal.exists())
     finally:
         app.kill()
-        app.wait(10)
+        app.communicate(timeout=10)
     assert got_signal.read_text() == "yes"
 
 
