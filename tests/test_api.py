@@ -260,3 +260,20 @@ async def test_expiry_is_judged_by_the_wall_clock_on_every_request(
     )
     assert document["daemon"]["state"] == "degraded"
     assert identity["valid"] is False
+
+
+def test_socket_owner_and_group_are_applied(tmp_path: Path) -> None:
+    import grp
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    nobody, nogroup = pwd.getpwuid(65534).pw_name, grp.getgrgid(65534).gr_name
+    sock = bind_unix_socket(tmp_path / "o.sock", 0o660, group=nogroup, owner=nobody)
+    try:
+        st = os.stat(tmp_path / "o.sock")
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o660)
+    finally:
+        sock.close()
+    with pytest.raises(ListenerError, match="user 'no-such-user' does not exist"):
+        bind_unix_socket(tmp_path / "p.sock", 0o660, owner="no-such-user")

@@ -300,6 +300,7 @@ class TokenConfig(_Strict):
 class UnixListenerConfig(_Strict):
     path: ExpandedPath = Path("/run/wlidd/wlidd.sock")
     mode: FileMode = 0o660
+    owner: str | None = None
     group: str | None = None
     max_connections: int = Field(default=256, ge=1)
     request_timeout: Duration = 10.0

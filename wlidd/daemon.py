@@ -146,9 +146,8 @@ class Daemon:
                 for source in self.tokens.values():
                     if source.config.require_at_start:
                         await source.wait_until_servable(source.config.require_timeout)
-                sock = bind_unix_socket(
-                    self.socket_path, self.config.listeners.unix.mode, self.config.listeners.unix.group
-                )
+                unix = self.config.listeners.unix
+                sock = bind_unix_socket(self.socket_path, unix.mode, unix.group, owner=unix.owner)
                 listener = await SocketListener.from_socket(sock)
                 tg.start_soon(self._serve, listener)
                 if self.mtls_server is not None and self.config.listeners.mtls is not None:

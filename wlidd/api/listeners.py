@@ -6,6 +6,7 @@ import contextlib
 import errno
 import grp
 import os
+import pwd
 import socket
 import stat
 from pathlib import Path
@@ -20,13 +21,20 @@ class ListenerError(WlidError):
     reason = "listener"
 
 
-def bind_unix_socket(path: Path, mode: int = 0o660, group: str | None = None, backlog: int = 128) -> socket.socket:
+def bind_unix_socket(
+    path: Path, mode: int = 0o660, group: str | None = None, backlog: int = 128, owner: str | None = None
+) -> socket.socket:
     """Bind a listening Unix socket at `path` with `mode`/`group`, replacing only a stale socket.
 
     The socket is created under a tight umask, then opened up with chmod, so there is no window in
     which it is more open than configured.
     """
-    gid = None
+    gid = uid = None
+    if owner is not None:
+        try:
+            uid = int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            raise ListenerError(f"listeners.unix.owner: user {owner!r} does not exist") from None
     if group is not None:
         try:
             gid = grp.getgrnam(group).gr_gid
@@ -45,8 +53,8 @@ def bind_unix_socket(path: Path, mode: int = 0o660, group: str | None = None, ba
     finally:
         os.umask(old_umask)
     try:
-        if gid is not None:
-            os.chown(path, -1, gid)
+        if gid is not None or uid is not None:
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
         os.chmod(path, mode)
         sock.listen(backlog)
     except OSError as exc:
