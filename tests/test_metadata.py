@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import httpx
+import jwt
 import pytest
 
 from tests.conftest import FileSet, in_background
@@ -137,7 +138,8 @@ async def test_every_answer_has_the_flavor_and_the_content_type_google_auth_expe
     for plain in (email, project, universe):
         assert plain.headers["content-type"] == "application/text"
     assert email.text == EMAIL and project.text == "123456789" and universe.text == "googleapis.com"
-    assert identity.status_code == 404 and "ID tokens are not available" in identity.text
+    assert identity.status_code == 200 and identity.headers["content-type"] == "application/text"
+    assert jwt.decode(identity.text, options={"verify_signature": False})["aud"] == "x"
     assert wrong_scope.status_code == 400 and "not granted" in wrong_scope.text
 
 
@@ -207,3 +209,58 @@ def test_the_metadata_listener_needs_a_known_token() -> None:
     args: dict[str, Any] = {"listeners": {"metadata": {"token": "nope", "email": EMAIL}}}
     with pytest.raises(ValueError, match="listeners.metadata.token: no token named 'nope'"):
         Config.model_validate(args)
+
+
+GOOGLE_AUTH_ID_TOKEN = """
+import google.oauth2.id_token
+from google.auth.transport.requests import Request
+print(google.oauth2.id_token.fetch_id_token(Request(), "https://service.example.com"))
+"""
+
+
+async def test_unmodified_google_auth_fetches_an_id_token(daemon: Daemon, tmp_path: Path) -> None:
+    host = f"127.0.0.1:{daemon.metadata_port}"
+    home = tmp_path / "home-id"
+    home.mkdir()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(home),
+        "GCE_METADATA_HOST": host,
+        "GCE_METADATA_IP": host,
+        "GCE_METADATA_MTLS_MODE": "none",
+    }
+    result = await anyio.run_process([sys.executable, "-c", GOOGLE_AUTH_ID_TOKEN], env=env, check=False)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    claims = jwt.decode(result.stdout.decode().strip(), options={"verify_signature": False})
+    assert claims["aud"] == "https://service.example.com" and claims["exp"] > dt.datetime.now(dt.UTC).timestamp()
+
+
+async def test_identity_without_a_way_to_mint_id_tokens_is_a_clear_404() -> None:
+    from wlidd.api.authz import Policy
+    from wlidd.api.metadata import MetadataApi
+    from wlidd.api.server import Peer, Request
+    from wlidd.config import MetadataListenerConfig, PolicyConfig, TokenConfig
+    from wlidd.tokens.flows import Flow
+    from wlidd.tokens.manager import TokenSource
+
+    config = TokenConfig.model_validate(
+        {"flow": "x509-sts", "identity": "default", "sts": {"audience": "//iam.googleapis.com/x"}}
+    )
+    source = TokenSource("x", config, Flow("x", config))
+    api = MetadataApi(
+        MetadataListenerConfig(token="x", email=EMAIL),
+        source,
+        Policy.from_config(PolicyConfig()),
+        lambda: dt.datetime.now(dt.UTC),
+    )
+    request = Request(
+        "GET",
+        "/computeMetadata/v1/instance/service-accounts/default/identity",
+        {"audience": ["a"]},
+        (("metadata-flavor", "Google"),),
+        b"",
+        Peer(),
+        "metadata",
+    )
+    response = await api(request)
+    assert response.status == 404 and b"ID tokens are not available from token 'x'" in response.body

@@ -611,3 +611,32 @@ def test_token_repr_never_shows_the_value() -> None:
     now = dt.datetime.now(dt.UTC)
     token = Token("ya29.super-secret", now + dt.timedelta(hours=1), now, "gcp")
     assert "super-secret" not in repr(token) and "super-secret" not in str(token)
+
+
+async def test_id_tokens_come_from_generate_id_token_over_the_impersonation_and_are_cached(
+    files: FileSet, ca: CertificateAuthority, upstreams: Upstreams, make_source: Any
+) -> None:
+    import jwt
+
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    source, watcher = make_source(x509_token_config(upstreams), files)
+    await watcher.reload("start")
+    first = await source.id_token("https://service.example.com")
+    again = await source.id_token("https://service.example.com")
+    other = await source.id_token("https://other.example.com")
+    claims = jwt.decode(first, options={"verify_signature": False})
+    assert claims["aud"] == "https://service.example.com" and claims["email"] == SA
+    assert again == first and other != first
+    # one exchange (with its generateAccessToken, which also renews the federated token), two generateIdToken calls
+    assert upstreams.calls["sts_mtls"] == 1 and upstreams.calls["iam"] == 3
+
+
+async def test_id_tokens_without_impersonation_are_refused_clearly(
+    files: FileSet, ca: CertificateAuthority, upstreams: Upstreams, make_source: Any
+) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    source, watcher = make_source(x509_token_config(upstreams, impersonate=None), files)
+    await watcher.reload("start")
+    with pytest.raises(UpstreamError) as info:
+        await source.id_token("https://service.example.com")
+    assert info.value.reason == "x509-sts_id_token_unsupported" and not info.value.retryable

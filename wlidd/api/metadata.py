@@ -23,7 +23,7 @@ import structlog
 from wlidd.api.authz import CallerCache, Policy, loopback_peer_uid
 from wlidd.api.server import Request, Response
 from wlidd.config import MetadataListenerConfig
-from wlidd.errors import ApiError
+from wlidd.errors import ApiError, UpstreamError
 from wlidd.svid.load import Clock
 from wlidd.tokens.manager import TokenSource
 
@@ -90,11 +90,7 @@ class MetadataApi:
         if rest == "token":
             return await self._token(request)
         if rest == "identity":
-            return _text(
-                404,
-                f"ID tokens are not available from token {self.source.name!r} (flow {self.source.config.flow}); "
-                "wlidd serves access tokens here",
-            )
+            return await self._identity(request)
         return _text(404, f"{path} is not served here")
 
     async def _token(self, request: Request) -> Response:
@@ -127,6 +123,33 @@ class MetadataApi:
             200,
             {"access_token": token.value, "expires_in": max(0, int(token.seconds_left(now))), "token_type": "Bearer"},
         )
+
+    async def _identity(self, request: Request) -> Response:
+        if not self.source.flow.mints_id_tokens:
+            return _text(
+                404,
+                f"ID tokens are not available from token {self.source.name!r} (flow {self.source.config.flow} without "
+                "impersonation); configure impersonate.service_account or a gce-metadata upstream",
+            )
+        audience = request.query.get("audience", [""])[0]
+        if not audience:
+            return _text(400, "audience is required: .../identity?audience=<aud>")
+        try:
+            caller = await self._authorize(request)
+            token = await self.source.id_token(audience)
+        except ApiError as exc:
+            return _text(exc.http_status, exc.message)
+        except UpstreamError as exc:
+            return _text(503, f"no ID token: {exc.message}")
+        audit.info(
+            "id token handed out",
+            route=request.path,
+            source=self.source.name,
+            uid=caller[0],
+            user=caller[1],
+            listener="metadata",
+        )
+        return _text(200, token)
 
     async def _authorize(self, request: Request) -> tuple[int, str]:
         peer = request.peer

@@ -135,6 +135,8 @@ class Upstreams:
         self.seen_jti: set[str] = set()
         self.issued: dict[str, tuple[dt.datetime, str]] = {}  # STS/IAM/metadata tokens → (expiry, subject)
         self.entra_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.google_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.id_token_lifetime = 3600.0
         self.web_ca = CertificateAuthority("emulator.invalid", intermediate=False)
         workdir.mkdir(parents=True, exist_ok=True)
         self.ca_file = workdir / "emulator-ca.pem"
@@ -514,9 +516,10 @@ class Upstreams:
         if (fault := await self._with_faults("iam", request)) is not None:
             return fault
         name = request.path.removeprefix("/v1/projects/-/serviceAccounts/")
-        if request.method != "POST" or not name.endswith(":generateAccessToken"):
+        method = name.rpartition(":")[2]
+        if request.method != "POST" or method not in ("generateAccessToken", "generateIdToken"):
             return self._google_error("iam", 404, "NOT_FOUND", f"Method not found: {request.method} {request.path}")
-        email = name.removesuffix(":generateAccessToken")
+        email = name.rpartition(":")[0]
         auth = request.header("authorization") or ""
         bearer = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else ""
         issued = self.issued.get(bearer)
@@ -528,6 +531,8 @@ class Upstreams:
             )
         if (request.header("content-type") or "").split(";")[0] != "application/json":
             return self._google_error("iam", 400, "INVALID_ARGUMENT", "Content-Type must be application/json.")
+        if method == "generateIdToken":
+            return self._iam_id_token(email, request.body)
         try:
             body = json.loads(request.body)
             scope = body["scope"]
@@ -545,6 +550,28 @@ class Upstreams:
         self.issued[token] = (expire, email)
         return Response.json(200, {"accessToken": token, "expireTime": _iso(expire)})
 
+    def id_token(self, email: str, audience: str) -> str:
+        """A Google-style ID token (RS256, emulator key) for `email` and `audience`."""
+        now = int(dt.datetime.now(dt.UTC).timestamp())
+        claims: dict[str, object] = {
+            "iss": "https://accounts.google.com",
+            "aud": audience,
+            "sub": email,
+            "email": email,
+        }
+        claims |= {"email_verified": True, "iat": now, "exp": now + int(self.id_token_lifetime)}
+        return jwt.encode(claims, self.google_key, algorithm="RS256", headers={"kid": "emulator-google"})
+
+    def _iam_id_token(self, email: str, body_bytes: bytes) -> Response:
+        try:
+            body = json.loads(body_bytes)
+            audience = body["audience"]
+        except (ValueError, KeyError, TypeError):
+            return self._google_error("iam", 400, "INVALID_ARGUMENT", "audience is required.")
+        if not isinstance(audience, str) or not audience:
+            return self._google_error("iam", 400, "INVALID_ARGUMENT", "audience must be a non-empty string.")
+        return Response.json(200, {"token": self.id_token(email, audience)})
+
     # ---- metadata --------------------------------------------------------------------------
     async def _metadata(self, request: Request) -> Response:
         flavor = (("metadata-flavor", "Google"),)
@@ -557,6 +584,11 @@ class Upstreams:
         prefix = "/computeMetadata/v1/instance/service-accounts/"
         if request.path == "/":
             return Response(200, b"computeMetadata/\n", "application/text", flavor)
+        if request.path.startswith(prefix) and request.path.endswith("/identity"):
+            audience = request.query.get("audience", [""])[0]
+            if not audience:
+                return Response(400, b"non-empty audience parameter required", "text/html", flavor)
+            return Response(200, self.id_token(self.metadata_email, audience).encode(), "text/html", flavor)
         if request.path.startswith(prefix) and request.path.endswith("/token"):
             account = request.path.removeprefix(prefix).removesuffix("/token")
             if account not in ("default", self.metadata_email):

@@ -24,8 +24,8 @@ from wlidd.svid.parse import parse_chain, parse_private_key
 from wlidd.tlsctx import load_identity_into
 from wlidd.tokens.model import Token
 from wlidd.tokens.providers.entra import fetch_entra_token
-from wlidd.tokens.providers.impersonate import generate_access_token
-from wlidd.tokens.providers.metadata import fetch_metadata_token
+from wlidd.tokens.providers.impersonate import generate_access_token, generate_id_token
+from wlidd.tokens.providers.metadata import fetch_metadata_identity, fetch_metadata_token
 from wlidd.tokens.providers.sts import JWT_TOKEN_TYPE, MTLS_TOKEN_TYPE, exchange, mtls_subject_token
 from wlidd.watch import IdentityState
 
@@ -64,6 +64,13 @@ class Flow:
     current_identity: CurrentIdentity | None = None
     _plain: httpx.AsyncClient | None = field(default=None, repr=False)
     _mtls: tuple[int, httpx.AsyncClient] | None = field(default=None, repr=False)
+    # The last federated (STS) token and the client it was obtained over: generateIdToken needs it.
+    _federated: tuple[str, dt.datetime, httpx.AsyncClient] | None = field(default=None, repr=False)
+
+    @property
+    def mints_id_tokens(self) -> bool:
+        """ID tokens come from IAM generateIdToken (when impersonating) or a metadata upstream."""
+        return self.config.flow == "gce-metadata" or self.config.impersonate is not None
 
     @property
     def plain(self) -> httpx.AsyncClient:
@@ -109,9 +116,36 @@ class Flow:
         state = _require_identity(self.current_identity, self.config.identity, now)
         return state.identity.svid.private_key, state.identity.svid.leaf
 
+    async def fetch_id_token(self, audience: str, now: dt.datetime) -> str:
+        """An ID token for `audience`; UpstreamError(code id_token_unsupported) when this flow cannot mint one."""
+        if self.config.flow == "gce-metadata":
+            meta = self.config.metadata_config()
+            return await fetch_metadata_identity(self.plain, meta.url, account=meta.account, audience=audience)
+        imp = self.config.impersonate
+        if imp is None:
+            raise UpstreamError(
+                self.config.flow,
+                "ID tokens need a service account to impersonate (impersonate.service_account)",
+                code="id_token_unsupported",
+                retryable=False,
+            )
+        federated = self._federated
+        if federated is None or (federated[1] - now).total_seconds() < self.config.skew:
+            await self.fetch(now)  # a fresh exchange also renews the federated token
+            federated = self._federated
+        assert federated is not None
+        return await generate_id_token(
+            federated[2],
+            self.config.impersonate_base(),
+            service_account=imp.service_account,
+            bearer=federated[0],
+            audience=audience,
+        )
+
     async def _impersonate(
         self, client: httpx.AsyncClient, federated: str, expires_in: float, now: dt.datetime
     ) -> tuple[str, dt.datetime]:
+        self._federated = (federated, now + dt.timedelta(seconds=expires_in), client)
         imp = self.config.impersonate
         if imp is None:
             return federated, now + dt.timedelta(seconds=expires_in)

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import jwt
 import structlog
 from anyio.abc import TaskStatus
 
@@ -85,6 +86,8 @@ class TokenSource:
         self._inflight: anyio.Event | None = None
         self._wake = anyio.Event()
         self._changed = anyio.Event()
+        self._id_tokens: dict[str, tuple[str, dt.datetime]] = {}
+        self._id_locks: dict[str, anyio.Lock] = {}
         self._log = log.bind(source=name, flow=config.flow)
 
     # ---- serving ---------------------------------------------------------------------------
@@ -123,6 +126,28 @@ class TokenSource:
             if token is not None:
                 return token
         raise TokenUnavailable(self.name, self.not_servable_reason(self.clock()))
+
+    async def id_token(self, audience: str) -> str:
+        """An ID token for `audience`, cached until `skew` before its exp; one fetch per audience at a time."""
+        lock = self._id_locks.setdefault(audience, anyio.Lock())
+        async with lock:
+            cached = self._id_tokens.get(audience)
+            now = self.clock()
+            if cached is not None and (cached[1] - now).total_seconds() > self.config.skew:
+                return cached[0]
+            value = await self.flow.fetch_id_token(audience, now)
+            try:
+                claims = jwt.decode(value, options={"verify_signature": False})
+                expiry = dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
+            except (jwt.PyJWTError, KeyError, ValueError, TypeError):
+                raise UpstreamError(
+                    self.config.flow, "the ID token has no readable exp claim", code="bad_response"
+                ) from None
+            if len(self._id_tokens) > 256:
+                self._id_tokens.clear()
+            self._id_tokens[audience] = (value, expiry)
+            self._log.info("id token fetched", audience=audience, expire_time=_iso(expiry))
+            return value
 
     # ---- refreshing ------------------------------------------------------------------------
     async def refresh(self, reason: str) -> Token:

@@ -38,3 +38,25 @@ async def generate_access_token(
         headers={"Authorization": f"Bearer {bearer}"},
     )
     return require_str(document, "accessToken", "iam"), parse_rfc3339(require_str(document, "expireTime", "iam"), "iam")
+
+
+async def generate_id_token(
+    client: httpx.AsyncClient,
+    base: str,
+    *,
+    service_account: str,
+    bearer: str,
+    audience: str,
+    include_email: bool = True,
+) -> str:
+    """An OIDC ID token (JWT) for `service_account` with `audience` (IAM Credentials generateIdToken)."""
+    url = f"{base.rstrip('/')}/v1/projects/-/serviceAccounts/{quote(service_account, safe='@')}:generateIdToken"
+    document, _ = await request_json(
+        client,
+        "iam",
+        "POST",
+        url,
+        json={"audience": audience, "includeEmail": include_email},
+        headers={"Authorization": f"Bearer {bearer}"},
+    )
+    return require_str(document, "token", "iam")

@@ -24,3 +24,26 @@ async def fetch_metadata_token(
             "metadata", f"{url} is not a metadata server (no Metadata-Flavor: Google)", code="not_metadata"
         )
     return require_str(document, "access_token", "metadata"), require_seconds(document, "expires_in", "metadata")
+
+
+async def fetch_metadata_identity(
+    client: httpx.AsyncClient, base: str, *, account: str = "default", audience: str
+) -> str:
+    """An ID token from the metadata server's identity endpoint (format=full)."""
+    url = f"{base.rstrip('/')}/computeMetadata/v1/instance/service-accounts/{account}/identity"
+    try:
+        response = await client.get(
+            url, params={"audience": audience, "format": "full"}, headers={"Metadata-Flavor": "Google"}
+        )
+    except httpx.TimeoutException:
+        raise UpstreamError("metadata", "metadata did not answer in time", code="timeout") from None
+    except httpx.TransportError as exc:
+        raise UpstreamError("metadata", f"metadata unreachable: {type(exc).__name__}", code="connect") from None
+    if response.status_code != 200:
+        from wlidd.tokens.providers.http import error_from_response
+
+        raise error_from_response("metadata", response)
+    token = response.text.strip()
+    if token.count(".") != 2:
+        raise UpstreamError("metadata", "metadata identity answer is not a JWT", code="bad_response", status=200)
+    return token
