@@ -40,3 +40,16 @@ def test_configured_json_logger_redacts() -> None:
     line = json.loads(out.getvalue())
     assert line["token"] == REDACTED and JWT not in out.getvalue() and line["level"] == "info"
     configure_logging("info", "console")
+
+
+def test_under_journald_lines_carry_their_syslog_priority_and_no_timestamp() -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", out, journald=True)
+    log = structlog.get_logger("t")
+    log.info("hello")
+    log.warning("careful")
+    log.error("broken")
+    configure_logging("info", "console")
+    lines = out.getvalue().splitlines()
+    assert [line[:3] for line in lines] == ["<6>", "<4>", "<3>"]
+    assert all("timestamp" not in json.loads(line[3:]) for line in lines)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,16 @@ from wlidd.config import Config, split_address
 from wlidd.metrics import Metrics
 from wlidd.sinks import follow_credentials
 from wlidd.svid.load import Clock, CredentialSource, utc_now
+from wlidd.systemd import Notifier, listen_fds, watchdog_period
 from wlidd.tlsctx import HotServerContext
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher
 
 log = structlog.get_logger("wlidd.daemon")
+
+DRAIN_TIMEOUT = 10.0  # seconds in-flight requests get to finish on stop
+STATUS_INTERVAL = 10.0  # how often the STATUS= line is recomputed
 
 
 class Daemon:
@@ -105,6 +110,12 @@ class Daemon:
             )
         self._request_counters: dict[tuple[str, str, int], Any] = {}
         self._stopping = anyio.Event()
+        self._environ: Mapping[str, str] = os.environ if environ is None else environ
+        self._activation_environ: MutableMapping[str, str] = os.environ if environ is None else dict(environ)
+        self.notifier = Notifier(self._environ)
+        self.drain_timeout = DRAIN_TIMEOUT
+        self._unix_activated = False
+        self._task_group: anyio.abc.TaskGroup | None = None
 
     def _count_response(self, request: Request, response: Response) -> None:
         if response.status == 404:
@@ -125,7 +136,12 @@ class Daemon:
         self._stopping.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run until stopped (signal or `stop()`); returns normally on a graceful stop."""
+        """Run until stopped (signal or `stop()`); returns normally on a graceful stop.
+
+        READY=1 is sent only once credentials were loaded, required tokens obtained and every listener
+        bound; STOPPING=1 when stopping; listeners stop accepting first, in-flight requests get
+        `drain_timeout` to finish.
+        """
         log.info(
             "starting",
             identities=sorted(self.watchers),
@@ -133,10 +149,11 @@ class Daemon:
             socket=str(self.socket_path),
             pid=os.getpid(),
         )
-        listener: SocketListener | None = None
-        extra_listeners: list[anyio.abc.Listener[Any]] = []
+        activated = listen_fds(self._activation_environ)
+        listeners: list[anyio.abc.Listener[Any]] = []
         try:
             async with anyio.create_task_group() as tg:
+                self._task_group = tg
                 for watcher in self.watchers.values():
                     await tg.start(watcher.run)
                     if watcher.source.config.sinks:
@@ -145,66 +162,140 @@ class Daemon:
                     await tg.start(source.run)
                 for source in self.tokens.values():
                     if source.config.require_at_start:
+                        self.notifier.status(f"waiting for token {source.name!r}")
                         await source.wait_until_servable(source.config.require_timeout)
-                unix = self.config.listeners.unix
-                sock = bind_unix_socket(self.socket_path, unix.mode, unix.group, owner=unix.owner)
-                listener = await SocketListener.from_socket(sock)
-                tg.start_soon(self._serve, listener)
-                if self.mtls_server is not None and self.config.listeners.mtls is not None:
-                    mtls = self.config.listeners.mtls
-                    host, port = split_address(mtls.address)
-                    try:
-                        tcp_mtls = await anyio.create_tcp_listener(local_host=host, local_port=port)
-                    except OSError as exc:
-                        raise ListenerError(f"listeners.mtls: cannot listen on {host}:{port}: {exc.strerror}") from None
-                    extra_listeners.append(tcp_mtls)
-                    self.mtls_port = tcp_mtls.extra(anyio.abc.SocketAttribute.local_port)
-                    hot = HotServerContext(self.watchers[mtls.identity].current_tls)
-                    tg.start_soon(
-                        self.mtls_server.serve,
-                        QuietTLSListener(
-                            tcp_mtls, hot.context, standard_compatible=False, handshake_timeout=mtls.request_timeout
-                        ),
-                    )
-                if self.metadata_server is not None and self.config.listeners.metadata is not None:
-                    host, port = split_address(self.config.listeners.metadata.address)
-                    try:
-                        tcp = await anyio.create_tcp_listener(local_host=host, local_port=port)
-                    except OSError as exc:
-                        raise ListenerError(
-                            f"listeners.metadata: cannot listen on {host}:{port}: {exc.strerror}"
-                        ) from None
-                    extra_listeners.append(tcp)
-                    self.metadata_port = tcp.extra(anyio.abc.SocketAttribute.local_port)
-                    tg.start_soon(self.metadata_server.serve, tcp)
+                await self._start_listeners(tg, activated, listeners)
                 tg.start_soon(self._signals)
-                now = self.clock()
-                invalid = [name for name, w in self.watchers.items() if not w.is_valid(now)]
+                if (period := watchdog_period(self._environ)) is not None:
+                    tg.start_soon(self._watchdog, period)
+                tg.start_soon(self._status_line)
+                invalid = [name for name, w in self.watchers.items() if not w.is_valid(self.clock())]
                 log.info("ready", socket=str(self.socket_path), invalid_identities=invalid)
+                self.notifier.ready(self.summary())
                 task_status.started()
                 await self._stopping.wait()
                 log.info("stopping")
+                self.notifier.stopping()
+                with anyio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await listener.aclose()  # stop accepting
+                    with anyio.move_on_after(self.drain_timeout):
+                        for server in self._servers():
+                            await server.drain()
                 for watcher in self.watchers.values():
                     watcher.close()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                if listener is not None:
+                for listener in listeners:
                     await listener.aclose()
-                for other in extra_listeners:
-                    await other.aclose()
                 for source in self.tokens.values():
                     await source.flow.aclose()
-        try:
-            if self.socket_path.is_socket():
-                self.socket_path.unlink()
-        except OSError:
-            pass
+                for sock in activated.values():
+                    sock.close()
+            self.notifier.close()
+        if not self._unix_activated:
+            with contextlib.suppress(OSError):
+                if self.socket_path.is_socket():
+                    self.socket_path.unlink()
         log.info("stopped")
 
-    async def _serve(self, listener: SocketListener) -> None:
+    def _servers(self) -> list[HttpServer]:
+        return [s for s in (self.unix_server, self.mtls_server, self.metadata_server) if s is not None]
+
+    async def _tcp(self, name: str, address: str, activated: dict[str, socket.socket]) -> anyio.abc.Listener[Any]:
+        sock = activated.pop(name, None)
+        if sock is not None:
+            sock.setblocking(False)
+            return await SocketListener.from_socket(sock)
+        host, port = split_address(address)
+        try:
+            return await anyio.create_tcp_listener(local_host=host, local_port=port)
+        except OSError as exc:
+            raise ListenerError(f"listeners.{name}: cannot listen on {host}:{port}: {exc.strerror}") from None
+
+    async def _start_listeners(
+        self, tg: anyio.abc.TaskGroup, activated: dict[str, socket.socket], listeners: list[anyio.abc.Listener[Any]]
+    ) -> None:
+        unix = self.config.listeners.unix
+        inherited = activated.pop("unix", None)
+        if inherited is None:
+            # A lone socket from a unit without FileDescriptorName= arrives as "unknown" or the unit's name.
+            for name in ("wlidd.socket", "unknown"):
+                if name in activated and activated[name].family == socket.AF_UNIX:
+                    inherited = activated.pop(name)
+                    break
+        if inherited is not None:
+            self._unix_activated = True
+            inherited.setblocking(False)
+            log.info("using the socket-activated Unix socket", fd=inherited.fileno())
+            sock = inherited
+        else:
+            sock = bind_unix_socket(self.socket_path, unix.mode, unix.group, owner=unix.owner)
+        listener = await SocketListener.from_socket(sock)
+        listeners.append(listener)
+        tg.start_soon(self._serve, self.unix_server, listener)
+        mtls = self.config.listeners.mtls
+        if self.mtls_server is not None and mtls is not None:
+            tcp = await self._tcp("mtls", mtls.address, activated)
+            listeners.append(tcp)
+            self.mtls_port = tcp.extra(anyio.abc.SocketAttribute.local_port)
+            hot = HotServerContext(self.watchers[mtls.identity].current_tls)
+            tls = QuietTLSListener(tcp, hot.context, standard_compatible=False, handshake_timeout=mtls.request_timeout)
+            tg.start_soon(self._serve, self.mtls_server, tls)
+        metadata = self.config.listeners.metadata
+        if self.metadata_server is not None and metadata is not None:
+            tcp = await self._tcp("metadata", metadata.address, activated)
+            listeners.append(tcp)
+            self.metadata_port = tcp.extra(anyio.abc.SocketAttribute.local_port)
+            tg.start_soon(self._serve, self.metadata_server, tcp)
+        for name in activated:
+            log.warning("a socket-activated socket matches no configured listener; ignored", name=name)
+
+    def summary(self) -> str:
+        """One line for systemctl status: how many identities and tokens are valid, and what is not."""
+        now = self.clock()
+        bad = [f"identity {n}" for n, w in self.watchers.items() if not w.is_valid(now)]
+        bad += [f"token {n}" for n, t in self.tokens.items() if t.servable(now) is None and not t.config.on_demand]
+        head = f"{len(self.watchers)} identities, {len(self.tokens)} tokens"
+        return f"serving {head}" if not bad else f"degraded ({head}): not valid: {', '.join(bad)}"
+
+    def healthy(self) -> bool:
+        """Every required identity valid and every required token servable, now."""
+        now = self.clock()
+        return all(w.is_valid(now) for w in self.watchers.values() if w.source.config.required) and all(
+            t.servable(now) is not None for t in self.tokens.values() if t.config.require_at_start
+        )
+
+    async def _watchdog(self, period: float) -> None:
+        """WATCHDOG=1 every half period, only while healthy: the loop answered in time and credentials are valid."""
+        warned = False
+        while True:
+            before = anyio.current_time()
+            await anyio.sleep(period)
+            lag = anyio.current_time() - before - period
+            if lag < period and self.healthy():
+                self.notifier.watchdog()
+                warned = False
+            elif not warned:
+                log.warning(
+                    "health check failed: watchdog pings withheld", loop_lag=round(lag, 3), status=self.summary()
+                )
+                warned = True
+
+    async def _status_line(self) -> None:
+        last = ""
+        while True:
+            line = self.summary()
+            if line != last:
+                self.notifier.status(line)
+                last = line
+            await anyio.sleep(STATUS_INTERVAL)
+
+    @staticmethod
+    async def _serve(server: HttpServer, listener: anyio.abc.Listener[Any]) -> None:
         with contextlib.suppress(anyio.ClosedResourceError):
-            await self.unix_server.serve(listener)
+            await server.serve(listener)
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:

@@ -41,23 +41,36 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Configure structlog once for the process."""
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2, "exception": 3}
+
+
+def journald_priority(_: Any, method: str, rendered: Any) -> Any:
+    """Last processor under journald: prefix the rendered line with its syslog priority (`<4>...`)."""
+    return f"<{SYSLOG_PRIORITY.get(method, 6)}>{rendered}"
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "auto", stream: TextIO | None = None, *, journald: bool | None = None
+) -> None:
+    """Configure structlog once for the process. Under journald (stderr is the journal stream), lines
+    carry no timestamp (the journal adds its own) and start with their syslog priority."""
     out = stream or sys.stderr
+    if journald is None:
+        from wlidd.systemd import journald_stderr
+
+        journald = stream is None and journald_stderr()
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact,
-    ]
+    processors: list[Any] = [structlog.contextvars.merge_contextvars, structlog.processors.add_log_level]
+    if not journald:
+        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+    processors.append(redact)
     if use_json:
-        processors += [
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=False),
-        ]
+        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(sort_keys=False)]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback))
+        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback, colors=not journald)
+        processors.append(renderer)
+    if journald:
+        processors.append(journald_priority)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),

@@ -235,12 +235,27 @@ class HttpServer:
         self._slots = anyio.CapacityLimiter(self.limits.max_connections)
         self._open: set[_Connection] = set()
         self._arrived = anyio.Event()
+        self._closing = False
 
     async def serve(self, listener: anyio.abc.Listener[Any]) -> None:
         """Accept from `listener` until cancelled, with the timeout sweeper."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._sweep)
-            await listener.serve(self.serve_stream)
+            try:
+                # Connections run in our task group, so closing the listener does not cut them off.
+                await listener.serve(self.serve_stream, task_group=tg)
+            except* (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass  # the listener was closed: stop accepting (graceful stop)
+            self._closing = True
+            self._arrived.set()
+            while self._open:  # requests in flight finish; idle connections are closed by the sweeper
+                await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+
+    async def drain(self) -> None:
+        """Wait until no request is being handled (idle keep-alive connections do not count)."""
+        while any(c.phase == "busy" for c in self._open):
+            await anyio.sleep(0.02)
 
     async def _sweep(self) -> None:
         tick = max(0.02, min(self.limits.request_timeout, self.limits.idle_timeout) / 4)
@@ -250,7 +265,12 @@ class HttpServer:
                 self._arrived = anyio.Event()
             await anyio.sleep(tick)
             now = anyio.current_time()
-            for connection in [c for c in self._open if c.deadline <= now and not c.timed_out]:
+            expired = [
+                c
+                for c in self._open
+                if not c.timed_out and (c.deadline <= now or (self._closing and c.phase == "idle"))
+            ]
+            for connection in expired:
                 connection.timed_out = True
                 if connection.phase == "request":
                     with anyio.move_on_after(1.0), _quiet():
@@ -346,6 +366,7 @@ class HttpServer:
             if self.on_response is not None:
                 self.on_response(request, response)
             close = conn.their_state is h11.MUST_CLOSE or not _keep_alive(received[0])
+            close = close or self._closing
             await stream.send(serialize_response(response, close=close, head=request.method == "HEAD"))
             if close:
                 return
