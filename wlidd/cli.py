@@ -32,11 +32,12 @@ def _load(args: argparse.Namespace) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from wlidd.daemon import Daemon
 
-    config = _load(args)
+    path = config_path_from(args.config, os.environ)
+    config = load_config(path)
     configure_logging(args.log_level or config.daemon.log_level, config.daemon.log_format)
     if not config.identities and not config.tokens:
         raise WlidError("nothing to serve: add an [identities.<name>] or a [tokens.<name>] table to the config")
-    anyio.run(Daemon(config).run)
+    anyio.run(Daemon(config, config_path=path).run)
     return 0
 
 

@@ -25,7 +25,9 @@ from wlidd.api.metadata import MetadataApi
 from wlidd.api.mtls import MtlsGate, QuietTLSListener
 from wlidd.api.routes import Api
 from wlidd.api.server import HttpServer, Request, Response, ServerLimits
-from wlidd.config import Config, split_address
+from wlidd.config import Config, load_config, split_address
+from wlidd.errors import ConfigError
+from wlidd.logs import configure_logging
 from wlidd.metrics import Metrics
 from wlidd.sinks import follow_credentials
 from wlidd.svid.load import Clock, CredentialSource, utc_now
@@ -44,8 +46,16 @@ STATUS_INTERVAL = 10.0  # how often the STATUS= line is recomputed
 class Daemon:
     """Everything one `wlidd run` process serves."""
 
-    def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock = utc_now,
+        config_path: Path | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
         self.clock = clock
         self.metrics = Metrics()
         env = dict(os.environ if environ is None else environ)
@@ -156,8 +166,7 @@ class Daemon:
                 self._task_group = tg
                 for watcher in self.watchers.values():
                     await tg.start(watcher.run)
-                    if watcher.source.config.sinks:
-                        tg.start_soon(follow_credentials, watcher, watcher.source.config.sinks)
+                    tg.start_soon(follow_credentials, watcher)
                 for source in self.tokens.values():
                     await tg.start(source.run)
                 for source in self.tokens.values():
@@ -301,9 +310,75 @@ class Daemon:
         with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: re-reading credentials")
-                    for watcher in self.watchers.values():
-                        watcher.request_reload("sighup")
+                    await self.reload()
                 else:
                     log.info("signal received, stopping", signal=signal.Signals(signum).name)
                     self.stop()
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config (applying what can change safely) and every identity's files.
+
+        A new config that does not validate is refused with its reason and the old one kept.
+        Safe to change live: log level and format, [policy], sinks of identities and tokens. Anything
+        else is reported as needing a restart.
+        """
+        self.notifier.reloading()
+        log.info("SIGHUP: reloading")
+        if self.config_path is not None:
+            try:
+                new = load_config(self.config_path, dict(self._environ))
+            except ConfigError as exc:
+                log.error("reload refused: the new configuration is invalid; the running one stays", detail=exc.message)
+                self.notifier.status("reload refused: " + exc.message.splitlines()[-1].strip())
+                new = None
+            if new is not None:
+                self._apply(new)
+        for watcher in self.watchers.values():
+            watcher.request_reload("sighup")
+        self.notifier.ready(self.summary())
+
+    def _apply(self, new: Config) -> None:
+        old = self.config
+        restart: list[str] = []
+        if new.daemon != old.daemon:
+            configure_logging(new.daemon.log_level, new.daemon.log_format)
+            if new.daemon.runtime_dir != old.daemon.runtime_dir:
+                restart.append("daemon.runtime_dir")
+        if new.policy != old.policy:
+            self.policy = Policy.from_config(new.policy)
+            self.api.policy = self.policy
+            if isinstance(self.metadata_server, HttpServer) and isinstance(self.metadata_server.handler, MetadataApi):
+                self.metadata_server.handler.policy = self.policy
+            log.info("policy reloaded")
+        for kind, old_items, new_items in (
+            ("identities", old.identities, new.identities),
+            ("tokens", old.tokens, new.tokens),
+        ):
+            for name in sorted(set(old_items) | set(new_items)):
+                before, after = old_items.get(name), new_items.get(name)
+                if before is None or after is None:
+                    restart.append(f"{kind}.{name} (added or removed)")
+                elif before.model_dump(exclude={"sinks"}) != after.model_dump(exclude={"sinks"}):
+                    restart.append(f"{kind}.{name}")
+                elif before.sinks != after.sinks:
+                    if kind == "identities":
+                        watcher = self.watchers[name]
+                        watcher.source = CredentialSource(name, after, dict(self._environ))  # type: ignore[arg-type]
+                    else:
+                        self.tokens[name].config = after  # type: ignore[assignment]
+                    log.info("sinks reloaded", section=f"{kind}.{name}")
+        if new.listeners != old.listeners:
+            restart.append("listeners")
+        if restart:
+            log.warning("these changes take effect only after a restart", sections=restart)
+        # What runs now: the new safe parts, and the old version of everything that needs a restart.
+        keep_ids = {
+            n: (new.identities[n] if n in new.identities and f"identities.{n}" not in restart else c)
+            for n, c in old.identities.items()
+        }
+        keep_tokens = {
+            n: (new.tokens[n] if n in new.tokens and f"tokens.{n}" not in restart else c) for n, c in old.tokens.items()
+        }
+        self.config = old.model_copy(
+            update={"daemon": new.daemon, "policy": new.policy, "identities": keep_ids, "tokens": keep_tokens}
+        )

@@ -157,7 +157,8 @@ async def publish_credentials(sinks: tuple[CredentialSinkConfig, ...], state: Id
                 )
 
 
-async def follow_credentials(watcher: CredentialWatcher, sinks: tuple[CredentialSinkConfig, ...]) -> None:
-    """Rewrite the sinks on every new identity state."""
+async def follow_credentials(watcher: CredentialWatcher) -> None:
+    """Rewrite the identity's sinks (as configured now: a reload may change them) on every new state."""
     async for state in watcher.changes():
-        await publish_credentials(sinks, state)
+        if watcher.source.config.sinks:
+            await publish_credentials(watcher.source.config.sinks, state)

@@ -98,7 +98,10 @@ def listen_fds(environ: MutableMapping[str, str] | None = None, pid: int | None 
         fd = SD_LISTEN_FDS_START + index
         os.set_inheritable(fd, False)
         name = names[index] if index < len(names) and names[index] else "unknown"
-        sockets[name] = socket.socket(fileno=fd)
+        try:
+            sockets[name] = socket.socket(fileno=fd)
+        except OSError:
+            continue  # not a socket (a FIFO or a special file from a unit): not ours to use
     return sockets
 
 
