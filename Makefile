@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint pytest bench soak clean
+.PHONY: venv demo test lint pytest bench soak clean install
 
 venv: $(STAMP)
 
@@ -38,3 +38,26 @@ soak: venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info
+
+# make install [PREFIX=/opt/wlidd] [DESTDIR=] [SYSCONFDIR=/etc] [UNITDIR=/etc/systemd/system]
+# wlidd in its own virtualenv under PREFIX, the systemd units, and the example config (never overwritten).
+PREFIX     ?= /opt/wlidd
+SYSCONFDIR ?= /etc
+UNITDIR    ?= /etc/systemd/system
+
+install:
+	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
+	$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet --upgrade pip
+	$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet .
+	# a staged (DESTDIR) venv must name its final location in its scripts
+	if [ -n "$(DESTDIR)" ]; then for f in $(DESTDIR)$(PREFIX)/bin/*; do \
+		if [ ! -L "$$f" ] && grep -qI "$(DESTDIR)" "$$f"; then sed -i "s|$(DESTDIR)$(PREFIX)|$(PREFIX)|g" "$$f"; fi; \
+	done; fi
+	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/share/doc/wlidd $(DESTDIR)$(SYSCONFDIR)/wlidd
+	sed "s|/opt/wlidd|$(PREFIX)|g; s|/etc/wlidd/|$(SYSCONFDIR)/wlidd/|g" systemd/wlidd.service > $(DESTDIR)$(UNITDIR)/wlidd.service
+	install -m 0644 systemd/wlidd.socket $(DESTDIR)$(UNITDIR)/wlidd.socket
+	chmod 0644 $(DESTDIR)$(UNITDIR)/wlidd.service
+	install -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/wlidd/README.md
+	install -m 0644 etc/wlidd.toml $(DESTDIR)$(PREFIX)/share/doc/wlidd/wlidd.toml.example
+	install -m 0644 etc/certificate_config.json $(DESTDIR)$(PREFIX)/share/doc/wlidd/certificate_config.json.example
+	test -e $(DESTDIR)$(SYSCONFDIR)/wlidd/wlidd.toml || install -m 0640 etc/wlidd.toml $(DESTDIR)$(SYSCONFDIR)/wlidd/wlidd.toml

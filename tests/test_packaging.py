@@ -1,0 +1,110 @@
+"""The unit files, the example config and `make install`."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from wlidd.config import Config, load_config, read_certificate_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(ROOT / "systemd" / name)
+    return parser
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (.ci/run installs it)"
+)
+def test_the_service_unit_scores_an_exposure_of_at_most_2() -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(ROOT / "systemd" / "wlidd.service")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for wlidd\.service: ([0-9.]+)", result.stdout + result.stderr)
+    assert match, result.stdout[-2000:] + result.stderr[-2000:]
+    assert float(match.group(1)) <= 2.0
+
+
+def test_the_service_is_type_notify_with_reload_watchdog_and_its_directories() -> None:
+    service = unit("wlidd.service")["Service"]
+    assert service["Type"] == "notify" and service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["WatchdogSec"] and service["RuntimeDirectory"] == "wlidd" and service["StateDirectory"] == "wlidd"
+    assert service["User"] == "wlidd" and service["ProtectSystem"] == "strict"
+    assert "PrivateNetwork" not in service  # upstreams are reached over the network
+
+
+def test_the_socket_unit_matches_the_default_unix_listener() -> None:
+    socket_unit = unit("wlidd.socket")["Socket"]
+    default = Config().listeners.unix
+    assert socket_unit["ListenStream"] == str(default.path) and socket_unit["FileDescriptorName"] == "unix"
+    assert socket_unit["SocketMode"] == "0660"
+
+
+def _field_names(model: type[BaseModel], seen: set[type[BaseModel]] | None = None) -> set[str]:
+    seen = seen or set()
+    names: set[str] = set()
+    for name, field in model.model_fields.items():
+        names.add(name)
+        for candidate in (*getattr(field.annotation, "__args__", ()), field.annotation):
+            inner = [a for a in getattr(candidate, "__args__", ()) if isinstance(a, type)] + [candidate]
+            for kind in inner:
+                if isinstance(kind, type) and issubclass(kind, BaseModel) and kind not in seen:
+                    seen.add(kind)
+                    names |= _field_names(kind, seen)
+    return names
+
+
+def test_the_example_config_loads_and_names_every_option() -> None:
+    config = load_config(ROOT / "etc" / "wlidd.toml", {})
+    assert config.identities["default"].source == "gce"
+    text = (ROOT / "etc" / "wlidd.toml").read_text()
+    missing = sorted(name for name in _field_names(Config) if not re.search(rf"\b{name}\b", text))
+    assert not missing, f"options missing from etc/wlidd.toml: {missing}"
+
+
+def test_the_example_certificate_config_is_valid() -> None:
+    cert, key = read_certificate_config(ROOT / "etc" / "certificate_config.json")
+    assert cert.name == "cert.pem" and key.name == "key.pem"
+
+
+def test_make_install_lays_out_a_working_venv_units_and_config(tmp_path: Path) -> None:
+    destdir = tmp_path / "root"
+    result = subprocess.run(
+        ["make", "-s", "install", f"DESTDIR={destdir}", "PREFIX=/opt/wlidd", f"PYTHON={sys.executable}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    prefix = destdir / "opt" / "wlidd"
+    assert (prefix / "bin" / "wlidd").read_text().startswith("#!/opt/wlidd/bin/python")
+    version = subprocess.run(
+        [prefix / "bin" / "python", "-m", "wlidd", "--version"], capture_output=True, text=True, check=True
+    )
+    assert version.stdout.startswith("wlidd ")
+    service = (destdir / "etc" / "systemd" / "system" / "wlidd.service").read_text()
+    assert "ExecStart=/opt/wlidd/bin/wlidd run --config /etc/wlidd/wlidd.toml" in service
+    assert (destdir / "etc" / "systemd" / "system" / "wlidd.socket").exists()
+    installed = destdir / "etc" / "wlidd" / "wlidd.toml"
+    assert (
+        installed.read_text() == (ROOT / "etc" / "wlidd.toml").read_text()
+        and oct(installed.stat().st_mode)[-3:] == "640"
+    )
