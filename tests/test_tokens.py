@@ -640,3 +640,24 @@ async def test_id_tokens_without_impersonation_are_refused_clearly(
     with pytest.raises(UpstreamError) as info:
         await source.id_token("https://service.example.com")
     assert info.value.reason == "x509-sts_id_token_unsupported" and not info.value.retryable
+
+
+async def test_a_graceful_stop_lets_the_request_in_flight_finish(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
+) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    upstreams.inject("metadata", Fault(error_rate=0.0, latency=0.8))  # the cold fetch takes a while
+    d = Daemon(daemon_config(tmp_path, files, {"mds": metadata_token_config(upstreams, on_demand=True)}))
+    results: list[httpx.Response] = []
+    async with client(d) as c, anyio.create_task_group() as tg:
+        await tg.start(d.run)
+
+        async def ask() -> None:
+            results.append(await c.get("/v1/token/mds"))
+
+        tg.start_soon(ask)
+        await anyio.sleep(0.3)  # the request is in flight
+        d.stop()
+    assert len(results) == 1 and results[0].status_code == 200
+    assert results[0].json()["access_token"].startswith("ya29.mds-")
+    assert results[0].headers["connection"] == "close"  # stopping: no keep-alive
