@@ -661,3 +661,47 @@ async def test_a_graceful_stop_lets_the_request_in_flight_finish(
     assert len(results) == 1 and results[0].status_code == 200
     assert results[0].json()["access_token"].startswith("ya29.mds-")
     assert results[0].headers["connection"] == "close"  # stopping: no keep-alive
+
+
+async def test_a_reload_adds_changes_and_removes_token_sources_while_serving(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
+) -> None:
+    import tomllib
+
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    path = tmp_path / "wlidd.toml"
+
+    def write(tokens: dict[str, Any]) -> None:
+        lines = [f'[listeners.unix]\npath = "{tmp_path / "wlidd.sock"}"\n']
+        for name, values in tokens.items():
+            lines.append(f"[tokens.{name}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items() if not isinstance(v, dict)]
+            lines += [
+                f"{k}.{kk} = {json.dumps(vv)}" for k, v in values.items() if isinstance(v, dict) for kk, vv in v.items()
+            ]
+        path.write_text("\n".join(lines) + "\n")
+        tomllib.loads(path.read_text())
+
+    write({"a": metadata_token_config(upstreams), "b": metadata_token_config(upstreams)})
+    from wlidd.config import load_config
+
+    d = Daemon(load_config(path, {}), config_path=path, environ={})
+    async with in_background(d.run, d.stop), client(d) as c:
+        await wait_for_token(c, "a")
+        await wait_for_token(c, "b")
+        old_b = d.tokens["b"]
+        write(
+            {
+                "a": metadata_token_config(upstreams),
+                "b": metadata_token_config(upstreams, skew=30),
+                "c": metadata_token_config(upstreams),
+            }
+        )
+        await d.reload()
+        assert d.tokens["b"] is not old_b and d.tokens["b"].config.skew == 30  # changed: restarted
+        assert (await wait_for_token(c, "c"))["access_token"].startswith("ya29.mds-")  # added
+        write({"a": metadata_token_config(upstreams)})
+        await d.reload()
+        gone = await c.get("/v1/token/c")
+        assert gone.status_code == 404 and "b" not in d.tokens  # removed
+        assert (await c.get("/v1/token/a")).status_code == 200  # untouched, still served

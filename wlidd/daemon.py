@@ -25,7 +25,7 @@ from wlidd.api.metadata import MetadataApi
 from wlidd.api.mtls import MtlsGate, QuietTLSListener
 from wlidd.api.routes import Api
 from wlidd.api.server import HttpServer, Request, Response, ServerLimits
-from wlidd.config import Config, load_config, split_address
+from wlidd.config import Config, TokenConfig, load_config, split_address
 from wlidd.errors import ConfigError
 from wlidd.logs import configure_logging
 from wlidd.metrics import Metrics
@@ -63,18 +63,8 @@ class Daemon:
             name: CredentialWatcher(name, CredentialSource(name, cfg, env), clock=clock, metrics=self.metrics)
             for name, cfg in config.identities.items()
         }
-        self.tokens: dict[str, TokenSource] = {}
-        for name, token_config in config.tokens.items():
-            watcher = self.watchers.get(token_config.identity) if token_config.identity else None
-            current = (lambda w: lambda: w.current)(watcher) if watcher is not None else None
-            self.tokens[name] = TokenSource(
-                name,
-                token_config,
-                Flow(name, token_config, current),
-                watcher=watcher,
-                clock=clock,
-                metrics=self.metrics,
-            )
+        self._source_scopes: dict[str, anyio.CancelScope] = {}
+        self.tokens: dict[str, TokenSource] = {name: self._new_source(name, cfg) for name, cfg in config.tokens.items()}
         self.started_at = clock()
         self.policy = Policy.from_config(config.policy)
         self.api = Api(self.watchers, self.metrics, clock, self.started_at, self.tokens, self.policy)
@@ -167,8 +157,8 @@ class Daemon:
                 for watcher in self.watchers.values():
                     await tg.start(watcher.run)
                     tg.start_soon(follow_credentials, watcher)
-                for source in self.tokens.values():
-                    await tg.start(source.run)
+                for source in list(self.tokens.values()):
+                    await tg.start(self._run_source, source)
                 for source in self.tokens.values():
                     if source.config.require_at_start:
                         self.notifier.status(f"waiting for token {source.name!r}")
@@ -332,12 +322,12 @@ class Daemon:
                 self.notifier.status("reload refused: " + exc.message.splitlines()[-1].strip())
                 new = None
             if new is not None:
-                self._apply(new)
+                await self._apply(new)
         for watcher in self.watchers.values():
             watcher.request_reload("sighup")
         self.notifier.ready(self.summary())
 
-    def _apply(self, new: Config) -> None:
+    async def _apply(self, new: Config) -> None:
         old = self.config
         restart: list[str] = []
         if new.daemon != old.daemon:
@@ -347,38 +337,90 @@ class Daemon:
         if new.policy != old.policy:
             self.policy = Policy.from_config(new.policy)
             self.api.policy = self.policy
-            if isinstance(self.metadata_server, HttpServer) and isinstance(self.metadata_server.handler, MetadataApi):
+            if self.metadata_server is not None and isinstance(self.metadata_server.handler, MetadataApi):
                 self.metadata_server.handler.policy = self.policy
             log.info("policy reloaded")
-        for kind, old_items, new_items in (
-            ("identities", old.identities, new.identities),
-            ("tokens", old.tokens, new.tokens),
-        ):
-            for name in sorted(set(old_items) | set(new_items)):
-                before, after = old_items.get(name), new_items.get(name)
-                if before is None or after is None:
-                    restart.append(f"{kind}.{name} (added or removed)")
-                elif before.model_dump(exclude={"sinks"}) != after.model_dump(exclude={"sinks"}):
-                    restart.append(f"{kind}.{name}")
-                elif before.sinks != after.sinks:
-                    if kind == "identities":
-                        watcher = self.watchers[name]
-                        watcher.source = CredentialSource(name, after, dict(self._environ))  # type: ignore[arg-type]
-                    else:
-                        self.tokens[name].config = after  # type: ignore[assignment]
-                    log.info("sinks reloaded", section=f"{kind}.{name}")
+        keep_ids = dict(old.identities)
+        for name in sorted(set(old.identities) | set(new.identities)):
+            before, after = old.identities.get(name), new.identities.get(name)
+            if before is None or after is None:
+                restart.append(f"identities.{name} (added or removed)")
+            elif before.model_dump(exclude={"sinks"}) != after.model_dump(exclude={"sinks"}):
+                restart.append(f"identities.{name}")
+            elif before.sinks != after.sinks:
+                self.watchers[name].source = CredentialSource(name, after, dict(self._environ))
+                keep_ids[name] = after
+                log.info("sinks reloaded", section=f"identities.{name}")
+        keep_tokens = dict(old.tokens)
+        pinned = old.listeners.metadata.token if old.listeners.metadata is not None else None
+        for name in list(dict.fromkeys([*old.tokens, *new.tokens])):
+            was, wanted = old.tokens.get(name), new.tokens.get(name)
+            if was == wanted:
+                continue
+            if wanted is not None and wanted.identity is not None and wanted.identity not in self.watchers:
+                restart.append(f"tokens.{name} (its identity is not running)")
+            elif name == pinned and (wanted is None or was is None or was.flow != wanted.flow):
+                restart.append(f"tokens.{name} (served by the metadata listener)")
+            elif (
+                was is not None
+                and wanted is not None
+                and was.model_dump(exclude={"sinks"}) == wanted.model_dump(exclude={"sinks"})
+            ):
+                self.tokens[name].config = wanted
+                keep_tokens[name] = wanted
+                log.info("sinks reloaded", section=f"tokens.{name}")
+            else:
+                await self._replace_source(name, wanted)
+                if wanted is None:
+                    keep_tokens.pop(name, None)
+                else:
+                    keep_tokens[name] = wanted
         if new.listeners != old.listeners:
             restart.append("listeners")
         if restart:
             log.warning("these changes take effect only after a restart", sections=restart)
-        # What runs now: the new safe parts, and the old version of everything that needs a restart.
-        keep_ids = {
-            n: (new.identities[n] if n in new.identities and f"identities.{n}" not in restart else c)
-            for n, c in old.identities.items()
-        }
-        keep_tokens = {
-            n: (new.tokens[n] if n in new.tokens and f"tokens.{n}" not in restart else c) for n, c in old.tokens.items()
-        }
+        # What runs now: the new live parts, and the old version of everything that needs a restart.
         self.config = old.model_copy(
             update={"daemon": new.daemon, "policy": new.policy, "identities": keep_ids, "tokens": keep_tokens}
         )
+
+    def _new_source(self, name: str, token_config: TokenConfig) -> TokenSource:
+        watcher = self.watchers.get(token_config.identity) if token_config.identity else None
+        current = (lambda w: lambda: w.current)(watcher) if watcher is not None else None
+        return TokenSource(
+            name,
+            token_config,
+            Flow(name, token_config, current),
+            watcher=watcher,
+            clock=self.clock,
+            metrics=self.metrics,
+        )
+
+    async def _run_source(
+        self, source: TokenSource, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            self._source_scopes[source.name] = scope
+            await source.run(task_status=task_status)
+
+    async def _replace_source(self, name: str, token_config: TokenConfig | None) -> None:
+        """Stop a token source (if running) and start its new version (if any), while serving goes on."""
+        old = self.tokens.get(name)
+        if old is not None:
+            self._source_scopes.pop(name).cancel()
+            await old.flow.aclose()
+        if token_config is None:
+            self.tokens.pop(name, None)
+            log.info("token source removed", source=name)
+            return
+        source = self._new_source(name, token_config)
+        assert self._task_group is not None
+        await self._task_group.start(self._run_source, source)
+        self.tokens[name] = source
+        if (
+            self.metadata_server is not None
+            and isinstance(self.metadata_server.handler, MetadataApi)
+            and self.metadata_server.handler.source.name == name
+        ):
+            self.metadata_server.handler.source = source
+        log.info("token source (re)started", source=name, flow=token_config.flow)
