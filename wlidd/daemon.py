@@ -1,8 +1,10 @@
-"""The daemon: watchers, listeners and signals in one anyio task group.
+"""The daemon: watchers, token sources, listeners, signals and systemd in one anyio task group.
 
-Start order: every identity's watcher is started (initial load tried), then the listeners are
-bound, then `task_status.started()` — the point where READY will be sent (issue: systemd).
-SIGHUP re-reads every identity; SIGTERM/SIGINT stop gracefully with exit code 0.
+Start: every identity's first load, every token source started (required ones obtained), every
+listener bound (or taken from socket activation) — then READY=1 and `task_status.started()`.
+SIGHUP: RELOADING=1, the config re-read (log level, policy, sinks and token sources live; an invalid
+file refused whole), every identity re-read, READY=1. SIGTERM/SIGINT: STOPPING=1, listeners stop
+accepting, requests in flight get DRAIN_TIMEOUT, exit code 0. The watchdog is fed only while healthy.
 """
 
 from __future__ import annotations
