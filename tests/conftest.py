@@ -118,3 +118,40 @@ async def in_background(run: Callable[..., Awaitable[None]], stop: Callable[[], 
     finally:
         stop()
         await asyncio.wait_for(task, 30)
+
+
+def request_as_user(uid: int, address: str | tuple[str, int], raw: bytes) -> tuple[int, bytes]:
+    """Send `raw` (one HTTP request, Connection: close) from a forked child that dropped to uid/gid `uid`
+    with no supplementary groups; (status, body) of the answer. Needs root."""
+    import encodings.idna  # noqa: F401  (loaded here: the child's uid may not be able to read it)
+    import socket
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges, ask, report through the pipe, exit at once
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+            with socket.socket(family) as s:
+                s.settimeout(10)
+                s.connect(address)
+                s.sendall(raw)
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            os.write(write_end, data)
+        except BaseException as exc:
+            os.write(write_end, f"CHILD-ERROR {exc!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    data = b""
+    while chunk := os.read(read_end, 65536):
+        data += chunk
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert data.startswith(b"HTTP/1.1 "), data[:200]
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import stat
 import sys
 import tempfile
@@ -17,7 +16,7 @@ import anyio
 import pytest
 import structlog
 
-from tests.conftest import FileSet, in_background
+from tests.conftest import FileSet, in_background, request_as_user
 from tests.test_tokens import metadata_token_config
 from wlidd.client import AsyncClient, Client, ClientError
 from wlidd.config import Config
@@ -32,35 +31,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="changing uid in a chi
 
 
 def request_as(uid: int, gid: int, sock: str, path: str) -> tuple[int, dict[str, Any]]:
-    """GET `path` from a forked child that dropped to uid/gid (no supplementary groups)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: drop privileges, ask, report through the pipe, exit at once
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(10)
-                s.connect(sock)
-                s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-            os.write(write_end, data)
-        except BaseException as exc:
-            os.write(write_end, f"CHILD-ERROR {exc!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    data = b""
-    while chunk := os.read(read_end, 65536):
-        data += chunk
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    assert data.startswith(b"HTTP/1.1 "), data[:200]
-    head, body = data.split(b"\r\n\r\n", 1)
-    return int(head.split()[1]), json.loads(body)
+    """GET `path` over the Unix socket from a child running as `uid`."""
+    assert uid == gid
+    status, body = request_as_user(uid, sock, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    return status, json.loads(body)
 
 
 @pytest.fixture

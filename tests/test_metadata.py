@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import encodings.idna  # noqa: F401  (loaded before a forked child drops to a uid that cannot read it)
 import json
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import FileSet, in_background
+from tests.conftest import FileSet, in_background, request_as_user
 from tests.test_tokens import metadata_token_config
 from wlidd.config import Config
 from wlidd.daemon import Daemon
@@ -157,33 +155,9 @@ async def test_missing_flavor_header_and_forwarded_requests_are_refused(daemon: 
 
 
 def _tcp_request_as(uid: int, port: int, path: str) -> tuple[int, str]:
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                s.sendall(
-                    f"GET {path} HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n".encode()
-                )
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-            os.write(write_end, data)
-        except BaseException as exc:
-            os.write(write_end, f"CHILD-ERROR {exc!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    data = b""
-    while chunk := os.read(read_end, 65536):
-        data += chunk
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
+    raw = f"GET {path} HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n".encode()
+    status, body = request_as_user(uid, ("127.0.0.1", port), raw)
+    return status, body.decode()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing uid in a child needs root")

@@ -26,8 +26,16 @@ from wlidd.api.listeners import ListenerError, bind_unix_socket
 from wlidd.api.metadata import MetadataApi
 from wlidd.api.mtls import MtlsGate, QuietTLSListener
 from wlidd.api.routes import Api
-from wlidd.api.server import HttpServer, Request, Response, ServerLimits
-from wlidd.config import Config, TokenConfig, load_config, split_address
+from wlidd.api.server import Handler, HttpServer, Request, Response, ServerLimits
+from wlidd.config import (
+    Config,
+    MetadataListenerConfig,
+    MtlsListenerConfig,
+    TokenConfig,
+    UnixListenerConfig,
+    load_config,
+    split_address,
+)
 from wlidd.errors import ConfigError
 from wlidd.logs import configure_logging
 from wlidd.metrics import Metrics
@@ -71,45 +79,20 @@ class Daemon:
         self.policy = Policy.from_config(config.policy)
         self.api = Api(self.watchers, self.metrics, clock, self.started_at, self.tokens, self.policy)
         unix = config.listeners.unix
-        self.unix_server = HttpServer(
-            self.api,
-            name="unix",
-            limits=ServerLimits(
-                request_timeout=unix.request_timeout,
-                idle_timeout=unix.idle_timeout,
-                max_connections=unix.max_connections,
-            ),
-            on_response=self._count_response,
-        )
+        self.unix_server = self._http_server(self.api, "unix", unix)
         self.socket_path: Path = unix.path
         self.mtls_server: HttpServer | None = None
         self.mtls_port: int | None = None
         mtls = config.listeners.mtls
         if mtls is not None:
-            self.mtls_server = HttpServer(
-                MtlsGate(self.api, self.watchers[mtls.identity], tuple(parse_matcher(p) for p in mtls.allow)),
-                name="mtls",
-                limits=ServerLimits(
-                    request_timeout=mtls.request_timeout,
-                    idle_timeout=mtls.idle_timeout,
-                    max_connections=mtls.max_connections,
-                ),
-                on_response=self._count_response,
-            )
+            gate = MtlsGate(self.api, self.watchers[mtls.identity], tuple(parse_matcher(p) for p in mtls.allow))
+            self.mtls_server = self._http_server(gate, "mtls", mtls)
         self.metadata_server: HttpServer | None = None
         self.metadata_port: int | None = None
         metadata = config.listeners.metadata
         if metadata is not None:
-            self.metadata_server = HttpServer(
-                MetadataApi(metadata, self.tokens[metadata.token], self.policy, clock),
-                name="metadata",
-                limits=ServerLimits(
-                    request_timeout=metadata.request_timeout,
-                    idle_timeout=metadata.idle_timeout,
-                    max_connections=metadata.max_connections,
-                ),
-                on_response=self._count_response,
-            )
+            api = MetadataApi(metadata, self.tokens[metadata.token], self.policy, clock)
+            self.metadata_server = self._http_server(api, "metadata", metadata)
         self._request_counters: dict[tuple[str, str, int], Any] = {}
         self._stopping = anyio.Event()
         self._environ: Mapping[str, str] = os.environ if environ is None else environ
@@ -118,6 +101,20 @@ class Daemon:
         self.drain_timeout = DRAIN_TIMEOUT
         self._unix_activated = False
         self._task_group: anyio.abc.TaskGroup | None = None
+
+    def _http_server(
+        self, handler: Handler, name: str, limits: UnixListenerConfig | MtlsListenerConfig | MetadataListenerConfig
+    ) -> HttpServer:
+        return HttpServer(
+            handler,
+            name=name,
+            limits=ServerLimits(
+                request_timeout=limits.request_timeout,
+                idle_timeout=limits.idle_timeout,
+                max_connections=limits.max_connections,
+            ),
+            on_response=self._count_response,
+        )
 
     def _count_response(self, request: Request, response: Response) -> None:
         if response.status == 404:
