@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint pytest bench soak clean install
+.PHONY: venv demo test lint pytest bench soak clean install proto
 
 venv: $(STAMP)
 
@@ -61,3 +61,7 @@ install:
 	install -m 0644 etc/wlidd.toml $(DESTDIR)$(PREFIX)/share/doc/wlidd/wlidd.toml.example
 	install -m 0644 etc/certificate_config.json $(DESTDIR)$(PREFIX)/share/doc/wlidd/certificate_config.json.example
 	test -e $(DESTDIR)$(SYSCONFDIR)/wlidd/wlidd.toml || install -m 0640 etc/wlidd.toml $(DESTDIR)$(SYSCONFDIR)/wlidd/wlidd.toml
+
+# Regenerate the checked-in protobuf modules of the SPIFFE Workload API from workload.proto.
+proto: venv
+	cd wlidd/workload_api && ../../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. workload.proto

@@ -466,3 +466,22 @@ def test_reread_interval_is_short_while_nothing_valid_is_loaded(files: FileSet) 
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     watcher.stats.last_checked = now
     assert watcher.next_timer_deadline(now) == (now + dt.timedelta(seconds=30), "timer")
+
+
+async def test_credentials_in_a_subdirectory_of_another_watched_directory_are_watched(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    creds = FileSet(tmp_path / "creds")  # the chain and key here …
+    bundle = tmp_path / "bundle.pem"  # … and the bundle in the parent: both directories need watching
+    bundle.write_bytes(ca.bundle_pem)
+    creds.put(ca.issue_svid())
+    config = IdentityConfig.model_validate(
+        {"source": "files", "cert": creds.cert, "key": creds.key, "bundle": bundle, "debounce": 0.02}
+    )
+    source = CredentialSource("default", config)
+    assert creds.dir in source.watch_dirs() and tmp_path in source.watch_dirs()
+    async with running(CredentialWatcher("default", source)) as w:
+        new = ca.issue_svid()
+        creds.put(new)
+        state = await changed(w, 1)
+        assert state.identity.svid.serial == serial_of(new.leaf)

@@ -367,10 +367,20 @@ class MtlsListenerConfig(_Strict):
         return self
 
 
+class WorkloadApiListenerConfig(_Strict):
+    """The SPIFFE Workload API (gRPC) on a Unix socket; callers are told apart by SO_PEERCRED."""
+
+    path: ExpandedPath = Path("/run/wlidd/workload.sock")
+    mode: FileMode = 0o666
+    owner: str | None = None
+    group: str | None = None
+
+
 class ListenersConfig(_Strict):
     unix: UnixListenerConfig = Field(default_factory=UnixListenerConfig)
     metadata: MetadataListenerConfig | None = None
     mtls: MtlsListenerConfig | None = None
+    workload_api: WorkloadApiListenerConfig | None = None
 
 
 class AccessRule(_Strict):

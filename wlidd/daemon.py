@@ -46,6 +46,7 @@ from wlidd.tlsctx import HotServerContext
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher
+from wlidd.workload_api.server import WorkloadApi
 
 log = structlog.get_logger("wlidd.daemon")
 
@@ -101,6 +102,8 @@ class Daemon:
         self.drain_timeout = DRAIN_TIMEOUT
         self._unix_activated = False
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._grpc_server: Any = None
+        self.workload_api: WorkloadApi | None = None
 
     def _http_server(
         self, handler: Handler, name: str, limits: UnixListenerConfig | MtlsListenerConfig | MetadataListenerConfig
@@ -187,6 +190,14 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 for listener in listeners:
                     await listener.aclose()
+                if self._grpc_server is not None:
+                    self._grpc_server.close()
+                    with anyio.move_on_after(2):
+                        await self._grpc_server.wait_closed()
+                    workload = self.config.listeners.workload_api
+                    if workload is not None:
+                        with contextlib.suppress(OSError):
+                            workload.path.unlink()
                 for source in self.tokens.values():
                     await source.flow.aclose()
                 for sock in activated.values():
@@ -247,6 +258,18 @@ class Daemon:
             listeners.append(tcp)
             self.metadata_port = tcp.extra(anyio.abc.SocketAttribute.local_port)
             tg.start_soon(self._serve, self.metadata_server, tcp)
+        workload = self.config.listeners.workload_api
+        if workload is not None:
+            from grpclib.server import Server
+
+            inherited_workload = activated.pop("workload_api", None)
+            sock = inherited_workload or bind_unix_socket(
+                workload.path, workload.mode, workload.group, owner=workload.owner
+            )
+            self.workload_api = WorkloadApi(self.watchers, self.policy, self.clock, self.metrics)
+            self._grpc_server = Server([self.workload_api])
+            await self._grpc_server.start(sock=sock)
+            log.info("SPIFFE Workload API listening", path=str(workload.path))
         for name in activated:
             log.warning("a socket-activated socket matches no configured listener; ignored", name=name)
 

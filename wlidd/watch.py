@@ -223,13 +223,7 @@ class CredentialWatcher:
                 await self.reload(reason)
 
     def _watch_dirs(self) -> list[Path]:
-        dirs: list[Path] = []
-        for path in self.source.watch_dirs():
-            if any(path != d and d in path.parents for d in dirs):
-                continue  # e.g. a Kubernetes ..2026_x target dir under a watched parent: it vanishes
-            dirs = [d for d in dirs if path not in d.parents]
-            dirs.append(path)
-        return dirs
+        return self.source.watch_dirs()
 
     async def _watch_files(self) -> None:
         debounce_ms = max(1, int(self.source.config.debounce * 1000))

@@ -146,12 +146,19 @@ class CredentialSource:
             paths += [cfg.cert, cfg.key]
         paths += [p for p in (cfg.key if cfg.source == "gce" else None, cfg.bundle) if p is not None]
         paths += list(cfg.bundles.values())
-        dirs: list[Path] = []
+        stable: list[Path] = []
+        reached: list[Path] = []  # directories only reached through a symlink (they may vanish on a swap)
         for path in paths:
-            for candidate in link_parents(path):
-                if candidate not in dirs:
-                    dirs.append(candidate)
-        return dirs
+            parents = link_parents(path)
+            through_link = len(parents) > 2 or (len(parents) == 2 and parents[1] != path.parent)
+            for index, candidate in enumerate(parents):
+                target = reached if through_link and index == len(parents) - 1 else stable
+                if candidate not in target:
+                    target.append(candidate)
+        # A symlink target inside a directory already watched for its link swap needs no watch of its
+        # own (a Kubernetes ..2026_x dir, a GCE contents dir): it is replaced, not edited.
+        extra = [d for d in reached if d not in stable and not any(s in d.parents for s in stable)]
+        return stable + extra
 
     def read(self) -> CredentialFiles:
         cfg = self.config

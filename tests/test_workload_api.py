@@ -1,0 +1,219 @@
+"""The SPIFFE Workload API, judged by py-spiffe (and raw grpcio) in separate processes.
+
+py-spiffe's generated module registers the same global protobuf names as ours (the proto has no
+package), so its clients run in child processes, as real clients do anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.conftest import FileSet, in_background
+from wlidd.config import Config
+from wlidd.daemon import Daemon
+from wlidd.emulator.ca import CertificateAuthority, spiffe_bundle
+
+FETCH = """
+import json, sys
+from spiffe import WorkloadApiClient
+from cryptography.hazmat.primitives import serialization
+client = WorkloadApiClient(sys.argv[1])
+svid = client.fetch_x509_svid()
+ctx = client.fetch_x509_context()
+key = svid.private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+print(json.dumps({"spiffe_id": str(svid.spiffe_id), "serial": format(svid.leaf.serial_number, "x"), "chain": len(svid.cert_chain),
+                  "key": key.hex(), "bundles": sorted(str(b.trust_domain) for b in ctx.x509_bundle_set.bundles)}))
+client.close()
+"""
+
+STREAM = """
+import sys, time
+from spiffe import WorkloadApiClient
+client = WorkloadApiClient(sys.argv[1])
+def seen(ctx):
+    print("serial", format(ctx.default_svid.leaf.serial_number, "x"), flush=True)
+def failed(exc):
+    print("error", exc, flush=True)
+handle = client.stream_x509_contexts(on_success=seen, on_error=failed, retry_connect=False)
+time.sleep(float(sys.argv[2]))
+"""
+
+RAW_CALL = """
+import sys, grpc
+channel = grpc.insecure_channel(sys.argv[1])
+call = channel.unary_stream("/SpiffeWorkloadAPI/FetchX509SVID", request_serializer=lambda _: b"", response_deserializer=lambda b: b)
+metadata = [("workload.spiffe.io", "true")] if sys.argv[2] == "with-header" else []
+try:
+    next(iter(call(None, metadata=metadata, timeout=5)))
+    print("OK")
+except grpc.RpcError as exc:
+    print(exc.code().name, exc.details())
+"""
+
+
+@pytest.fixture
+async def daemon(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, foreign_ca: CertificateAuthority
+) -> AsyncIterator[Daemon]:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    federated = tmp_path / "partner.json"
+    federated.write_text(json.dumps(spiffe_bundle(foreign_ca.root)))
+    d = make_daemon(tmp_path, files, bundles={"other.org": federated})
+    async with in_background(d.run, d.stop):
+        yield d
+
+
+def make_daemon(tmp_path: Path, files: FileSet, policy: dict[str, Any] | None = None, **identity: Any) -> Daemon:
+    return Daemon(
+        Config.model_validate(
+            {
+                "identities": {"default": files.config(**identity)},
+                "listeners": {
+                    "unix": {"path": str(tmp_path / "wlidd.sock")},
+                    "workload_api": {"path": str(tmp_path / "workload.sock")},
+                },
+                "policy": policy or {},
+            }
+        )
+    )
+
+
+def endpoint(d: Daemon) -> str:
+    assert d.config.listeners.workload_api is not None
+    return f"unix://{d.config.listeners.workload_api.path}"
+
+
+async def run(code: str, *args: str) -> str:
+    result = await anyio.run_process([sys.executable, "-c", code, *args], check=False)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    return result.stdout.decode()
+
+
+async def test_py_spiffe_fetches_the_current_svid_with_its_key_and_bundles(daemon: Daemon) -> None:
+    seen = json.loads(await run(FETCH, endpoint(daemon)))
+    svid = daemon.watchers["default"].current.identity.svid  # type: ignore[union-attr]
+    assert seen["spiffe_id"] == str(svid.spiffe_id) and seen["serial"] == svid.serial and seen["chain"] == 2
+    assert bytes.fromhex(seen["key"]) == svid.key_der()
+    assert seen["bundles"] == ["example.org", "other.org"]
+
+
+async def test_a_stream_gets_the_new_svid_within_a_second_of_a_rotation(
+    daemon: Daemon, files: FileSet, ca: CertificateAuthority
+) -> None:
+    process = await anyio.open_process([sys.executable, "-c", STREAM, endpoint(daemon), "15"])
+    assert process.stdout is not None
+    lines: list[str] = []
+
+    async def read() -> None:
+        assert process.stdout is not None
+        buffer = b""
+        async for chunk in process.stdout:
+            buffer += chunk
+            *done, buffer = buffer.split(b"\n")
+            lines.extend(line.decode() for line in done)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            first = daemon.watchers["default"].current.identity.svid.serial  # type: ignore[union-attr]
+            with anyio.move_on_after(15):
+                while f"serial {first}" not in lines:
+                    await anyio.sleep(0.02)
+            assert f"serial {first}" in lines, lines
+            new = ca.issue_svid()
+            started = time.monotonic()
+            files.put(new)
+            with anyio.move_on_after(10):
+                while f"serial {format(new.leaf.serial_number, 'x')}" not in lines:
+                    await anyio.sleep(0.01)
+            state = daemon.watchers["default"].current
+            assert f"serial {format(new.leaf.serial_number, 'x')}" in lines, (
+                lines,
+                state and state.version,
+                daemon.workload_api and daemon.workload_api.pushes,
+                daemon.watchers["default"].stats,
+            )
+            assert time.monotonic() - started < 1.0
+            tg.cancel_scope.cancel()
+    finally:
+        process.kill()
+        await process.aclose()
+    assert not [line for line in lines if line.startswith("error")]
+
+
+async def test_a_call_without_the_security_header_is_invalid_argument(daemon: Daemon) -> None:
+    assert (await run(RAW_CALL, endpoint(daemon), "no-header")).startswith("INVALID_ARGUMENT security header missing")
+    assert (await run(RAW_CALL, endpoint(daemon), "with-header")).strip() == "OK"
+
+
+async def test_a_caller_the_policy_does_not_allow_gets_permission_denied(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    d = make_daemon(tmp_path, files, policy={"identity": {"default": {"users": ["nobody"]}}})
+    async with in_background(d.run, d.stop):
+        answer = await run(RAW_CALL, endpoint(d), "with-header")
+    assert answer.startswith("PERMISSION_DENIED") and f"uid {os.getuid()}" in answer
+
+
+async def test_jwt_methods_are_unimplemented_with_a_clear_message(daemon: Daemon) -> None:
+    code = RAW_CALL.replace('"/SpiffeWorkloadAPI/FetchX509SVID"', '"/SpiffeWorkloadAPI/FetchJWTBundles"')
+    answer = await run(code, endpoint(daemon), "with-header")
+    assert answer.startswith("UNIMPLEMENTED") and "X.509-SVIDs" in answer
+
+
+async def test_an_invalid_rotation_pushes_nothing(daemon: Daemon, files: FileSet, ca: CertificateAuthority) -> None:
+    process = await anyio.open_process([sys.executable, "-c", STREAM, endpoint(daemon), "8"])
+    try:
+        watcher = daemon.watchers["default"]
+        with anyio.fail_after(10):
+            while daemon.workload_api is None or daemon.workload_api.pushes < 1:
+                await anyio.sleep(0.02)
+        files.write("chain.pem", ca.issue_svid().chain_pem[:100])  # a torn chain: refused
+        with anyio.fail_after(10):
+            while watcher.stats.rejections < 1:
+                await anyio.sleep(0.02)
+        await anyio.sleep(0.5)
+        assert daemon.workload_api.pushes == 1 and watcher.current is not None and watcher.current.version == 1
+    finally:
+        process.kill()
+        await process.aclose()
+
+
+def test_our_proto_is_the_one_py_spiffe_speaks() -> None:
+    """Field names, numbers, types and the service's methods equal the reference client's."""
+    from google.protobuf import descriptor_pb2
+
+    def contract(path: Path) -> tuple[Any, Any]:
+        literal = re.search(r"AddSerializedFile\((b'.*?')\)", path.read_text(), re.S)
+        assert literal is not None
+        proto = descriptor_pb2.FileDescriptorProto.FromString(eval(literal.group(1)))
+        messages = {m.name: sorted((f.name, f.number, f.type, f.label) for f in m.field) for m in proto.message_type}
+        methods = sorted(
+            (m.name, m.input_type, m.output_type, m.server_streaming) for s in proto.service for m in s.method
+        )
+        return messages, methods
+
+    reference = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, spiffe; print(os.path.join(os.path.dirname(spiffe.__file__), '_proto', 'workload_pb2.py'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    ours = Path(__file__).resolve().parent.parent / "wlidd" / "workload_api" / "workload_pb2.py"
+    assert contract(ours) == contract(Path(reference))
