@@ -217,3 +217,73 @@ def test_our_proto_is_the_one_py_spiffe_speaks() -> None:
     ).stdout.strip()
     ours = Path(__file__).resolve().parent.parent / "wlidd" / "workload_api" / "workload_pb2.py"
     assert contract(ours) == contract(Path(reference))
+
+
+MANY = """
+import sys, threading, time
+from spiffe import WorkloadApiClient
+lock = threading.Lock()
+clients = []
+for index in range(int(sys.argv[2])):
+    client = WorkloadApiClient(sys.argv[1])
+    def seen(ctx, index=index):
+        with lock:  # callbacks run on one thread per stream: one whole line at a time
+            sys.stdout.write(f"{index} {ctx.default_svid.leaf.serial_number:x}\\n")
+            sys.stdout.flush()
+    def failed(exc):
+        with lock:
+            sys.stdout.write(f"error {exc}\\n")
+            sys.stdout.flush()
+    client.stream_x509_contexts(on_success=seen, on_error=failed, retry_connect=False)
+    clients.append(client)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+async def test_fifty_streaming_clients_all_get_the_rotation_and_status_counts_them(
+    daemon: Daemon, files: FileSet, ca: CertificateAuthority
+) -> None:
+    import httpx
+
+    process = await anyio.open_process([sys.executable, "-c", MANY, endpoint(daemon), "50", "20"])
+    assert process.stdout is not None and daemon.workload_api is not None
+    seen: dict[str, set[str]] = {}
+    others: list[str] = []
+
+    async def read() -> None:
+        assert process.stdout is not None
+        buffer = b""
+        async for chunk in process.stdout:
+            buffer += chunk
+            *done, buffer = buffer.split(b"\n")
+            for line in done:
+                match = re.fullmatch(r"(\d+) ([0-9a-f]+)", line.decode().strip())
+                if match is None:
+                    others.append(line.decode())
+                else:
+                    seen.setdefault(match.group(2), set()).add(match.group(1))
+
+    first = daemon.watchers["default"].current.identity.svid.serial  # type: ignore[union-attr]
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            with anyio.move_on_after(30):
+                while len(seen.get(first, ())) < 50:
+                    await anyio.sleep(0.05)
+            assert len(seen.get(first, ())) == 50, ({k: len(v) for k, v in seen.items()}, others[:5], first)
+            assert daemon.workload_api.streams == 50
+            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(daemon.socket_path))) as c:
+                status = (await c.get("http://wlidd/v1/status")).json()["workload_api"]
+                metrics = (await c.get("http://wlidd/metrics")).text
+            assert status["streams"] == 50 and status["pushes"] >= 50 and "default" in status["last_push"]
+            assert "wlidd_workload_api_streams 50.0" in metrics
+            new = ca.issue_svid()
+            files.put(new)
+            with anyio.fail_after(15):
+                while len(seen.get(format(new.leaf.serial_number, "x"), ())) < 50:
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+    finally:
+        process.kill()
+        await process.aclose()
+    assert not [line for line in others if line.startswith("error")], others

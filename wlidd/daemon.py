@@ -267,6 +267,7 @@ class Daemon:
                 workload.path, workload.mode, workload.group, owner=workload.owner
             )
             self.workload_api = WorkloadApi(self.watchers, self.policy, self.clock, self.metrics)
+            self.api.extra_status["workload_api"] = self.workload_api.status
             self._grpc_server = Server([self.workload_api])
             await self._grpc_server.start(sock=sock)
             log.info("SPIFFE Workload API listening", path=str(workload.path))
@@ -361,6 +362,8 @@ class Daemon:
             self.api.policy = self.policy
             if self.metadata_server is not None and isinstance(self.metadata_server.handler, MetadataApi):
                 self.metadata_server.handler.policy = self.policy
+            if self.workload_api is not None:
+                self.workload_api.policy = self.policy
             log.info("policy reloaded")
         keep_ids = dict(old.identities)
         for name in sorted(set(old.identities) | set(new.identities)):

@@ -64,6 +64,23 @@ class Metrics:
             ["source"],
             registry=self.registry,
         )
+        self.workload_api_streams = Gauge(
+            "wlidd_workload_api_streams",
+            "Open SPIFFE Workload API streams (connected clients).",
+            registry=self.registry,
+        )
+        self.workload_api_pushes = Counter(
+            "wlidd_workload_api_pushes",
+            "Workload API messages sent, by identity (one per stream per change).",
+            ["identity"],
+            registry=self.registry,
+        )
+        self.workload_api_last_push = Gauge(
+            "wlidd_workload_api_last_push_timestamp_seconds",
+            "When an identity's state was last pushed to a Workload API client (Unix time).",
+            ["identity"],
+            registry=self.registry,
+        )
         self.http_requests = Counter(
             "wlidd_http_requests",
             "Local API requests by listener, route and status.",

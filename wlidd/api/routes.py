@@ -99,6 +99,7 @@ class Api:
     started_at: dt.datetime
     tokens: Mapping[str, TokenSource] = field(default_factory=dict)
     policy: Policy | None = None
+    extra_status: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._callers = CallerCache()
@@ -159,6 +160,7 @@ class Api:
                 },
                 "identities": identities,
                 "tokens": tokens,
+                **{name: provide() for name, provide in self.extra_status.items()},
             },
         )
 

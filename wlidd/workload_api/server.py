@@ -100,6 +100,9 @@ class WorkloadApi:
             ),
         }
 
+    def status(self) -> dict[str, Any]:
+        return {"streams": self.streams, "pushes": self.pushes, "last_push": dict(sorted(self.last_push.items()))}
+
     async def unimplemented(self, stream: Stream[Any, Any]) -> None:
         raise GRPCError(Status.UNIMPLEMENTED, "JWT-SVIDs are not served by wlidd: it distributes X.509-SVIDs")
 
@@ -131,6 +134,8 @@ class WorkloadApi:
             audit.warning("access denied", route=method, uid=caller.uid, user=caller.user, listener="workload_api")
             raise GRPCError(Status.PERMISSION_DENIED, f"{caller.describe()} may have no identity here")
         self.streams += 1
+        if self.metrics is not None:
+            self.metrics.workload_api_streams.set(self.streams)
         try:
             versions: tuple[int, ...] | None = None
             while True:
@@ -142,8 +147,12 @@ class WorkloadApi:
                     await stream.send_message(render(states))
                     versions = current
                     self.pushes += 1
+                    now = self.clock()
                     for state in states:
-                        self.last_push[state.name] = self.clock().isoformat()
+                        self.last_push[state.name] = now.isoformat().replace("+00:00", "Z")
+                        if self.metrics is not None:
+                            self.metrics.workload_api_pushes.labels(state.name).inc()
+                            self.metrics.workload_api_last_push.labels(state.name).set(now.timestamp())
                     audit.info(
                         "svids pushed",
                         route=method,
@@ -154,6 +163,8 @@ class WorkloadApi:
                 await self._wait_for_change(names)
         finally:
             self.streams -= 1
+            if self.metrics is not None:
+                self.metrics.workload_api_streams.set(self.streams)
 
     async def _wait_for_change(self, names: list[str]) -> None:
         async with anyio.create_task_group() as tg:
