@@ -32,6 +32,8 @@ bench: venv
 	-$(PY) bench/token_serve.py
 	-$(PY) bench/fleet.py
 	-$(PY) bench/mtls_handshake.py
+	-$(PY) bench/workload_api.py --raw
+	-$(PY) bench/workload_api.py
 
 soak: venv
 	$(PY) -m pytest -m soak -s $(PYTEST_ARGS)
