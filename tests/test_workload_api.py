@@ -108,48 +108,64 @@ async def test_py_spiffe_fetches_the_current_svid_with_its_key_and_bundles(daemo
     assert seen["bundles"] == ["example.org", "other.org"]
 
 
-async def test_a_stream_gets_the_new_svid_within_a_second_of_a_rotation(
-    daemon: Daemon, files: FileSet, ca: CertificateAuthority
+async def test_a_stream_gets_the_new_svid_within_a_second_of_a_gce_symlink_swap(
+    tmp_path: Path, ca: CertificateAuthority
 ) -> None:
-    process = await anyio.open_process([sys.executable, "-c", STREAM, endpoint(daemon), "15"])
-    assert process.stdout is not None
+    from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
+
+    writer = GceCredentialWriter(tmp_path / "secrets")
+    first = ca.issue_svid()
+    writer.rotate(gce_files(first.chain_pem, first.key_pem, ca_pem=ca.bundle_pem))
+    d = Daemon(
+        Config.model_validate(
+            {
+                "identities": {"default": {"source": "gce", "dir": str(writer.link), "debounce": 0.02}},
+                "listeners": {
+                    "unix": {"path": str(tmp_path / "wlidd.sock")},
+                    "workload_api": {"path": str(tmp_path / "workload.sock")},
+                },
+            }
+        )
+    )
     lines: list[str] = []
+    async with in_background(d.run, d.stop):
+        process = await anyio.open_process([sys.executable, "-c", STREAM, endpoint(d), "15"])
 
-    async def read() -> None:
-        assert process.stdout is not None
-        buffer = b""
-        async for chunk in process.stdout:
-            buffer += chunk
-            *done, buffer = buffer.split(b"\n")
-            lines.extend(line.decode() for line in done)
+        async def read() -> None:
+            assert process.stdout is not None
+            buffer = b""
+            async for chunk in process.stdout:
+                buffer += chunk
+                *done, buffer = buffer.split(b"\n")
+                lines.extend(line.decode() for line in done)
 
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read)
-            first = daemon.watchers["default"].current.identity.svid.serial  # type: ignore[union-attr]
-            with anyio.move_on_after(15):
-                while f"serial {first}" not in lines:
-                    await anyio.sleep(0.02)
-            assert f"serial {first}" in lines, lines
-            new = ca.issue_svid()
-            started = time.monotonic()
-            files.put(new)
-            with anyio.move_on_after(10):
-                while f"serial {format(new.leaf.serial_number, 'x')}" not in lines:
-                    await anyio.sleep(0.01)
-            state = daemon.watchers["default"].current
-            assert f"serial {format(new.leaf.serial_number, 'x')}" in lines, (
-                lines,
-                state and state.version,
-                daemon.workload_api and daemon.workload_api.pushes,
-                daemon.watchers["default"].stats,
-            )
-            assert time.monotonic() - started < 1.0
-            tg.cancel_scope.cancel()
-    finally:
-        process.kill()
-        await process.aclose()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                with anyio.fail_after(15):
+                    while f"serial {first.leaf.serial_number:x}" not in lines:
+                        await anyio.sleep(0.02)
+                new = ca.issue_svid()
+                new_dir = writer.new_contents_dir()
+                writer.write_files(new_dir, gce_files(new.chain_pem, new.key_pem, ca_pem=ca.bundle_pem))
+                started = time.monotonic()
+                writer.swap_to(new_dir)  # unlink the live link, rename the temp link over it, rm -rf the old dir
+                with anyio.fail_after(10):
+                    while f"serial {new.leaf.serial_number:x}" not in lines:
+                        await anyio.sleep(0.01)
+                assert time.monotonic() - started < 1.0
+                tg.cancel_scope.cancel()
+        finally:
+            process.kill()
+            await process.aclose()
     assert not [line for line in lines if line.startswith("error")]
+
+
+async def test_before_any_valid_svid_callers_get_unavailable(tmp_path: Path, files: FileSet) -> None:
+    d = make_daemon(tmp_path, files, mismatch_retries=1)  # no files written: nothing valid to serve
+    async with in_background(d.run, d.stop):
+        answer = await run(RAW_CALL, endpoint(d), "with-header")
+    assert answer.startswith("UNAVAILABLE no valid X.509-SVID is available yet")
 
 
 async def test_a_call_without_the_security_header_is_invalid_argument(daemon: Daemon) -> None:
