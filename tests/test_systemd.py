@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import FileSet
+from tests.test_cli import write_config as cli_config
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.systemd import Notifier, listen_fds, watchdog_period
 
@@ -48,23 +49,8 @@ class NotifySocket:
 
 
 def write_config(tmp_path: Path, files: FileSet) -> Path:
-    config = tmp_path / "wlidd.toml"
-    config.write_text(
-        f"""
-[daemon]
-log_format = "json"
-[identities.default]
-source = "files"
-cert = "{files.cert}"
-key = "{files.key}"
-bundle = "{files.bundle}"
-mismatch_retries = 1
-reload_interval = "1s"
-[listeners.unix]
-path = "{tmp_path / "wlidd.sock"}"
-"""
-    )
-    return config
+    """test_cli's daemon config, re-reading credentials every second."""
+    return cli_config(tmp_path, files, 'reload_interval = "1s"\n')
 
 
 @pytest.fixture
