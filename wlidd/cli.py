@@ -22,7 +22,7 @@ from wlidd import __version__
 from wlidd.config import DEFAULT_CONFIG_PATH, Config, UnixListenerConfig, config_path_from, load_config
 from wlidd.errors import SvidError, WlidError
 from wlidd.logs import configure_logging
-from wlidd.svid.load import CredentialSource, load_identity
+from wlidd.svid.load import CredentialSource, iso_z, load_identity
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -97,7 +97,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             "access_token": token.access_token,
             "token_type": token.token_type,
             "expires_in": token.expires_in,
-            "expire_time": token.expire_time.isoformat().replace("+00:00", "Z"),
+            "expire_time": iso_z(token.expire_time),
         }
         print(json.dumps(document, indent=2))
     else:

@@ -16,6 +16,7 @@ import anyio
 import structlog
 
 from wlidd.config import CredentialSinkConfig, SinkConfig
+from wlidd.svid.load import iso_z
 from wlidd.tokens.model import Token
 from wlidd.watch import CredentialWatcher, IdentityState
 
@@ -52,7 +53,7 @@ def render_token(token: Token, fmt: str, now: dt.datetime) -> bytes:
             "access_token": token.value,
             "token_type": token.token_type,
             "expires_in": max(0, int(token.seconds_left(now))),
-            "expire_time": token.expire_time.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
+            "expire_time": iso_z(token.expire_time),
         }
         return json.dumps(document).encode() + b"\n"
     return token.value.encode()

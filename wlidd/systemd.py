@@ -31,10 +31,6 @@ class Notifier:
             self.address = address
         self._socket: socket.socket | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def send(self, **fields: str | int) -> None:
         """One datagram of KEY=VALUE lines, e.g. send(READY=1, STATUS="serving")."""
         if self.address is None:

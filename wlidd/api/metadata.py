@@ -111,14 +111,7 @@ class MetadataApi:
         except ApiError as exc:
             return _text(503, exc.message)
         now = self.clock()
-        audit.info(
-            "token handed out",
-            route=request.path,
-            source=self.source.name,
-            uid=caller[0],
-            user=caller[1],
-            listener="metadata",
-        )
+        self._audit("token handed out", request, caller)
         return _json(
             200,
             {"access_token": token.value, "expires_in": max(0, int(token.seconds_left(now))), "token_type": "Bearer"},
@@ -141,15 +134,13 @@ class MetadataApi:
             return _text(exc.http_status, exc.message)
         except UpstreamError as exc:
             return _text(503, f"no ID token: {exc.message}")
-        audit.info(
-            "id token handed out",
-            route=request.path,
-            source=self.source.name,
-            uid=caller[0],
-            user=caller[1],
-            listener="metadata",
-        )
+        self._audit("id token handed out", request, caller)
         return _text(200, token)
+
+    def _audit(self, event: str, request: Request, caller: tuple[int, str]) -> None:
+        audit.info(
+            event, route=request.path, source=self.source.name, uid=caller[0], user=caller[1], listener="metadata"
+        )
 
     async def _authorize(self, request: Request) -> tuple[int, str]:
         peer = request.peer

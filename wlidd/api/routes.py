@@ -16,16 +16,12 @@ from wlidd.api.authz import Caller, CallerCache, Policy, Rule
 from wlidd.api.server import Request, Response
 from wlidd.errors import ApiError
 from wlidd.metrics import Metrics
-from wlidd.svid.load import Clock
+from wlidd.svid.load import Clock, iso_z
 from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher, describe_source
 
 Route = Callable[[Request, dict[str, str]], Awaitable[Response]]
 audit = structlog.get_logger("wlidd.audit")
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, Any]:
@@ -43,8 +39,8 @@ def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, A
         "not_after": None,
         "seconds_left": None,
         "trust_domains": [],
-        "last_loaded": _iso(stats.last_loaded),
-        "last_checked": _iso(stats.last_checked),
+        "last_loaded": iso_z(stats.last_loaded),
+        "last_checked": iso_z(stats.last_checked),
         "last_error": None,
         "reloads": stats.reloads,
         "updates": stats.updates,
@@ -55,15 +51,15 @@ def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, A
         document["last_error"] = {
             "reason": stats.last_error_reason,
             "message": stats.last_error,
-            "at": _iso(stats.last_error_at),
+            "at": iso_z(stats.last_error_at),
         }
     if state is not None:
         svid = state.identity.svid
         document.update(
             spiffe_id=str(svid.spiffe_id),
             serial=svid.serial,
-            not_before=_iso(svid.not_before),
-            not_after=_iso(svid.not_after),
+            not_before=iso_z(svid.not_before),
+            not_after=iso_z(svid.not_after),
             seconds_left=max(0, int(svid.seconds_left(now))),
             trust_domains=list(state.identity.bundles.trust_domains),
             origin=state.identity.origin,
@@ -85,7 +81,7 @@ def _not_ready_reason(watcher: CredentialWatcher, now: dt.datetime) -> str | Non
         last = watcher.stats.last_error
         return f"no valid SVID loaded yet{': ' + last if last else ''}"
     if not state.identity.svid.is_valid_at(now):
-        return f"SVID {state.identity.svid.serial} is outside its validity window (not_after {_iso(state.identity.svid.not_after)})"
+        return f"SVID {state.identity.svid.serial} is outside its validity window (not_after {iso_z(state.identity.svid.not_after)})"
     return None
 
 
@@ -154,9 +150,9 @@ class Api:
                     "state": "running" if healthy else "degraded",
                     "version": __version__,
                     "pid": os.getpid(),
-                    "started_at": _iso(self.started_at),
+                    "started_at": iso_z(self.started_at),
                     "uptime_seconds": int((now - self.started_at).total_seconds()),
-                    "now": _iso(now),
+                    "now": iso_z(now),
                 },
                 "identities": identities,
                 "tokens": tokens,
@@ -213,8 +209,8 @@ class Api:
                 "name": watcher.name,
                 "spiffe_id": str(svid.spiffe_id),
                 "serial": svid.serial,
-                "not_before": _iso(svid.not_before),
-                "not_after": _iso(svid.not_after),
+                "not_before": iso_z(svid.not_before),
+                "not_after": iso_z(svid.not_after),
                 "valid": svid.is_valid_at(self.clock()),
                 "chain_pem": svid.chain_pem.decode("ascii"),
                 "bundle_pem": state.identity.own_bundle.pem.decode("ascii"),
@@ -296,7 +292,7 @@ class Api:
                 "name": watcher.name,
                 "spiffe_id": str(svid.spiffe_id),
                 "serial": svid.serial,
-                "not_after": _iso(svid.not_after),
+                "not_after": iso_z(svid.not_after),
                 "chain_pem": svid.chain_pem.decode("ascii"),
                 "key_pem": svid.key_pem().decode("ascii"),
                 "bundle_pem": state.identity.own_bundle.pem.decode("ascii"),
@@ -324,7 +320,7 @@ class Api:
                     "access_token": value,
                     "token_type": "Bearer",
                     "expires_in": expires_in,
-                    "expire_time": _iso(expire_time),
+                    "expire_time": iso_z(expire_time),
                 },
             )
             cached = self._token_bodies[params["name"]] = (key, body)

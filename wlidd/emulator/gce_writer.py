@@ -69,15 +69,6 @@ class GceCredentialWriter:
         self.swap_to(new_dir)
         return new_dir
 
-    def provision_first(self, files: Mapping[str, bytes], between: Callable[[], None] | None = None) -> Path:
-        """First provisioning (MDS source): the live link exists before the PEM files are written."""
-        new_dir = self.new_contents_dir()
-        self.swap_to(new_dir)
-        if between is not None:
-            between()
-        self.write_files(new_dir, files)
-        return new_dir
-
 
 def gce_files(
     chain_pem: bytes, key_pem: bytes, ca_pem: bytes | None = None, trust_bundles_json: bytes | None = None

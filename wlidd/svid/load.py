@@ -17,6 +17,7 @@ import stat
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import anyio.to_thread
 
@@ -257,6 +258,15 @@ Clock = Callable[[], dt.datetime]
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+@overload
+def iso_z(value: dt.datetime) -> str: ...
+@overload
+def iso_z(value: None) -> None: ...
+def iso_z(value: dt.datetime | None) -> str | None:
+    """RFC 3339 in UTC with a 'Z' suffix, as every wlidd answer and file writes times."""
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 async def load_identity(

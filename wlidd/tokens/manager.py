@@ -27,7 +27,7 @@ from wlidd.config import TokenConfig
 from wlidd.errors import ApiError, UpstreamError, WlidError
 from wlidd.metrics import Metrics
 from wlidd.sinks import publish_token
-from wlidd.svid.load import Clock, utc_now
+from wlidd.svid.load import Clock, iso_z, utc_now
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.model import Token
 from wlidd.tokens.schedule import Backoff, RefreshPolicy, after_failure, start_delay
@@ -41,10 +41,6 @@ MAX_SLEEP = 30.0  # the wall clock is re-checked at least this often (suspend/re
 class TokenUnavailable(ApiError):
     def __init__(self, name: str, message: str) -> None:
         super().__init__(503, "token_unavailable", f"token {name!r} is not available: {message}")
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 class TokenSource:
@@ -106,7 +102,7 @@ class TokenSource:
         else:
             prefix = "no token obtained yet"
         if self.last_error is not None:
-            when = f"; next attempt {_iso(self.next_refresh)}" if self.next_refresh else ""
+            when = f"; next attempt {iso_z(self.next_refresh)}" if self.next_refresh else ""
             return f"{prefix}; last error: {self.last_error.message}{when}"
         return prefix
 
@@ -146,7 +142,7 @@ class TokenSource:
             if len(self._id_tokens) > 256:
                 self._id_tokens.clear()
             self._id_tokens[audience] = (value, expiry)
-            self._log.info("id token fetched", audience=audience, expire_time=_iso(expiry))
+            self._log.info("id token fetched", audience=audience, expire_time=iso_z(expiry))
             return value
 
     # ---- refreshing ------------------------------------------------------------------------
@@ -217,8 +213,8 @@ class TokenSource:
         self._log.info(
             "token refreshed",
             trigger=reason,
-            expire_time=_iso(token.expire_time),
-            next_refresh=_iso(self.next_refresh),
+            expire_time=iso_z(token.expire_time),
+            next_refresh=iso_z(self.next_refresh),
             lifetime=int(token.lifetime),
         )
         changed, self._changed = self._changed, anyio.Event()
@@ -286,10 +282,10 @@ class TokenSource:
             "valid": self.servable(now) is not None,
             "required": self.config.require_at_start,
             "on_demand": self.config.on_demand,
-            "expire_time": _iso(token.expire_time) if token else None,
+            "expire_time": iso_z(token.expire_time) if token else None,
             "seconds_left": max(0, int(token.seconds_left(now))) if token else None,
-            "last_refresh": _iso(self.last_refresh),
-            "next_refresh": _iso(self.next_refresh),
+            "last_refresh": iso_z(self.last_refresh),
+            "next_refresh": iso_z(self.next_refresh),
             "failures": self.failures,
             "upstream_calls": self.upstream_calls,
             "last_error": (
@@ -297,7 +293,7 @@ class TokenSource:
                     "reason": error.reason,
                     "status": error.status,
                     "message": error.message,
-                    "at": _iso(self.last_error_at),
+                    "at": iso_z(self.last_error_at),
                 }
                 if error
                 else None

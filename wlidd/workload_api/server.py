@@ -21,7 +21,7 @@ from grpclib.server import Stream
 
 from wlidd.api.authz import Caller, CallerCache, Policy
 from wlidd.metrics import Metrics
-from wlidd.svid.load import Clock
+from wlidd.svid.load import Clock, iso_z
 from wlidd.svid.model import TrustBundle
 from wlidd.watch import CredentialWatcher, IdentityState
 from wlidd.workload_api import workload_pb2 as pb
@@ -149,7 +149,7 @@ class WorkloadApi:
                     self.pushes += 1
                     now = self.clock()
                     for state in states:
-                        self.last_push[state.name] = now.isoformat().replace("+00:00", "Z")
+                        self.last_push[state.name] = iso_z(now)
                         if self.metrics is not None:
                             self.metrics.workload_api_pushes.labels(state.name).inc()
                             self.metrics.workload_api_last_push.labels(state.name).set(now.timestamp())
