@@ -27,13 +27,19 @@ pytest: venv
 
 test: lint pytest
 
+# Every benchmark, then one table of all figures (also written to bench/RESULTS.md).
+BENCH_RESULTS ?= $(CURDIR)/.bench-results.jsonl
 bench: venv
-	-$(PY) bench/rotation_latency.py
-	-$(PY) bench/token_serve.py
-	-$(PY) bench/fleet.py
-	-$(PY) bench/mtls_handshake.py
-	-$(PY) bench/workload_api.py --raw
-	-$(PY) bench/workload_api.py
+	rm -f $(BENCH_RESULTS)
+	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/startup.py
+	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/idle.py
+	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/rotation_latency.py
+	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/token_serve.py
+	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/fleet.py
+	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/mtls_handshake.py
+	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/workload_api.py --raw
+	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/workload_api.py
+	-$(PY) bench/report.py $(BENCH_RESULTS) --write bench/RESULTS.md
 
 soak: venv
 	$(PY) -m pytest -m soak -s $(PYTEST_ARGS)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import multiprocessing
-import os
 import socket
 import ssl
 import subprocess
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _common import Figure, free_port, report, start_daemon, stop_daemon, wait_port  # noqa: E402
 
 from wlidd.emulator.ca import CertificateAuthority  # noqa: E402
 from wlidd.svid.load import CredentialFiles, build_identity  # noqa: E402
@@ -42,12 +43,6 @@ async def main():
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 asyncio.run(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _load(port: int, chain: bytes, key: bytes, bundle: bytes, seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
@@ -75,17 +70,6 @@ def measure(port: int, client: tuple[bytes, bytes, bytes], seconds: float, worke
     for p in processes:
         p.join(30)
     return sum(r[0] for r in results) / seconds, sum(r[1] for r in results)
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def main() -> int:
@@ -120,10 +104,7 @@ allow = ["spiffe://bench.example.org"]
 max_connections = 4096
 """
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "wlidd", "run", "--config", str(work / "wlidd.toml")], env=env, stderr=subprocess.DEVNULL
-    )
+    daemon = start_daemon(work / "wlidd.toml")
     bare = subprocess.Popen(
         [
             sys.executable,
@@ -141,14 +122,13 @@ max_connections = 4096
     try:
         assert bare.stdout is not None
         bare.stdout.readline()
-        wait_port(wlidd_port)
+        wait_port(wlidd_port, process=daemon)
         material = (client.chain_pem, client.key_pem, ca.bundle_pem)
         measure(wlidd_port, material, 0.5, args.workers)  # warm-up
         wlidd_rate, wlidd_failed = measure(wlidd_port, material, args.seconds, args.workers)
         bare_rate, bare_failed = measure(bare_port, material, args.seconds, args.workers)
     finally:
-        daemon.terminate()
-        daemon.wait(10)
+        stop_daemon(daemon)
         assert bare.stdin is not None
         bare.stdin.close()
         bare.wait(10)
@@ -157,9 +137,10 @@ max_connections = 4096
     print(f"wlidd mTLS listener   {wlidd_rate:8.0f} handshakes/s  (failed: {wlidd_failed})")
     print(f"bare Python ssl       {bare_rate:8.0f} handshakes/s  (failed: {bare_failed})")
     print(f"ratio                 {ratio:8.2f}x")
-    print("\n| figure | value | target | result |\n|---|---|---|---|")
-    print(f"| mTLS handshakes/s vs bare Python ssl | {ratio:.2f}x | ≥ 0.8x | {'pass' if ratio >= 0.8 else 'FAIL'} |")
-    return 0
+    return report(
+        "mtls_handshake",
+        [Figure("mTLS handshakes/s vs bare Python ssl, same certificate", f"{ratio:.2f}x", "≥ 0.8x", ratio >= 0.8)],
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from _common import Figure, percentile, report
 from cryptography import x509
 
 from wlidd.emulator.ca import CertificateAuthority
@@ -34,12 +35,6 @@ from wlidd.svid.load import CredentialFiles, build_identity
 from wlidd.tlsctx import build_client_context
 
 TARGET_P99_MS = 250.0
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def handshake_serial(port: int, context: ssl.SSLContext) -> int:
@@ -147,13 +142,18 @@ def main() -> int:
     print(f"wlidd swap→new leaf        p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  max {max(pickups):7.2f} ms")
     print(f"ratio wlidd/bare-watchfiles p50 {p50 / b50:5.2f}x  p99 {p99 / b99:5.2f}x")
     print(f"ratio wlidd p50 / handshake p50 {p50 / hs50:5.2f}x")
-    print()
-    print("| figure | value | target | result |\n|---|---|---|---|")
     ok = p99 <= TARGET_P99_MS and missed == 0
-    print(
-        f"| rotation pick-up p99 (swap → new leaf in handshake) | {p99:.1f} ms | ≤ {TARGET_P99_MS:.0f} ms | {'pass' if ok else 'FAIL'} |"
+    return report(
+        "rotation_latency",
+        [
+            Figure(
+                f"rotation pick-up p99, GCE swap → new leaf in a handshake ({len(pickups)} rotations, {missed} missed)",
+                f"{p99:.1f} ms",
+                f"≤ {TARGET_P99_MS:.0f} ms",
+                ok,
+            )
+        ],
     )
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,14 +18,9 @@ import time
 from pathlib import Path
 
 import httpx
+from _common import ROOT, Figure, bench_env, percentile, report, start_daemon, stop_daemon
 
 REQUEST = b"GET /v1/token/mds HTTP/1.1\r\nHost: wlidd\r\n\r\n"
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))]
 
 
 async def _client(path: str, deadline: float, latencies: list[float]) -> int:
@@ -147,7 +141,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--clients", default="1,16,64")
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = bench_env()
     work = Path(tempfile.mkdtemp(prefix="wlidd-bench-"))
     upstreams = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "_upstreams.py")],
@@ -174,11 +168,7 @@ path = "{sock}"
 max_connections = 1024
 """
     )
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "wlidd", "run", "--config", str(config)],
-        env=env,
-        stderr=open(work / "wlidd.log", "w"),  # noqa: SIM115
-    )
+    daemon = start_daemon(config, stderr=open(work / "wlidd.log", "wb"))  # noqa: SIM115
     servers: list[subprocess.Popen[str]] = []
     try:
         response = wait_for_token(sock)
@@ -202,8 +192,7 @@ max_connections = 1024
             a = measure(baselines["anyio"], clients, args.seconds)
             rows.append((clients, w, b, a))
     finally:
-        daemon.terminate()
-        daemon.wait(10)
+        stop_daemon(daemon)
         for process in servers:
             assert process.stdin is not None
             process.stdin.close()
@@ -226,13 +215,17 @@ max_connections = 1024
         )
     worst_ratio = min(w[0] / b[0] for _, w, b, _ in rows)
     p99_64 = next((w[2] for c, w, _, _ in rows if c == 64), None)
-    print("\n| figure | value | target | result |\n|---|---|---|---|")
-    print(
-        f"| cached token req/s vs bare asyncio (worst of {args.clients}) | {worst_ratio:.2f}x | ≥ 0.5x | {'pass' if worst_ratio >= 0.5 else 'FAIL'} |"
-    )
+    figures = [
+        Figure(
+            f"cached token req/s over the Unix socket vs bare asyncio (worst of {args.clients} clients)",
+            f"{worst_ratio:.2f}x",
+            "≥ 0.5x",
+            worst_ratio >= 0.5,
+        )
+    ]
     if p99_64 is not None:
-        print(f"| p99 at 64 keep-alive clients | {p99_64:.2f} ms | ≤ 2 ms | {'pass' if p99_64 <= 2 else 'FAIL'} |")
-    return 0
+        figures.append(Figure("cached token p99 at 64 keep-alive clients", f"{p99_64:.2f} ms", "≤ 2 ms", p99_64 <= 2))
+    return report("token_serve", figures)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from rotation_latency import bare_watchfiles_latency, percentile  # noqa: E402
+from _common import Figure, percentile, report, start_daemon, stop_daemon  # noqa: E402
+from rotation_latency import bare_watchfiles_latency  # noqa: E402
 
 from wlidd.emulator.ca import CertificateAuthority  # noqa: E402
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files  # noqa: E402
@@ -105,10 +105,7 @@ path = "{work / "wlidd.sock"}"
 path = "{work / "workload.sock"}"
 """
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "wlidd", "run", "--config", str(work / "wlidd.toml")], env=env, stderr=subprocess.DEVNULL
-    )
+    daemon = start_daemon(work / "wlidd.toml")
     deadline = time.monotonic() + 30
     while not (work / "workload.sock").exists():
         assert time.monotonic() < deadline, "the Workload API socket never appeared"
@@ -155,8 +152,7 @@ path = "{work / "workload.sock"}"
     finally:
         clients.stdin.close()
         clients.kill()
-        daemon.terminate()
-        daemon.wait(10)
+        stop_daemon(daemon)
     bare = bare_watchfiles_latency(args.rotations, ca)
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     b50, b99 = percentile(bare, 50), percentile(bare, 99)
@@ -164,12 +160,18 @@ path = "{work / "workload.sock"}"
     print(f"bare watchfiles notice      p50 {b50:7.2f} ms  p99 {b99:7.2f} ms")
     print(f"swap -> new SVID at client  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  max {max(latencies):7.2f} ms")
     print(f"ratio to bare watchfiles    p50 {p50 / b50:5.2f}x  p99 {p99 / b99:5.2f}x")
-    print("\n| figure | value | target | result |\n|---|---|---|---|")
     kind = "raw gRPC" if args.raw else "py-spiffe, one process"
-    print(
-        f"| Workload API rotation-to-push p99 ({args.clients} streams, {kind}) | {p99:.1f} ms | ≤ 250 ms | {'pass' if p99 <= 250 else 'FAIL'} |"
+    return report(
+        "workload_api",
+        [
+            Figure(
+                f"Workload API rotation-to-push p99 ({args.clients} streams, {kind})",
+                f"{p99:.1f} ms",
+                "≤ 250 ms",
+                p99 <= 250,
+            )
+        ],
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """CredentialWatcher: every trigger feeds one `reload(reason)`; consumers read one published state.
 
-Triggers: watchfiles events on the parent directories (symlink swaps, renames, Kubernetes ``..data``
+Triggers: inotify events (`dirwatch`) on the parent directories (symlink swaps, renames, Kubernetes ``..data``
 swaps), a periodic re-read, SIGHUP (through the daemon), and re-reads just before and at the
 leaf's expiry. Change is decided by content fingerprint, not by events. A valid new set is
 published by one assignment of an immutable `IdentityState`; an invalid one is counted, logged
@@ -22,8 +22,8 @@ import anyio
 import anyio.to_thread
 import structlog
 from anyio.abc import TaskStatus
-from watchfiles import awatch
 
+from wlidd.dirwatch import directory_changes
 from wlidd.errors import SvidError
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, CredentialSource, Identity, load_identity, utc_now
@@ -226,7 +226,6 @@ class CredentialWatcher:
         return self.source.watch_dirs()
 
     async def _watch_files(self) -> None:
-        debounce_ms = max(1, int(self.source.config.debounce * 1000))
         watched: set[str] | None = None
         while not self._closed:
             dirs = self._watch_dirs()
@@ -245,14 +244,7 @@ class CredentialWatcher:
                     await stop.wait()
                     continue
                 try:
-                    async for _changes in awatch(
-                        *existing,
-                        debounce=debounce_ms,
-                        step=max(1, min(50, debounce_ms // 5)),
-                        stop_event=stop,
-                        recursive=False,
-                        ignore_permission_denied=True,
-                    ):
+                    async for _ in directory_changes(existing, self.source.config.debounce, stop):
                         self.request_reload("file-event")
                         if self._watch_dirs() != dirs:
                             stop.set()  # a link now leads through other directories: watch those

@@ -90,6 +90,26 @@ metadata.url = "{upstreams.metadata_url}"
     return config
 
 
+def demo_upstreams(base: Path, ca: CertificateAuthority, lifetime: float = 120) -> Upstreams:
+    """The emulated Entra ID, STS, IAM and metadata server of the demo config, with the Entra app's
+    signing certificate written to base/entra.crt and base/entra.key (not yet running)."""
+    upstreams = Upstreams(
+        base / "emulator",
+        spiffe_bundle_pem=ca.bundle_pem,
+        sts_lifetime=lifetime,
+        metadata_lifetime=lifetime,
+        service_accounts=[SERVICE_ACCOUNT],
+    )
+    signer = CertificateAuthority("entra-app.demo", intermediate=False).issue_svid(key_kind="rsa2048")
+    (base / "entra.crt").write_bytes(signer.chain_pem)
+    (base / "entra.key").write_bytes(signer.key_pem)
+    (base / "entra.key").chmod(0o600)
+    upstreams.register_app(CLIENT_ID, APP_URI, signer.leaf)
+    upstreams.register_oidc_provider(ENTRA_AUDIENCE, allowed_audiences=[APP_URI])
+    upstreams.register_x509_provider(X509_AUDIENCE)
+    return upstreams
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stdout, flush=True)
 
@@ -119,20 +139,7 @@ async def run_demo(base: Path, rotate_every: float, ttl: float, duration: float,
     async with anyio.create_task_group() as tg:
         upstreams = None
         if tokens:
-            upstreams = Upstreams(
-                base / "emulator",
-                spiffe_bundle_pem=ca.bundle_pem,
-                sts_lifetime=120,
-                metadata_lifetime=120,
-                service_accounts=[SERVICE_ACCOUNT],
-            )
-            signer = CertificateAuthority("entra-app.demo", intermediate=False).issue_svid(key_kind="rsa2048")
-            (base / "entra.crt").write_bytes(signer.chain_pem)
-            (base / "entra.key").write_bytes(signer.key_pem)
-            (base / "entra.key").chmod(0o600)
-            upstreams.register_app(CLIENT_ID, APP_URI, signer.leaf)
-            upstreams.register_oidc_provider(ENTRA_AUDIENCE, allowed_audiences=[APP_URI])
-            upstreams.register_x509_provider(X509_AUDIENCE)
+            upstreams = demo_upstreams(base, ca)
             await tg.start(upstreams.run)
         config_path = write_demo_config(base, secrets, upstreams)
         daemon = Daemon(load_config(config_path))

@@ -64,6 +64,8 @@ class Fault:
     retry_after: str | None = None
     latency: float = 0.0
     hang: bool = False
+    latency_rate: float = 1.0  # the share of requests slowed by `latency`
+    hang_rate: float = 1.0  # with hang: the share of requests that hang
     count: int | None = None  # only the next N requests; None: until cleared
 
 
@@ -262,9 +264,9 @@ class Upstreams:
                 self.faults.pop(endpoint, None)
                 return None
             fault.count -= 1
-        if fault.latency:
+        if fault.latency and (fault.latency_rate >= 1 or self.rng.random() < fault.latency_rate):
             await anyio.sleep(fault.latency)
-        if fault.hang:
+        if fault.hang and (fault.hang_rate >= 1 or self.rng.random() < fault.hang_rate):
             await anyio.sleep(3600)
         if self.rng.random() < fault.error_rate:
             body = fault.body or _default_error(endpoint, fault.status)

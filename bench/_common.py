@@ -1,0 +1,100 @@
+"""What every benchmark shares: percentiles, the daemon process, and the figure table.
+
+Each benchmark ends by calling `report(bench, figures)`: it prints the bench's own table and, when
+WLIDD_BENCH_RESULTS names a file, appends the figures to it as JSON lines, from which
+`bench/report.py` builds the one table `make bench` ends with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_ENV = "WLIDD_BENCH_RESULTS"
+
+
+@dataclass(frozen=True)
+class Figure:
+    figure: str
+    value: str
+    target: str
+    passed: bool
+    bench: str = ""
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))]
+
+
+def report(bench: str, figures: list[Figure]) -> int:
+    """Print the figures as a markdown table, record them for the summary; 0 if all passed."""
+    print("\n| figure | value | target | result |\n|---|---|---|---|")
+    for f in figures:
+        print(f"| {f.figure} | {f.value} | {f.target} | {'pass' if f.passed else 'FAIL'} |")
+    results = os.environ.get(RESULTS_ENV)
+    if results:
+        with open(results, "a") as out:
+            for f in figures:
+                out.write(json.dumps(asdict(Figure(f.figure, f.value, f.target, f.passed, bench))) + "\n")
+    return 0 if all(f.passed for f in figures) else 1
+
+
+def bench_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def start_daemon(config: Path, stderr: IO[bytes] | int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "wlidd", "run", "--config", str(config)], env=bench_env(), stderr=stderr
+    )
+
+
+def stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
+    daemon.terminate()
+    try:
+        daemon.wait(10)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait(10)
+
+
+def wait_for_unix_socket(path: Path, timeout: float = 30, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"the daemon exited with {process.returncode} before listening on {path}")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"nothing listens on {path}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"the daemon exited with {process.returncode} before listening on port {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on port {port}")
