@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint pytest bench soak clean install proto
+.PHONY: venv demo test lint pytest bench soak fuzz clean install proto
 
 venv: $(STAMP)
 
@@ -41,7 +41,10 @@ bench: venv
 	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/workload_api.py
 	-$(PY) bench/report.py $(BENCH_RESULTS) --write bench/RESULTS.md
 
+# Compressed soak: 64 clients, 5 s rotations of 10 s SVIDs, STS failing ~30 % (SOAK_SECONDS, default 300),
+# then the rotation soak with damaged sets mixed in (pytest -m soak).
 soak: venv
+	$(PY) bench/soak.py
 	$(PY) -m pytest -m soak -s $(PYTEST_ARGS)
 
 clean:

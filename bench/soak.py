@@ -221,7 +221,7 @@ async def soak(seconds: float, clients: int, processes: int) -> int:
         config = write_demo_config(base, secrets, upstreams, token_lifetime=60)
         mtls_port = free_port()
         text = config.read_text().replace('backoff_max = "10s"', 'backoff_max = "10s"\ntimeout = "3s"')
-        text = text.replace('start_delay = "2s"', "start_delay = 0")
+        text = text.replace('start_delay = "2s"', "start_delay = 0").replace('skew = "10s"', 'skew = "2s"')
         text = text.replace(
             "tokens = {", f'tokens = {{ spiffe_ids = ["spiffe://{DEMO_TRUST_DOMAIN}/ns/soak/**"], '
         ).replace('log_level = "info"', 'log_level = "warning"\nlog_format = "json"')
@@ -303,7 +303,9 @@ path = "{base / "workload.sock"}"
 
     sts_calls = upstreams.calls["sts"] + upstreams.calls["sts_mtls"]
     print(f"\nsoak {seconds:g}s: {clients} clients in {processes} processes; {rotations} rotations (SVID TTL 10 s)")
-    print(f"STS calls {sts_calls} with ~30 % faults; distinct tokens served {len(last_seen)}")
+    per_flow = Counter(upstreams.issued[t][1] for t in last_seen if t in upstreams.issued)
+    print(f"STS calls {sts_calls} with ~30 % faults; distinct tokens served {len(last_seen)} {dict(per_flow)}")
+    print(f"daemon log: {log_path}")
     for key in sorted(counts):
         print(f"  {key:<48} {counts[key]}")
     print(f"  {'errors other than documented 503s':<48} {sum(errors.values())}")
