@@ -18,8 +18,8 @@ demo: venv
 	$(VENV)/bin/wlidd demo $(DEMO_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check wlidd tests bench
-	$(VENV)/bin/ruff format --check wlidd tests bench
+	$(VENV)/bin/ruff check wlidd tests bench fuzz
+	$(VENV)/bin/ruff format --check wlidd tests bench fuzz
 	$(VENV)/bin/mypy --strict wlidd
 
 pytest: venv
@@ -47,8 +47,15 @@ soak: venv
 	$(PY) bench/soak.py
 	$(PY) -m pytest -m soak -s $(PYTEST_ARGS)
 
+# Long fuzzing: the Hypothesis budgets × FUZZ_SCALE, then atheris (libFuzzer) for FUZZ_SECONDS.
+FUZZ_SCALE   ?= 50
+FUZZ_SECONDS ?= 300
+fuzz: venv
+	WLIDD_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q --timeout=7200 tests/test_fuzz.py tests/test_svid_properties.py
+	mkdir -p .fuzz && cd .fuzz && ../$(PY) ../fuzz/atheris_credentials.py -max_total_time=$(FUZZ_SECONDS) -max_len=8192
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .fuzz .mypy_cache .pytest_cache .ruff_cache *.egg-info
 
 # make install [PREFIX=/opt/wlidd] [DESTDIR=] [SYSCONFDIR=/etc] [UNITDIR=/etc/systemd/system]
 # wlidd in its own virtualenv under PREFIX, the systemd units, and the example config (never overwritten).

@@ -17,6 +17,7 @@ from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.svid.load import CredentialSource
 
 TD = "example.org"
+FUZZ_SCALE = int(os.environ.get("WLIDD_FUZZ_SCALE", "1"))  # `make fuzz` multiplies the example budgets
 
 
 @pytest.fixture(autouse=True)

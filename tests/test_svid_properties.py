@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import FUZZ_SCALE
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.errors import SvidError
 from wlidd.svid.load import CredentialFiles, build_identity
@@ -66,7 +70,7 @@ def outcome(chain: bytes, key: bytes, bundle: bytes) -> str:
     return "ok"
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300 * FUZZ_SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chain=pem_like(), key=pem_like(), bundle=pem_like())
 def test_any_bytes_in_any_of_the_three_files_give_an_svid_or_a_typed_rejection(
     chain: bytes, key: bytes, bundle: bytes
@@ -74,7 +78,7 @@ def test_any_bytes_in_any_of_the_three_files_give_an_svid_or_a_typed_rejection(
     outcome(chain, key, bundle)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200 * FUZZ_SCALE, deadline=None)
 @given(which=st.sampled_from(["chain", "key", "bundle"]), data=pem_like())
 def test_one_damaged_file_beside_two_good_ones_never_crashes(which: str, data: bytes) -> None:
     files = {"chain": GOOD.chain_pem, "key": GOOD.key_pem, "bundle": CA.bundle_pem}
@@ -90,7 +94,7 @@ def test_huge_input_is_refused_by_size_not_parsed() -> None:
     assert outcome(b"A" * (2 << 20), GOOD.key_pem, CA.bundle_pem) == "chain_too_large"
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500 * FUZZ_SCALE, deadline=None)
 @given(st.text(max_size=300))
 def test_any_text_parses_as_spiffe_id_or_is_refused_with_a_reason(text: str) -> None:
     try:
@@ -137,3 +141,18 @@ def test_reprs_never_show_key_material() -> None:
     secret_line = GOOD.key_pem.splitlines()[1].decode()
     for text in (repr(files), repr(identity), repr(identity.svid), str(identity)):
         assert "PRIVATE KEY" not in text and secret_line not in text
+
+
+def test_atheris_finds_no_crash_in_what_wlidd_parses(tmp_path: Path) -> None:
+    """A bounded coverage-guided run (libFuzzer via atheris, where it installs); `make fuzz` runs it long."""
+    pytest.importorskip("atheris")
+    script = Path(__file__).resolve().parent.parent / "fuzz" / "atheris_credentials.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "-runs=8000", "-max_len=4096", "-seed=7"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Done 8000 runs" in result.stderr

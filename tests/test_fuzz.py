@@ -1,0 +1,358 @@
+"""Hostile input on the HTTP surface of every listener: the Unix socket API, the metadata API and the
+mTLS listener, all in one real daemon, over real sockets.
+
+Whatever arrives, each answer is a well-formed HTTP/1.1 response with a status (never a 500, never
+a traceback), the listener keeps serving, and slow or flooding clients are cut at the configured
+limits. `make test` runs a bounded budget; `make fuzz` multiplies it (WLIDD_FUZZ_SCALE).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio.from_thread
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import FUZZ_SCALE, TD, FileSet
+from wlidd.emulator.ca import CertificateAuthority
+from wlidd.emulator.upstreams import Upstreams
+from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.tlsctx import build_client_context
+
+LIMITS = {"request_timeout": 0.5, "idle_timeout": 1.0, "max_connections": 16}
+PATHS = [
+    "/v1/token/gcp",
+    "/v1/token/nope",
+    "/v1/status",
+    "/v1/health",
+    "/v1/ready/default",
+    "/v1/identity/default",
+    "/v1/credentials/default",
+    "/metrics",
+    "/get_wif_token",
+    "/computeMetadata/v1/instance/service-accounts/default/token",
+    "/computeMetadata/v1/instance/service-accounts/default/identity?audience=x&format=full",
+    "/computeMetadata/v1/instance/service-accounts/?recursive=true",
+    "/computeMetadata/v1/project/project-id",
+    "/computeMetadata/v1/",
+    "/",
+]
+HEADER_NAMES = [
+    "Host",
+    "Metadata-Flavor",
+    "Content-Length",
+    "Transfer-Encoding",
+    "Connection",
+    "X-Forwarded-For",
+    "Expect",
+    "Accept",
+    "Authorization",
+]
+STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5]\d\d) [^\r\n]*\r\n")
+
+
+@dataclass
+class Node:
+    """The real daemon in its own process (as in production: signals, its own event loop)."""
+
+    socket_path: Path
+    metadata_port: int
+    mtls_port: int
+    client: ssl.SSLContext
+
+    def connect(self, surface: str) -> socket.socket:
+        if surface == "unix":
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            s.connect(str(self.socket_path))
+            return s
+        port = self.metadata_port if surface == "metadata" else self.mtls_port
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        return self.client.wrap_socket(raw) if surface == "mtls" else raw
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, ca: CertificateAuthority) -> Iterator[Node]:
+    base = tmp_path_factory.mktemp("fuzz")
+    files = FileSet(base / "creds")
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    files.key.chmod(0o600)
+    client = ca.issue_svid("/ns/fuzz/sa/client")
+    context = build_client_context(
+        build_identity(
+            CredentialFiles("c", client.chain_pem, client.key_pem, own_bundle=ca.bundle_pem), dt.datetime.now(dt.UTC)
+        )
+    )
+    limits = "\n".join(f"{k} = {v}" for k, v in LIMITS.items())
+    with anyio.from_thread.start_blocking_portal() as portal:
+        upstreams = Upstreams(base / "emulator", seed=11)
+        emulator_done, _ = portal.start_task(upstreams.run)
+        node = Node(base / "wlidd.sock", _free_port(), _free_port(), context)
+        config = base / "wlidd.toml"
+        config.write_text(
+            f"""
+[daemon]
+log_level = "warning"
+log_format = "json"
+[identities.default]
+source = "files"
+cert = "{files.cert}"
+key = "{files.key}"
+bundle = "{files.bundle}"
+[tokens.gcp]
+flow = "gce-metadata"
+start_delay = 0
+require_at_start = true
+metadata.url = "{upstreams.metadata_url}"
+[listeners.unix]
+path = "{node.socket_path}"
+{limits}
+[listeners.metadata]
+address = "127.0.0.1:{node.metadata_port}"
+token = "gcp"
+email = "app@demo-project.iam.gserviceaccount.com"
+project_id = "demo-project"
+{limits}
+[listeners.mtls]
+address = "127.0.0.1:{node.mtls_port}"
+identity = "default"
+allow = ["spiffe://{TD}"]
+{limits}
+[policy]
+tokens = {{ users = ["root"], spiffe_ids = ["spiffe://{TD}/ns/fuzz/**"] }}
+"""
+        )
+        log = open(base / "wlidd.log", "wb")  # noqa: SIM115
+        daemon = subprocess.Popen([sys.executable, "-m", "wlidd", "run", "--config", str(config)], stderr=log)
+        try:
+            deadline = time.monotonic() + 30
+            while not node.socket_path.exists():
+                assert daemon.poll() is None, (base / "wlidd.log").read_text()
+                assert time.monotonic() < deadline, "the daemon never listened"
+                time.sleep(0.05)
+            yield node
+        finally:
+            daemon.terminate()
+            daemon.wait(10)
+            log.close()
+            portal.call(upstreams.stop)
+            emulator_done.result(30)
+        tracebacks = [line for line in (base / "wlidd.log").read_text().splitlines() if "Traceback" in line]
+        assert daemon.returncode == 0 and not tracebacks, tracebacks[:3]
+
+
+def exchange(node: Node, surface: str, data: bytes) -> bytes:
+    """Send `data`, then read until the server closes (it must: the request times out at 0.5 s)."""
+    with node.connect(surface) as s:
+        try:
+            s.sendall(data)
+            if surface != "mtls":
+                s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass  # the server already answered and closed (e.g. 431 before the rest arrived)
+        answer = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except (ConnectionResetError, ssl.SSLError):
+                break
+            except TimeoutError:
+                pytest.fail(f"{surface}: the server neither answered nor closed within 5 s")
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def assert_proper_answers(answer: bytes) -> list[int]:
+    """Every response in `answer` is a status line, headers, and exactly Content-Length of body."""
+    statuses = []
+    rest = answer
+    while rest:
+        match = STATUS_LINE.match(rest)
+        assert match, f"not an HTTP/1.1 status line: {rest[:80]!r}"
+        head, sep, after = rest.partition(b"\r\n\r\n")
+        assert sep, f"response head never ends: {rest[:200]!r}"
+        lengths = [
+            int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        ]
+        assert len(lengths) == 1, head
+        assert len(after) >= lengths[0], "body shorter than its Content-Length"
+        status = int(match.group(1))
+        assert status != 500 and b"Traceback" not in after[: lengths[0]], rest[:300]
+        statuses.append(status)
+        rest = after[lengths[0] :]
+    return statuses
+
+
+def assert_still_serving(node: Node, surface: str) -> None:
+    probe = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n"
+    if surface == "metadata":
+        probe = probe.replace(b"/v1/health", b"/computeMetadata/v1/project/project-id")
+    statuses = assert_proper_answers(exchange(node, surface, probe))
+    assert statuses and statuses[0] in (200, 404), statuses  # the metadata API may not know the project
+
+
+def header_value() -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.sampled_from([b"Google", b"0", b"-1", b"5", b"99999999999999999999", b"chunked", b"close", b"100-continue"]),
+        st.binary(max_size=64),
+        st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    )
+
+
+@st.composite
+def http_requests(draw: st.DrawFn) -> bytes:
+    method = draw(
+        st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"CONNECT", b"TRACE"])
+        | st.binary(max_size=12)
+    )
+    path = draw(
+        st.sampled_from([p.encode() for p in PATHS]) | st.binary(max_size=200) | st.text(max_size=80).map(str.encode)
+    )
+    if draw(st.booleans()):
+        path += draw(st.sampled_from([b"/../../etc/shadow", b"%00", b"%2e%2e/", b"?" + b"a=" * 50, b"#frag", b"//"]))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/0.9", b"", b"http/1.1"]))
+    headers = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from([h.encode() for h in HEADER_NAMES]) | st.binary(min_size=1, max_size=20), header_value()
+            ),
+            max_size=8,
+        )
+    )
+    body = draw(st.binary(max_size=300))
+    lines = [method + b" " + path + (b" " + version if version else b"")]
+    lines += [name + b": " + value for name, value in headers]
+    request = b"\r\n".join(lines) + b"\r\n\r\n" + body
+    if draw(st.booleans()):
+        request += b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"  # pipelined after whatever came first
+    return request
+
+
+FUZZ = settings(
+    max_examples=120 * FUZZ_SCALE,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+
+
+@pytest.mark.parametrize("surface", ["unix", "metadata", "mtls"])
+@FUZZ
+@given(request=http_requests())
+def test_any_request_gets_proper_answers_and_the_listener_keeps_serving(
+    node: Node, surface: str, request: bytes
+) -> None:
+    assert_proper_answers(exchange(node, surface, request))
+    assert_still_serving(node, surface)
+
+
+@pytest.mark.parametrize("surface", ["unix", "metadata"])
+@FUZZ
+@given(data=st.binary(max_size=4096))
+def test_any_bytes_get_proper_answers_or_a_close(node: Node, surface: str, data: bytes) -> None:
+    assert_proper_answers(exchange(node, surface, data))
+    assert_still_serving(node, surface)
+
+
+@pytest.mark.parametrize("surface", ["unix", "metadata", "mtls"])
+def test_a_huge_request_is_cut_at_the_header_limit_not_buffered(node: Node, surface: str) -> None:
+    head = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Fill: "
+    answer = exchange(node, surface, head + b"a" * (4 << 20))  # 4 MiB of one header line
+    assert assert_proper_answers(answer) in ([431], [400])
+    assert_still_serving(node, surface)
+
+
+@pytest.mark.parametrize("surface", ["unix", "metadata", "mtls"])
+def test_slowloris_dripping_bytes_is_cut_at_the_request_timeout(node: Node, surface: str) -> None:
+    """A byte every 50 ms does not extend the deadline: the request is cut at request_timeout (0.5 s)."""
+    with node.connect(surface) as s:
+        started = time.monotonic()
+        answer = b""
+        try:
+            for byte in b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"z" * 200:
+                s.sendall(bytes([byte]))
+                time.sleep(0.05)
+                if time.monotonic() - started > 4:
+                    break
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass
+        s.settimeout(5)
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        elapsed = time.monotonic() - started
+    assert assert_proper_answers(answer) in ([408], [])
+    assert elapsed < 4, f"the slow client was held for {elapsed:.1f} s"
+    assert_still_serving(node, surface)
+
+
+@pytest.mark.parametrize("surface", ["unix", "metadata", "mtls"])
+def test_a_connection_flood_beyond_the_limit_is_refused_and_then_recovers(node: Node, surface: str) -> None:
+    """More silent connections than max_connections (16): the extra ones are refused at once (503 or
+    a close), the silent ones are cut at the request timeout, and then the listener serves again."""
+    flood: list[socket.socket] = []
+    refused = 0
+    try:
+        for _ in range(40):
+            try:
+                flood.append(node.connect(surface))
+            except (ConnectionResetError, ssl.SSLError, OSError):
+                refused += 1  # the TLS handshake of an over-limit connection may be cut
+        for s in flood[16:]:
+            s.settimeout(2)
+            try:
+                answer = s.recv(65536)
+            except (ConnectionResetError, ssl.SSLError, TimeoutError):
+                answer = b""
+            if answer.startswith(b"HTTP/1.1 503") or answer == b"":
+                refused += 1
+        assert refused >= 40 - 16 - 2  # accepts racing with the first ones' timeouts may admit one or two
+    finally:
+        for s in flood:
+            s.close()
+    time.sleep(0.6)
+    assert_still_serving(node, surface)
+
+
+def test_client_certificates_of_the_wrong_domain_are_refused_not_answered(
+    node: Node, foreign_ca: CertificateAuthority
+) -> None:
+    svid = foreign_ca.issue_svid("/ns/fuzz/sa/client")
+    context = build_client_context(
+        build_identity(
+            CredentialFiles("x", svid.chain_pem, svid.key_pem, own_bundle=foreign_ca.bundle_pem),
+            dt.datetime.now(dt.UTC),
+        )
+    )
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # we only want to see the server refuse our certificate
+    with (
+        socket.create_connection(("127.0.0.1", node.mtls_port), timeout=5) as raw,
+        pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)),
+        context.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert tls.recv(65536) == b""
+        raise ConnectionResetError("closed without an answer")
+    assert_still_serving(node, "mtls")
