@@ -38,6 +38,7 @@ from cryptography import x509
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.demo import DEMO_PATH, DEMO_TRUST_DOMAIN, demo_upstreams, write_demo_config
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
+from wlidd.emulator.produced import find_leak
 from wlidd.emulator.upstreams import Fault
 
 TOKENS = ("gcp", "x509", "mds")
@@ -299,6 +300,7 @@ path = "{base / "workload.sock"}"
             counts["expired tokens served (emulator record)"] += 1
     log_lines = log_path.read_text(errors="replace").splitlines()
     crashes = [line for line in log_lines if "Traceback" in line or '"level": "critical"' in line]
+    leaked = find_leak("\n".join(log_lines))
     drift = samples[-1] - samples[0] if len(samples) >= 2 else 0.0
 
     sts_calls = upstreams.calls["sts"] + upstreams.calls["sts_mtls"]
@@ -322,6 +324,7 @@ path = "{base / "workload.sock"}"
         "errors other than documented 503s": sum(errors.values()),
         "daemon tracebacks": len(crashes),
         "daemon died": 0 if alive else 1,
+        "secrets in the daemon's log": 0 if leaked is None else 1,
     }
     print("\n| must be zero | count |\n|---|---|")
     for key, value in must_be_zero.items():

@@ -14,10 +14,38 @@ import pytest
 
 from wlidd.config import IdentityConfig
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
+from wlidd.emulator.produced import find_leak
 from wlidd.svid.load import CredentialSource
 
 TD = "example.org"
 FUZZ_SCALE = int(os.environ.get("WLIDD_FUZZ_SCALE", "1"))  # `make fuzz` multiplies the example budgets
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Fail any test whose captured output (stdout, stderr, log records; child processes included, as
+    pytest captures file descriptors) contains a secret the emulator made or was handed: a private
+    key, an access or ID token, a client assertion, a subject token. The secret itself is withheld."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    leaks = [
+        (name, kind)
+        for name, content in report.sections
+        if name.endswith(report.when) and (kind := find_leak(content)) is not None  # this phase's output
+    ]
+    expected = item.get_closest_marker("leaks_a_secret_on_purpose") is not None
+    if report.when != "call" and not leaks:
+        return
+    if expected and report.when == "call":
+        if leaks:
+            report.outcome, report.longrepr = "passed", None
+        else:
+            report.outcome, report.longrepr = "failed", "the leak check missed a secret printed on purpose"
+    elif leaks:
+        report.outcome = "failed"
+        report.longrepr = "secret leaked into captured output: " + "; ".join(f"a {k} in '{n}'" for n, k in leaks)
+    if leaks:
+        report.sections = [(n, "[withheld: contains a secret]" if find_leak(c) else c) for n, c in report.sections]
 
 
 @pytest.fixture(autouse=True)

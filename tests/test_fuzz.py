@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import FUZZ_SCALE, TD, FileSet
 from wlidd.emulator.ca import CertificateAuthority
+from wlidd.emulator.produced import find_leak
 from wlidd.emulator.upstreams import Upstreams
 from wlidd.svid.load import CredentialFiles, build_identity
 from wlidd.tlsctx import build_client_context
@@ -154,8 +155,10 @@ tokens = {{ users = ["root"], spiffe_ids = ["spiffe://{TD}/ns/fuzz/**"] }}
             log.close()
             portal.call(upstreams.stop)
             emulator_done.result(30)
-        tracebacks = [line for line in (base / "wlidd.log").read_text().splitlines() if "Traceback" in line]
+        logged = (base / "wlidd.log").read_text()
+        tracebacks = [line for line in logged.splitlines() if "Traceback" in line]
         assert daemon.returncode == 0 and not tracebacks, tracebacks[:3]
+        assert find_leak(logged) is None, f"a {find_leak(logged)} reached the daemon's log"
 
 
 def exchange(node: Node, surface: str, data: bytes) -> bytes:

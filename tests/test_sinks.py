@@ -115,7 +115,7 @@ async def test_after_a_rotation_the_command_runs_and_the_pid_file_process_is_sig
 
 
 def test_a_world_readable_key_mode_is_refused() -> None:
-    with pytest.raises(ValueError, match="lets every user read the private key"):
+    with pytest.raises(ValueError, match="lets other users read the private key"):
         CredentialSinkConfig.model_validate({"dir": "/x", "key_mode": "0644"})
     with pytest.raises(ValueError, match="signal and pid_file go together"):
         CredentialSinkConfig.model_validate({"dir": "/x", "signal": "SIGHUP"})

@@ -36,11 +36,17 @@ CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 SA = "app@demo-project.iam.gserviceaccount.com"
 
 
-@pytest.fixture
-async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
+def token_emulator(tmp_path: Path, ca: CertificateAuthority) -> Upstreams:
+    """The emulator every flow of these tests talks to (not yet running)."""
     emulator = Upstreams(tmp_path / "emulator", spiffe_bundle_pem=ca.bundle_pem, seed=1, service_accounts=[SA])
     emulator.register_oidc_provider(AUDIENCE, allowed_audiences=[APP_URI])
     emulator.register_x509_provider(X509_AUDIENCE)
+    return emulator
+
+
+@pytest.fixture
+async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
+    emulator = token_emulator(tmp_path, ca)
     async with in_background(emulator.run, emulator.stop):
         yield emulator
 

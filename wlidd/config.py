@@ -111,8 +111,11 @@ class CredentialSinkConfig(_Strict):
             raise ValueError("signal and pid_file go together")
         if self.signal is not None and not hasattr(signals, self.signal.upper()):
             raise ValueError(f"signal {self.signal!r} is not a signal name (e.g. SIGHUP, SIGUSR1)")
-        if self.key_mode & 0o007:
-            raise ValueError(f"key_mode {self.key_mode:04o} lets every user read the private key; 0640 at most")
+        if self.key_mode & 0o077:
+            raise ValueError(
+                f"key_mode {self.key_mode:04o} lets other users read the private key: 0600 or 0400;"
+                " to hand the key to another user, set owner (and group) instead"
+            )
         return self
 
 

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from wlidd.emulator.produced import remember
+
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 _UNSET: object = object()
@@ -47,7 +49,9 @@ def key_pem(key: PrivateKey, fmt: str = "pkcs8", password: bytes | None = None) 
         serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
     )
     pem_format = serialization.PrivateFormat.PKCS8 if fmt == "pkcs8" else serialization.PrivateFormat.TraditionalOpenSSL
-    return key.private_bytes(serialization.Encoding.PEM, pem_format, encryption)
+    pem = key.private_bytes(serialization.Encoding.PEM, pem_format, encryption)
+    remember("private key", pem)
+    return pem
 
 
 def cert_pem(*certs: x509.Certificate) -> bytes:

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wlidd.api.server import HttpServer, Request, Response, ServerLimits
 from wlidd.emulator.ca import CertificateAuthority, cert_pem, issue_server_cert, key_pem
+from wlidd.emulator.produced import remember
 
 GRANT_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
@@ -334,6 +335,7 @@ class Upstreams:
                 400, "invalid_scope", 1002012, f"The provided value for scope {form['scope']} is not valid."
             )
         token_url = f"{self.authority}/{self.tenant_id}/oauth2/v2.0/token"
+        remember("client assertion", form["client_assertion"])
         refusal = self._check_assertion(form["client_assertion"], app, token_url)
         if refusal is not None:
             return refusal
@@ -350,6 +352,7 @@ class Upstreams:
             "ver": "2.0",
         }
         token = jwt.encode(claims, self.entra_key, algorithm="RS256", headers={"kid": "emulator"})
+        remember("Entra access token", token)
         return Response.json(
             200,
             {
@@ -451,6 +454,7 @@ class Upstreams:
         token = f"ya29.sts-{secrets.token_urlsafe(24)}"
         subject = form["audience"]
         self.issued[token] = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.sts_lifetime), subject)
+        remember("access token", token)
         return Response.json(
             200,
             {
@@ -465,6 +469,7 @@ class Upstreams:
         if provider["kind"] != "oidc" or form["subject_token_type"] not in (TYPE_JWT, TYPE_ID_TOKEN):
             return self._oauth_error("sts", 400, "invalid_request", "subject_token_type does not fit the provider.")
         try:
+            remember("subject token", form["subject_token"])
             claims = jwt.decode(
                 form["subject_token"],
                 self.entra_key.public_key(),
@@ -550,6 +555,7 @@ class Upstreams:
         expire = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lifetime)
         token = f"ya29.iam-{secrets.token_urlsafe(24)}"
         self.issued[token] = (expire, email)
+        remember("access token", token)
         return Response.json(200, {"accessToken": token, "expireTime": _iso(expire)})
 
     def id_token(self, email: str, audience: str) -> str:
@@ -562,7 +568,9 @@ class Upstreams:
             "email": email,
         }
         claims |= {"email_verified": True, "iat": now, "exp": now + int(self.id_token_lifetime)}
-        return jwt.encode(claims, self.google_key, algorithm="RS256", headers={"kid": "emulator-google"})
+        token = jwt.encode(claims, self.google_key, algorithm="RS256", headers={"kid": "emulator-google"})
+        remember("ID token", token)
+        return token
 
     def _iam_id_token(self, email: str, body_bytes: bytes) -> Response:
         try:
@@ -600,6 +608,7 @@ class Upstreams:
                 dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.metadata_lifetime),
                 self.metadata_email,
             )
+            remember("access token", token)
             body = {"access_token": token, "expires_in": int(self.metadata_lifetime), "token_type": "Bearer"}
             return Response(200, json.dumps(body).encode(), "application/json", flavor)
         return Response(404, b"Not Found", "text/html", flavor)
