@@ -31,14 +31,14 @@ test: lint pytest
 BENCH_RESULTS ?= $(CURDIR)/.bench-results.jsonl
 bench: venv
 	rm -f $(BENCH_RESULTS)
-	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/startup.py
-	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/idle.py
-	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/rotation_latency.py
-	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/token_serve.py
-	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/fleet.py
-	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/mtls_handshake.py
-	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/workload_api.py --raw
-	-WLIDD_BENCH_RESULTS=$(BENCH_RESULTS) $(PY) bench/workload_api.py
+	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/startup.py
+	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/idle.py
+	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/rotation_latency.py
+	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/token_serve.py
+	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/fleet.py
+	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/mtls_handshake.py
+	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/workload_api.py --raw
+	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/workload_api.py
 	-$(PY) bench/report.py $(BENCH_RESULTS) --write bench/RESULTS.md
 
 # Compressed soak: 64 clients, 5 s rotations of 10 s SVIDs, STS failing ~30 % (SOAK_SECONDS, default 300),

@@ -1,7 +1,7 @@
 """What every benchmark shares: percentiles, the daemon process, and the figure table.
 
 Each benchmark ends by calling `report(bench, figures)`: it prints the bench's own table and, when
-WLIDD_BENCH_RESULTS names a file, appends the figures to it as JSON lines, from which
+BENCH_RESULTS_FILE names a file, appends the figures to it as JSON lines, from which
 `bench/report.py` builds the one table `make bench` ends with.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_ENV = "WLIDD_BENCH_RESULTS"
+RESULTS_ENV = "BENCH_RESULTS_FILE"
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,45 @@ def report(bench: str, figures: list[Figure]) -> int:
             for f in figures:
                 out.write(json.dumps(asdict(Figure(f.figure, f.value, f.target, f.passed, bench))) + "\n")
     return 0 if all(f.passed for f in figures) else 1
+
+
+def write_node_config(work: Path, token: str) -> Path:
+    """A realistic node: one identity from files, one token (`token`: the [tokens.mds] keys), and the
+    Unix, mTLS and Workload API listeners, all under `work`."""
+    import datetime as dt
+
+    from wlidd.emulator.ca import CertificateAuthority
+
+    ca = CertificateAuthority("bench.example.org")
+    svid = ca.issue_svid("/ns/bench/sa/node", ttl=dt.timedelta(hours=2))
+    (work / "chain.pem").write_bytes(svid.chain_pem)
+    (work / "key.pem").write_bytes(svid.key_pem)
+    (work / "key.pem").chmod(0o600)
+    (work / "bundle.pem").write_bytes(ca.bundle_pem)
+    config = work / "wlidd.toml"
+    config.write_text(
+        f"""
+[daemon]
+log_level = "warning"
+[identities.default]
+source = "files"
+cert = "{work / "chain.pem"}"
+key = "{work / "key.pem"}"
+bundle = "{work / "bundle.pem"}"
+[tokens.mds]
+flow = "gce-metadata"
+{token}
+[listeners.unix]
+path = "{work / "wlidd.sock"}"
+[listeners.mtls]
+address = "127.0.0.1:{free_port()}"
+identity = "default"
+allow = ["spiffe://bench.example.org"]
+[listeners.workload_api]
+path = "{work / "workload.sock"}"
+"""
+    )
+    return config
 
 
 def bench_env() -> dict[str, str]:

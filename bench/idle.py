@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import subprocess
@@ -23,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Figure, bench_env, free_port, report, start_daemon, stop_daemon, wait_for_unix_socket
-
-from wlidd.emulator.ca import CertificateAuthority
+from _common import Figure, bench_env, report, start_daemon, stop_daemon, wait_for_unix_socket, write_node_config
 
 REQUESTS = (
     b"GET /v1/token/mds HTTP/1.1\r\nHost: wlidd\r\n\r\n",
@@ -97,38 +94,7 @@ def drive(path: Path, total: int, clients: int = 16, per_connection: int = 50) -
 
 
 def write_config(work: Path, metadata_url: str) -> Path:
-    ca = CertificateAuthority("bench.example.org")
-    svid = ca.issue_svid("/ns/bench/sa/node", ttl=dt.timedelta(hours=2))
-    (work / "chain.pem").write_bytes(svid.chain_pem)
-    (work / "key.pem").write_bytes(svid.key_pem)
-    (work / "key.pem").chmod(0o600)
-    (work / "bundle.pem").write_bytes(ca.bundle_pem)
-    config = work / "wlidd.toml"
-    config.write_text(
-        f"""
-[daemon]
-log_level = "warning"
-[identities.default]
-source = "files"
-cert = "{work / "chain.pem"}"
-key = "{work / "key.pem"}"
-bundle = "{work / "bundle.pem"}"
-[tokens.mds]
-flow = "gce-metadata"
-start_delay = 0
-require_at_start = true
-metadata.url = "{metadata_url}"
-[listeners.unix]
-path = "{work / "wlidd.sock"}"
-[listeners.mtls]
-address = "127.0.0.1:{free_port()}"
-identity = "default"
-allow = ["spiffe://bench.example.org"]
-[listeners.workload_api]
-path = "{work / "workload.sock"}"
-"""
-    )
-    return config
+    return write_node_config(work, f'start_delay = 0\nrequire_at_start = true\nmetadata.url = "{metadata_url}"')
 
 
 def main() -> int:

@@ -9,7 +9,6 @@ first act (the interpreter's own start). Target: median ≤ 0.5 s.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import socket
 import statistics
@@ -19,9 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Figure, bench_env, free_port, report
-
-from wlidd.emulator.ca import CertificateAuthority
+from _common import Figure, bench_env, free_port, report, write_node_config
 
 BARE = (
     "import os, socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM);"
@@ -30,37 +27,7 @@ BARE = (
 
 
 def write_config(work: Path) -> Path:
-    ca = CertificateAuthority("bench.example.org")
-    svid = ca.issue_svid("/ns/bench/sa/node", ttl=dt.timedelta(hours=2))
-    (work / "chain.pem").write_bytes(svid.chain_pem)
-    (work / "key.pem").write_bytes(svid.key_pem)
-    (work / "key.pem").chmod(0o600)
-    (work / "bundle.pem").write_bytes(ca.bundle_pem)
-    config = work / "wlidd.toml"
-    config.write_text(
-        f"""
-[daemon]
-log_level = "warning"
-[identities.default]
-source = "files"
-cert = "{work / "chain.pem"}"
-key = "{work / "key.pem"}"
-bundle = "{work / "bundle.pem"}"
-[tokens.mds]
-flow = "gce-metadata"
-require_at_start = false
-metadata.url = "http://127.0.0.1:{free_port()}"
-[listeners.unix]
-path = "{work / "wlidd.sock"}"
-[listeners.mtls]
-address = "127.0.0.1:{free_port()}"
-identity = "default"
-allow = ["spiffe://bench.example.org"]
-[listeners.workload_api]
-path = "{work / "workload.sock"}"
-"""
-    )
-    return config
+    return write_node_config(work, f'require_at_start = false\nmetadata.url = "http://127.0.0.1:{free_port()}"')
 
 
 def time_to_ready(argv: list[str], work: Path) -> float:
