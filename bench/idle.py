@@ -87,7 +87,8 @@ async def _client(path: str, requests: int, per_connection: int) -> int:
 
 def drive(path: Path, total: int, clients: int = 16, per_connection: int = 50) -> int:
     async def run() -> int:
-        counts = await asyncio.gather(*[_client(str(path), total // clients, per_connection) for _ in range(clients)])
+        shares = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+        counts = await asyncio.gather(*[_client(str(path), share, per_connection) for share in shares])
         return sum(counts)
 
     return asyncio.run(run())

@@ -15,6 +15,7 @@ import pytest
 from wlidd.config import IdentityConfig
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.produced import find_leak
+from wlidd.logs import reset_logging
 from wlidd.svid.load import CredentialSource
 
 TD = "example.org"
@@ -50,6 +51,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    reset_logging()  # every test starts from structlog's defaults: stdout, which pytest captures
     for name in list(os.environ):
         if name.startswith(("WLIDD_", "GOOGLE_", "GCE_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_")):
             monkeypatch.delenv(name)

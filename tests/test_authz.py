@@ -14,7 +14,6 @@ from typing import Any
 
 import anyio
 import pytest
-import structlog
 
 from tests.conftest import FileSet, in_background, request_as_user
 from tests.test_tokens import metadata_token_config
@@ -23,7 +22,7 @@ from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Upstreams
-from wlidd.logs import configure_logging
+from wlidd.logs import configure_logging, reset_logging
 
 NOBODY = 65534
 
@@ -144,7 +143,7 @@ async def test_audit_line_names_the_caller_never_the_token(
             await ask(0, d, "/v1/credentials/default")
     finally:
         configure_logging("info", "console")
-        structlog.reset_defaults()
+        reset_logging()
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     handed = [line for line in lines if line["event"] == "token handed out"]
     denied = [line for line in lines if line["event"] == "access denied"]

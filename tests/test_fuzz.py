@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio.from_thread
+import h11
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import FUZZ_SCALE, TD, FileSet
+from wlidd.api.server import parse_simple_request
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.produced import find_leak
 from wlidd.emulator.upstreams import Upstreams
@@ -185,7 +187,7 @@ def exchange(node: Node, surface: str, data: bytes) -> bytes:
         return answer
 
 
-def assert_proper_answers(answer: bytes) -> list[int]:
+def assert_proper_answers(answer: bytes, *, first_is_head: bool = False) -> list[int]:
     """Every response in `answer` is a status line, headers, and exactly Content-Length of body."""
     statuses = []
     rest = answer
@@ -198,6 +200,10 @@ def assert_proper_answers(answer: bytes) -> list[int]:
             int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
         ]
         assert len(lengths) == 1, head
+        if first_is_head and not statuses:
+            if int(match.group(1)) >= 400 and b"connection: close" in head:
+                return [int(match.group(1))]  # a refused request: whether it was a HEAD is moot, the body ends it
+            lengths[0] = 0  # the answer to HEAD: Content-Length of the GET, no body
         assert len(after) >= lengths[0], "body shorter than its Content-Length"
         status = int(match.group(1))
         assert status != 500 and b"Traceback" not in after[: lengths[0]], rest[:300]
@@ -264,7 +270,7 @@ FUZZ = settings(
 def test_any_request_gets_proper_answers_and_the_listener_keeps_serving(
     node: Node, surface: str, request: bytes
 ) -> None:
-    assert_proper_answers(exchange(node, surface, request))
+    assert_proper_answers(exchange(node, surface, request), first_is_head=request.startswith(b"HEAD "))
     assert_still_serving(node, surface)
 
 
@@ -272,7 +278,7 @@ def test_any_request_gets_proper_answers_and_the_listener_keeps_serving(
 @FUZZ
 @given(data=st.binary(max_size=4096))
 def test_any_bytes_get_proper_answers_or_a_close(node: Node, surface: str, data: bytes) -> None:
-    assert_proper_answers(exchange(node, surface, data))
+    assert_proper_answers(exchange(node, surface, data), first_is_head=data.startswith(b"HEAD "))
     assert_still_serving(node, surface)
 
 
@@ -359,3 +365,62 @@ def test_client_certificates_of_the_wrong_domain_are_refused_not_answered(
         assert tls.recv(65536) == b""
         raise ConnectionResetError("closed without an answer")
     assert_still_serving(node, "mtls")
+
+
+def _h11_parse(head: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bool] | None:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head + b"\r\n\r\n")
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.Request):
+        return None
+    close = any(n == b"connection" and b"close" in v.lower() for n, v in event.headers)
+    return event.method, event.target, list(event.headers), close
+
+
+GOOD_FIELDS = [
+    (b"Accept", b" */*"),
+    (b"Connection", b" close"),
+    (b"Connection", b"keep-alive, Close"),
+    (b"X-A", b"\tv\t"),
+]
+ODD_FIELDS = [(b"Content-Length", b" 0"), (b"Bad Name", b" x"), (b"X-B", b" a\x80"), (b"host", b" y"), (b" X-C", b"x")]
+
+
+@st.composite
+def simple_heads(draw: st.DrawFn) -> bytes:
+    """Mostly well-formed GET heads with small twists, so both outcomes of the fast path are reached."""
+    method = draw(st.sampled_from([b"GET"] * 6 + [b"HEAD", b"POST", b"get"]))
+    target = draw(st.sampled_from([p.encode() for p in PATHS] + [b"/x y", b"/\x7f", b"*", b"/%00"]))
+    version = draw(st.sampled_from([b"HTTP/1.1"] * 8 + [b"HTTP/1.0", b"HTTP/1.1 "]))
+    fields = draw(st.lists(st.sampled_from(GOOD_FIELDS * 6 + ODD_FIELDS), max_size=3))
+    if draw(st.integers(0, 5)):  # usually exactly one Host, somewhere
+        fields.insert(draw(st.integers(0, len(fields))), (b"Host", b" wlidd"))
+    return b"\r\n".join([method + b" " + target + b" " + version] + [n + b":" + v for n, v in fields])
+
+
+@settings(max_examples=400 * FUZZ_SCALE, deadline=None)
+@given(head=st.one_of(simple_heads(), simple_heads(), http_requests().map(lambda r: r.split(b"\r\n\r\n")[0])))
+def test_the_fast_path_accepts_nothing_h11_refuses_and_reads_what_h11_reads(head: bytes) -> None:
+    fast = parse_simple_request(head)
+    event("fast path" if fast is not None else "left to h11")
+    if fast is not None:
+        assert _h11_parse(head) == fast
+
+
+def test_the_fast_path_takes_the_common_request_and_leaves_the_rest_to_h11() -> None:
+    simple = b"GET /v1/token/gcp HTTP/1.1\r\nHost: wlidd\r\nAccept: */*"
+    assert parse_simple_request(simple) == (b"GET", b"/v1/token/gcp", [(b"host", b"wlidd"), (b"accept", b"*/*")], False)
+    assert parse_simple_request(simple + b"\r\nConnection: close")[3] is True  # type: ignore[index]
+    for other in (
+        b"POST /v1/token/gcp HTTP/1.1\r\nHost: x\r\nContent-Length: 0",  # a body
+        b"GET /v1/token/gcp HTTP/1.0\r\nHost: x",  # another version
+        b"GET /v1/token/gcp HTTP/1.1",  # no Host
+        b"GET /v1/token/gcp HTTP/1.1\r\nHost: x\r\nHost: y",  # two
+        b"GET /v1/token/gcp HTTP/1.1\r\nHost: x\r\n folded",  # obs-fold
+        b"GET /v1/token/gcp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked",
+        b"GET /v1/t\xffoken HTTP/1.1\r\nHost: x",
+    ):
+        assert parse_simple_request(other) is None, other

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-import structlog
 
 from tests.conftest import FileSet, in_background
 from tests.test_tokens import (
@@ -36,7 +35,7 @@ from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.produced import find_leak, remember
 from wlidd.emulator.upstreams import Fault, Upstreams
-from wlidd.logs import configure_logging
+from wlidd.logs import configure_logging, reset_logging
 
 
 @pytest.fixture
@@ -91,7 +90,7 @@ async def test_no_flow_logs_a_token_key_or_assertion_even_at_debug(
             await c.get("/v1/status")
             await c.get("/v1/credentials/default")
     finally:
-        structlog.reset_defaults()
+        reset_logging()
     logs = stream.getvalue()
     assert len(set(served)) == 3 and upstreams.calls["entra"] >= 1 and upstreams.calls["sts_mtls"] >= 1
     events = {json.loads(line)["event"] for line in logs.splitlines()}

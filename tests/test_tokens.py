@@ -16,7 +16,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-import structlog
 
 from tests.conftest import TD, FileSet, in_background
 from wlidd.config import Config, TokenConfig
@@ -24,7 +23,7 @@ from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid, new_key
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.errors import UpstreamError
-from wlidd.logs import configure_logging
+from wlidd.logs import configure_logging, reset_logging
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
 from wlidd.tokens.providers.entra import build_assertion
@@ -524,7 +523,7 @@ async def test_no_secret_in_any_log_line(
             await wait_for_token(c, "mds")
     finally:
         configure_logging("info", "console")
-        structlog.reset_defaults()
+        reset_logging()
     logs = out.getvalue()
     assert "token refreshed" in logs and "token refresh failed" in logs
     for secret in upstreams.issued:

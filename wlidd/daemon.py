@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import structlog
 from anyio.abc import SocketListener, TaskStatus
 
 from wlidd.api.authz import Policy, parse_matcher
@@ -37,7 +36,7 @@ from wlidd.config import (
     split_address,
 )
 from wlidd.errors import ConfigError
-from wlidd.logs import configure_logging
+from wlidd.logs import configure_logging, get_logger
 from wlidd.metrics import Metrics
 from wlidd.sinks import follow_credentials
 from wlidd.svid.load import Clock, CredentialSource, utc_now
@@ -48,7 +47,7 @@ from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher
 from wlidd.workload_api.server import WorkloadApi
 
-log = structlog.get_logger("wlidd.daemon")
+log = get_logger("wlidd.daemon")
 
 DRAIN_TIMEOUT = 10.0  # seconds in-flight requests get to finish on stop
 STATUS_INTERVAL = 10.0  # how often the STATUS= line is recomputed

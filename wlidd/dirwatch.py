@@ -17,11 +17,12 @@ import errno
 from collections.abc import AsyncIterator, Sequence
 
 import anyio
-import structlog
 from inotify_simple import INotify, flags
 from watchfiles import awatch
 
-log = structlog.get_logger("wlidd.dirwatch")
+from wlidd.logs import get_logger
+
+log = get_logger("wlidd.dirwatch")
 
 WATCH_MASK = (
     flags.CREATE

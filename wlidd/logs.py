@@ -49,6 +49,39 @@ def journald_priority(_: Any, method: str, rendered: Any) -> Any:
     return f"<{SYSLOG_PRIORITY.get(method, 6)}>{rendered}"
 
 
+_generation = 0  # bumped by every configure_logging: cached loggers re-bind once after it
+
+
+class Logger:
+    """A module's logger: bound once per logging configuration instead of on every call (structlog's
+    lazy proxy re-binds on each call, a real cost on the token hot path), and re-bound after a
+    reload changes the level or format."""
+
+    __slots__ = ("_bound", "_generation", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._generation = -1
+        self._bound: Any = None
+
+    def __getattr__(self, method: str) -> Any:
+        if self._generation != _generation:
+            self._bound = structlog.get_logger(self._name).bind()
+            self._generation = _generation
+        return getattr(self._bound, method)
+
+
+def get_logger(name: str) -> Any:
+    return Logger(name)
+
+
+def reset_logging() -> None:
+    """Back to structlog's defaults (tests), re-binding every cached logger."""
+    global _generation
+    _generation += 1
+    structlog.reset_defaults()
+
+
 def configure_logging(
     level: str = "info", fmt: str = "auto", stream: TextIO | None = None, *, journald: bool | None = None
 ) -> None:
@@ -71,6 +104,8 @@ def configure_logging(
         processors.append(renderer)
     if journald:
         processors.append(journald_priority)
+    global _generation
+    _generation += 1
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),

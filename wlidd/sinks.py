@@ -13,14 +13,14 @@ import tempfile
 from pathlib import Path
 
 import anyio
-import structlog
 
 from wlidd.config import CredentialSinkConfig, SinkConfig
+from wlidd.logs import get_logger
 from wlidd.svid.load import iso_z
 from wlidd.tokens.model import Token
 from wlidd.watch import CredentialWatcher, IdentityState
 
-log = structlog.get_logger("wlidd.sinks")
+log = get_logger("wlidd.sinks")
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600, uid: int = -1, gid: int = -1) -> None:

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
-import structlog
 from anyio.abc import TaskStatus
 
 from wlidd.dirwatch import directory_changes
 from wlidd.errors import SvidError
+from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, CredentialSource, Identity, load_identity, utc_now
 from wlidd.tlsctx import TlsContexts
 
-log = structlog.get_logger("wlidd.watch")
+log = get_logger("wlidd.watch")
 
 PRE_EXPIRY_MARGIN = 30.0  # seconds before not_after to re-read once more
 MAX_TIMER_SLEEP = 30.0  # wall clock is re-checked at least this often (suspend/resume)

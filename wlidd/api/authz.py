@@ -11,16 +11,16 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import time
 from dataclasses import dataclass
-
-import structlog
 
 from wlidd.config import AccessRule
 from wlidd.errors import SvidError
+from wlidd.logs import get_logger
 from wlidd.svid.model import SpiffeId
 from wlidd.svid.spiffeid import parse_spiffe_id, parse_trust_domain
 
-log = structlog.get_logger("wlidd.authz")
+log = get_logger("wlidd.authz")
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ class CallerCache:
         import anyio
         import anyio.to_thread
 
-        now = anyio.current_time()
+        now = time.monotonic()
         hit = self._cache.get((uid, gid))
         if hit is None or hit[0] < now:
             resolved = await anyio.to_thread.run_sync(unix_caller, pid, uid, gid)

@@ -18,16 +18,16 @@ from __future__ import annotations
 import re
 
 import anyio.to_thread
-import structlog
 
 from wlidd.api.authz import CallerCache, Policy, loopback_peer_uid
 from wlidd.api.server import Request, Response
 from wlidd.config import MetadataListenerConfig
 from wlidd.errors import ApiError, UpstreamError
+from wlidd.logs import get_logger
 from wlidd.svid.load import Clock
 from wlidd.tokens.manager import TokenSource
 
-audit = structlog.get_logger("wlidd.audit")
+audit = get_logger("wlidd.audit")
 
 FLAVOR = (("metadata-flavor", "Google"), ("server", "Metadata Server for VM"))
 _ACCOUNT = re.compile(r"^/computeMetadata/v1/instance/service-accounts/(?P<account>[^/]+)/(?P<rest>.*)$")

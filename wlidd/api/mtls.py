@@ -13,7 +13,6 @@ import dataclasses
 import ssl
 
 import anyio
-import structlog
 from anyio.abc import AnyByteStream
 from anyio.streams.tls import TLSListener
 from cryptography import x509
@@ -22,12 +21,13 @@ from cryptography.hazmat.primitives import serialization
 from wlidd.api.authz import Matcher, match_any
 from wlidd.api.server import Handler, Request, Response
 from wlidd.errors import SvidError
+from wlidd.logs import get_logger
 from wlidd.svid.model import SpiffeId
 from wlidd.svid.validate import check_leaf
 from wlidd.watch import CredentialWatcher
 
-log = structlog.get_logger("wlidd.mtls")
-audit = structlog.get_logger("wlidd.audit")
+log = get_logger("wlidd.mtls")
+audit = get_logger("wlidd.audit")
 
 
 class QuietTLSListener(TLSListener):

@@ -9,19 +9,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from wlidd import __version__
 from wlidd.api.authz import Caller, CallerCache, Policy, Rule
 from wlidd.api.server import Request, Response
 from wlidd.errors import ApiError
+from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, iso_z
 from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher, describe_source
 
 Route = Callable[[Request, dict[str, str]], Awaitable[Response]]
-audit = structlog.get_logger("wlidd.audit")
+audit = get_logger("wlidd.audit")
 
 
 def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, Any]:

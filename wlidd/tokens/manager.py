@@ -20,11 +20,11 @@ from typing import Any
 
 import anyio
 import jwt
-import structlog
 from anyio.abc import TaskStatus
 
 from wlidd.config import TokenConfig
 from wlidd.errors import ApiError, UpstreamError, WlidError
+from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
 from wlidd.sinks import publish_token
 from wlidd.svid.load import Clock, iso_z, utc_now
@@ -33,7 +33,7 @@ from wlidd.tokens.model import Token
 from wlidd.tokens.schedule import Backoff, RefreshPolicy, after_failure, start_delay
 from wlidd.watch import CredentialWatcher
 
-log = structlog.get_logger("wlidd.tokens")
+log = get_logger("wlidd.tokens")
 
 MAX_SLEEP = 30.0  # the wall clock is re-checked at least this often (suspend/resume, clock jumps)
 

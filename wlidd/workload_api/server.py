@@ -13,21 +13,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import anyio
-import structlog
 from cryptography.hazmat.primitives import serialization
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from wlidd.api.authz import Caller, CallerCache, Policy
+from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, iso_z
 from wlidd.svid.model import TrustBundle
 from wlidd.watch import CredentialWatcher, IdentityState
 from wlidd.workload_api import workload_pb2 as pb
 
-log = structlog.get_logger("wlidd.workload_api")
-audit = structlog.get_logger("wlidd.audit")
+log = get_logger("wlidd.workload_api")
+audit = get_logger("wlidd.audit")
 
 SECURITY_HEADER = "workload.spiffe.io"
 
