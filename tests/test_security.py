@@ -132,6 +132,36 @@ async def test_credential_files_get_the_configured_modes_and_owner(
     assert not [name for name in modes if name.startswith(".")], "temporary files left behind"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+async def test_token_files_get_the_configured_mode_and_owner_and_a_missing_user_is_logged_not_fatal(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
+) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    owned, orphan = tmp_path / "out" / "gcp.token", tmp_path / "out" / "nobody-here.token"
+    (tmp_path / "out").mkdir()
+    sinks = [
+        {"path": str(owned), "mode": "0640", "owner": 65534, "group": "65534"},
+        {"path": str(orphan), "owner": "no-such-user-wlidd"},
+    ]
+    config = Config.model_validate(
+        {
+            "identities": {"default": files.config()},
+            "tokens": {"mds": metadata_token_config(upstreams, sinks=sinks)},
+            "listeners": {"unix": {"path": str(tmp_path / "wlidd.sock")}},
+        }
+    )
+    d = Daemon(config)
+    async with in_background(d.run, d.stop), client(d) as c:
+        await wait_for_token(c, "mds")
+        with anyio.fail_after(10):
+            while not owned.exists():
+                await anyio.sleep(0.02)
+        assert (await c.get("/v1/token/mds")).status_code == 200  # the failed sink harmed nothing
+    st = owned.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 65534, 65534)
+    assert not orphan.exists()
+
+
 def _files_under(roots: list[Path]) -> dict[Path, float]:
     found: dict[Path, float] = {}
     for root in roots:

@@ -221,6 +221,8 @@ class SinkConfig(_Strict):
     path: ExpandedPath
     format: Literal["text", "json"] = "text"
     mode: FileMode = 0o600
+    owner: str | int | None = None  # hand the file to the app's user instead of widening its mode
+    group: str | int | None = None
     on_change: tuple[str, ...] = ()
     on_change_timeout: Duration = 30.0
 

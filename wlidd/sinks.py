@@ -63,9 +63,11 @@ async def publish_token(sinks: tuple[SinkConfig, ...], token: Token, now: dt.dat
     """Write every sink; run its on_change command. Failures are logged, never raised."""
     for sink in sinks:
         try:
-            await anyio.to_thread.run_sync(write_atomic, sink.path, render_token(token, sink.format, now), sink.mode)
-        except OSError as exc:
-            log.error("token sink write failed", source=source, path=str(sink.path), error=exc.strerror)
+            uid, gid = _ids(sink)
+            data = render_token(token, sink.format, now)
+            await anyio.to_thread.run_sync(write_atomic, sink.path, data, sink.mode, uid, gid)
+        except (OSError, KeyError) as exc:  # KeyError: an owner or group that does not exist
+            log.error("token sink write failed", source=source, path=str(sink.path), error=str(exc))
             continue
         if sink.on_change:
             await run_command(list(sink.on_change), sink.on_change_timeout, source)
@@ -85,7 +87,7 @@ async def run_command(argv: list[str], timeout: float, source: str) -> None:
         log.warning("on_change command failed", source=source, command=argv[0], returncode=result.returncode)
 
 
-def _ids(sink: CredentialSinkConfig) -> tuple[int, int]:
+def _ids(sink: CredentialSinkConfig | SinkConfig) -> tuple[int, int]:
     import grp
     import pwd
 
