@@ -51,7 +51,7 @@ soak: venv
 FUZZ_SCALE   ?= 50
 FUZZ_SECONDS ?= 300
 fuzz: venv
-	WLIDD_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q --timeout=7200 tests/test_fuzz.py tests/test_svid_properties.py
+	FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q --timeout=7200 tests/test_fuzz.py tests/test_svid_properties.py
 	mkdir -p .fuzz && cd .fuzz && ../$(PY) ../fuzz/atheris_credentials.py -max_total_time=$(FUZZ_SECONDS) -max_len=8192
 
 clean:

@@ -19,7 +19,7 @@ from wlidd.logs import reset_logging
 from wlidd.svid.load import CredentialSource
 
 TD = "example.org"
-FUZZ_SCALE = int(os.environ.get("WLIDD_FUZZ_SCALE", "1"))  # `make fuzz` multiplies the example budgets
+FUZZ_SCALE = int(os.environ.get("FUZZ_SCALE", "1"))  # `make fuzz` multiplies the example budgets
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -3,7 +3,7 @@ mTLS listener, all in one real daemon, over real sockets.
 
 Whatever arrives, each answer is a well-formed HTTP/1.1 response with a status (never a 500, never
 a traceback), the listener keeps serving, and slow or flooding clients are cut at the configured
-limits. `make test` runs a bounded budget; `make fuzz` multiplies it (WLIDD_FUZZ_SCALE).
+limits. `make test` runs a bounded budget; `make fuzz` multiplies it (FUZZ_SCALE).
 """
 
 from __future__ import annotations
