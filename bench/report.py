@@ -77,7 +77,16 @@ def main() -> int:
             "The latest `make bench` output, summarised. Each figure is measured against a baseline run in the\n"
             "same process tree at the same time (see each script's docstring); the per-bench detail is in the\n"
             "`make bench` output.\n\n"
-            "## Machine\n\n" + "\n".join(machine()) + "\n\n## Figures\n\n" + "\n".join(lines) + "\n"
+            "## Machine\n\n"
+            + "\n".join(machine())
+            + "\n\n## Figures\n\n"
+            + "\n".join(lines)
+            + "\n"
+            + (
+                f"\n{failed} target(s) missed: [PROFILES.md](PROFILES.md) says by how much and where the time goes.\n"
+                if failed
+                else ""
+            )
         )
         print(f"wrote {args.write}")
     return 1 if failed else 0
