@@ -45,7 +45,7 @@ bench: venv
 # then the rotation soak with damaged sets mixed in (pytest -m soak).
 soak: venv
 	$(PY) bench/soak.py
-	$(PY) -m pytest -m soak -s $(PYTEST_ARGS)
+	$(PY) -m pytest -m soak -s --timeout=0 $(PYTEST_ARGS)
 
 # Long fuzzing: the Hypothesis budgets × FUZZ_SCALE, then atheris (libFuzzer) for FUZZ_SECONDS.
 FUZZ_SCALE   ?= 50
