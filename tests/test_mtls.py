@@ -7,22 +7,27 @@ import ssl
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import TD, FileSet, in_background
 from tests.test_tokens import metadata_token_config
 from wlidd.api.authz import parse_matcher
+from wlidd.api.mtls import MtlsGate
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.upstreams import Upstreams
 from wlidd.svid.load import CredentialFiles, build_identity
 from wlidd.svid.spiffeid import parse_spiffe_id
-from wlidd.tlsctx import build_client_context
+from wlidd.tlsctx import TlsContexts, build_client_context
+from wlidd.watch import IdentityState
 
 ALLOW = ["spiffe://example.org/ns/prod/**", "spiffe://other.org/ns/partner/sa/*"]
 
@@ -169,8 +174,6 @@ async def test_server_rotation_while_clients_connect_fails_no_handshake(
     def hammer(port: int) -> None:
         import socket
 
-        from cryptography import x509
-
         while not stop.is_set():
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, context.wrap_socket(raw) as tls:
@@ -200,3 +203,32 @@ async def test_server_rotation_while_clients_connect_fails_no_handshake(
         await anyio.to_thread.run_sync(lambda: [t.join(10) for t in threads])
     assert results["failed"] == 0 and results["ok"] > 20  # type: ignore[operator]
     assert len(results["serials"]) >= 5  # type: ignore[arg-type]  # the rotations were seen by clients
+
+
+def test_a_caller_admitted_under_one_bundle_is_judged_again_under_the_next(
+    ca: CertificateAuthority, foreign_ca: CertificateAuthority
+) -> None:
+    """The gate remembers verdicts per identity version: when other.org's bundle is replaced, a
+    partner admitted under the old one is refused, not remembered as admitted."""
+    server = ca.issue_svid("/ns/wlidd/sa/node")
+    now = dt.datetime.now(dt.UTC)
+
+    def state(version: int, other_org_bundle: bytes) -> IdentityState:
+        files = CredentialFiles(
+            "x",
+            server.chain_pem,
+            server.key_pem,
+            own_bundle=ca.bundle_pem,
+            extra_bundles=(("other.org", other_org_bundle),),
+        )
+        identity = build_identity(files, now)
+        return IdentityState("default", identity, TlsContexts.build(identity), version, now)
+
+    partner = foreign_ca.issue_svid("/ns/partner/sa/x")
+    anchor = foreign_ca.root.public_bytes(serialization.Encoding.DER)
+    holder = SimpleNamespace(current=state(1, foreign_ca.bundle_pem))
+    gate = MtlsGate(lambda request: None, holder, ())  # type: ignore[arg-type]
+    leaf = partner.leaf.public_bytes(serialization.Encoding.DER)
+    assert str(gate.identify(leaf, anchor)) == "spiffe://other.org/ns/partner/sa/x"
+    holder.current = state(2, CertificateAuthority("other.org").bundle_pem)  # other.org rotated its CA
+    assert "does not lead to the 'other.org' bundle" in str(gate.identify(leaf, anchor))

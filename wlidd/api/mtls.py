@@ -49,17 +49,18 @@ class MtlsGate:
         self.api = api
         self.watcher = watcher
         self.allow = allow
-        self._known: dict[tuple[bytes, bytes], SpiffeId | str] = {}
+        # (identity version, leaf, anchor) → verdict: a new state (new bundles) decides afresh
+        self._known: dict[tuple[int, bytes, bytes], SpiffeId | str] = {}
 
     def identify(self, leaf_der: bytes, anchor_der: bytes) -> SpiffeId | str:
         """The peer's SPIFFE ID, or why it is refused."""
-        key = (leaf_der, anchor_der)
-        known = self._known.get(key)
-        if known is not None:
-            return known
         state = self.watcher.current
         if state is None:
             return "no identity loaded to check callers against"
+        key = (state.version, leaf_der, anchor_der)
+        known = self._known.get(key)
+        if known is not None:
+            return known
         try:
             spiffe_id, _ = check_leaf(x509.load_der_x509_certificate(leaf_der))
         except SvidError as exc:
