@@ -15,7 +15,7 @@ import signal
 import socket
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import SocketListener, TaskStatus
@@ -45,7 +45,9 @@ from wlidd.tlsctx import HotServerContext
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher
-from wlidd.workload_api.server import WorkloadApi
+
+if TYPE_CHECKING:  # imported only with a Workload API listener: grpclib, h2 and protobuf cost ~0.1 s and 4 MB
+    from wlidd.workload_api.server import WorkloadApi
 
 log = get_logger("wlidd.daemon")
 
@@ -265,6 +267,8 @@ class Daemon:
             sock = inherited_workload or bind_unix_socket(
                 workload.path, workload.mode, workload.group, owner=workload.owner
             )
+            from wlidd.workload_api.server import WorkloadApi
+
             self.workload_api = WorkloadApi(self.watchers, self.policy, self.clock, self.metrics)
             self.api.extra_status["workload_api"] = self.workload_api.status
             self._grpc_server = Server([self.workload_api])
