@@ -14,6 +14,9 @@ import pwd
 import time
 from dataclasses import dataclass
 
+import anyio
+import anyio.to_thread
+
 from wlidd.config import AccessRule
 from wlidd.errors import SvidError
 from wlidd.logs import get_logger
@@ -243,15 +246,20 @@ class CallerCache:
     def __init__(self, ttl: float = 60.0) -> None:
         self.ttl = ttl
         self._cache: dict[tuple[int, int | None], tuple[float, frozenset[int], str, int]] = {}
+        self._callers: dict[tuple[int | None, int, int | None], tuple[float, Caller]] = {}
 
     async def get(self, pid: int | None, uid: int, gid: int | None) -> Caller:
-        import anyio
-        import anyio.to_thread
-
         now = time.monotonic()
+        known = self._callers.get((pid, uid, gid))
+        if known is not None and known[0] >= now:
+            return known[1]  # the hot path: the same process asking again
         hit = self._cache.get((uid, gid))
         if hit is None or hit[0] < now:
             resolved = await anyio.to_thread.run_sync(unix_caller, pid, uid, gid)
             hit = (now + self.ttl, resolved.groups, resolved.user, resolved.gid)
             self._cache[(uid, gid)] = hit
-        return Caller(uid=uid, gid=hit[3], pid=pid, groups=hit[1], user=hit[2])
+        caller = Caller(uid=uid, gid=hit[3], pid=pid, groups=hit[1], user=hit[2])
+        if len(self._callers) >= 4096:  # pids come and go: keep this bounded
+            self._callers.clear()
+        self._callers[(pid, uid, gid)] = (hit[0], caller)
+        return caller

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -66,7 +67,7 @@ class TokenSource:
         self.clock = clock
         self.rng = rng or random.SystemRandom()
         self.metrics = metrics
-        self.monotonic = monotonic or anyio.current_time
+        self.monotonic = monotonic or time.monotonic  # the event loop's clock, without anyio's per-call lookup
         self._sleep = sleep or anyio.sleep
         self.policy = RefreshPolicy(config.refresh_at, config.jitter, config.skew, config.min_interval)
         self.backoff = Backoff(config.backoff_min, config.backoff_max)
