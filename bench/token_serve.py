@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,7 +139,8 @@ def raw_response(sock: Path) -> bytes:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per server per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", default="1,16,64")
     args = parser.parse_args()
     env = bench_env()
@@ -187,10 +189,18 @@ max_connections = 1024
             baselines[name] = str(path)
         rows = []
         for clients in [int(c) for c in args.clients.split(",")]:
-            w = measure(str(sock), clients, args.seconds)
-            b = measure(baselines["bare"], clients, args.seconds)
-            a = measure(baselines["anyio"], clients, args.seconds)
-            rows.append((clients, w, b, a))
+            # Interleaved rounds, the median of each column: a noisy neighbour slows one round, not one server.
+            rounds = [
+                (
+                    measure(str(sock), clients, args.seconds),
+                    measure(baselines["bare"], clients, args.seconds),
+                    measure(baselines["anyio"], clients, args.seconds),
+                )
+                for _ in range(args.rounds)
+            ]
+            w, b, a = (tuple(statistics.median(r[k][i] for r in rounds) for i in range(3)) for k in range(3))
+            ratio = statistics.median(r[0][0] / r[1][0] for r in rounds)
+            rows.append((clients, w, b, a, ratio))
     finally:
         stop_daemon(daemon)
         for process in servers:
@@ -208,13 +218,17 @@ max_connections = 1024
         f"{'clients':>7}  {'wlidd req/s':>11} {'p50 ms':>7} {'p99 ms':>7}   {'bare req/s':>10} {'p50 ms':>7} {'p99 ms':>7}"
         f"   {'anyio req/s':>11} {'p99 ms':>7}   {'vs bare':>7} {'vs anyio':>8}"
     )
-    for clients, w, b, a in rows:
+    for clients, w, b, a, ratio in rows:
         print(
             f"{clients:>7}  {w[0]:>11.0f} {w[1]:>7.3f} {w[2]:>7.3f}   {b[0]:>10.0f} {b[1]:>7.3f} {b[2]:>7.3f}"
-            f"   {a[0]:>11.0f} {a[2]:>7.3f}   {w[0] / b[0]:>7.2f} {w[0] / a[0]:>8.2f}"
+            f"   {a[0]:>11.0f} {a[2]:>7.3f}   {ratio:>7.2f} {w[0] / a[0]:>8.2f}"
         )
-    worst_ratio = min(w[0] / b[0] for _, w, b, _ in rows)
-    p99_64 = next((w[2] for c, w, _, _ in rows if c == 64), None)
+    print(
+        f"(medians of {args.rounds} interleaved rounds of {args.seconds:g} s per server; 'vs bare' is the median ratio)"
+    )
+    worst_ratio = min(row[4] for row in rows)
+    p99_64 = next((w[2] for c, w, *_ in rows if c == 64), None)
+    bare_p99_64 = next((b[2] for c, _, b, *_ in rows if c == 64), None)
     figures = [
         Figure(
             f"cached token req/s over the Unix socket vs bare asyncio (worst of {args.clients} clients)",
@@ -224,7 +238,14 @@ max_connections = 1024
         )
     ]
     if p99_64 is not None:
-        figures.append(Figure("cached token p99 at 64 keep-alive clients", f"{p99_64:.2f} ms", "≤ 2 ms", p99_64 <= 2))
+        figures.append(
+            Figure(
+                f"cached token p99 at 64 keep-alive clients (bare asyncio: {bare_p99_64:.2f} ms)",
+                f"{p99_64:.2f} ms",
+                "≤ 2 ms",
+                p99_64 <= 2,
+            )
+        )
     return report("token_serve", figures)
 
 
