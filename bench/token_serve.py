@@ -141,6 +141,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0, help="per server per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--log-level", default="warning", help="the daemon's; at info every request also writes an audit line"
+    )
     parser.add_argument("--clients", default="1,16,64")
     args = parser.parse_args()
     env = bench_env()
@@ -159,7 +162,7 @@ def main() -> int:
     config.write_text(
         f"""
 [daemon]
-log_level = "warning"
+log_level = "{args.log_level}"
 log_format = "json"
 [tokens.mds]
 flow = "gce-metadata"

@@ -222,3 +222,34 @@ def _is_link(fd: str) -> bool:
     except OSError:
         return False
     return True
+
+
+async def test_one_audit_line_per_caller_and_token_not_per_request(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
+) -> None:
+    """The same process asking again for the token it holds adds nothing to the trail; a new token does."""
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    stream = io.StringIO()
+    configure_logging("info", "json", stream)
+    config = Config.model_validate(
+        {
+            "identities": {"default": files.config()},
+            "tokens": {"mds": metadata_token_config(upstreams)},
+            "listeners": {"unix": {"path": str(tmp_path / "wlidd.sock")}},
+        }
+    )
+    d = Daemon(config)
+    try:
+        async with in_background(d.run, d.stop), client(d) as c:
+            first = await wait_for_token(c, "mds")
+            for _ in range(20):
+                assert (await c.get("/v1/token/mds")).json()["access_token"] == first["access_token"]
+            await d.tokens["mds"].refresh("test")
+            second = await wait_for_token(c, "mds")
+            await c.get("/v1/token/mds")
+    finally:
+        reset_logging()
+    handed = [json.loads(line) for line in stream.getvalue().splitlines() if '"token handed out"' in line]
+    assert second["access_token"] != first["access_token"]
+    assert len(handed) == 2 and handed[0]["pid"] == os.getpid() and handed[0]["expire_time"] == first["expire_time"]
+    assert handed[1]["expire_time"] == second["expire_time"]

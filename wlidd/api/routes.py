@@ -99,6 +99,7 @@ class Api:
     def __post_init__(self) -> None:
         self._callers = CallerCache()
         self._token_bodies: dict[str, tuple[tuple[str, int], Response]] = {}
+        self._audited: dict[tuple[Caller | str, str], dt.datetime] = {}  # (caller, token) → expiry last audited
         self._routes: list[tuple[re.Pattern[str], Route]] = [
             (re.compile(r"^/v1/status$"), self.status),
             (re.compile(r"^/v1/health$"), self.health),
@@ -264,7 +265,20 @@ class Api:
             return Response.error(404, "unknown_token", f"no token named {name!r} (configured: {known})")
         caller = await self._authorize(request, self._policy().token(name), f"token {name!r}", spiffe_default=True)
         token = await source.get()
-        audit.info("token handed out", route=request.path, source=name, **_who(caller))
+        # One audit line per caller and token: the same process asking again for the token it already
+        # holds adds nothing to the trail, and at thousands of requests a second it would flood it.
+        key = (caller, name)
+        if self._audited.get(key) != token.expire_time:
+            if len(self._audited) >= 4096:
+                self._audited.clear()
+            self._audited[key] = token.expire_time
+            audit.info(
+                "token handed out",
+                route=request.path,
+                source=name,
+                expire_time=iso_z(token.expire_time),
+                **_who(caller),
+            )
         return source, token.expire_time, token.value, self.clock()
 
     async def credentials(self, request: Request, params: dict[str, str]) -> Response:
