@@ -307,26 +307,14 @@ class HttpServer:
             await stream.aclose()
 
     async def _read_request(self, conn: h11.Connection, connection: _Connection) -> tuple[h11.Request, bytes] | None:
-        """The next complete request, or None when the peer closed. Deadlines: idle_timeout for the
-        first byte of a request, then request_timeout for the whole of it."""
-        stream = connection.stream
+        """The rest of a request h11 already holds the start of (`_serve` fed it), or None when the
+        peer closed."""
         request: h11.Request | None = None
         body = bytearray()
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                now = time.monotonic()
-                if request is None and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
-                    connection.phase, connection.deadline = "idle", now + self.limits.idle_timeout
-                elif connection.phase != "request":
-                    connection.phase, connection.deadline = "request", now + self.limits.request_timeout
-                try:
-                    data = await stream.receive(65536)
-                except anyio.EndOfStream:
-                    data = b""
-                if connection.phase == "idle" and data:
-                    connection.phase, connection.deadline = "request", now + self.limits.request_timeout
-                conn.receive_data(data)
+                conn.receive_data(await self._receive(connection, mid_request=True))
             elif isinstance(event, h11.Request):
                 header_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
                 if header_bytes > self.limits.max_header_bytes:
@@ -356,7 +344,7 @@ class HttpServer:
             head_end = pending.find(b"\r\n\r\n", 0, limit)
             if head_end < 0 and len(pending) < limit:
                 # The common case waits here: no complete head yet.
-                data = await self._receive(connection, pending)
+                data = await self._receive(connection, mid_request=bool(pending))
                 if data:
                     pending += data
                     continue
@@ -397,11 +385,11 @@ class HttpServer:
             if close:
                 return
 
-    async def _receive(self, connection: _Connection, pending: bytes) -> bytes:
-        """More bytes for the request being read (b"" when the peer closed), with its deadlines:
-        idle_timeout for the first byte of a request, then request_timeout for the whole of it."""
+    async def _receive(self, connection: _Connection, *, mid_request: bool) -> bytes:
+        """More bytes (b"" when the peer closed), under the connection's deadlines: idle_timeout for
+        the first byte of a request, then request_timeout for the whole of it."""
         now = time.monotonic()
-        if not pending:
+        if not mid_request:
             connection.phase, connection.deadline = "idle", now + self.limits.idle_timeout
         elif connection.phase != "request":
             connection.phase, connection.deadline = "request", now + self.limits.request_timeout
@@ -453,7 +441,6 @@ def parse_simple_request(head: bytes) -> tuple[bytes, bytes, list[tuple[bytes, b
         return None
     headers: list[tuple[bytes, bytes]] = []
     hosts = 0
-    close = False
     for line in lines[1:]:
         field = _SIMPLE_FIELD.fullmatch(line)
         if field is None:
@@ -463,19 +450,18 @@ def parse_simple_request(head: bytes) -> tuple[bytes, bytes, list[tuple[bytes, b
             return None
         if name == b"host":
             hosts += 1
-        elif name == b"connection" and b"close" in value.lower():
-            close = True
         headers.append((name, value))
     if hosts != 1:
         return None
-    return first.group(1), first.group(2), headers, close
+    return first.group(1), first.group(2), headers, _asks_to_close(headers)
+
+
+def _asks_to_close(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() == b"connection" and b"close" in value.lower() for name, value in headers)
 
 
 def _keep_alive(event: h11.Request) -> bool:
-    for name, value in event.headers:
-        if name.lower() == b"connection" and b"close" in value.lower():
-            return False
-    return event.http_version != b"1.0"
+    return not _asks_to_close(event.headers) and event.http_version != b"1.0"
 
 
 class _quiet:
