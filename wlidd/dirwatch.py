@@ -60,23 +60,23 @@ async def directory_changes(dirs: Sequence[str], debounce: float, stop: anyio.Ev
         return
     with inotify:
         while await _readable_unless_stopped(inotify.fileno(), stop):
-            gone = _drain(inotify)
+            _, gone = _drain(inotify)
             # Coalesce the rest of the burst: until a quiet step passes, at most `debounce` in all.
             deadline = anyio.current_time() + debounce
             while not gone and anyio.current_time() < deadline and not stop.is_set():
                 await anyio.sleep(max(0.005, debounce / 5))
-                events = inotify.read(timeout=0)
-                if not events:
+                arrived, gone = _drain(inotify)
+                if not arrived:
                     break
-                gone = any(e.mask & GONE for e in events)
             yield
             if gone:
                 return
 
 
-def _drain(inotify: INotify) -> bool:
-    """Read what is queued; True if a watched directory itself went away."""
-    return any(e.mask & GONE for e in inotify.read(timeout=0))
+def _drain(inotify: INotify) -> tuple[bool, bool]:
+    """Read what is queued: (anything arrived, a watched directory itself went away)."""
+    events = inotify.read(timeout=0)
+    return bool(events), any(e.mask & GONE for e in events)
 
 
 async def _readable_unless_stopped(fd: int, stop: anyio.Event) -> bool:
