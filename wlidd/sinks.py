@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 
+from wlidd.api.authz import group_id, user_id
 from wlidd.config import CredentialSinkConfig, SinkConfig
 from wlidd.logs import get_logger
 from wlidd.svid.load import iso_z
@@ -88,22 +89,13 @@ async def run_command(argv: list[str], timeout: float, source: str) -> None:
 
 
 def _ids(sink: CredentialSinkConfig | SinkConfig) -> tuple[int, int]:
-    import grp
-    import pwd
-
-    uid = gid = -1
-    if sink.owner is not None:
-        uid = (
-            sink.owner
-            if isinstance(sink.owner, int)
-            else (int(sink.owner) if sink.owner.isdigit() else pwd.getpwnam(sink.owner).pw_uid)
-        )
-    if sink.group is not None:
-        gid = (
-            sink.group
-            if isinstance(sink.group, int)
-            else (int(sink.group) if sink.group.isdigit() else grp.getgrnam(sink.group).gr_gid)
-        )
+    """The sink's owner and group as ids (-1: leave as is); KeyError for a name this host does not know."""
+    uid = -1 if sink.owner is None else user_id(sink.owner)
+    gid = -1 if sink.group is None else group_id(sink.group)
+    if uid is None:
+        raise KeyError(f"no user {sink.owner!r}")
+    if gid is None:
+        raise KeyError(f"no group {sink.group!r}")
     return uid, gid
 
 

@@ -170,7 +170,8 @@ class Rule:
         return f"{spiffe_id} may not have {what} (allowed: {', '.join(m.text for m in self.matchers)})"
 
 
-def _uid(value: str | int) -> int | None:
+def user_id(value: str | int) -> int | None:
+    """A uid from a number or a user name; None for a name this host does not know."""
     if isinstance(value, int) or value.isdigit():
         return int(value)
     try:
@@ -179,7 +180,8 @@ def _uid(value: str | int) -> int | None:
         return None
 
 
-def _gid(value: str | int) -> int | None:
+def group_id(value: str | int) -> int | None:
+    """A gid from a number or a group name; None for a name this host does not know."""
     if isinstance(value, int) or value.isdigit():
         return int(value)
     try:
@@ -192,12 +194,12 @@ def resolve_rule(rule: AccessRule, where: str) -> Rule:
     """Names to ids. A name that does not exist on this host is left out, with a warning once."""
     uids, gids = set(), set()
     for user in rule.users:
-        if (uid := _uid(user)) is None:
+        if (uid := user_id(user)) is None:
             log.warning("policy names a user that does not exist; ignored", policy=where, user=str(user))
         else:
             uids.add(uid)
     for group in rule.groups:
-        if (gid := _gid(group)) is None:
+        if (gid := group_id(group)) is None:
             log.info("policy names a group that does not exist; ignored", policy=where, group=str(group))
         else:
             gids.add(gid)
