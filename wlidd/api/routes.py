@@ -228,7 +228,7 @@ class Api:
 
             reason = rule.check_spiffe(parse_spiffe_id(peer.spiffe_id), what, allow_without_matchers=spiffe_default)
             if reason is not None:
-                audit.warning("access denied", route=request.path, spiffe_id=peer.spiffe_id, detail=reason)
+                audit.warning("access denied", route=request.path, detail=reason, **_who(peer.spiffe_id))
                 raise ApiError(403, "forbidden", reason)
             return peer.spiffe_id
         if peer.uid is None or peer.gid is None or peer.pid is None:
@@ -237,15 +237,7 @@ class Api:
         caller = await self._callers.get(peer.pid, peer.uid, peer.gid)
         reason = rule.check(caller, what)
         if reason is not None:
-            audit.warning(
-                "access denied",
-                route=request.path,
-                uid=caller.uid,
-                gid=caller.gid,
-                pid=caller.pid,
-                user=caller.user,
-                detail=reason,
-            )
+            audit.warning("access denied", route=request.path, detail=reason, **_who(caller))
             raise ApiError(403, "forbidden", reason)
         return caller
 
@@ -256,9 +248,8 @@ class Api:
             self.policy = Policy.from_config(PolicyConfig())
         return self.policy
 
-    async def _serve_token(
-        self, name: str, request: Request
-    ) -> tuple[TokenSource, dt.datetime, str, dt.datetime] | Response:
+    async def _serve_token(self, name: str, request: Request) -> tuple[dt.datetime, str, dt.datetime] | Response:
+        """(expire_time, value, now) of the token `name` for this caller, or the error to answer."""
         source = self.tokens.get(name)
         if source is None:
             known = ", ".join(self.tokens) or "none"
@@ -279,7 +270,7 @@ class Api:
                 expire_time=iso_z(token.expire_time),
                 **_who(caller),
             )
-        return source, token.expire_time, token.value, self.clock()
+        return token.expire_time, token.value, self.clock()
 
     async def credentials(self, request: Request, params: dict[str, str]) -> Response:
         watcher = self._watcher(params["name"])
@@ -321,7 +312,7 @@ class Api:
         served = await self._serve_token(params["name"], request)
         if isinstance(served, Response):
             return served
-        _, expire_time, value, now = served
+        expire_time, value, now = served
         expires_in = max(0, int((expire_time - now).total_seconds()))
         # The body only changes when the token or the whole second of expires_in does: reuse it.
         key = (value, expires_in)
@@ -345,7 +336,7 @@ class Api:
         served = await self._serve_token(next(iter(self.tokens)), request)
         if isinstance(served, Response):
             return served
-        return Response.text(200, served[2])
+        return Response.text(200, served[1])
 
     async def prometheus(self, request: Request, _: dict[str, str]) -> Response:
         now = self.clock()
