@@ -7,6 +7,7 @@ BENCH_RESULTS_FILE names a file, appends the figures to it as JSON lines, from w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -85,6 +86,21 @@ path = "{work / "workload.sock"}"
 """
     )
     return config
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident MB; RssAnon is the private heap, RssFile the mapped library and interpreter code."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field}")
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 response from a keep-alive connection: (head, body)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(h.split(b":", 1)[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:"))
+    return head, await reader.readexactly(length)
 
 
 def bench_env() -> dict[str, str]:

@@ -22,7 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Figure, bench_env, report, start_daemon, stop_daemon, wait_for_unix_socket, write_node_config
+from _common import (
+    Figure,
+    bench_env,
+    read_response,
+    report,
+    rss_mb,
+    start_daemon,
+    stop_daemon,
+    wait_for_unix_socket,
+    write_node_config,
+)
 
 REQUESTS = (
     b"GET /v1/token/mds HTTP/1.1\r\nHost: wlidd\r\n\r\n",
@@ -48,14 +58,6 @@ def context_switches(pid: int) -> int:
     return total
 
 
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    """Resident MB; RssAnon is the private heap, RssFile the mapped library and interpreter code."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field}")
-
-
 def idle_cost(pids: list[int], seconds: float) -> list[tuple[float, float]]:
     """(CPU %, wake-ups per second) of each process over the same window."""
     before = [(cpu_seconds(p), context_switches(p)) for p in pids]
@@ -71,13 +73,7 @@ async def _client(path: str, requests: int, per_connection: int) -> int:
         reader, writer = await asyncio.open_unix_connection(path)
         for i in range(min(per_connection, requests)):
             writer.write(REQUESTS[i % len(REQUESTS)])
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            await reader.readexactly(length)
+            head, _ = await read_response(reader)
             ok += head.startswith(b"HTTP/1.1 200")
             requests -= 1
         writer.close()

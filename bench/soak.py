@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 import anyio
-from _common import bench_env, free_port, start_daemon, stop_daemon, wait_for_unix_socket
+from _common import bench_env, free_port, read_response, rss_mb, start_daemon, stop_daemon, wait_for_unix_socket
 from cryptography import x509
 
 from wlidd.emulator.ca import CertificateAuthority
@@ -64,13 +64,7 @@ class Load:
                     if time.monotonic() >= self.deadline:
                         break
                     writer.write(request)
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
-                    length = next(
-                        int(h.split(b":", 1)[1])
-                        for h in head.split(b"\r\n")
-                        if h.lower().startswith(b"content-length:")
-                    )
-                    body = await asyncio.wait_for(reader.readexactly(length), 15)
+                    head, body = await asyncio.wait_for(read_response(reader), 15)
                     self.token_answer(int(head.split()[1]), body, time.time())
                     await asyncio.sleep(0.01)
                 writer.close()
@@ -183,13 +177,6 @@ def run_load(plan_json: str) -> None:
 
 
 # ---- the controller ----------------------------------------------------------------------------
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 async def soak(seconds: float, clients: int, processes: int) -> int:
     base = Path(tempfile.mkdtemp(prefix="wlidd-soak-"))
     secrets = base / "secrets"

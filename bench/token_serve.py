@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _common import ROOT, Figure, bench_env, percentile, report, start_daemon, stop_daemon
+from _common import ROOT, Figure, bench_env, percentile, read_response, report, start_daemon, stop_daemon
 
 REQUEST = b"GET /v1/token/mds HTTP/1.1\r\nHost: wlidd\r\n\r\n"
 
@@ -30,12 +30,7 @@ async def _client(path: str, deadline: float, latencies: list[float]) -> int:
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         writer.write(REQUEST)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        await reader.readexactly(length)
+        await read_response(reader)
         latencies.append(time.perf_counter() - start)
         done += 1
     writer.close()
