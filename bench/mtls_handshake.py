@@ -102,6 +102,7 @@ address = "127.0.0.1:{wlidd_port}"
 identity = "default"
 allow = ["spiffe://bench.example.org"]
 max_connections = 4096
+max_connections_per_caller = 4096
 """
     )
     daemon = start_daemon(work / "wlidd.toml")

@@ -219,6 +219,7 @@ address = "127.0.0.1:{mtls_port}"
 identity = "default"
 allow = ["spiffe://{DEMO_TRUST_DOMAIN}/ns/soak/**"]
 max_connections = 1024
+max_connections_per_caller = 1024
 
 [listeners.workload_api]
 path = "{base / "workload.sock"}"

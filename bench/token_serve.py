@@ -166,6 +166,7 @@ metadata.url = "{urls["metadata_url"]}"
 [listeners.unix]
 path = "{sock}"
 max_connections = 1024
+max_connections_per_caller = 1024
 """
     )
     daemon = start_daemon(config, stderr=open(work / "wlidd.log", "wb"))  # noqa: SIM115

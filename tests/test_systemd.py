@@ -101,24 +101,24 @@ def test_notify_sequence_ready_after_the_socket_answers_reload_and_stopping(
     assert keys.index("STOPPING") > keys.index("RELOADING") > keys.index("READY")
 
 
-def test_watchdog_pings_stop_when_health_fails(
+def test_watchdog_keeps_pinging_while_degraded(
     tmp_path: Path, files: FileSet, ca: CertificateAuthority, notify: NotifySocket
 ) -> None:
+    """The watchdog is liveness, not validity: an expired SVID makes the daemon degraded (503 health,
+    STATUS= says so) but a restart would not fix it, so the pings go on."""
     files.put(ca.issue_svid(ttl=dt.timedelta(seconds=4)), ca.bundle_pem)
     proc = start(write_config(tmp_path, files), {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"})
     try:
         notify.read_until("READY", "1")
         notify.read_until("WATCHDOG", "1", timeout=5)  # pinging while healthy
-        notify.read_until("STATUS", timeout=20)  # the SVID expires: status turns degraded …
+        status = notify.read_until("STATUS", timeout=20)  # the SVID expires: status turns degraded …
+        assert status["STATUS"].startswith("degraded"), status
         deadline = time.monotonic() + 20
         while health(tmp_path / "wlidd.sock") != 503:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        time.sleep(0.5)
         notify.messages.clear()
-        with pytest.raises(AssertionError):
-            notify.read_until("WATCHDOG", "1", timeout=1.5)  # … and the pings stop
-        assert not any("WATCHDOG" in m for m in notify.messages)
+        notify.read_until("WATCHDOG", "1", timeout=2)  # … and the pings go on
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)

@@ -95,12 +95,12 @@ def metadata_token_config(upstreams: Upstreams, **overrides: Any) -> dict[str, A
     return _fast(upstreams, "gce-metadata", overrides, metadata={"url": upstreams.metadata_url})
 
 
-def daemon_config(tmp_path: Path, files: FileSet, tokens: dict[str, dict[str, Any]]) -> Config:
+def daemon_config(tmp_path: Path, files: FileSet, tokens: dict[str, dict[str, Any]], **unix: Any) -> Config:
     return Config.model_validate(
         {
             "identities": {"default": files.config()},
             "tokens": tokens,
-            "listeners": {"unix": {"path": str(tmp_path / "wlidd.sock")}},
+            "listeners": {"unix": {"path": str(tmp_path / "wlidd.sock"), **unix}},
         }
     )
 
@@ -414,7 +414,8 @@ async def test_200_concurrent_requests_for_a_cold_token_make_exactly_one_upstrea
 ) -> None:
     files.put(ca.issue_svid(), ca.bundle_pem)
     upstreams.inject("metadata", Fault(error_rate=0.0, latency=0.3))  # slow enough for all callers to pile up
-    d = Daemon(daemon_config(tmp_path, files, {"mds": metadata_token_config(upstreams, on_demand=True)}))
+    tokens = {"mds": metadata_token_config(upstreams, on_demand=True)}
+    d = Daemon(daemon_config(tmp_path, files, tokens, max_connections_per_caller=256))  # 200 from one uid
     async with in_background(d.run, d.stop), client(d) as c:
         responses = []
 

@@ -45,6 +45,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     configure_logging("error", "console")
     failures = 0
+    from wlidd.sinks import ownership_warnings
+
+    for warning in ownership_warnings(config):
+        print(f"warning: {warning}")
     if not config.identities:
         print("problem: no identities configured ([identities.<name>])")
         return 1
@@ -112,11 +116,16 @@ def cmd_creds(args: argparse.Namespace) -> int:
     with Client(_socket_path(args)) as client:
         creds = client.get_credentials(args.identity)
     out = Path(args.out)
-    write_atomic(out / "svid.pem", creds.chain_pem.encode(), 0o644)
-    write_atomic(out / "svid_key.pem", creds.key_pem.encode(), 0o600)
-    write_atomic(out / "bundle.pem", creds.bundle_pem.encode(), 0o644)
-    for trust_domain, pem in sorted(creds.federated_bundles_pem.items()):
-        write_atomic(out / f"federated_bundle.{trust_domain}.pem", pem.encode(), 0o644)
+    try:
+        write_atomic(out / "svid.pem", creds.chain_pem.encode(), 0o644)
+        write_atomic(out / "svid_key.pem", creds.key_pem.encode(), 0o600)
+        write_atomic(out / "bundle.pem", creds.bundle_pem.encode(), 0o644)
+        for trust_domain, pem in sorted(creds.federated_bundles_pem.items()):
+            write_atomic(out / f"federated_bundle.{trust_domain}.pem", pem.encode(), 0o644)
+    except OSError as exc:  # a refused (unsafe) directory or a plain I/O error: say which, no traceback
+        detail = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
+        print(f"wlidd creds: cannot write to {out}: {detail}", file=sys.stderr)
+        return 1
     print(f"{creds.spiffe_id} serial {creds.serial} (expires {creds.not_after.isoformat()}) written to {out}")
     return 0
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -84,6 +84,30 @@ class DaemonConfig(_Strict):
     runtime_dir: ExpandedPath = Path("/run/wlidd")
 
 
+_MAX_READERS = 32  # POSIX ACL entries per kind; the xattr stays far below a file system's limit
+
+
+def _check_id(value: str | int) -> str | int:
+    """A user or group as a sink reader: a name, or a number below the kernel's "no id" (2**32 - 1)."""
+    number = value if isinstance(value, int) else int(value) if value.isascii() and value.isdigit() else None
+    if number is not None and not 0 <= number < 0xFFFFFFFF:
+        raise ValueError(f"{value} is not a uid or gid (0 to 4294967294)")
+    if isinstance(value, str) and (not value or len(value) > 256 or any(c in value for c in ":/\n\0")):
+        raise ValueError(f"{value!r} is not a user or group name")
+    return value
+
+
+class SinkReaders(_Strict):
+    """Users and groups (by name or number) granted read access to a sink's files through POSIX ACLs,
+    and read/traverse on its directory: no capability needed, the daemon owns the files."""
+
+    users: tuple[Annotated[str | int, AfterValidator(_check_id)], ...] = Field(default=(), max_length=_MAX_READERS)
+    groups: tuple[Annotated[str | int, AfterValidator(_check_id)], ...] = Field(default=(), max_length=_MAX_READERS)
+
+    def __bool__(self) -> bool:
+        return bool(self.users or self.groups)
+
+
 class CredentialSinkConfig(_Strict):
     """Files for consumers that read credentials from disk, rewritten atomically after every rotation.
 
@@ -96,12 +120,13 @@ class CredentialSinkConfig(_Strict):
     certificate_config: ExpandedPath | None = None  # files layout: default <dir>/certificate_config.json
     mode: FileMode = 0o644
     key_mode: FileMode = 0o600
-    owner: str | int | None = None
+    owner: str | int | None = None  # needs root or CAP_CHOWN; readers works without
     group: str | int | None = None
+    readers: SinkReaders = Field(default_factory=SinkReaders)
     on_change: tuple[str, ...] = ()
     on_change_timeout: Duration = 30.0
     signal: str | None = None  # e.g. "SIGHUP", sent to the pid in pid_file after each rotation
-    pid_file: ExpandedPath | None = None
+    pid_file: ExpandedPath | None = None  # root's or wlidd's file in a directory only they can write
 
     @model_validator(mode="after")
     def _check(self) -> CredentialSinkConfig:
@@ -114,7 +139,7 @@ class CredentialSinkConfig(_Strict):
         if self.key_mode & 0o077:
             raise ValueError(
                 f"key_mode {self.key_mode:04o} lets other users read the private key: 0600 or 0400;"
-                " to hand the key to another user, set owner (and group) instead"
+                " to hand the key to another user, name it in readers (or set owner)"
             )
         return self
 
@@ -221,8 +246,9 @@ class SinkConfig(_Strict):
     path: ExpandedPath
     format: Literal["text", "json"] = "text"
     mode: FileMode = 0o600
-    owner: str | int | None = None  # hand the file to the app's user instead of widening its mode
+    owner: str | int | None = None  # hand the file to the app's user instead of widening its mode (root only)
     group: str | int | None = None
+    readers: SinkReaders = Field(default_factory=SinkReaders)  # POSIX ACL read access, no capability needed
     on_change: tuple[str, ...] = ()
     on_change_timeout: Duration = 30.0
 
@@ -308,6 +334,8 @@ class UnixListenerConfig(_Strict):
     owner: str | None = None
     group: str | None = None
     max_connections: int = Field(default=256, ge=1)
+    max_connections_per_caller: int = Field(default=64, ge=1)  # per uid (per remote address off loopback)
+    first_byte_timeout: Duration = 5.0  # from accept to the first request byte, TLS handshake included
     request_timeout: Duration = 10.0
     idle_timeout: Duration = 60.0
 
@@ -322,6 +350,8 @@ class MetadataListenerConfig(_Strict):
     numeric_project_id: str = "0"
     universe_domain: str = "googleapis.com"
     max_connections: int = Field(default=256, ge=1)
+    max_connections_per_caller: int = Field(default=64, ge=1)  # per uid (per remote address off loopback)
+    first_byte_timeout: Duration = 5.0  # from accept to the first request byte, TLS handshake included
     request_timeout: Duration = 10.0
     idle_timeout: Duration = 60.0
 
@@ -357,6 +387,8 @@ class MtlsListenerConfig(_Strict):
     identity: str
     allow: tuple[str, ...]
     max_connections: int = Field(default=256, ge=1)
+    max_connections_per_caller: int = Field(default=64, ge=1)  # per uid (per remote address off loopback)
+    first_byte_timeout: Duration = 5.0  # from accept to the first request byte, TLS handshake included
     request_timeout: Duration = 10.0
     idle_timeout: Duration = 60.0
 
@@ -379,6 +411,9 @@ class WorkloadApiListenerConfig(_Strict):
     mode: FileMode = 0o666
     owner: str | None = None
     group: str | None = None
+    max_connections: int = Field(default=256, ge=1)
+    max_connections_per_caller: int = Field(default=64, ge=1)  # per uid: streams are long-lived, one per client
+    first_byte_timeout: Duration = 5.0  # from accept to the HTTP/2 preface
 
 
 class ListenersConfig(_Strict):

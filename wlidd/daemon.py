@@ -4,28 +4,44 @@ Start: every identity's first load, every token source started (required ones ob
 listener bound (or taken from socket activation) — then READY=1 and `task_status.started()`.
 SIGHUP: RELOADING=1, the config re-read (log level, policy, sinks and token sources live; an invalid
 file refused whole), every identity re-read, READY=1. SIGTERM/SIGINT: STOPPING=1, listeners stop
-accepting, requests in flight get DRAIN_TIMEOUT, exit code 0. The watchdog is fed only while healthy.
+accepting, requests in flight get DRAIN_TIMEOUT, exit code 0.
+
+The watchdog tracks liveness, not credential validity: WATCHDOG=1 while the event loop answers in time
+and every listener's accept loop runs. A daemon that is merely degraded (nothing provisioned yet, an
+upstream down) keeps pinging — a restart would fix nothing and cost the fleet's STS quota — and says so
+in /v1/health, STATUS= and the metrics instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
+import ssl
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import SocketListener, TaskStatus
+from anyio.abc import TaskStatus
 
+from wlidd.api.accept import AcceptLoop, CallerKey, Refusal
 from wlidd.api.authz import Policy, parse_matcher
 from wlidd.api.listeners import ListenerError, bind_unix_socket
-from wlidd.api.metadata import MetadataApi
+from wlidd.api.metadata import FLAVOR, MetadataApi
 from wlidd.api.mtls import MtlsGate, QuietTLSListener
 from wlidd.api.routes import Api
-from wlidd.api.server import Handler, HttpServer, Request, Response, ServerLimits
+from wlidd.api.server import (
+    TOO_MANY_CONNECTIONS,
+    Handler,
+    HttpServer,
+    Request,
+    Response,
+    ServerLimits,
+    serialize_response,
+)
 from wlidd.config import (
     Config,
     MetadataListenerConfig,
@@ -36,7 +52,7 @@ from wlidd.config import (
     split_address,
 )
 from wlidd.errors import ConfigError
-from wlidd.logs import configure_logging, get_logger
+from wlidd.logs import configure_logging, get_logger, repeat_limiter
 from wlidd.metrics import Metrics
 from wlidd.sinks import follow_credentials
 from wlidd.svid.load import Clock, CredentialSource, utc_now
@@ -104,7 +120,12 @@ class Daemon:
         self._unix_activated = False
         self._task_group: anyio.abc.TaskGroup | None = None
         self._grpc_server: Any = None
+        self._workload_activated = False
         self.workload_api: WorkloadApi | None = None
+        self.accept_loops: list[AcceptLoop] = []
+        self._tcp_listeners: list[anyio.abc.Listener[Any]] = []  # keep anyio's wrappers of our TCP sockets
+        self.api.extra_status["listeners"] = self.listener_status
+        self.api.liveness_problems = self.liveness_problems
 
     def _http_server(
         self, handler: Handler, name: str, limits: UnixListenerConfig | MtlsListenerConfig | MetadataListenerConfig
@@ -116,17 +137,21 @@ class Daemon:
                 request_timeout=limits.request_timeout,
                 idle_timeout=limits.idle_timeout,
                 max_connections=limits.max_connections,
+                first_byte_timeout=limits.first_byte_timeout,
             ),
             on_response=self._count_response,
         )
 
     def _count_response(self, request: Request, response: Response) -> None:
-        if response.status == 404:
-            route = "unknown"
-        elif request.path in ("/v1/status", "/v1/health", "/metrics", "/get_wif_token"):
-            route = request.path
-        else:
-            route = "/" + "/".join(request.path.split("/")[1:3])
+        """Count a response by (listener, route template, status). Labels come from fixed sets only: the
+        route is the handler's template for the path ("other" for anything else), never the path itself,
+        so a caller cannot grow the label set (5,000 random paths once made /metrics 167 MB)."""
+        route = "other"
+        for server in self._servers():
+            if server.name == request.listener:
+                template = getattr(server.handler, "route_template", None)
+                route = template(request.path) if template is not None else "other"
+                break
         key = (request.listener, route, response.status)
         counter = self._request_counters.get(key)
         if counter is None:
@@ -153,7 +178,7 @@ class Daemon:
             pid=os.getpid(),
         )
         activated = listen_fds(self._activation_environ)
-        listeners: list[anyio.abc.Listener[Any]] = []
+        raise_open_files_limit(self._connection_budget())
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
@@ -166,7 +191,7 @@ class Daemon:
                     if source.config.require_at_start:
                         self.notifier.status(f"waiting for token {source.name!r}")
                         await source.wait_until_servable(source.config.require_timeout)
-                await self._start_listeners(tg, activated, listeners)
+                await self._start_listeners(tg, activated)
                 tg.start_soon(self._signals)
                 if (period := watchdog_period(self._environ)) is not None:
                     tg.start_soon(self._watchdog, period)
@@ -179,8 +204,10 @@ class Daemon:
                 log.info("stopping")
                 self.notifier.stopping()
                 with anyio.CancelScope(shield=True):
-                    for listener in listeners:
-                        await listener.aclose()  # stop accepting
+                    for loop in self.accept_loops:
+                        loop.close()  # stop accepting
+                    for server in self._servers():
+                        server.close()
                     with anyio.move_on_after(self.drain_timeout):
                         for server in self._servers():
                             await server.drain()
@@ -189,21 +216,21 @@ class Daemon:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                for listener in listeners:
+                for loop in self.accept_loops:
+                    loop.close()
+                for listener in self._tcp_listeners:
                     await listener.aclose()
-                if self._grpc_server is not None:
-                    self._grpc_server.close()
-                    with anyio.move_on_after(2):
-                        await self._grpc_server.wait_closed()
-                    workload = self.config.listeners.workload_api
-                    if workload is not None:
-                        with contextlib.suppress(OSError):
+                workload = self.config.listeners.workload_api
+                if self._grpc_server is not None and workload is not None and not self._workload_activated:
+                    with contextlib.suppress(OSError):
+                        if workload.path.is_socket():
                             workload.path.unlink()
                 for source in self.tokens.values():
                     await source.flow.aclose()
                 for sock in activated.values():
                     sock.close()
             self.notifier.close()
+            repeat_limiter().flush(everything=True)
         if not self._unix_activated:
             with contextlib.suppress(OSError):
                 if self.socket_path.is_socket():
@@ -213,20 +240,68 @@ class Daemon:
     def _servers(self) -> list[HttpServer]:
         return [s for s in (self.unix_server, self.mtls_server, self.metadata_server) if s is not None]
 
-    async def _tcp(self, name: str, address: str, activated: dict[str, socket.socket]) -> anyio.abc.Listener[Any]:
+    async def _tcp(self, name: str, address: str, activated: dict[str, socket.socket]) -> list[socket.socket]:
+        """The listening TCP socket(s) of a listener: the socket-activated one, or bound here."""
         sock = activated.pop(name, None)
         if sock is not None:
-            sock.setblocking(False)
-            return await SocketListener.from_socket(sock)
+            return [sock]
         host, port = split_address(address)
         try:
-            return await anyio.create_tcp_listener(local_host=host, local_port=port)
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         except OSError as exc:
             raise ListenerError(f"listeners.{name}: cannot listen on {host}:{port}: {exc.strerror}") from None
+        self._tcp_listeners.append(listener)
+        parts = getattr(listener, "listeners", [listener])
+        return [part.extra(anyio.abc.SocketAttribute.raw_socket) for part in parts]
 
-    async def _start_listeners(
-        self, tg: anyio.abc.TaskGroup, activated: dict[str, socket.socket], listeners: list[anyio.abc.Listener[Any]]
+    async def _listen(
+        self,
+        tg: anyio.abc.TaskGroup,
+        name: str,
+        sock: socket.socket,
+        server: HttpServer,
+        limits: UnixListenerConfig | MtlsListenerConfig | MetadataListenerConfig,
+        *,
+        tls: ssl.SSLContext | None = None,
+        refusal_headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
+        """Serve `server` on `sock` through an accept loop with the listener's connection caps."""
+
+        async def handle(conn: socket.socket, caller: CallerKey) -> None:
+            await server.serve_socket(
+                conn, caller.uid, caller.inode, tls=tls, on_handshake_error=QuietTLSListener.handle_handshake_error
+            )
+
+        def refuse(conn: socket.socket, refusal: Refusal) -> bytes:
+            if tls is not None:
+                return b""  # no HTTP before a handshake: the peer sees the connection close
+            if refusal.reason == "unidentified":
+                return serialize_response(
+                    Response.error(403, "forbidden", refusal.message, headers=refusal_headers), close=True
+                )
+            if refusal.reason == "listener_full" and not refusal_headers:
+                return TOO_MANY_CONNECTIONS
+            code = "too_many_connections" if refusal.reason == "listener_full" else "too_many_connections_for_caller"
+            message = "connection limit reached; retry later" if refusal.reason == "listener_full" else refusal.message
+            return serialize_response(
+                Response.error(503, code, message, headers=(*refusal_headers, ("retry-after", "1"))), close=True
+            )
+
+        loop = AcceptLoop(
+            name,
+            sock,
+            handle,
+            max_connections=limits.max_connections,
+            max_per_caller=limits.max_connections_per_caller,
+            refuse=refuse,
+            metrics=self.metrics,
+        )
+        self.accept_loops.append(loop)
+        if not any(existing.name == name for existing in self.accept_loops[:-1]):
+            tg.start_soon(server.run_sweeper)
+        await tg.start(loop.run)
+
+    async def _start_listeners(self, tg: anyio.abc.TaskGroup, activated: dict[str, socket.socket]) -> None:
         unix = self.config.listeners.unix
         inherited = activated.pop("unix", None)
         if inherited is None:
@@ -237,42 +312,50 @@ class Daemon:
                     break
         if inherited is not None:
             self._unix_activated = True
-            inherited.setblocking(False)
             log.info("using the socket-activated Unix socket", fd=inherited.fileno())
             sock = inherited
         else:
             sock = bind_unix_socket(self.socket_path, unix.mode, unix.group, owner=unix.owner)
-        listener = await SocketListener.from_socket(sock)
-        listeners.append(listener)
-        tg.start_soon(self._serve, self.unix_server, listener)
+        await self._listen(tg, "unix", sock, self.unix_server, unix)
         mtls = self.config.listeners.mtls
         if self.mtls_server is not None and mtls is not None:
-            tcp = await self._tcp("mtls", mtls.address, activated)
-            listeners.append(tcp)
-            self.mtls_port = tcp.extra(anyio.abc.SocketAttribute.local_port)
             hot = HotServerContext(self.watchers[mtls.identity].current_tls)
-            tls = QuietTLSListener(tcp, hot.context, standard_compatible=False, handshake_timeout=mtls.request_timeout)
-            tg.start_soon(self._serve, self.mtls_server, tls)
+            for tcp in await self._tcp("mtls", mtls.address, activated):
+                self.mtls_port = self.mtls_port or tcp.getsockname()[1]
+                await self._listen(tg, "mtls", tcp, self.mtls_server, mtls, tls=hot.context)
         metadata = self.config.listeners.metadata
         if self.metadata_server is not None and metadata is not None:
-            tcp = await self._tcp("metadata", metadata.address, activated)
-            listeners.append(tcp)
-            self.metadata_port = tcp.extra(anyio.abc.SocketAttribute.local_port)
-            tg.start_soon(self._serve, self.metadata_server, tcp)
+            for tcp in await self._tcp("metadata", metadata.address, activated):
+                self.metadata_port = self.metadata_port or tcp.getsockname()[1]
+                await self._listen(tg, "metadata", tcp, self.metadata_server, metadata, refusal_headers=FLAVOR)
         workload = self.config.listeners.workload_api
         if workload is not None:
-            from grpclib.server import Server
-
             inherited_workload = activated.pop("workload_api", None)
+            self._workload_activated = inherited_workload is not None
             sock = inherited_workload or bind_unix_socket(
                 workload.path, workload.mode, workload.group, owner=workload.owner
             )
-            from wlidd.workload_api.server import WorkloadApi
+            from wlidd.workload_api.server import WorkloadApi, build_server, serve_accepted
 
             self.workload_api = WorkloadApi(self.watchers, self.policy, self.clock, self.metrics)
             self.api.extra_status["workload_api"] = self.workload_api.status
-            self._grpc_server = Server([self.workload_api])
-            await self._grpc_server.start(sock=sock)
+            server = self._grpc_server = build_server(self.workload_api)
+            first_byte = workload.first_byte_timeout
+
+            async def handle(conn: socket.socket, caller: CallerKey) -> None:
+                with contextlib.suppress(OSError):  # the peer went away before its transport was set up
+                    await serve_accepted(server, conn, first_byte_timeout=first_byte)
+
+            loop = AcceptLoop(
+                "workload_api",
+                sock,
+                handle,
+                max_connections=workload.max_connections,
+                max_per_caller=workload.max_connections_per_caller,
+                metrics=self.metrics,
+            )
+            self.accept_loops.append(loop)
+            await tg.start(loop.run)
             log.info("SPIFFE Workload API listening", path=str(workload.path))
         for name in activated:
             log.warning("a socket-activated socket matches no configured listener; ignored", name=name)
@@ -286,41 +369,72 @@ class Daemon:
         return f"serving {head}" if not bad else f"degraded ({head}): not valid: {', '.join(bad)}"
 
     def healthy(self) -> bool:
-        """Every required identity valid and every required token servable, now."""
+        """Every required identity valid and every required token servable, now (degradation, for
+        /v1/health and STATUS=; the watchdog does not look at it)."""
         now = self.clock()
         return all(w.is_valid(now) for w in self.watchers.values() if w.source.config.required) and all(
             t.servable(now) is not None for t in self.tokens.values() if t.config.require_at_start
         )
 
+    def liveness_problems(self) -> dict[str, str]:
+        """{"listener/<name>": why} for every listener whose accept loop is not running (empty: alive)."""
+        return {
+            f"listener/{loop.name}": f"accept loop stopped: {loop.failure or 'not running'}"
+            for loop in self.accept_loops
+            if not loop.alive
+        }
+
+    def listener_status(self) -> dict[str, Any]:
+        """Each listener's accept loop for /v1/status (several sockets of one listener are summed)."""
+        document: dict[str, Any] = {}
+        for loop in self.accept_loops:
+            status = loop.status()
+            known = document.get(loop.name)
+            if known is None:
+                document[loop.name] = status
+            else:
+                known["alive"] = known["alive"] and status["alive"]
+                for key in ("open", "callers", "accepted", "refused"):
+                    known[key] += status[key]
+        return document
+
+    def _connection_budget(self) -> int:
+        """Descriptors the configured connection caps may hold at once, plus a reserve for files,
+        upstream connections and watches."""
+        listeners = self.config.listeners
+        caps = [listeners.unix.max_connections]
+        caps += [cfg.max_connections for cfg in (listeners.mtls, listeners.metadata, listeners.workload_api) if cfg]
+        return sum(caps) + 256
+
     async def _watchdog(self, period: float) -> None:
-        """WATCHDOG=1 every half period, only while healthy: the loop answered in time and credentials are valid."""
+        """WATCHDOG=1 every half period while alive: the event loop answered in time and every
+        listener's accept loop runs. Credential validity is not liveness (see the module docstring)."""
         warned = False
         while True:
             before = anyio.current_time()
             await anyio.sleep(period)
             lag = anyio.current_time() - before - period
-            if lag < period and self.healthy():
+            dead = self.liveness_problems()
+            if lag < period and not dead:
                 self.notifier.watchdog()
+                if warned:
+                    log.info("liveness restored: watchdog pings resumed")
                 warned = False
             elif not warned:
-                log.warning(
-                    "health check failed: watchdog pings withheld", loop_lag=round(lag, 3), status=self.summary()
-                )
+                log.error("liveness check failed: watchdog pings withheld", loop_lag=round(lag, 3), problems=dead)
                 warned = True
 
     async def _status_line(self) -> None:
+        """STATUS= when the summary changes (checked every STATUS_INTERVAL seconds), and the summaries of
+        repeated log lines whose window is over."""
         last = ""
         while True:
             line = self.summary()
             if line != last:
                 self.notifier.status(line)
                 last = line
+            repeat_limiter().flush()
             await anyio.sleep(STATUS_INTERVAL)
-
-    @staticmethod
-    async def _serve(server: HttpServer, listener: anyio.abc.Listener[Any]) -> None:
-        with contextlib.suppress(anyio.ClosedResourceError):
-            await server.serve(listener)
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
@@ -365,9 +479,9 @@ class Daemon:
             self.api.policy = self.policy
             if self.metadata_server is not None and isinstance(self.metadata_server.handler, MetadataApi):
                 self.metadata_server.handler.policy = self.policy
-            if self.workload_api is not None:
-                self.workload_api.policy = self.policy
             log.info("policy reloaded")
+        if self.workload_api is not None:
+            self.workload_api.set_policy(self.policy)  # every open stream re-checks its caller now
         keep_ids = dict(old.identities)
         for name in sorted(set(old.identities) | set(new.identities)):
             before, after = old.identities.get(name), new.identities.get(name)
@@ -452,3 +566,24 @@ class Daemon:
         ):
             self.metadata_server.handler.source = source
         log.info("token source (re)started", source=name, flow=token_config.flow)
+
+
+def raise_open_files_limit(needed: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (a local flood must meet our connection caps, not
+    EMFILE); warn when even that is below `needed` descriptors. Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit", soft=soft, hard=hard, error=str(exc))
+    if soft < needed:
+        log.warning(
+            "the open files limit is below what the listeners' connection caps may hold; accept() may hit "
+            "EMFILE first (handled, but set LimitNOFILE= higher)",
+            limit=soft,
+            needed=needed,
+        )
+    return soft

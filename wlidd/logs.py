@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import structlog
@@ -70,16 +73,135 @@ class Logger:
             self._generation = _generation
         return getattr(self._bound, method)
 
+    def limited(self, level: str, event: str, *, key: Mapping[str, Hashable], **fields: Any) -> bool:
+        """Log `event` at `level` through the process's `RepeatLimiter` (see `repeat_limiter`):
+        lines that repeat `key` at a caller's rate are counted instead of written. `key` names what
+        repeats (a reason, a listener and a caller) and is written with the line; True if written."""
+        return _repeats.log(self, level, event, key=key, **fields)
+
 
 def get_logger(name: str) -> Any:
     return Logger(name)
 
 
+@dataclass
+class _Window:
+    """One key's current window: when it opened (clock seconds), lines written, lines counted."""
+
+    opened: float
+    written: int
+    suppressed: int
+    logger: Any
+    level: str
+    event: str
+    key: dict[str, Hashable]
+
+
+_OVERFLOW = ("key_table_full", True)
+
+
+class RepeatLimiter:
+    """At most `burst` lines per key per `window` seconds; further lines with that key are counted,
+    and one summary line (the same event and key fields, plus `repeated=<count>` and
+    `window_seconds`) is written when the window ends. The first line of every key is written, so an
+    audit still names each denied caller.
+
+    A key is the event plus a few fields naming what repeats (a TLS failure reason; a listener and a
+    caller): bounded sets, never free text a caller chooses. Still, the table holds at most
+    `max_keys` windows, plus one overflow window per event (events are code constants): when the
+    table is full, lines with new keys share their event's overflow window, so the number of lines
+    per window is bounded whatever a caller varies.
+
+    Summaries are written lazily, by the next `log` call after a window ends, or by `flush()` (call
+    it from a periodic task, and with `everything=True` at shutdown, to have them on time). `clock`
+    is monotonic seconds. Not thread-safe: use it from one thread (the event loop's).
+    """
+
+    def __init__(
+        self,
+        *,
+        burst: int = 3,
+        window: float = 60.0,
+        max_keys: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if burst < 1 or window <= 0 or max_keys < 1:
+            raise ValueError("RepeatLimiter needs burst >= 1, window > 0 and max_keys >= 1")
+        self.burst = burst
+        self.window = window
+        self.max_keys = max_keys
+        self.clock = clock
+        self._windows: OrderedDict[tuple[str, tuple[tuple[str, Hashable], ...]], _Window] = OrderedDict()
+        self._overflowing = 0  # overflow windows in the table
+        self.seen: Counter[str] = Counter()  # lines asked for, per event
+        self.suppressed: Counter[str] = Counter()  # lines counted instead of written, per event
+
+    def __len__(self) -> int:
+        """Windows in the table (at most max_keys + one overflow window per event)."""
+        return len(self._windows)
+
+    def log(self, logger: Any, level: str, event: str, *, key: Mapping[str, Hashable], **fields: Any) -> bool:
+        """Write `event` with `key` and `fields` through `logger.<level>` unless its key already had
+        `burst` lines in the current window; True if written. Raises TypeError for unhashable key
+        values."""
+        now = self.clock()
+        self._expire(now)
+        self.seen[event] += 1
+        ident = (event, tuple(key.items()))
+        window = self._windows.get(ident)
+        if window is None and len(self._windows) - self._overflowing >= self.max_keys:
+            ident = (event, (_OVERFLOW,))
+            window = self._windows.get(ident)
+            if window is None:
+                self._overflowing += 1
+        if window is None:
+            window = _Window(now, 0, 0, logger, level, event, dict(ident[1]))
+            self._windows[ident] = window
+        if window.written >= self.burst:
+            window.suppressed += 1
+            self.suppressed[event] += 1
+            return False
+        window.written += 1
+        getattr(logger, level)(event, **{**fields, **key})
+        return True
+
+    def flush(self, *, everything: bool = False) -> None:
+        """Write the summaries of windows that ended (of all windows, with `everything`)."""
+        self._expire(float("inf") if everything else self.clock())
+
+    def _expire(self, now: float) -> None:
+        while self._windows:
+            ident, window = next(iter(self._windows.items()))  # the oldest window
+            if window.opened + self.window > now:
+                return
+            del self._windows[ident]
+            if _OVERFLOW in ident[1]:
+                self._overflowing -= 1
+            if window.suppressed:
+                summary = {**window.key, "repeated": window.suppressed, "window_seconds": self.window}
+                getattr(window.logger, window.level)(window.event, **summary)
+
+
+_repeats = RepeatLimiter()
+
+
+def repeat_limiter() -> RepeatLimiter:
+    """The process's limiter behind `Logger.limited`."""
+    return _repeats
+
+
+def use_repeat_limiter(limiter: RepeatLimiter) -> None:
+    """Replace the process's limiter (tests: a fake clock, a short window)."""
+    global _repeats
+    _repeats = limiter
+
+
 def reset_logging() -> None:
-    """Back to structlog's defaults (tests), re-binding every cached logger."""
+    """Back to structlog's defaults (tests), re-binding every cached logger; a fresh limiter."""
     global _generation
     _generation += 1
     structlog.reset_defaults()
+    use_repeat_limiter(RepeatLimiter())
 
 
 def configure_logging(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -64,6 +68,12 @@ class Metrics:
             ["source"],
             registry=self.registry,
         )
+        self.token_upstream_calls = Counter(
+            "wlidd_token_upstream_calls",
+            "Upstream calls by source and kind (token: an access-token fetch chain; id_token: an ID token mint).",
+            ["source", "kind"],
+            registry=self.registry,
+        )
         self.workload_api_streams = Gauge(
             "wlidd_workload_api_streams",
             "Open SPIFFE Workload API streams (connected clients).",
@@ -88,5 +98,49 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.connections_open = Gauge(
+            "wlidd_connections_open",
+            "Open connections by listener (counted from accept, before TLS or HTTP/2).",
+            ["listener"],
+            registry=self.registry,
+        )
+        self.connections_refused = Counter(
+            "wlidd_connections_refused",
+            "Connections refused at accept by listener and reason (listener_full, caller_full).",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
+        self.accept_errors = Counter(
+            "wlidd_accept_errors",
+            "Failed accept() calls by listener and errno name (EMFILE, ENFILE, ENOBUFS, ENOMEM, other).",
+            ["listener", "error"],
+            registry=self.registry,
+        )
+        self.listener_up = Gauge(
+            "wlidd_listener_up",
+            "1 while the listener's accept loop runs, else 0 (a dead loop also withholds the watchdog).",
+            ["listener"],
+            registry=self.registry,
+        )
+
+        self.registry.register(_SuppressedLines())
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SuppressedLines(Collector):
+    """wlidd_log_lines_suppressed_total{event}: repeated log lines counted instead of written
+    (wlidd.logs.RepeatLimiter); events are names in the code, a fixed set."""
+
+    def collect(self) -> Iterator[Metric]:
+        from wlidd.logs import repeat_limiter
+
+        family = CounterMetricFamily(
+            "wlidd_log_lines_suppressed",
+            "Repeated log lines (failed handshakes, denials) counted instead of written, by event.",
+            labels=["event"],
+        )
+        for event, count in sorted(repeat_limiter().suppressed.items()):
+            family.add_metric([event], count)
+        yield family

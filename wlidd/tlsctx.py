@@ -4,7 +4,8 @@ Key material reaches OpenSSL through an anonymous memfd (never a file on disk) a
 callback can prompt. `HotServerContext` is one long-lived SSLContext for listeners: its
 `sni_callback` (called on every ClientHello, with or without SNI) switches the connection to the
 current identity's server context, so a rotation needs no restart and new handshakes get the new
-leaf while established connections keep theirs.
+leaf while established connections keep theirs. Server contexts issue no session tickets: every
+connection is a full handshake with a client chain verified against the current bundles.
 """
 
 from __future__ import annotations
@@ -37,9 +38,23 @@ def _tls13_only(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
+def _no_resumption(context: ssl.SSLContext) -> ssl.SSLContext:
+    """A server context that issues no TLS 1.3 session tickets, so no client can resume a session.
+
+    A resumed session carries no verified chain (and was judged against the bundles of its first
+    handshake), so every connection must be a full handshake whose client chain is verified against
+    the current bundles. TLS 1.3 resumes only through tickets (RFC 8446 §2.2, §4.6.1); OpenSSL sends
+    `num_tickets` of them after each handshake (default 2) and OP_NO_TICKET alone only turns them
+    into stateful tickets, still resumable (SSL_CTX_set_num_tickets(3)). Zero sends none, so no
+    session is ever stored either. TLS 1.2 (session IDs) is not enabled at all.
+    """
+    context.num_tickets = 0
+    return context
+
+
 def build_server_context(identity: Identity) -> ssl.SSLContext:
     """Server side: present the SVID, require a client certificate verified against the bundles."""
-    context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    context = _no_resumption(_tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)))
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=identity.bundles.pem.decode("ascii"))
     load_identity_into(context, identity)
@@ -77,7 +92,9 @@ class HotServerContext:
 
     def __init__(self, current: Callable[[], TlsContexts | None]) -> None:
         self._current = current
-        self.context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        # no tickets on both this context and each identity's (see _no_resumption): the ticket count is
+        # taken from this one when the connection is created, before sni_callback switches contexts
+        self.context = _no_resumption(_tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)))
         self.context.verify_mode = ssl.CERT_REQUIRED
         self.context.sni_callback = self._switch
 

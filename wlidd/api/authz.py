@@ -1,18 +1,27 @@
 """Who is calling, and may they have it.
 
-Unix callers are identified by SO_PEERCRED (uid, gid, pid) on the accepted socket; their
-supplementary groups come from the uid's passwd and group entries (os.getgrouplist). A rule
-names users and groups by name or number; matchers return None (allowed) or a reason that names
-the caller and what was refused, never a secret (go-spiffe spiffeid/match.go shape).
+Unix callers are identified by the kernel, from the accepted socket: SO_PEERCRED (pid, uid, gid)
+and SO_PEERGROUPS (the supplementary groups), both as they were when the caller called connect()
+(socket(7), unix(7)). These are the groups the kernel itself checks the process against: a process
+stripped of its groups (setgroups) has none, one given a group by systemd SupplementaryGroups= has it.
+Only where the kernel offers nothing (a loopback TCP peer on the metadata listener, or a kernel older
+than Linux 4.13 without SO_PEERGROUPS) do the groups come from the uid's passwd and group entries
+(os.getgrouplist, NSS). A rule names users and groups by name or number; matchers return None
+(allowed) or a reason that names the caller and what was refused, never a secret (go-spiffe
+spiffeid/match.go shape).
 """
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
+import socket
+import struct
 import time
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
@@ -40,53 +49,78 @@ class Caller:
         return f"uid {self.uid} ({self.user})" + (f" pid {self.pid}" if self.pid else "")
 
 
-def _proc_net_address(host: str, port: int) -> str:
-    """An address as /proc/net/tcp{,6} writes it: the IP's bytes in host order as hex, ':', the port in hex."""
-    import ipaddress
-    import struct
+def loopback_peer_uid(remote: tuple[str, int], local: tuple[str, int]) -> int | None:
+    """The uid owning the client end of a loopback TCP connection (its local address is our remote),
+    or None unless a process holds it ESTABLISHED: a closed socket reports uid 0 and must not pass for
+    root. A thin wrapper over wlidd.api.peers.tcp_peer_owner (sock_diag, or /proc/self/net)."""
+    from wlidd.api.peers import tcp_peer_owner
 
-    ip = ipaddress.ip_address(host)
-    if ip.version == 4:
-        hexed = f"{struct.unpack('=I', ip.packed)[0]:08X}"
-    else:
-        hexed = "".join(f"{struct.unpack('=I', ip.packed[i : i + 4])[0]:08X}" for i in range(0, 16, 4))
-    return f"{hexed}:{port:04X}"
+    owner = tcp_peer_owner(remote, local)
+    return owner.uid if owner is not None else None
 
 
-def loopback_peer_uid(remote: tuple[str, int], local: tuple[str, int], proc: str = "/proc/net") -> int | None:
-    """The uid owning the client end of a loopback TCP connection (its local address is our remote).
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13 (include/uapi/asm-generic/socket.h)
+_GROUPS_MAX = 65536  # NGROUPS_MAX on Linux (include/uapi/linux/limits.h)
+_peergroups_missing_logged = False
 
-    The kernel lists both ends; the client's has local = `remote` and rem = `local`. Returns None when
-    no such socket is visible (another network namespace, or the client already closed).
+
+def peer_groups(sock: socket.socket) -> frozenset[int] | None:
+    """The supplementary groups of a Unix socket's peer as the kernel recorded them at connect()
+    (SO_PEERGROUPS: an array of gid_t). None when the kernel offers nothing: not a Unix socket, or a
+    kernel without SO_PEERGROUPS (then callers fall back to NSS groups, see `unix_caller`).
+
+    getsockopt(2) fails with ERANGE when the buffer is too small and then reports the size needed;
+    Python's socket.getsockopt caps its buffer at 1024 bytes (256 groups), so a peer with more groups
+    is read again through libc. A read that still fails gives no supplementary groups at all: group
+    rights are never granted on a guess.
     """
-    wanted_local, wanted_remote = _proc_net_address(*remote), _proc_net_address(*local)
-    candidates = []
-    if ":" in remote[0]:
-        candidates.append("tcp6")
-    else:
-        candidates += ["tcp", "tcp6"]  # an IPv4 client may sit on a dual-stack socket
-        v4 = f"0000000000000000FFFF0000{wanted_local[:8]}{wanted_local[8:]}"
-        v4_remote = f"0000000000000000FFFF0000{wanted_remote[:8]}{wanted_remote[8:]}"
-    for table in candidates:
+    global _peergroups_missing_logged
+    if sock.family != socket.AF_UNIX:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+    except OSError as exc:
+        if exc.errno == errno.ERANGE:
+            return _peer_groups_libc(sock.fileno())
+        if exc.errno != errno.ENOPROTOOPT:
+            return frozenset()  # the peer is gone (ENOTCONN …): nothing to grant
+        if not _peergroups_missing_logged:
+            _peergroups_missing_logged = True
+            log.warning("the kernel has no SO_PEERGROUPS (Linux < 4.13): callers' groups come from NSS instead")
+        return None
+    count = len(raw) // 4
+    return frozenset(struct.unpack(f"={count}I", raw[: count * 4]))
+
+
+def _peer_groups_libc(fd: int) -> frozenset[int]:
+    """SO_PEERGROUPS for a peer with more than 256 groups, through libc getsockopt (see peer_groups)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        size = ctypes.c_uint32(_GROUPS_MAX * 4)
+        buffer = (ctypes.c_uint32 * _GROUPS_MAX)()
+        if libc.getsockopt(fd, socket.SOL_SOCKET, SO_PEERGROUPS, buffer, ctypes.byref(size)) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return frozenset(buffer[: size.value // 4])
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot read a caller's groups; it is granted no group rights", error=str(exc))
+        return frozenset()
+
+
+def unix_caller(pid: int | None, uid: int, gid: int | None, groups: frozenset[int] | None = None) -> Caller:
+    """A caller from its kernel credentials. `groups` are its supplementary groups from SO_PEERGROUPS
+    (the kernel's own, see `peer_groups`); its gid is always one of its groups. With `groups` None (a
+    TCP peer, or a kernel without SO_PEERGROUPS) they are resolved from the passwd entry over NSS (a
+    user without one has only its gid); with no gid either (a TCP peer), the passwd entry's primary
+    group stands in. The user name is looked up in every case, for messages and audit lines only."""
+    if groups is not None:
+        assert gid is not None, "kernel groups come with the kernel's gid"
         try:
-            with open(f"{proc}/{table}") as handle:
-                next(handle)
-                for line in handle:
-                    fields = line.split()
-                    if len(fields) < 8:
-                        continue
-                    if (fields[1], fields[2]) == (wanted_local, wanted_remote) or (
-                        table == "tcp6" and ":" not in remote[0] and (fields[1], fields[2]) == (v4, v4_remote)
-                    ):
-                        return int(fields[7])
-        except OSError:
-            continue
-    return None
-
-
-def unix_caller(pid: int | None, uid: int, gid: int | None) -> Caller:
-    """Resolve a peer's groups from its passwd entry (a user without one has only its gid). With no
-    gid (a TCP peer), the passwd entry's primary group stands in."""
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = str(uid)
+        return Caller(uid=uid, gid=gid, pid=pid, groups=groups | {gid}, user=user)
     try:
         entry = pwd.getpwuid(uid)
         user = entry.pw_name
@@ -155,6 +189,7 @@ class Rule:
     gids: frozenset[int]
     text: str
     matchers: tuple[Matcher, ...] = ()
+    per_name: str = ""  # "policy.token.<name>" / "policy.identity.<name>" for a per-name rule, else ""
 
     def check(self, caller: Caller, what: str) -> str | None:
         if caller.uid in self.uids or caller.groups & self.gids:
@@ -162,8 +197,14 @@ class Rule:
         return f"{caller.describe()} may not have {what} (allowed: {self.text})"
 
     def check_spiffe(self, spiffe_id: SpiffeId, what: str, *, allow_without_matchers: bool) -> str | None:
-        """For mTLS callers (already admitted by the listener's `allow`): this rule's spiffe_ids, if any."""
+        """For mTLS callers (already admitted by the listener's `allow`): None if this rule's spiffe_ids
+        match, else why not. A rule without spiffe_ids admits them only if it is a default rule
+        ([policy.tokens], [policy.credentials]) and `allow_without_matchers`: a per-name rule
+        ([policy.token.X], [policy.identity.X]) names everyone it admits, so without spiffe_ids it
+        admits no mTLS caller (users and groups say nothing about SPIFFE IDs)."""
         if not self.matchers:
+            if self.per_name:
+                return f"{spiffe_id} may not have {what} ([{self.per_name}] lists no spiffe_ids)"
             return None if allow_without_matchers else f"{spiffe_id} may not have {what} (no spiffe_ids allowed for it)"
         if match_any(spiffe_id, self.matchers):
             return None
@@ -191,7 +232,9 @@ def group_id(value: str | int) -> int | None:
 
 
 def resolve_rule(rule: AccessRule, where: str) -> Rule:
-    """Names to ids. A name that does not exist on this host is left out, with a warning once."""
+    """Names to ids. A name that does not exist on this host is left out, with a warning once. `where`
+    is the rule's place in the config; "policy.token.<name>" and "policy.identity.<name>" make it a
+    per-name rule (see Rule.check_spiffe)."""
     uids, gids = set(), set()
     for user in rule.users:
         if (uid := user_id(user)) is None:
@@ -208,7 +251,9 @@ def resolve_rule(rule: AccessRule, where: str) -> Rule:
         f"groups {', '.join(map(str, rule.groups))}" if rule.groups else "",
     ]
     matchers = tuple(parse_matcher(p) for p in rule.spiffe_ids)
-    return Rule(frozenset(uids), frozenset(gids), "; ".join(p for p in parts if p) or "nobody", matchers)
+    per_name = where if where.startswith(("policy.token.", "policy.identity.")) else ""
+    text = "; ".join(p for p in parts if p) or "nobody"
+    return Rule(frozenset(uids), frozenset(gids), text, matchers, per_name)
 
 
 class Policy:
@@ -241,27 +286,53 @@ class Policy:
         return self._credentials.get(identity, self._default_credentials)
 
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
 class CallerCache:
-    """Caller lookups (passwd/group, possibly over NSS) cost a syscall or a network round trip:
-    do them in a worker thread, and keep each answer for `ttl` seconds."""
+    """Callers by their credentials, resolved in a worker thread (passwd/group lookups may go over NSS:
+    a syscall or a network round trip) and kept for `ttl` seconds.
 
-    def __init__(self, ttl: float = 60.0) -> None:
+    A caller with kernel groups (Unix sockets) is keyed by everything the kernel said (pid, uid, gid,
+    groups): two processes of one uid with different groups are different callers. Only the user name
+    is shared per uid. A caller without (TCP) is keyed by (uid, gid) and gets NSS groups. Every table
+    holds at most `max_entries` (cleared when full: each entry is cheap to resolve again).
+    """
+
+    def __init__(self, ttl: float = 60.0, max_entries: int = 4096) -> None:
         self.ttl = ttl
-        self._cache: dict[tuple[int, int | None], tuple[float, frozenset[int], str, int]] = {}
-        self._callers: dict[tuple[int | None, int, int | None], tuple[float, Caller]] = {}
+        self.max_entries = max_entries
+        self._nss: dict[tuple[int, int | None], tuple[float, Caller]] = {}  # (uid, gid) -> NSS-resolved caller
+        self._names: dict[int, tuple[float, str]] = {}  # uid -> user name
+        self._callers: dict[tuple[int | None, int, int | None, frozenset[int] | None], tuple[float, Caller]] = {}
 
-    async def get(self, pid: int | None, uid: int, gid: int | None) -> Caller:
+    async def get(self, pid: int | None, uid: int, gid: int | None, groups: frozenset[int] | None = None) -> Caller:
+        """The caller with these credentials; `groups` from SO_PEERGROUPS, or None to resolve them over NSS."""
         now = time.monotonic()
-        known = self._callers.get((pid, uid, gid))
+        key = (pid, uid, gid, groups)
+        known = self._callers.get(key)
         if known is not None and known[0] >= now:
             return known[1]  # the hot path: the same process asking again
-        hit = self._cache.get((uid, gid))
-        if hit is None or hit[0] < now:
-            resolved = await anyio.to_thread.run_sync(unix_caller, pid, uid, gid)
-            hit = (now + self.ttl, resolved.groups, resolved.user, resolved.gid)
-            self._cache[(uid, gid)] = hit
-        caller = Caller(uid=uid, gid=hit[3], pid=pid, groups=hit[1], user=hit[2])
-        if len(self._callers) >= 4096:  # pids come and go: keep this bounded
-            self._callers.clear()
-        self._callers[(pid, uid, gid)] = (hit[0], caller)
+        if groups is not None and gid is not None:
+            named = self._names.get(uid)
+            if named is None or named[0] < now:
+                resolved = await anyio.to_thread.run_sync(unix_caller, pid, uid, gid, groups)
+                named = (now + self.ttl, resolved.user)
+                self._remember(self._names, uid, named)
+            caller = Caller(uid=uid, gid=gid, pid=pid, groups=groups | {gid}, user=named[1])
+            expiry = named[0]
+        else:
+            hit = self._nss.get((uid, gid))
+            if hit is None or hit[0] < now:
+                hit = (now + self.ttl, await anyio.to_thread.run_sync(unix_caller, pid, uid, gid))
+                self._remember(self._nss, (uid, gid), hit)
+            caller = Caller(uid=uid, gid=hit[1].gid, pid=pid, groups=hit[1].groups, user=hit[1].user)
+            expiry = hit[0]
+        self._remember(self._callers, key, (expiry, caller))
         return caller
+
+    def _remember(self, table: dict[_K, _V], key: _K, value: _V) -> None:
+        if len(table) >= self.max_entries and key not in table:  # pids come and go: keep this bounded
+            table.clear()
+        table[key] = value

@@ -9,23 +9,28 @@
 
 Like the real server: no `Metadata-Flavor: Google` → 403, any `X-Forwarded-For` → 403; every answer
 carries `Metadata-Flavor: Google`; JSON as application/json, plain values as application/text.
-Callers are loopback TCP peers: their uid comes from /proc/net/tcp{,6} and the token's [policy] rule
-decides, as on the Unix socket.
+Callers are loopback TCP peers, identified by the owner of their ESTABLISHED socket (wlidd.api.peers:
+sock_diag, or /proc/self/net/tcp{,6}), found at accept or on the first request, and looked up again right
+before a token is handed out: a socket that closed, half-closed or changed owner meanwhile gets 403, never
+the answer (a closed socket would otherwise look like root). The token's [policy] rule decides, as on the
+Unix socket. ID tokens are rate-limited per caller (429 with Retry-After; wlidd.tokens.manager).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import anyio.to_thread
 
-from wlidd.api.authz import CallerCache, Policy, loopback_peer_uid
+from wlidd.api.authz import CallerCache, Policy
+from wlidd.api.peers import PeerRefused, TcpOwner, lookup_is_cheap, verify_tcp_peer
 from wlidd.api.server import Request, Response
 from wlidd.config import MetadataListenerConfig
 from wlidd.errors import ApiError, UpstreamError
 from wlidd.logs import get_logger
 from wlidd.svid.load import Clock
-from wlidd.tokens.manager import TokenSource
+from wlidd.tokens.manager import RateLimited, TokenSource
 
 audit = get_logger("wlidd.audit")
 
@@ -35,6 +40,14 @@ _ACCOUNT = re.compile(r"^/computeMetadata/v1/instance/service-accounts/(?P<accou
 
 def _text(status: int, text: str) -> Response:
     return Response(status, text.encode(), "application/text", FLAVOR)
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """An authorized caller: the owner of its socket (uid, inode) and its user name."""
+
+    owner: TcpOwner
+    user: str
 
 
 def _json(status: int, document: object) -> Response:
@@ -54,6 +67,10 @@ class MetadataApi:
         self.email = config.email or impersonated or "default"
         self.scopes = source.config.scopes()
         self._callers = CallerCache()
+
+    def route_template(self, path: str) -> str:
+        """The route template a path falls under, or "other": the metrics labels are a fixed set."""
+        return metadata_route_template(path)
 
     async def __call__(self, request: Request) -> Response:
         if request.header("x-forwarded-for") is not None:
@@ -110,6 +127,10 @@ class MetadataApi:
             token = await self.source.get()
         except ApiError as exc:
             return _text(503, exc.message)
+        try:
+            await self._verify_peer(request, caller.owner)  # still held by the same process?
+        except ApiError as exc:
+            return _text(exc.http_status, exc.message)
         now = self.clock()
         self._audit("token handed out", request, caller)
         return _json(
@@ -129,7 +150,12 @@ class MetadataApi:
             return _text(400, "audience is required: .../identity?audience=<aud>")
         try:
             caller = await self._authorize(request)
-            token = await self.source.id_token(audience)
+            token = await self.source.id_token(audience, caller=caller.owner.uid)
+            await self._verify_peer(request, caller.owner)  # still held by the same process?
+        except RateLimited as exc:
+            return Response(
+                429, exc.message.encode(), "application/text", (*FLAVOR, ("retry-after", str(exc.retry_after)))
+            )
         except ApiError as exc:
             return _text(exc.http_status, exc.message)
         except UpstreamError as exc:
@@ -137,30 +163,75 @@ class MetadataApi:
         self._audit("id token handed out", request, caller)
         return _text(200, token)
 
-    def _audit(self, event: str, request: Request, caller: tuple[int, str]) -> None:
+    def _audit(self, event: str, request: Request, caller: _Caller) -> None:
         audit.info(
-            event, route=request.path, source=self.source.name, uid=caller[0], user=caller[1], listener="metadata"
+            event,
+            route=request.path,
+            source=self.source.name,
+            uid=caller.owner.uid,
+            user=caller.user,
+            listener="metadata",
         )
 
-    async def _authorize(self, request: Request) -> tuple[int, str]:
+    async def _authorize(self, request: Request) -> _Caller:
+        """The caller's socket owner (the one found at accept, still holding the socket, else looked up
+        now) and its policy decision; ApiError 403 saying why otherwise."""
         peer = request.peer
         if peer.tcp_remote is None or peer.tcp_local is None:
             raise ApiError(403, "forbidden", "only loopback TCP callers are served here")
-        uid = await anyio.to_thread.run_sync(loopback_peer_uid, peer.tcp_remote, peer.tcp_local)
-        if uid is None:
-            audit.warning(
-                "access denied",
-                route=request.path,
-                reason="caller uid not found",
-                peer=peer.address,
-                listener="metadata",
-            )
-            raise ApiError(403, "forbidden", f"the calling socket {peer.address} has no visible owner")
+        accepted: TcpOwner | int | None = None
+        if peer.uid is not None:  # identified at accept by the daemon's accept loop
+            inode = getattr(peer, "inode", None)
+            accepted = TcpOwner(peer.uid, inode) if isinstance(inode, int) else peer.uid
+        owner = await self._verify_peer(request, accepted)
+        uid = owner.uid
         caller = await self._callers.get(None, uid, None)
         reason = self.policy.token(self.source.name).check(caller, f"token {self.source.name!r}")
         if reason is not None:
-            audit.warning(
-                "access denied", route=request.path, uid=uid, user=caller.user, detail=reason, listener="metadata"
-            )
+            key = {"listener": "metadata", "uid": uid}  # repeats are counted, not written (wlidd.logs)
+            audit.limited("warning", "access denied", key=key, route=request.path, user=caller.user, detail=reason)
             raise ApiError(403, "forbidden", reason)
-        return uid, caller.user
+        return _Caller(owner, caller.user)
+
+    async def _verify_peer(self, request: Request, expected: TcpOwner | int | None) -> TcpOwner:
+        """The owner of the calling socket, which must be ESTABLISHED, held by a process and (with
+        `expected`) the same as before; ApiError 403 saying why otherwise. Inline while the lookup is a
+        sock_diag query (microseconds), in a worker thread when it reads /proc (milliseconds)."""
+        remote, local = request.peer.tcp_remote, request.peer.tcp_local
+        assert remote is not None and local is not None
+        try:
+            if lookup_is_cheap():
+                return verify_tcp_peer(remote, local, expected)
+            return await anyio.to_thread.run_sync(verify_tcp_peer, remote, local, expected)
+        except PeerRefused as exc:
+            audit.limited(
+                "warning",
+                "access denied",
+                key={"listener": "metadata", "reason": "calling socket has no owner"},
+                route=request.path,
+                peer=request.peer.address,
+                detail=exc.message,
+            )
+            raise ApiError(403, "forbidden", exc.message) from None
+
+
+_METADATA_PATHS = frozenset(
+    {
+        "/",
+        "/computeMetadata/v1/project/project-id",
+        "/computeMetadata/v1/project/numeric-project-id",
+        "/computeMetadata/v1/universe/universe-domain",
+    }
+)
+_ACCOUNT_LEAVES = frozenset({"", "email", "scopes", "aliases", "token", "identity"})
+
+
+def metadata_route_template(path: str) -> str:
+    """A metadata path as a metrics label from a fixed set: the path itself for the fixed paths,
+    ".../service-accounts/{account}/<leaf>" for the account paths, "other" for everything else."""
+    if path in _METADATA_PATHS:
+        return path
+    match = _ACCOUNT.match(path)
+    if match is not None and match["rest"] in _ACCOUNT_LEAVES:
+        return "/computeMetadata/v1/instance/service-accounts/{account}/" + match["rest"]
+    return "other"

@@ -13,7 +13,7 @@ import dataclasses
 import ssl
 
 import anyio
-from anyio.abc import AnyByteStream
+from anyio.abc import AnyByteStream, SocketAttribute
 from anyio.streams.tls import TLSListener
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -30,16 +30,41 @@ log = get_logger("wlidd.mtls")
 audit = get_logger("wlidd.audit")
 
 
+def handshake_failure_reason(exc: BaseException) -> str:
+    """A stable, bounded name for why a TLS handshake failed: OpenSSL's reason code
+    (`CERTIFICATE_VERIFY_FAILED`, `WRONG_VERSION_NUMBER`, …) or the exception's type name."""
+    reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else type(exc).__name__
+    return str(reason)[:100]
+
+
+def report_handshake_failure(exc: BaseException, peer: str = "") -> None:
+    """Log a failed mTLS handshake: a line per reason until it repeats at a caller's rate, then a
+    count (`wlidd.logs.RepeatLimiter`: `repeated=<n>` when the window ends). `peer` ("host:port")
+    is written with the lines that pass; it is not part of the key (every connection has its own
+    port). For every path that runs a handshake on the mTLS listener."""
+    log.limited(
+        "info",
+        "tls handshake failed",
+        key={"listener": "mtls", "reason": handshake_failure_reason(exc)},
+        peer=peer,
+        detail=str(exc)[:200],
+    )
+
+
 class QuietTLSListener(TLSListener):
-    """A TLS listener whose handshake failures are one structured log line with the reason."""
+    """A TLS listener whose handshake failures are logged by `report_handshake_failure`."""
 
     @staticmethod
     async def handle_handshake_error(exc: BaseException, stream: AnyByteStream) -> None:
+        try:
+            address = stream.extra(SocketAttribute.remote_address)
+            peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        except (anyio.TypedAttributeLookupError, OSError):
+            peer = ""
         await anyio.aclose_forcefully(stream)
         if isinstance(exc, anyio.get_cancelled_exc_class()) or not isinstance(exc, Exception):
             raise exc
-        reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else type(exc).__name__
-        log.info("tls handshake failed", reason=str(reason), detail=str(exc)[:200])
+        report_handshake_failure(exc, peer)
 
 
 class MtlsGate:
@@ -51,6 +76,11 @@ class MtlsGate:
         self.allow = allow
         # (identity version, leaf, anchor) → verdict: a new state (new bundles) decides afresh
         self._known: dict[tuple[int, bytes, bytes], SpiffeId | str] = {}
+
+    def route_template(self, path: str) -> str:
+        """The wrapped API's route template for `path` (a fixed set of metrics labels), else "other"."""
+        template = getattr(self.api, "route_template", None)
+        return str(template(path)) if template is not None else "other"
 
     def identify(self, leaf_der: bytes, anchor_der: bytes) -> SpiffeId | str:
         """The peer's SPIFFE ID, or why it is refused."""
@@ -85,10 +115,13 @@ class MtlsGate:
             return Response.error(403, "forbidden", "a client certificate is required")
         identity = self.identify(peer.certificate, peer.verified_chain[-1])
         if isinstance(identity, str):
-            audit.warning("access denied", route=request.path, listener="mtls", peer=peer.address, detail=identity)
+            # the reason names the refused certificate, which chains to a configured bundle: bounded
+            key = {"listener": "mtls", "detail": identity[:300]}
+            audit.limited("warning", "access denied", key=key, route=request.path, peer=peer.address)
             return Response.error(403, "forbidden", identity)
         if not match_any(identity, self.allow):
             reason = f"{identity} is not allowed on this listener (allowed: {', '.join(m.text for m in self.allow)})"
-            audit.warning("access denied", route=request.path, listener="mtls", spiffe_id=str(identity), detail=reason)
+            key = {"listener": "mtls", "spiffe_id": str(identity)}
+            audit.limited("warning", "access denied", key=key, route=request.path, detail=reason)
             return Response.error(403, "forbidden", reason)
         return await self.api(dataclasses.replace(request, peer=dataclasses.replace(peer, spiffe_id=str(identity))))

@@ -95,6 +95,7 @@ class Api:
     tokens: Mapping[str, TokenSource] = field(default_factory=dict)
     policy: Policy | None = None
     extra_status: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    liveness_problems: Callable[[], dict[str, str]] | None = None  # {"listener/<name>": why}: dead accept loops
 
     def __post_init__(self) -> None:
         self._callers = CallerCache()
@@ -110,6 +111,18 @@ class Api:
             (re.compile(r"^/get_wif_token$"), self.wif_token),
             (re.compile(r"^/metrics$"), self.prometheus),
         ]
+        # The metrics label of each route: its pattern with {name} for the variable part (a fixed set).
+        self._templates = [
+            pattern.pattern.strip("^$").replace("(?P<name>[^/]+)", "{name}") for pattern, _ in self._routes
+        ]
+
+    def route_template(self, path: str) -> str:
+        """The route template a path falls under ("/v1/token/{name}"), or "other": a fixed set of labels
+        for the request metrics, whatever paths callers send."""
+        for (pattern, _), template in zip(self._routes, self._templates, strict=True):
+            if pattern.match(path) is not None:
+                return template
+        return "other"
 
     async def __call__(self, request: Request) -> Response:
         for pattern, route in self._routes:
@@ -174,6 +187,8 @@ class Api:
                 if source.config.require_at_start and source.servable(now) is None
             }
         )
+        if self.liveness_problems is not None:
+            problems.update(self.liveness_problems())
         if problems:
             return Response.json(503, {"status": "unhealthy", "problems": problems})
         return Response.json(200, {"status": "ok"})
@@ -221,23 +236,28 @@ class Api:
     async def _authorize(self, request: Request, rule: Rule, what: str, *, spiffe_default: bool) -> Caller | str:
         """The caller (a Unix Caller, or an mTLS peer's SPIFFE ID) if `rule` allows it `what`; else 403
         with a reason naming the caller (and an audit line). mTLS peers were admitted by the listener's
-        `allow`; a rule's spiffe_ids narrow that, and without any, `spiffe_default` decides."""
+        `allow`; a rule's spiffe_ids narrow that; a per-name rule without any refuses them, and a default
+        rule without any lets `spiffe_default` decide (Rule.check_spiffe). Denials are audited through the
+        repeat limiter: the first of each (caller, what) is written, repeats are counted."""
         peer = request.peer
         if peer.spiffe_id is not None:
             from wlidd.svid.spiffeid import parse_spiffe_id
 
             reason = rule.check_spiffe(parse_spiffe_id(peer.spiffe_id), what, allow_without_matchers=spiffe_default)
             if reason is not None:
-                audit.warning("access denied", route=request.path, detail=reason, **_who(peer.spiffe_id))
+                key = {"spiffe_id": peer.spiffe_id, "refused": what}  # repeats are counted, not written
+                audit.limited("warning", "access denied", key=key, route=request.path, detail=reason)
                 raise ApiError(403, "forbidden", reason)
             return peer.spiffe_id
         if peer.uid is None or peer.gid is None or peer.pid is None:
-            audit.warning("access denied", route=request.path, reason="not a local Unix caller", peer=peer.address)
+            key = {"reason": "not a local Unix caller"}
+            audit.limited("warning", "access denied", key=key, route=request.path, peer=peer.address)
             raise ApiError(403, "forbidden", f"{what} is only handed to local Unix callers on this listener")
-        caller = await self._callers.get(peer.pid, peer.uid, peer.gid)
+        caller = await self._callers.get(peer.pid, peer.uid, peer.gid, peer.groups)  # kernel groups
         reason = rule.check(caller, what)
         if reason is not None:
-            audit.warning("access denied", route=request.path, detail=reason, **_who(caller))
+            who = {"uid": caller.uid, "refused": what}  # the first of a kind is written, then a count
+            audit.limited("warning", "access denied", key=who, route=request.path, detail=reason, **_who(caller))
             raise ApiError(403, "forbidden", reason)
         return caller
 

@@ -3,13 +3,17 @@
 Routes are plain `Request -> Response` functions; this module owns sockets, limits and timeouts:
   - headers larger than `max_header_bytes` → 431; a body larger than `max_body_bytes` → 413;
   - a request not complete within `request_timeout` → 408 (slowloris);
-  - an idle keep-alive connection is closed after `idle_timeout`;
-  - connections beyond `max_connections` get 503 and are closed;
+  - a new connection that sends nothing (or does not finish its TLS handshake) within
+    `first_byte_timeout` is closed; an idle keep-alive connection is closed after `idle_timeout`;
+  - a request head with bare-LF line endings → 400 at once (RFC 9112 §2.2: we do not guess);
+  - connections beyond `max_connections` get 503 and are closed (the daemon counts them earlier, at
+    accept, per listener and per caller: wlidd.api.accept);
   - a protocol error becomes h11's status hint (400, 431 …); a handler crash becomes 500.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import socket
@@ -23,9 +27,10 @@ from urllib.parse import parse_qs, unquote
 
 import anyio
 import h11
-from anyio.abc import ByteStream, SocketAttribute
-from anyio.streams.tls import TLSAttribute
+from anyio.abc import ByteStream, SocketAttribute, SocketStream, UNIXSocketStream
+from anyio.streams.tls import TLSAttribute, TLSStream
 
+from wlidd.api.authz import peer_groups
 from wlidd.errors import ApiError
 from wlidd.logs import get_logger
 
@@ -45,6 +50,8 @@ class Peer:
     verified_chain: tuple[bytes, ...] = field(default=(), repr=False)  # leaf … anchor, as OpenSSL verified it
     tcp_remote: tuple[str, int] | None = None  # a TCP peer: its address, and ours, to find its uid on loopback
     tcp_local: tuple[str, int] | None = None
+    groups: frozenset[int] | None = None  # a Unix peer's supplementary groups (SO_PEERGROUPS); None: unknown
+    inode: int | None = None  # a loopback TCP peer's socket inode found at accept (with uid: its owner then)
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,7 @@ class ServerLimits:
     request_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_connections: int = 256
+    first_byte_timeout: float = 5.0  # seconds from accept to the first request byte (TLS handshake included)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
@@ -144,6 +152,8 @@ def verified_chain(ssl_object: ssl.SSLObject) -> tuple[bytes, ...]:
 
 
 def unix_peer(stream: ByteStream) -> Peer:
+    """A Unix peer's kernel credentials (SO_PEERCRED, SO_PEERGROUPS: both as of its connect()); a TCP
+    peer's addresses (its uid is looked up later, from the socket table)."""
     try:
         sock = stream.extra(SocketAttribute.raw_socket)
     except anyio.TypedAttributeLookupError:
@@ -157,7 +167,7 @@ def unix_peer(stream: ByteStream) -> Peer:
             )
         return Peer()
     pid, uid, gid = creds
-    return Peer(uid=uid, gid=gid, pid=pid, address=f"pid={pid},uid={uid}")
+    return Peer(uid=uid, gid=gid, pid=pid, address=f"pid={pid},uid={uid}", groups=peer_groups(sock))
 
 
 _STATUS_TEXT = {
@@ -199,19 +209,21 @@ def serialize_response(response: Response, *, close: bool, head: bool = False) -
 class _Connection:
     """One open connection's timeout bookkeeping, read by the sweeper."""
 
-    __slots__ = ("deadline", "phase", "stream", "timed_out")
+    __slots__ = ("deadline", "phase", "requests", "stream", "timed_out")
 
     def __init__(self, stream: ByteStream, deadline: float) -> None:
         self.stream = stream
         self.deadline = deadline
         self.phase = "idle"  # idle (between requests) | request (partly received) | busy (handling)
         self.timed_out = False
+        self.requests = 0  # answered so far: before the first, the first-byte deadline applies
 
 
 REQUEST_TIMEOUT = serialize_response(Response.error(408, "request_timeout", "request not received in time"), close=True)
 TOO_MANY_CONNECTIONS = serialize_response(
     Response.error(503, "too_many_connections", "connection limit reached; retry later"), close=True
 )
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class HttpServer:
@@ -254,13 +266,61 @@ class HttpServer:
                 await anyio.sleep(0.02)
             tg.cancel_scope.cancel()
 
+    async def run_sweeper(self) -> None:
+        """The timeout sweeper, for a server fed by `serve_socket` (an accept loop of the daemon's) rather
+        than by `serve`; runs until cancelled."""
+        await self._sweep()
+
+    def close(self) -> None:
+        """Stop keeping connections alive: idle ones are closed, requests in flight finish."""
+        self._closing = True
+        self._arrived.set()
+
+    async def serve_socket(
+        self,
+        conn: socket.socket,
+        uid: int | None = None,
+        inode: int | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+        on_handshake_error: Callable[[BaseException, ByteStream], Awaitable[None]] | None = None,
+    ) -> None:
+        """Serve one accepted, connected socket (it is closed when this returns).
+
+        With `tls`, the TLS handshake must finish within `first_byte_timeout` seconds (a peer that opens
+        connections and never speaks holds nothing for long); `on_handshake_error(exc, stream)` reports a
+        failed one. `uid` and `inode` are the owner of a loopback TCP peer's socket found at accept
+        (wlidd.api.peers), recorded on the Peer; Unix peers are identified from the socket itself.
+        """
+        try:
+            if conn.family == socket.AF_UNIX:
+                stream: ByteStream = await UNIXSocketStream.from_socket(conn)
+            else:
+                stream = await SocketStream.from_socket(conn)
+        except OSError:
+            conn.close()  # the peer went away between accept and now
+            return
+        if tls is not None:
+            try:
+                with anyio.fail_after(self.limits.first_byte_timeout):
+                    stream = await TLSStream.wrap(stream, server_side=True, ssl_context=tls, standard_compatible=False)
+            except (TimeoutError, ssl.SSLError, OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+                if on_handshake_error is not None:
+                    await on_handshake_error(exc, stream)
+                await anyio.aclose_forcefully(stream)
+                return
+        peer = stream_peer(stream)
+        if uid is not None and peer.uid is None and peer.tcp_remote is not None:
+            peer = dataclasses.replace(peer, uid=uid, inode=inode)
+        await self.serve_stream(stream, peer)
+
     async def drain(self) -> None:
         """Wait until no request is being handled (idle keep-alive connections do not count)."""
         while any(c.phase == "busy" for c in self._open):
             await anyio.sleep(0.02)
 
     async def _sweep(self) -> None:
-        tick = max(0.02, min(self.limits.request_timeout, self.limits.idle_timeout) / 4)
+        tick = max(0.02, min(self.limits.request_timeout, self.limits.idle_timeout, self.limits.first_byte_timeout) / 4)
         while True:
             if not self._open:
                 await self._arrived.wait()
@@ -287,7 +347,7 @@ class HttpServer:
         except anyio.WouldBlock:
             await self._reject_busy(stream)
             return
-        connection = _Connection(stream, time.monotonic() + self.limits.idle_timeout)
+        connection = _Connection(stream, time.monotonic() + self.limits.first_byte_timeout)
         self._open.add(connection)
         self._arrived.set()
         try:
@@ -342,6 +402,11 @@ class HttpServer:
         pending = b""  # received, not yet parsed (pipelined requests included)
         while True:
             head_end = pending.find(b"\r\n\r\n", 0, limit)
+            if _BARE_LF.search(pending, 0, head_end if head_end >= 0 else limit) is not None:
+                # RFC 9112 §2.2 lets a server accept bare LF; we refuse it at once rather than wait for a
+                # CRLF CRLF that a bare-LF client never sends (it would hang until the 408).
+                await self._send_error(stream, 400, "bad_request", "request line endings must be CRLF, not bare LF")
+                return
             if head_end < 0 and len(pending) < limit:
                 # The common case waits here: no complete head yet.
                 data = await self._receive(connection, mid_request=bool(pending))
@@ -381,6 +446,7 @@ class HttpServer:
             if self.on_response is not None:
                 self.on_response(request, response)
             close = close or self._closing
+            connection.requests += 1
             await stream.send(serialize_response(response, close=close, head=request.method == "HEAD"))
             if close:
                 return
@@ -390,7 +456,8 @@ class HttpServer:
         the first byte of a request, then request_timeout for the whole of it."""
         now = time.monotonic()
         if not mid_request:
-            connection.phase, connection.deadline = "idle", now + self.limits.idle_timeout
+            wait = self.limits.idle_timeout if connection.requests else self.limits.first_byte_timeout
+            connection.phase, connection.deadline = "idle", now + wait
         elif connection.phase != "request":
             connection.phase, connection.deadline = "request", now + self.limits.request_timeout
         try:

@@ -116,24 +116,44 @@ class Flow:
         state = _require_identity(self.current_identity, self.config.identity, now)
         return state.identity.svid.private_key, state.identity.svid.leaf
 
+    def id_token_unsupported(self) -> UpstreamError | None:
+        """Why this flow cannot mint ID tokens (code id_token_unsupported), or None when it can."""
+        if self.mints_id_tokens:
+            return None
+        return UpstreamError(
+            self.config.flow,
+            "ID tokens need a service account to impersonate (impersonate.service_account)",
+            code="id_token_unsupported",
+            retryable=False,
+        )
+
+    def needs_federated(self, now: dt.datetime) -> bool:
+        """True when an ID token needs a new STS exchange first: generateIdToken is called with the
+        federated token, and the last one is missing or within `skew` of its expiry. The caller renews it
+        through the token source's refresh (single-flight, min_interval, counted), never from here."""
+        if self.config.flow == "gce-metadata" or self.config.impersonate is None:
+            return False
+        federated = self._federated
+        return federated is None or (federated[1] - now).total_seconds() < self.config.skew
+
     async def fetch_id_token(self, audience: str, now: dt.datetime) -> str:
-        """An ID token for `audience`; UpstreamError(code id_token_unsupported) when this flow cannot mint one."""
+        """One upstream call for an ID token for `audience`: the metadata server's identity endpoint, or
+        IAM generateIdToken with the federated token of the last exchange. UpstreamError with code
+        id_token_unsupported when this flow cannot mint one, or no_federated_token when `needs_federated`
+        (the caller must refresh first: this method makes exactly one upstream call, never a chain)."""
         if self.config.flow == "gce-metadata":
             meta = self.config.metadata_config()
             return await fetch_metadata_identity(self.plain, meta.url, account=meta.account, audience=audience)
         imp = self.config.impersonate
         if imp is None:
-            raise UpstreamError(
-                self.config.flow,
-                "ID tokens need a service account to impersonate (impersonate.service_account)",
-                code="id_token_unsupported",
-                retryable=False,
-            )
+            unsupported = self.id_token_unsupported()
+            assert unsupported is not None
+            raise unsupported
         federated = self._federated
-        if federated is None or (federated[1] - now).total_seconds() < self.config.skew:
-            await self.fetch(now)  # a fresh exchange also renews the federated token
-            federated = self._federated
-        assert federated is not None
+        if federated is None or self.needs_federated(now):
+            raise UpstreamError(
+                self.config.flow, "no current federated token to mint an ID token with", code="no_federated_token"
+            )
         return await generate_id_token(
             federated[2],
             self.config.impersonate_base(),

@@ -7,6 +7,11 @@
   backoff (at least Retry-After), bounded by what remains of the last good token.
 - `min_interval` between upstream calls and a random `start_delay` protect a fleet's shared quota;
   `on_demand` sources fetch on first request and stop refreshing after `idle` without requests.
+- Every upstream call, access-token chains and ID-token mints alike, goes through `_pace`: spaced by
+  `min_interval`, counted in `upstream_calls` and wlidd_token_upstream_calls.
+- ID tokens (any audience a caller names): one mint per audience at a time, a bounded LRU cache, a
+  per-caller token bucket and a cap on new audiences per minute for mints (cache hits are free); the
+  STS exchange they need is renewed through `refresh` (single-flight), never by the flow itself.
 - x509-sts sources refresh at once when their SVID rotates.
 """
 
@@ -14,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -44,6 +52,72 @@ class TokenUnavailable(ApiError):
         super().__init__(503, "token_unavailable", f"token {name!r} is not available: {message}")
 
 
+class RateLimited(ApiError):
+    """429: a caller asked for more upstream work than its share; `retry_after` in seconds (>= 1)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(429, "rate_limited", message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+@dataclass(frozen=True)
+class IdTokenLimits:
+    """Bounds on ID tokens, whose audience any authorized caller chooses. Rates are per minute; a
+    mint is an upstream call for an audience not in the cache (cache hits and joining a mint in
+    flight cost nothing)."""
+
+    max_audience: int = 512  # characters
+    cache_size: int = 256  # ID tokens kept per source (least recently used dropped first)
+    max_inflight: int = 64  # audiences being minted at once per source
+    caller_burst: int = 10  # mints one caller (uid) may make at once …
+    caller_per_minute: float = 10.0  # … and afterwards per minute
+    new_audiences_burst: int = 60  # audiences not in the cache, all callers together …
+    new_audiences_per_minute: float = 60.0  # … and afterwards per minute
+    max_callers: int = 4096  # per-caller buckets kept (full ones are dropped first)
+
+
+class TokenBucket:
+    """`capacity` tokens, refilled at `rate` per second on a monotonic clock the caller passes in
+    (seconds), so tests drive time."""
+
+    __slots__ = ("capacity", "level", "rate", "stamp")
+
+    def __init__(self, capacity: float, rate: float, now: float) -> None:
+        self.capacity, self.rate = float(capacity), rate
+        self.level, self.stamp = float(capacity), now
+
+    def _fill(self, now: float) -> None:
+        if now > self.stamp:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = max(self.stamp, now)
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is available: 0 when one is now (inf when the rate is 0)."""
+        self._fill(now)
+        if self.level >= 1:
+            return 0.0
+        return (1 - self.level) / self.rate if self.rate > 0 else math.inf
+
+    def take(self, now: float) -> None:
+        self._fill(now)
+        self.level -= 1
+
+    def full(self, now: float) -> bool:
+        self._fill(now)
+        return self.level >= self.capacity
+
+
+class _IdFlight:
+    """One ID-token mint in flight; callers asking for the same audience wait for it."""
+
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.value: str | None = None
+        self.error: WlidError | None = None
+
+
 class TokenSource:
     """One configured token: state, schedule, and the refresh loop."""
 
@@ -59,6 +133,7 @@ class TokenSource:
         metrics: Metrics | None = None,
         monotonic: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        id_limits: IdTokenLimits | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -83,8 +158,13 @@ class TokenSource:
         self._inflight: anyio.Event | None = None
         self._wake = anyio.Event()
         self._changed = anyio.Event()
-        self._id_tokens: dict[str, tuple[str, dt.datetime]] = {}
-        self._id_locks: dict[str, anyio.Lock] = {}
+        self.id_limits = id_limits or IdTokenLimits()
+        self._id_cache: OrderedDict[str, tuple[str, dt.datetime]] = OrderedDict()  # LRU, at most cache_size
+        self._id_flights: dict[str, _IdFlight] = {}  # audiences being minted; an entry lives as long as its mint
+        self._id_callers: OrderedDict[int, TokenBucket] = OrderedDict()
+        self._id_new_audiences = TokenBucket(
+            self.id_limits.new_audiences_burst, self.id_limits.new_audiences_per_minute / 60, self.monotonic()
+        )
         self._log = log.bind(source=name, flow=config.flow)
 
     # ---- serving ---------------------------------------------------------------------------
@@ -124,27 +204,142 @@ class TokenSource:
                 return token
         raise TokenUnavailable(self.name, self.not_servable_reason(self.clock()))
 
-    async def id_token(self, audience: str) -> str:
-        """An ID token for `audience`, cached until `skew` before its exp; one fetch per audience at a time."""
-        lock = self._id_locks.setdefault(audience, anyio.Lock())
-        async with lock:
-            cached = self._id_tokens.get(audience)
-            now = self.clock()
-            if cached is not None and (cached[1] - now).total_seconds() > self.config.skew:
-                return cached[0]
-            value = await self.flow.fetch_id_token(audience, now)
-            try:
-                claims = jwt.decode(value, options={"verify_signature": False})
-                expiry = dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
-            except (jwt.PyJWTError, KeyError, ValueError, TypeError):
-                raise UpstreamError(
-                    self.config.flow, "the ID token has no readable exp claim", code="bad_response"
-                ) from None
-            if len(self._id_tokens) > 256:
-                self._id_tokens.clear()
-            self._id_tokens[audience] = (value, expiry)
-            self._log.info("id token fetched", audience=audience, expire_time=iso_z(expiry))
-            return value
+    async def id_token(self, audience: str, *, caller: int | None = None) -> str:
+        """An ID token for `audience`, for the local caller `caller` (a uid; None: an internal caller).
+
+        Served from the cache until `skew` before its exp. Otherwise minted: one mint per audience at a
+        time (concurrent callers share it), charged to the caller's token bucket and, for an audience
+        not in the cache, to the source's budget of new audiences; spaced and counted like every
+        upstream call. Raises ApiError 400 (bad audience), RateLimited 429, TokenUnavailable 503 (the STS
+        exchange it needs is backing off), UpstreamError (the mint failed, or the flow mints none).
+        """
+        self._check_audience(audience)
+        if (unsupported := self.flow.id_token_unsupported()) is not None:
+            raise unsupported
+        cached = self._cached_id_token(audience, self.clock())
+        if cached is not None:
+            return cached
+        flight = self._id_flights.get(audience)
+        if flight is not None:  # someone is minting it: share that mint
+            await flight.done.wait()
+            if flight.value is not None:
+                return flight.value
+            raise flight.error or TokenUnavailable(self.name, "the ID token fetch was cancelled")
+        limits = self.id_limits
+        if len(self._id_flights) >= limits.max_inflight:
+            raise RateLimited(
+                f"token {self.name!r} is already minting {len(self._id_flights)} ID tokens; retry shortly", 1
+            )
+        self._charge_id_token(audience, caller)
+        flight = self._id_flights[audience] = _IdFlight()
+        try:
+            flight.value = await self._mint_id_token(audience)
+            return flight.value
+        except WlidError as exc:
+            flight.error = exc
+            raise
+        finally:
+            self._id_flights.pop(audience, None)
+            flight.done.set()
+
+    def _check_audience(self, audience: str) -> None:
+        limit = self.id_limits.max_audience
+        if not audience:
+            raise ApiError(400, "bad_audience", "audience is required")
+        if len(audience) > limit:
+            raise ApiError(
+                400, "bad_audience", f"audience is {len(audience)} characters long; at most {limit} are accepted"
+            )
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in audience):
+            raise ApiError(400, "bad_audience", "audience contains control characters")
+
+    def _cached_id_token(self, audience: str, now: dt.datetime) -> str | None:
+        entry = self._id_cache.get(audience)
+        if entry is None or (entry[1] - now).total_seconds() <= self.config.skew:
+            return None
+        self._id_cache.move_to_end(audience)
+        return entry[0]
+
+    def _charge_id_token(self, audience: str, caller: int | None) -> None:
+        """Take a mint from the caller's bucket and, for an audience not in the cache, one from the new
+        audiences bucket; RateLimited (nothing taken) when either is empty."""
+        limits, now = self.id_limits, self.monotonic()
+        bucket = None
+        if caller is not None:
+            bucket = self._id_callers.get(caller)
+            if bucket is None:
+                self._prune_id_callers(now)
+                bucket = self._id_callers[caller] = TokenBucket(limits.caller_burst, limits.caller_per_minute / 60, now)
+            self._id_callers.move_to_end(caller)
+            if (wait := bucket.wait(now)) > 0:
+                raise RateLimited(
+                    f"uid {caller} asked token {self.name!r} for ID tokens for new audiences faster than "
+                    f"{limits.caller_per_minute:g} per minute (burst {limits.caller_burst}); audiences already "
+                    f"fetched are still served; retry in {math.ceil(wait)}s",
+                    wait,
+                )
+        if audience not in self._id_cache:
+            if (wait := self._id_new_audiences.wait(now)) > 0:
+                raise RateLimited(
+                    f"token {self.name!r} minted ID tokens for more new audiences than "
+                    f"{limits.new_audiences_per_minute:g} per minute (all callers together); audiences already "
+                    f"fetched are still served; retry in {math.ceil(wait)}s",
+                    wait,
+                )
+            self._id_new_audiences.take(now)
+        if bucket is not None:
+            bucket.take(now)
+
+    def _prune_id_callers(self, now: float) -> None:
+        """Make room for one more bucket within max_callers: a full bucket is the same as none, so those
+        go first, then the least recently used."""
+        if len(self._id_callers) < self.id_limits.max_callers:
+            return
+        for uid in [uid for uid, bucket in self._id_callers.items() if bucket.full(now)]:
+            del self._id_callers[uid]
+        while len(self._id_callers) >= self.id_limits.max_callers:
+            self._id_callers.popitem(last=False)
+
+    async def _mint_id_token(self, audience: str) -> str:
+        """One upstream ID-token call (after an STS exchange through `refresh` when the flow needs one)."""
+        if self.flow.needs_federated(self.clock()):
+            if self.failures and not self.config.on_demand:  # do not bypass the backoff (as `get`)
+                raise TokenUnavailable(self.name, self.not_servable_reason(self.clock()))
+            await self.refresh("id-token")
+        await self._pace("id_token")
+        try:
+            value = await self.flow.fetch_id_token(audience, self.clock())
+            claims = jwt.decode(value, options={"verify_signature": False})
+            expiry = dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
+        except UpstreamError as exc:
+            self._id_token_failed(exc)
+            raise
+        except (jwt.PyJWTError, KeyError, ValueError, TypeError, OverflowError):
+            error = UpstreamError(self.config.flow, "the ID token has no readable exp claim", code="bad_response")
+            self._id_token_failed(error)
+            raise error from None
+        except Exception as exc:  # a bug or an unexpected library error: a clear error, no details leaked
+            error = UpstreamError(self.config.flow, f"unexpected {type(exc).__name__} while minting", code="internal")
+            self._id_token_failed(error)
+            raise error from None
+        self._store_id_token(audience, value, expiry)
+        self._log.info("id token fetched", audience=audience, expire_time=iso_z(expiry))
+        return value
+
+    def _id_token_failed(self, exc: UpstreamError) -> None:
+        if self.metrics is not None:
+            self.metrics.token_failures.labels(self.name, exc.reason).inc()
+        self._log.warning("id token fetch failed", reason=exc.reason, detail=exc.message)
+
+    def _store_id_token(self, audience: str, value: str, expiry: dt.datetime) -> None:
+        """Into the LRU cache: expired entries out first, then the least recently used beyond cache_size."""
+        now = self.clock()
+        for stale in [a for a, (_, exp) in self._id_cache.items() if (exp - now).total_seconds() <= self.config.skew]:
+            del self._id_cache[stale]
+        self._id_cache[audience] = (value, expiry)
+        self._id_cache.move_to_end(audience)
+        while len(self._id_cache) > self.id_limits.cache_size:
+            self._id_cache.popitem(last=False)
 
     # ---- refreshing ------------------------------------------------------------------------
     async def refresh(self, reason: str) -> Token:
@@ -163,13 +358,21 @@ class TokenSource:
             done, self._inflight = self._inflight, None
             done.set()
 
-    async def _refresh(self, reason: str) -> Token:
-        if self._last_call is not None:
-            wait = self._last_call + self.config.min_interval - self.monotonic()
-            if wait > 0:
-                await self._sleep(wait)
-        self._last_call = self.monotonic()
+    async def _pace(self, kind: str) -> None:
+        """The guard in front of every upstream call: `min_interval` seconds after the previous one (each
+        caller reserves its slot before waiting, so concurrent callers queue rather than slip through),
+        then counted in `upstream_calls` and wlidd_token_upstream_calls{kind}."""
+        now = self.monotonic()
+        slot = now if self._last_call is None else max(now, self._last_call + self.config.min_interval)
+        self._last_call = slot
+        if slot > now:
+            await self._sleep(slot - now)
         self.upstream_calls += 1
+        if self.metrics is not None:
+            self.metrics.token_upstream_calls.labels(self.name, kind).inc()
+
+    async def _refresh(self, reason: str) -> Token:
+        await self._pace("token")
         now = self.clock()
         try:
             token = await self.flow.fetch(now)

@@ -1,24 +1,54 @@
 """SpiffeWorkloadAPI service: FetchX509SVID and FetchX509Bundles stream the full state on every change.
 
-Per call: the security header `workload.spiffe.io: true` (else InvalidArgument); the caller's uid/gid
-from SO_PEERCRED, and the identities its [policy] credentials rules allow (none: PermissionDenied);
-no valid SVID among them yet: Unavailable (clients retry). JWT methods: Unimplemented.
+Per call, in this order, before any of the request body is read: the security header
+`workload.spiffe.io: true` (else INVALID_ARGUMENT); the caller, from the kernel credentials read once
+when its connection was accepted (SO_PEERCRED and SO_PEERGROUPS); the identities its [policy]
+credentials rules allow (none: PERMISSION_DENIED). Only then the request message, whose declared size
+(the gRPC length prefix) must be at most MAX_REQUEST_BYTES (else RESOURCE_EXHAUSTED and the stream is
+reset, nothing buffered). No valid SVID among the allowed identities yet: UNAVAILABLE (clients retry).
+JWT methods: UNIMPLEMENTED.
+
+The policy is checked again before every push and on every reload (`set_policy`): a stream whose caller
+lost some identities gets a new response without them at once; one that lost all ends with
+PERMISSION_DENIED at once.
+
+Bounded per connection (on top of the daemon's connection caps, counted at accept):
+  - HTTP/2 receive windows of 64 KiB (the protocol's minimum; requests are empty): at most that much
+    of a caller's unread DATA is held, and h2 ends the connection when a peer sends past them
+    (FLOW_CONTROL_ERROR, RFC 9113 §6.9.1);
+  - at most 100 concurrent streams (h2's SETTINGS_MAX_CONCURRENT_STREAMS; no lower: grpcio shares one
+    connection among every client in a process), and MAX_STREAMS_PER_CONNECTION in the connection's life;
+  - reading stops while the peer does not read what we write, so a client that floods PINGs or
+    SETTINGS (each answered by an ACK) and never reads cannot grow our write buffer;
+  - the HTTP/2 preface must arrive within the first-byte timeout (`serve_accepted`).
+Protocol rules: the gRPC over HTTP/2 wire format (grpc/doc/PROTOCOL-HTTP2.md: a message is a 1-byte
+compressed flag, a 4-byte big-endian length, the bytes) and the SPIFFE Workload API
+(spiffe/standards/SPIFFE_Workload_Endpoint.md, SPIFFE_Workload_API.md).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import h2.exceptions
 from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from grpclib.config import Configuration
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
-from grpclib.server import Stream
+from grpclib.protocol import H2Protocol
+from grpclib.server import Server, Stream
+from h2.errors import ErrorCodes
 
-from wlidd.api.authz import Caller, CallerCache, Policy
+from wlidd.api.authz import Caller, CallerCache, Policy, peer_groups
+from wlidd.api.server import peer_credentials
 from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, iso_z
@@ -30,6 +60,14 @@ log = get_logger("wlidd.workload_api")
 audit = get_logger("wlidd.audit")
 
 SECURITY_HEADER = "workload.spiffe.io"
+MAX_REQUEST_BYTES = 4096  # a request message's largest declared size; X509SVIDRequest and X509BundlesRequest are empty
+REQUEST_TIMEOUT = 10.0  # seconds for the request message to arrive once a stream was authorized
+WINDOW_BYTES = 2**16 - 1  # HTTP/2 receive windows, per connection and per stream: the minimum (RFC 9113 §6.9.2)
+_PREFACE_BYTES = 24  # the HTTP/2 client connection preface (RFC 9113 §3.4)
+# Streams one connection may open in its life; then GOAWAY and close (clients reconnect). h2 remembers
+# up to 65,536 closed streams per connection (~200 bytes each): this keeps that table small.
+MAX_STREAMS_PER_CONNECTION = 1000
+CLOSE_GRACE = 2.0  # seconds a closing connection may take to flush its last frames before it is aborted
 
 
 def _der(bundle: TrustBundle) -> bytes:
@@ -65,21 +103,166 @@ def x509_bundles_response(states: list[IdentityState]) -> Any:
     return pb.X509BundlesResponse(bundles=bundles)
 
 
+@dataclass(frozen=True)
+class PeerCredentials:
+    """A Unix peer as the kernel recorded it at connect(): SO_PEERCRED and SO_PEERGROUPS (None: the
+    kernel has no SO_PEERGROUPS; the groups then come from NSS)."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int] | None
+
+
+def read_peer_credentials(sock: socket.socket | None) -> PeerCredentials | None:
+    """The peer of an accepted Unix socket; None for anything else or a peer already gone."""
+    if sock is None:
+        return None
+    try:
+        creds = peer_credentials(sock)
+        if creds is None:
+            return None
+        return PeerCredentials(*creds, groups=peer_groups(sock))
+    except OSError:
+        return None
+
+
+class WorkloadProtocol(H2Protocol):
+    """grpclib's HTTP/2 protocol for one connection, plus what the Workload API needs of it: the peer's
+    credentials read once, at connection time; back-pressure (reading
+    pauses while the transport's write buffer is above its high-water mark); and events for the
+    preface having arrived and the connection having closed (for `serve_accepted`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.credentials: PeerCredentials | None = None
+        self.received = 0  # bytes, counted up to the preface's length
+        self.spoke = asyncio.Event()
+        self.closed = asyncio.Event()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.credentials = read_peer_credentials(transport.get_extra_info("socket"))
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.received < _PREFACE_BYTES:
+            self.received += len(data)
+            if self.received >= _PREFACE_BYTES:
+                self.spoke.set()
+        super().data_received(data)
+        h2_connection = self.connection._connection  # grpclib's H2Connection (no public accessor)
+        if h2_connection.highest_inbound_stream_id > 2 * MAX_STREAMS_PER_CONNECTION:  # client ids are odd
+            self.end(ErrorCodes.NO_ERROR)
+
+    def end(self, error_code: ErrorCodes) -> None:
+        """Send GOAWAY and close; abort if the peer does not take the last frames within CLOSE_GRACE."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.connection._connection.close_connection(error_code=error_code)
+            self.connection.flush()
+        transport.close()
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.closed.set()
+
+
+class _Server(Server):
+    """A grpclib Server whose connections speak WorkloadProtocol, and whose h2 checks inbound headers
+    (grpclib turns that off: a request without `:method` then reaches its handler, which logs a
+    traceback per stream and never answers; h2 instead ends such a connection, RFC 9113 §8.3)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._h2_config.validate_inbound_headers = True
+
+    def _protocol_factory(self) -> H2Protocol:
+        plain = super()._protocol_factory()  # registers the connection's handler with the server
+        return WorkloadProtocol(plain.handler, plain.config, plain.h2_config)
+
+
+def server_config() -> Configuration:
+    """grpclib settings for the Workload API: the smallest HTTP/2 receive windows (see the module doc)."""
+    return Configuration(http2_connection_window_size=WINDOW_BYTES, http2_stream_window_size=WINDOW_BYTES)
+
+
+def build_server(api: WorkloadApi) -> Server:
+    """The grpclib Server for `api`. Serve it either from a listening socket (`await server.start(sock=…)`)
+    or connection by connection from the daemon's own accept loop (`serve_accepted`)."""
+    return _Server([api], config=server_config())
+
+
+async def serve_accepted(server: Server, sock: socket.socket, *, first_byte_timeout: float = 5.0) -> None:
+    """Serve one accepted Unix socket on `server` (from `build_server`) until the connection closes.
+
+    The peer must send the HTTP/2 preface within `first_byte_timeout` seconds, else the connection is
+    dropped. Cancelled (daemon stopping), the connection is aborted and its calls are cancelled. The
+    socket belongs to asyncio's transport from the start: it is closed when this returns (normally or
+    cancelled), and must not be closed by the caller meanwhile.
+    Raises OSError when the socket cannot be served at all (the peer already went away).
+    """
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.connect_accepted_socket(server._protocol_factory, sock)
+    if not isinstance(protocol, WorkloadProtocol):
+        transport.abort()
+        raise TypeError("serve_accepted needs a server from build_server")
+    try:
+        with anyio.move_on_after(first_byte_timeout):
+            await protocol.spoke.wait()
+        if protocol.spoke.is_set():
+            await protocol.closed.wait()
+    finally:
+        if not protocol.closed.is_set():
+            transport.abort()
+            with anyio.CancelScope(shield=True):
+                await protocol.closed.wait()  # connection_lost, called soon: the socket is closed by then
+
+
 class WorkloadApi:
-    """The grpclib service; one instance serves every connection."""
+    """The grpclib service; one instance serves every connection (from `build_server`)."""
 
     def __init__(
         self, watchers: Mapping[str, CredentialWatcher], policy: Policy, clock: Clock, metrics: Metrics | None = None
     ) -> None:
         self.watchers = watchers
-        self.policy = policy
+        self._policy = policy
+        self._policy_changed = anyio.Event()
         self.clock = clock
         self.metrics = metrics
         self._callers = CallerCache()
         self.streams = 0
         self.pushes = 0
         self.last_push: dict[str, str] = {}
-        self._changed = anyio.Event()
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self.set_policy(policy)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Install `policy` (a reload) and wake every open stream to check its caller against it now."""
+        self._policy = policy
+        self._policy_changed.set()
+        self._policy_changed = anyio.Event()
 
     def __mapping__(self) -> dict[str, Handler]:
         return {
@@ -106,46 +289,95 @@ class WorkloadApi:
     async def unimplemented(self, stream: Stream[Any, Any]) -> None:
         raise GRPCError(Status.UNIMPLEMENTED, "JWT-SVIDs are not served by wlidd: it distributes X.509-SVIDs")
 
-    async def _caller(self, stream: Stream[Any, Any]) -> Caller:
+    @staticmethod
+    def _connection(stream: Stream[Any, Any]) -> WorkloadProtocol:
+        transport = stream.peer._transport if stream.peer is not None else None
+        protocol = transport.get_protocol() if transport is not None else None
+        if not isinstance(protocol, WorkloadProtocol):
+            raise GRPCError(Status.INTERNAL, "the Workload API must be served by wlidd's build_server")
+        return protocol
+
+    async def _caller(self, stream: Stream[Any, Any], connection: WorkloadProtocol) -> Caller:
+        """The caller of a call that carries the security header (headers only: no body is read)."""
         if stream.metadata is None or stream.metadata.get(SECURITY_HEADER) != "true":
             raise GRPCError(Status.INVALID_ARGUMENT, f"security header missing from request: {SECURITY_HEADER}: true")
-        sock = stream.peer._transport.get_extra_info("socket") if stream.peer is not None else None
-        if sock is None or sock.family != socket.AF_UNIX:
+        creds = connection.credentials
+        if creds is None:
             raise GRPCError(Status.PERMISSION_DENIED, "the caller cannot be identified (not a Unix socket peer)")
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", raw)
-        return await self._callers.get(pid, uid, gid)
+        return await self._callers.get(creds.pid, creds.uid, creds.gid, creds.groups)
 
     def _allowed(self, caller: Caller) -> list[str]:
-        return [
-            name for name in self.watchers if self.policy.credentials(name).check(caller, f"identity {name!r}") is None
-        ]
+        policy = self._policy
+        return [name for name in self.watchers if policy.credentials(name).check(caller, f"identity {name!r}") is None]
 
     def _states(self, names: list[str]) -> list[IdentityState]:
         now = self.clock()
         states = [self.watchers[n].current for n in names]
         return [s for s in states if s is not None and s.identity.svid.is_valid_at(now)]
 
-    async def _stream(self, stream: Stream[Any, Any], method: str, render: Any) -> None:
-        await stream.recv_message()
-        caller = await self._caller(stream)
-        names = self._allowed(caller)
-        if not names:
-            audit.warning("access denied", route=method, uid=caller.uid, user=caller.user, listener="workload_api")
+    @staticmethod
+    async def _read_request(stream: Stream[Any, Any], message: Callable[[bytes], Any]) -> None:
+        """Read and decode the one request message, refusing one declared larger than MAX_REQUEST_BYTES
+        from its length prefix, before any of it is read (grpclib's recv_message would read and
+        acknowledge whatever size the prefix declares). A call that ends without a message is taken as
+        an empty request. Raises GRPCError (RESOURCE_EXHAUSTED, INVALID_ARGUMENT, DEADLINE_EXCEEDED)."""
+        data = stream._stream  # grpclib.protocol.Stream: reads DATA, acknowledging only what it returns
+        try:
+            with anyio.fail_after(REQUEST_TIMEOUT):
+                prefix = await data.recv_data(5)
+                if not prefix:
+                    return
+                compressed, length = struct.unpack(">?I", prefix)
+                if compressed:
+                    raise GRPCError(Status.INVALID_ARGUMENT, "compressed requests are not accepted")
+                if length > MAX_REQUEST_BYTES:
+                    raise GRPCError(
+                        Status.RESOURCE_EXHAUSTED,
+                        f"request message of {length} bytes refused (at most {MAX_REQUEST_BYTES})",
+                    )
+                message(await data.recv_data(length))
+        except TimeoutError:
+            raise GRPCError(Status.DEADLINE_EXCEEDED, f"no request message within {REQUEST_TIMEOUT:g} s") from None
+        except AssertionError:  # grpclib's Buffer: the call ended inside a message
+            raise GRPCError(Status.INVALID_ARGUMENT, "the request message was cut short") from None
+        except DecodeError:
+            raise GRPCError(Status.INVALID_ARGUMENT, "the request message is not a valid protobuf") from None
+
+    async def _stream(self, stream: Stream[Any, Any], method: str, render: Any, request: Any) -> None:
+        connection = self._connection(stream)
+        caller = await self._caller(stream, connection)
+        if not self._allowed(caller):
+            key = {"listener": "workload_api", "uid": caller.uid}  # repeats are counted (wlidd.logs)
+            audit.limited("warning", "access denied", key=key, route=method, user=caller.user)
             raise GRPCError(Status.PERMISSION_DENIED, f"{caller.describe()} may have no identity here")
+        await self._read_request(stream, request.FromString)
+        await self._serve(stream, method, render, caller)
+
+    async def _serve(self, stream: Stream[Any, Any], method: str, render: Any, caller: Caller) -> None:
+        """Push the caller's identities now and after every change, checking the policy before each push."""
         self.streams += 1
         if self.metrics is not None:
             self.metrics.workload_api_streams.set(self.streams)
         try:
-            versions: tuple[int, ...] | None = None
+            sent: tuple[tuple[str, int], ...] | None = None
             while True:
+                policy_changed = self._policy_changed  # a reload from here on wakes the wait below
+                names = self._allowed(caller)
+                if not names:
+                    audit.warning(
+                        "access revoked", route=method, uid=caller.uid, user=caller.user, listener="workload_api"
+                    )
+                    raise GRPCError(
+                        Status.PERMISSION_DENIED, f"{caller.describe()} may no longer have any identity here"
+                    )
+                seen = {n: self.watchers[n].current for n in names}
                 states = self._states(names)
                 if not states:
                     raise GRPCError(Status.UNAVAILABLE, "no valid X.509-SVID is available yet")
-                current = tuple(s.version for s in states)
-                if current != versions:
+                current = tuple((s.name, s.version) for s in states)
+                if current != sent:
                     await stream.send_message(render(states))
-                    versions = current
+                    sent = current
                     self.pushes += 1
                     now = self.clock()
                     for state in states:
@@ -160,25 +392,30 @@ class WorkloadApi:
                         user=caller.user,
                         identities=[s.name for s in states],
                     )
-                await self._wait_for_change(names)
+                await self._wait_for_change({n: s.version if s else 0 for n, s in seen.items()}, policy_changed)
         finally:
             self.streams -= 1
             if self.metrics is not None:
                 self.metrics.workload_api_streams.set(self.streams)
 
-    async def _wait_for_change(self, names: list[str]) -> None:
+    async def _wait_for_change(self, versions: dict[str, int], policy_changed: anyio.Event) -> None:
+        """Return once any of these identities has a version newer than the one given, or the policy changed."""
         async with anyio.create_task_group() as tg:
 
             async def one(name: str) -> None:
-                watcher = self.watchers[name]
-                await watcher.wait_for_change(watcher.current.version if watcher.current else 0)
+                await self.watchers[name].wait_for_change(versions[name])
                 tg.cancel_scope.cancel()
 
-            for name in names:
+            async def reload() -> None:
+                await policy_changed.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(reload)
+            for name in versions:
                 tg.start_soon(one, name)
 
     async def fetch_x509_svid(self, stream: Stream[Any, Any]) -> None:
-        await self._stream(stream, "FetchX509SVID", x509_svid_response)
+        await self._stream(stream, "FetchX509SVID", x509_svid_response, pb.X509SVIDRequest)
 
     async def fetch_x509_bundles(self, stream: Stream[Any, Any]) -> None:
-        await self._stream(stream, "FetchX509Bundles", x509_bundles_response)
+        await self._stream(stream, "FetchX509Bundles", x509_bundles_response, pb.X509BundlesRequest)

@@ -1,0 +1,528 @@
+"""File sinks against a hostile local user (issue 13): pid files that aim signals, parents that redirect
+writes, on_change commands that see too much, and `readers` for a daemon without privileges.
+
+Most tests need root (real throw-away uids, chown, setuid children) and skip without it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import io
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from wlidd import posix_acl, sinks
+from wlidd.config import CredentialSinkConfig, SinkConfig
+from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
+from wlidd.emulator.produced import find_leak
+from wlidd.logs import REDACTED, configure_logging, reset_logging
+from wlidd.sinks import COMMAND_ENV, OUTPUT_LIMIT, publish_credentials, publish_token, run_command, write_credentials
+from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.tlsctx import TlsContexts
+from wlidd.tokens.model import Token
+from wlidd.watch import IdentityState
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: throw-away uids, chown, setuid")
+APP, OTHER, DAEMON = 65534, 65533, 65532  # the app's user, a bystander, an unprivileged daemon user
+
+Events = Callable[[], list[dict[str, Any]]]
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    """The daemon's log lines (JSON) written so far, as dicts."""
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream)
+    try:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        reset_logging()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A root-owned 0755 directory under /tmp (tmp_path's parents are 0700: other uids cannot reach it)."""
+    path = Path(tempfile.mkdtemp(prefix="wlidd-sinks-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def identity_state(svid: IssuedSvid, bundle: bytes) -> IdentityState:
+    now = dt.datetime.now(dt.UTC)
+    identity = build_identity(CredentialFiles("test", svid.chain_pem, svid.key_pem, own_bundle=bundle), now)
+    return IdentityState("default", identity, TlsContexts.build(identity), 1, now)
+
+
+def sink(directory: Path, **options: Any) -> CredentialSinkConfig:
+    return CredentialSinkConfig.model_validate({"dir": str(directory), **options})
+
+
+def as_user(uid: int, action: Callable[[], str]) -> str:
+    """Run `action` in a forked child that dropped to uid/gid `uid` with no supplementary groups; what it
+    returned, or "ERROR <exception>"."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            result = action()
+        except BaseException as exc:
+            result = f"ERROR {type(exc).__name__}: {exc}"
+        try:
+            os.write(write_end, result.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    data = b""
+    while chunk := os.read(read_end, 65536):
+        data += chunk
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return data.decode()
+
+
+def read_as(uid: int, path: Path) -> str:
+    return as_user(uid, lambda: f"read {len(path.read_bytes())} bytes")
+
+
+def refusals(events: Events, event: str) -> list[str]:
+    return [e.get("reason") or e.get("error") or "" for e in events() if e["event"] == event]
+
+
+# ---- item 8: pid_file ------------------------------------------------------------------------------
+
+TARGET = """
+import signal, time
+got = []
+signal.signal(signal.SIGUSR1, lambda signum, frame: got.append("SIGUSR1"))
+signal.signal(signal.SIGUSR2, lambda signum, frame: got.append("SIGUSR2"))
+print("ready", flush=True)
+while "SIGUSR2" not in got:
+    time.sleep(0.05)
+print(" ".join(sorted(got)), flush=True)
+"""
+
+
+class Target:
+    """A process that records the signals it gets. `received()` ends it with SIGUSR2 and lists them, sorted:
+    a SIGUSR1 sent earlier has been delivered by then (the kernel delivers pending signals before the
+    process runs on, lower numbers first), so no sleep is needed."""
+
+    def __init__(self, uid: int | None = None) -> None:
+        drop = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        self.process = subprocess.Popen([*drop, sys.executable, "-c", TARGET], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None and self.process.stdout.readline() == "ready\n"
+        self.pid = self.process.pid
+
+    def received(self) -> list[str]:
+        self.process.send_signal(signal.SIGUSR2)
+        out, _ = self.process.communicate(timeout=10)
+        return out.split()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate(timeout=10)
+
+
+@pytest.fixture
+def target() -> Iterator[Callable[..., Target]]:
+    started: list[Target] = []
+
+    def start(uid: int | None = None) -> Target:
+        started.append(Target(uid))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for t in started:
+            t.close()
+
+
+@needs_root
+async def test_a_pid_file_in_a_directory_the_app_user_owns_is_refused_and_nothing_is_signalled(
+    tmp_path: Path, ca: CertificateAuthority, events: Events, target: Callable[..., Target]
+) -> None:
+    victim = target()
+    app_run = tmp_path / "run-app"
+    app_run.mkdir()
+    os.chown(app_run, APP, APP)
+    (app_run / "app.pid").write_text(f"{victim.pid}\n")  # the app user could have written any pid here
+    config = sink(tmp_path / "out", signal="SIGUSR1", pid_file=str(app_run / "app.pid"))
+    await publish_credentials((config,), identity_state(ca.issue_svid(), ca.bundle_pem))
+    assert victim.received() == ["SIGUSR2"]
+    [reason] = refusals(events, "signal after rotation refused")
+    assert f"directory {app_run} belongs to uid {APP}" in reason
+
+
+@needs_root
+async def test_a_pid_file_writable_by_group_or_others_is_refused(
+    tmp_path: Path, ca: CertificateAuthority, events: Events, target: Callable[..., Target]
+) -> None:
+    victim = target()
+    pid_file = tmp_path / "app.pid"
+    pid_file.write_text(str(victim.pid))
+    pid_file.chmod(0o666)
+    config = sink(tmp_path / "out", signal="SIGUSR1", pid_file=str(pid_file))
+    await publish_credentials((config,), identity_state(ca.issue_svid(), ca.bundle_pem))
+    assert victim.received() == ["SIGUSR2"]
+    [reason] = refusals(events, "signal after rotation refused")
+    assert "mode 0666) is writable by group or others" in reason
+
+
+@needs_root
+async def test_a_pid_file_that_is_a_symbolic_link_is_refused(
+    tmp_path: Path, ca: CertificateAuthority, events: Events, target: Callable[..., Target]
+) -> None:
+    victim = target()
+    (tmp_path / "real.pid").write_text(str(victim.pid))
+    (tmp_path / "app.pid").symlink_to(tmp_path / "real.pid")
+    config = sink(tmp_path / "out", signal="SIGUSR1", pid_file=str(tmp_path / "app.pid"))
+    await publish_credentials((config,), identity_state(ca.issue_svid(), ca.bundle_pem))
+    assert victim.received() == ["SIGUSR2"]
+    assert refusals(events, "signal after rotation refused") == [f"pid file {tmp_path / 'app.pid'} is a symbolic link"]
+
+
+@needs_root
+@pytest.mark.parametrize("content", ["1", "0", "-1", "junk", ""])
+async def test_a_pid_of_one_or_less_or_no_pid_is_refused(
+    tmp_path: Path, ca: CertificateAuthority, events: Events, content: str
+) -> None:
+    """SIGWINCH (ignored by default) so that even a wrongly sent signal harms nothing."""
+    (tmp_path / "app.pid").write_text(content)
+    config = sink(tmp_path / "out", signal="SIGWINCH", pid_file=str(tmp_path / "app.pid"))
+    await publish_credentials((config,), identity_state(ca.issue_svid(), ca.bundle_pem))
+    [reason] = refusals(events, "signal after rotation refused")
+    expected = "a pid of 1 or less would signal" if content.lstrip("-").isdigit() else "does not hold a process id"
+    assert expected in reason
+
+
+@needs_root
+async def test_a_process_of_a_user_the_sink_does_not_serve_is_not_signalled_and_a_reader_is(
+    tmp_path: Path, ca: CertificateAuthority, events: Events, target: Callable[..., Target]
+) -> None:
+    """Without owner or readers only root's and the daemon's processes may be signalled; naming the
+    app's user as a reader lets its process be signalled (through a pidfd)."""
+    app = target(APP)
+    pid_file = tmp_path / "app.pid"
+    pid_file.write_text(str(app.pid))
+    state = identity_state(ca.issue_svid(), ca.bundle_pem)
+    await publish_credentials((sink(tmp_path / "a", signal="SIGUSR1", pid_file=str(pid_file)),), state)
+    [reason] = refusals(events, "signal after rotation refused")
+    assert f"process {app.pid} runs as uid {APP}, not one this sink serves" in reason
+
+    served = sink(tmp_path / "b", signal="SIGUSR1", pid_file=str(pid_file), readers={"users": [APP]})
+    await publish_credentials((served,), state)
+    assert app.received() == ["SIGUSR1", "SIGUSR2"]
+
+
+@needs_root
+def test_the_signal_goes_through_a_pidfd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: Callable[..., Target]
+) -> None:
+    """The process whose owner was checked is the one signalled: os.kill (a bare pid) is not used."""
+    app = target()
+    (tmp_path / "app.pid").write_text(str(app.pid))
+
+    def no_kill(pid: int, signum: int) -> None:
+        raise AssertionError("os.kill used instead of a pidfd")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "kill", no_kill)
+        config = sink(tmp_path / "out", signal="SIGUSR1", pid_file=str(tmp_path / "app.pid"))
+        assert sinks.signal_after_rotation(config) == app.pid
+    assert app.received() == ["SIGUSR1", "SIGUSR2"]
+
+
+# ---- sink directories ---------------------------------------------------------------------------------
+
+
+@needs_root
+async def test_a_link_planted_in_a_directory_another_user_owns_is_not_followed(
+    tmp_path: Path, ca: CertificateAuthority, events: Events
+) -> None:
+    victim, shared = tmp_path / "victim", tmp_path / "shared"
+    victim.mkdir()
+    shared.mkdir()
+    os.chown(shared, APP, APP)
+    (shared / "creds").symlink_to(victim)  # what the app user would do in a directory it owns
+    os.lchown(shared / "creds", APP, APP)
+    await publish_credentials((sink(shared / "creds"),), identity_state(ca.issue_svid(), ca.bundle_pem))
+    assert list(victim.iterdir()) == []
+    [error] = refusals(events, "credential sink write failed")
+    assert f"directory {shared} belongs to uid {APP}" in error
+
+
+@needs_root
+async def test_another_users_link_in_a_sticky_world_writable_directory_is_not_followed_but_roots_dir_is_used(
+    tmp_path: Path, ca: CertificateAuthority, events: Events
+) -> None:
+    """The /tmp case: others may create names in a sticky directory, so a link there counts only when
+    root or the daemon's user owns it; a directory root made there is safe (others cannot move it)."""
+    victim, sticky = tmp_path / "victim", tmp_path / "sticky"
+    victim.mkdir()
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "creds").symlink_to(victim)
+    os.lchown(sticky / "creds", APP, APP)
+    state = identity_state(ca.issue_svid(), ca.bundle_pem)
+    await publish_credentials((sink(sticky / "creds"), sink(sticky / "mine")), state)
+    assert list(victim.iterdir()) == []
+    [error] = refusals(events, "credential sink write failed")
+    assert f"symbolic link {sticky / 'creds'} belongs to uid {APP}" in error
+    assert sorted(p.name for p in (sticky / "mine").iterdir()) == [
+        "bundle.pem",
+        "cert.pem",
+        "certificate_config.json",
+        "key.pem",
+    ]
+
+
+@needs_root
+async def test_a_group_writable_parent_without_the_sticky_bit_is_refused_with_the_reason(
+    tmp_path: Path, ca: CertificateAuthority, events: Events
+) -> None:
+    parent = tmp_path / "team"
+    parent.mkdir()
+    parent.chmod(0o775)
+    await publish_credentials((sink(parent / "creds"),), identity_state(ca.issue_svid(), ca.bundle_pem))
+    assert not (parent / "creds").exists()
+    [error] = refusals(events, "credential sink write failed")
+    assert f"directory {parent} (mode 0775) is writable by its group (or a user or group its ACL names)" in error
+    assert "without the sticky bit" in error
+
+
+@needs_root
+def test_a_link_owned_by_root_in_a_safe_directory_is_followed(tmp_path: Path) -> None:
+    """Like /var/run -> /run: root's links in root's directories are walked (and their targets checked)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "run").symlink_to("real")
+    sinks.write_atomic(tmp_path / "run" / "x" / "f", b"data", 0o640)
+    st = (tmp_path / "real" / "x" / "f").stat()
+    assert (tmp_path / "real" / "x" / "f").read_bytes() == b"data" and stat.S_IMODE(st.st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "real" / "x").stat().st_mode) == 0o755  # created 0755 whatever the umask
+
+
+def test_temp_files_left_by_a_crash_are_removed_at_the_first_write(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [".key.pem.a8_x0q2z.tmp", ".key.pem.0123456789ab.tmp"]  # tempfile's and wlidd's own names
+    kept = [".key.pem.bak", ".key.pem.bak.0123456789ab.tmp", "notes.tmp"]
+    for name in stale + kept:
+        (out / name).write_bytes(b"old")
+    sinks.write_atomic(out / "key.pem", b"new")
+    assert sorted(p.name for p in out.iterdir()) == sorted([*kept, "key.pem"])
+
+
+# ---- on_change ----------------------------------------------------------------------------------------
+
+
+async def test_on_change_gets_a_minimal_environment_not_the_daemons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("APP_DATABASE_PASSWORD", "hunter2")
+    dump = tmp_path / "env.json"
+    code = "import json, os, sys; open(sys.argv[1], 'w').write(json.dumps(dict(os.environ)))"
+    await run_command([sys.executable, "-c", code, str(dump)], 30, "default")
+    assert json.loads(dump.read_text()) == COMMAND_ENV == {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+async def test_on_change_output_is_drained_but_only_a_bounded_tail_is_kept() -> None:
+    code = "import sys; sys.stdout.write('o' * 4_000_000); sys.stdout.flush(); sys.stderr.write('e' * 1_000_000); sys.exit(3)"
+    result = await run_command([sys.executable, "-c", code], 30, "default")
+    assert result is not None
+    assert (result.returncode, result.output_bytes) == (3, 5_000_000)
+    assert result.output == b"e" * OUTPUT_LIMIT
+
+
+async def test_an_on_change_command_past_its_timeout_is_killed_with_its_children(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    result = await run_command(["/bin/sh", "-c", 'sleep 300 & echo $! > "$0"; wait', str(pid_file)], 0.5, "default")
+    child = int(pid_file.read_text())
+    with anyio.fail_after(10):
+        while _alive(child):
+            await anyio.sleep(0.02)
+    assert result is not None and result.timed_out and result.returncode is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+async def test_a_failing_on_change_logs_a_scrubbed_tail_without_the_key(
+    tmp_path: Path, ca: CertificateAuthority, events: Events
+) -> None:
+    out = tmp_path / "out"
+    script = 'cat "$0/key.pem" "$0/cert.pem"; echo "reload failed: no such unit"; exit 4'
+    config = sink(out, on_change=["/bin/sh", "-c", script, str(out)])
+    await publish_credentials((config,), identity_state(ca.issue_svid(), ca.bundle_pem))
+    [failed] = [e for e in events() if e["event"] == "on_change command failed"]
+    assert failed["returncode"] == 4 and failed["output"].endswith("reload failed: no such unit")
+    assert find_leak(json.dumps(events())) is None
+
+
+async def test_a_failing_on_change_of_a_token_sink_does_not_log_the_token(tmp_path: Path, events: Events) -> None:
+    now = dt.datetime.now(dt.UTC)
+    value = "ya29.c." + "Qx7Lm2Np9Rt4Vw6Yz1Bd3Fh5Jk8Sa0Gc" * 3
+    token = Token(value, now + dt.timedelta(hours=1), now, "gcp")
+    path = tmp_path / "gcp.token"
+    config = SinkConfig.model_validate(
+        {"path": str(path), "on_change": ["/bin/sh", "-c", 'cat "$0"; exit 1', str(path)]}
+    )
+    await publish_token((config,), token, now, "gcp")
+    [failed] = [e for e in events() if e["event"] == "on_change command failed"]
+    assert failed["output"] == REDACTED and value[20:44] not in json.dumps(events())
+
+
+# ---- readers: handing keys over without privileges ----------------------------------------------------
+
+
+@needs_root
+def test_readers_get_the_key_through_an_acl_when_the_daemon_runs_unprivileged(
+    public_dir: Path, ca: CertificateAuthority
+) -> None:
+    """The shipped unit's situation: wlidd's own user, no capabilities. A reader can read the key, a
+    bystander cannot; the file keeps key_mode for everyone else."""
+    os.chown(public_dir, DAEMON, DAEMON)
+    out = public_dir / "creds" / "app"
+    config = sink(out, readers={"users": [APP]}, key_mode="0600")
+    state = identity_state(ca.issue_svid(), ca.bundle_pem)
+    assert as_user(DAEMON, lambda: (write_credentials(config, state), "written")[1]) == "written"
+    key = out / "key.pem"
+    assert key.stat().st_uid == DAEMON
+    assert read_as(APP, key) == f"read {len(key.read_bytes())} bytes"
+    assert read_as(OTHER, key).startswith("ERROR PermissionError")
+    assert read_as(OTHER, out / "cert.pem").startswith("read ")  # certificates stay world-readable (mode 0644)
+    acl = os.getxattr(key, posix_acl.XATTR)
+    assert acl == posix_acl.file_acl(0o600, [APP], [])
+
+
+@needs_root
+async def test_token_sink_readers_by_group_can_read_a_0600_token(tmp_path: Path, public_dir: Path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    token = Token("opaque-" + "t" * 30, now + dt.timedelta(hours=1), now, "gcp")
+    path = public_dir / "tokens" / "gcp.token"
+    config = SinkConfig.model_validate({"path": str(path), "mode": "0600", "readers": {"groups": [APP]}})
+    await publish_token((config,), token, now, "gcp")
+    assert read_as(APP, path) == f"read {len(token.value)} bytes"
+    assert read_as(OTHER, path).startswith("ERROR PermissionError")
+
+
+@needs_root
+def test_readers_get_read_and_traverse_on_a_private_sink_directory(public_dir: Path, ca: CertificateAuthority) -> None:
+    """A sink directory made 0700 (UMask=0077, or by an earlier version) gets r-x for the readers only."""
+    out = public_dir / "creds"
+    out.mkdir(mode=0o700)
+    write_credentials(sink(out, readers={"users": [APP]}), identity_state(ca.issue_svid(), ca.bundle_pem))
+    assert read_as(APP, out / "key.pem").startswith("read ")
+    assert read_as(OTHER, out / "cert.pem").startswith("ERROR PermissionError")
+    entries = posix_acl.decode(os.getxattr(out, posix_acl.XATTR))
+    assert posix_acl.Entry(posix_acl.USER, APP, 5) in entries
+
+
+def test_readers_on_a_file_system_without_acls_keep_the_last_good_files(
+    tmp_path: Path, ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    first = identity_state(ca.issue_svid(), ca.bundle_pem)
+    write_credentials(sink(out), first)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def unsupported(*args: object) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", unsupported)
+    with pytest.raises(OSError, match="does not support POSIX ACLs, which readers needs"):
+        write_credentials(sink(out, readers={"users": [0]}), identity_state(ca.issue_svid(), ca.bundle_pem))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp file either
+
+
+@pytest.mark.skipif(shutil.which("setfacl") is None, reason="setfacl (package acl) not installed")
+@pytest.mark.parametrize(
+    ("mode", "users", "groups"),
+    [(0o600, [APP], []), (0o644, [APP, 7], [OTHER]), (0o400, [], [5]), (0o640, [1, 2], [3, 4])],
+)
+def test_the_acl_encoder_matches_setfacl_byte_for_byte(
+    tmp_path: Path, mode: int, users: list[int], groups: list[int]
+) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    path.chmod(mode)
+    spec = ",".join([*(f"u:{u}:r" for u in users), *(f"g:{g}:r" for g in groups)])
+    subprocess.run(["setfacl", "-m", spec, str(path)], check=True)
+    made = os.getxattr(path, posix_acl.XATTR)
+    assert posix_acl.file_acl(mode, users, groups) == made
+    assert posix_acl.encode(posix_acl.decode(made)) == made
+
+
+@pytest.mark.skipif(shutil.which("setfacl") is None, reason="setfacl (package acl) not installed")
+def test_granting_a_directory_keeps_its_acl_and_widens_its_mask_only_by_r_x(tmp_path: Path) -> None:
+    """An admin's `user:9:rwx` held back to r-x by the mask stays held back (setfacl -n: no recalculation)."""
+    directory = tmp_path / "d"
+    directory.mkdir(mode=0o700)
+    subprocess.run(["setfacl", "-m", "u:9:rwx,g:8:r,m::r", str(directory)], check=True)
+    base = posix_acl.decode(os.getxattr(directory, posix_acl.XATTR))
+    subprocess.run(["setfacl", "-n", "-m", f"u:{APP}:rx,m::rx", str(directory)], check=True)
+    granted = posix_acl.with_readers(base, [APP], [], posix_acl.READ | posix_acl.EXECUTE)
+    assert posix_acl.encode(granted) == os.getxattr(directory, posix_acl.XATTR)
+
+
+def test_the_acl_decoder_refuses_what_the_kernel_would() -> None:
+    good = posix_acl.file_acl(0o600, [1], [])
+    for bad in (good[:-1], b"\x01\0\0\0" + good[4:], good[:4] + good[12:20] + good[4:12] + good[20:]):
+        with pytest.raises(ValueError):
+            posix_acl.decode(bad)
+
+
+# ---- wlidd check ---------------------------------------------------------------------------------------
+
+
+@needs_root
+def test_check_warns_that_an_unprivileged_daemon_cannot_chown_and_points_at_readers(
+    public_dir: Path, ca: CertificateAuthority
+) -> None:
+    svid = ca.issue_svid()
+    for name, data in (("chain.pem", svid.chain_pem), ("key.pem", svid.key_pem), ("bundle.pem", ca.bundle_pem)):
+        (public_dir / name).write_bytes(data)
+        (public_dir / name).chmod(0o644)
+    config = public_dir / "wlidd.toml"
+    config.write_text(
+        f"""
+[identities.default]
+source = "files"
+cert = "{public_dir}/chain.pem"
+key = "{public_dir}/key.pem"
+bundle = "{public_dir}/bundle.pem"
+[[identities.default.sinks]]
+dir = "/run/wlidd/creds"
+owner = "root"
+"""
+    )
+    config.chmod(0o644)
+    wlidd = Path(sys.executable).with_name("wlidd")
+    command = ["setpriv", f"--reuid={DAEMON}", f"--regid={DAEMON}", "--clear-groups", str(wlidd), "check"]
+    result = subprocess.run([*command, "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert "identities.default.sinks[0] (/run/wlidd/creds): owner/group need root or CAP_CHOWN" in result.stdout
+    assert "readers = {" in result.stdout

@@ -1,0 +1,340 @@
+"""One accept loop for every listener: connections are counted from accept, before TLS or HTTP/2.
+
+Why our own loop (and not anyio's `Listener.serve` or asyncio's `create_server`): a local attacker can
+open connections faster than anything above accept() can refuse them, so the limits must apply to the
+raw socket, and the failures of accept() itself must never end the loop.
+
+  - EMFILE/ENFILE/ENOBUFS/ENOMEM from accept() are transient: logged once per episode (with a count when
+    it ends), backed off (10 ms doubling to 1 s), retried. The pending connection waits in the backlog.
+  - Each accepted socket is attributed to a caller (`CallerKey`: the uid from SO_PEERCRED on Unix
+    sockets or from the owning socket on loopback TCP, which must be ESTABLISHED and held by a process
+    — else it carries no uid and handlers refuse it whatever needs one; the remote address for other
+    TCP peers) and admitted only under both caps: `max_connections` for the listener and `max_per_caller` for that
+    caller. Refused sockets get an optional short answer (e.g. an HTTP 503) and are closed at once, so
+    the descriptors held never exceed the caps.
+  - The loop's liveness is public (`alive`, `failure`): a loop that died on an unexpected error is a
+    liveness failure for the daemon's watchdog, never a silent state.
+
+The counting core (`ConnectionCounter`) is pure and bounded: one entry per caller with an open
+connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from wlidd.logs import get_logger
+
+log = get_logger("wlidd.api")
+
+# accept() failures that say "not now" (descriptor or memory exhaustion), not "this listener is broken".
+TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() failures that concern only the one connection being accepted (it went away first, …).
+CONNECTION_ACCEPT_ERRORS = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN, errno.EINTR, errno.ENETDOWN, errno.EHOSTUNREACH}
+)
+BACKOFF_MIN = 0.01  # seconds: the first pause after a transient accept failure
+BACKOFF_MAX = 1.0  # seconds: the longest pause
+
+
+@dataclass(frozen=True)
+class CallerKey:
+    """Who a connection is counted against: a uid (local callers) or a remote address (other TCP peers).
+
+    `inode` is the loopback client socket's inode found with its uid (not part of the key's identity
+    for counting: compare=False). `unidentified` says why a loopback peer has no owner (refused)."""
+
+    uid: int | None
+    address: str = ""
+    inode: int | None = field(default=None, compare=False)
+    unidentified: str | None = field(default=None, compare=False)
+
+    def describe(self) -> str:
+        return f"uid {self.uid}" if self.uid is not None else (self.address or "unknown caller")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a connection was refused: a stable reason (metric label) and a message (log line)."""
+
+    reason: str  # "listener_full" | "caller_full" | "unidentified"
+    message: str
+
+
+class ConnectionCounter:
+    """Open connections of one listener, in total and per caller; decides admission (pure, no I/O).
+
+    Bounded: the per-caller table only holds callers with at least one open connection, so it never
+    has more than `max_connections` entries.
+    """
+
+    def __init__(self, max_connections: int, max_per_caller: int) -> None:
+        self.max_connections = max_connections
+        self.max_per_caller = min(max_per_caller, max_connections)
+        self.total = 0
+        self.per_caller: dict[CallerKey, int] = {}
+
+    def admit(self, key: CallerKey) -> Refusal | None:
+        """Count a new connection of `key`, or say why not (nothing is counted then)."""
+        held = self.per_caller.get(key, 0)
+        if held >= self.max_per_caller:
+            return Refusal(
+                "caller_full", f"{key.describe()} already holds {held} connections (limit {self.max_per_caller})"
+            )
+        if self.total >= self.max_connections:
+            return Refusal(
+                "listener_full", f"the listener holds {self.total} connections (limit {self.max_connections})"
+            )
+        self.total += 1
+        self.per_caller[key] = held + 1
+        return None
+
+    def release(self, key: CallerKey) -> None:
+        """One connection of `key` closed."""
+        held = self.per_caller.get(key, 0)
+        if held <= 1:
+            self.per_caller.pop(key, None)
+        else:
+            self.per_caller[key] = held - 1
+        self.total = max(0, self.total - 1)
+
+
+Identify = Callable[[socket.socket], Awaitable[CallerKey]]
+Handle = Callable[[socket.socket, CallerKey], Awaitable[None]]
+Refuse = Callable[[socket.socket, Refusal], bytes]
+
+_LOOPBACK = ("127.", "::1", "::ffff:127.")
+
+
+async def socket_caller(sock: socket.socket) -> CallerKey:
+    """The caller of an accepted socket: SO_PEERCRED's uid on Unix sockets; on loopback TCP the uid
+    owning the client's ESTABLISHED socket (sock_diag inline, microseconds; the /proc fallback in a
+    worker thread, milliseconds); otherwise the remote address. A loopback peer whose socket has no
+    owner any more (closed, half-closed) is counted as "loopback:unowned", without a uid; a peer
+    that is gone altogether comes back `unidentified`, to be refused."""
+    if sock.family == socket.AF_UNIX:
+        import struct
+
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", raw)
+        return CallerKey(uid)
+    try:
+        remote, local = sock.getpeername(), sock.getsockname()
+    except OSError:
+        return CallerKey(None, "gone", unidentified="the peer closed before it was accepted")
+    host = str(remote[0])
+    if not host.startswith(_LOOPBACK):
+        return CallerKey(None, host)
+    from wlidd.api.peers import lookup_is_cheap, lookup_tcp_peer
+
+    peer = (host, int(remote[1]))
+    ours = (str(local[0]), int(local[1]))
+    if lookup_is_cheap():
+        found = lookup_tcp_peer(peer, ours)
+    else:
+        import anyio.to_thread
+
+        found = await anyio.to_thread.run_sync(lookup_tcp_peer, peer, ours)
+    owner = found.owner
+    if owner is None:
+        # Closed or half-closed already: no owner to count it against or to authorize. It shares one
+        # bucket with its kind (capped like a caller) and carries no uid, so whatever needs an identity
+        # (a token) is refused by the handler's own lookup; public answers (a ping) still work.
+        return CallerKey(None, "loopback:unowned")
+    return CallerKey(owner.uid, inode=owner.inode)
+
+
+class AcceptLoop:
+    """Accepts connections from one listening socket and runs `handle(sock, caller)` for each admitted one.
+
+    `handle` owns the connection while it runs (TLS, HTTP, HTTP/2, deadlines); when it returns, the
+    socket is closed and the caller's count released. `refuse(sock, refusal)` returns the bytes sent
+    to a refused connection before it is closed (b"" for none); it must not block.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        sock: socket.socket,
+        handle: Handle,
+        *,
+        max_connections: int,
+        max_per_caller: int,
+        identify: Identify = socket_caller,
+        refuse: Refuse | None = None,
+        metrics: Any = None,
+    ) -> None:
+        self.name = name
+        self.sock = sock
+        self.handle = handle
+        self.identify = identify
+        self.refuse = refuse
+        self.metrics = metrics
+        self.counter = ConnectionCounter(max_connections, max_per_caller)
+        self.alive = False
+        self.failure: str | None = None
+        self.accepted = 0
+        self.refused = 0
+        self._stopped = False
+        self._refusal_logged: dict[str, float] = {}
+
+    def status(self) -> dict[str, Any]:
+        """The loop's state for /v1/status: alive, open connections and the caps."""
+        return {
+            "alive": self.alive,
+            "failure": self.failure,
+            "open": self.counter.total,
+            "callers": len(self.counter.per_caller),
+            "max_connections": self.counter.max_connections,
+            "max_per_caller": self.counter.max_per_caller,
+            "accepted": self.accepted,
+            "refused": self.refused,
+        }
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (connections already admitted run on)."""
+        self._stopped = True
+        if self.sock.fileno() >= 0:
+            anyio.notify_closing(self.sock)  # wakes the loop's wait_readable with ClosedResourceError
+            self.sock.close()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Accept until stopped or cancelled; connections run in this loop's task group.
+
+        Never raises for accept() failures: transient ones are retried, an unexpected one marks the loop
+        dead (`alive` False, `failure` set, logged) and ends accepting.
+        """
+        self.sock.setblocking(False)
+        self._set_alive(True)
+        task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                try:
+                    await self._accept_forever(tg)
+                except Exception as exc:  # the loop is dead: say so, loudly, and let the watchdog see it
+                    self.failure = f"{type(exc).__name__}: {exc}"
+                    log.error("listener accept loop died", listener=self.name, error=self.failure)
+                finally:
+                    self._set_alive(False)
+        finally:
+            self._set_alive(False)
+
+    def _set_alive(self, alive: bool) -> None:
+        self.alive = alive
+        if self.metrics is not None:
+            self.metrics.listener_up.labels(self.name).set(1 if alive else 0)
+
+    async def _accept_forever(self, tg: anyio.abc.TaskGroup) -> None:
+        backoff = 0.0
+        exhausted_since: float | None = None
+        exhausted_count = 0
+        while not self._stopped:
+            try:
+                await anyio.wait_readable(self.sock)
+            except (anyio.ClosedResourceError, ValueError, OSError):
+                if self._stopped or self.sock.fileno() < 0:
+                    return  # the listener was closed on purpose
+                raise
+            if self._stopped:
+                return
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno in TRANSIENT_ACCEPT_ERRORS:
+                    exhausted_count += 1
+                    if exhausted_since is None:
+                        exhausted_since = time.monotonic()
+                        log.error(
+                            "cannot accept connections: out of resources; backing off and retrying",
+                            listener=self.name,
+                            error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                            open_connections=self.counter.total,
+                        )
+                    self._count_error(exc.errno or 0)
+                    backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, backoff * 2))
+                    await anyio.sleep(backoff)
+                    continue
+                if exc.errno in CONNECTION_ACCEPT_ERRORS:
+                    continue
+                if self._stopped or exc.errno == errno.EBADF:
+                    return
+                raise
+            if exhausted_since is not None:
+                log.warning(
+                    "accepting connections again",
+                    listener=self.name,
+                    failed_accepts=exhausted_count,
+                    seconds=round(time.monotonic() - exhausted_since, 3),
+                )
+                exhausted_since, exhausted_count, backoff = None, 0, 0.0
+            await self._admit(conn, tg)
+
+    async def _admit(self, conn: socket.socket, tg: anyio.abc.TaskGroup) -> None:
+        try:
+            conn.setblocking(False)
+            key = await self.identify(conn)
+        except OSError:
+            conn.close()
+            return
+        if key.unidentified is not None:
+            self._refuse(conn, key, Refusal("unidentified", key.unidentified))
+            return
+        refusal = self.counter.admit(key)
+        if refusal is not None:
+            self._refuse(conn, key, refusal)
+            return
+        self.accepted += 1
+        self._gauge()
+        tg.start_soon(self._run_one, conn, key)
+
+    def _refuse(self, conn: socket.socket, key: CallerKey, refusal: Refusal) -> None:
+        self.refused += 1
+        try:
+            answer = self.refuse(conn, refusal) if self.refuse is not None else b""
+            if answer:
+                conn.send(answer)  # non-blocking, best effort: a full buffer loses the answer, not the loop
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        if self.metrics is not None:
+            self.metrics.connections_refused.labels(self.name, refusal.reason).inc()
+        now = time.monotonic()
+        tag = f"{refusal.reason}:{key.describe()}"
+        if self._refusal_logged.get(tag, 0.0) <= now:  # one line per caller and reason per minute
+            if len(self._refusal_logged) >= 1024:
+                self._refusal_logged = {k: v for k, v in self._refusal_logged.items() if v > now}
+                if len(self._refusal_logged) >= 1024:
+                    self._refusal_logged.clear()
+            self._refusal_logged[tag] = now + 60.0
+            log.warning("connection refused", listener=self.name, reason=refusal.reason, detail=refusal.message)
+
+    async def _run_one(self, conn: socket.socket, key: CallerKey) -> None:
+        try:
+            await self.handle(conn, key)
+        except Exception as exc:  # a connection's failure never reaches the accept loop
+            log.warning("connection handler failed", listener=self.name, error_type=type(exc).__name__)
+        finally:
+            if conn.fileno() >= 0:
+                conn.close()
+            self.counter.release(key)
+            self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.connections_open.labels(self.name).set(self.counter.total)
+
+    def _count_error(self, code: int) -> None:
+        if self.metrics is not None:
+            name = errno.errorcode.get(code, "other") if code in TRANSIENT_ACCEPT_ERRORS else "other"
+            self.metrics.accept_errors.labels(self.name, name).inc()
