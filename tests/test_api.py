@@ -171,17 +171,41 @@ async def test_slow_request_gets_408(daemon: Daemon) -> None:
     assert answer.startswith(b"HTTP/1.1 408 ")
 
 
-async def test_connection_limit_answers_503(tmp_path: Path, files: FileSet, ca: CertificateAuthority) -> None:
+async def test_connection_limit_answers_503_when_no_connection_is_idle(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    d = Daemon(make_config(tmp_path, {"default": files.config()}, max_connections=1))
+    async with anyio.create_task_group() as tg:
+        await tg.start(d.run)
+        async with await anyio.connect_unix(d.socket_path) as holder:
+            await holder.send(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")  # mid-request: not idle
+            with anyio.fail_after(5):
+                while not any(c.phase == "request" for c in d.unix_server._open):
+                    await anyio.sleep(0.01)
+            answer = await raw_exchange(d.socket_path, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 503 ")
+            assert b"too_many_connections" in answer
+        d.stop()
+
+
+async def test_an_idle_connection_is_closed_to_make_room_at_the_connection_limit(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+) -> None:
+    """Idle keep-alive (or silent) connections never lock a full listener: the oldest idle one of the
+    caller holding the most is closed, and the newcomer is served."""
     files.put(ca.issue_svid(), ca.bundle_pem)
     d = Daemon(make_config(tmp_path, {"default": files.config()}, max_connections=1))
     async with anyio.create_task_group() as tg:
         await tg.start(d.run)
         async with await anyio.connect_unix(d.socket_path) as holder:
             await holder.send(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert (await holder.receive()).startswith(b"HTTP/1.1 200 ")
+            assert (await holder.receive()).startswith(b"HTTP/1.1 200 ")  # now idle, keep-alive
             answer = await raw_exchange(d.socket_path, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert answer.startswith(b"HTTP/1.1 503 ")
-            assert b"too_many_connections" in answer
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)), anyio.fail_after(5):
+                await holder.receive()
+        assert d.metrics.registry.get_sample_value("wlidd_connections_shed_total", {"listener": "unix"}) == 1
         d.stop()
 
 

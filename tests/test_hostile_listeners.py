@@ -421,3 +421,71 @@ def test_the_daemon_raises_its_soft_open_files_limit_to_the_hard_limit(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
+
+
+@needs_root
+def test_a_connection_flood_on_the_workload_api_leaves_it_and_the_unix_api_accepting(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+) -> None:
+    """~300 silent connections of one user to the Workload API (mode 0666): the excess beyond that
+    user's share is closed at accept, root's FetchX509SVID is served during the flood, and both Unix
+    listeners accept again afterwards (once, asyncio's own accept loop logged thousands of EMFILE
+    tracebacks and the Unix API's accept loop ended for good)."""
+    from tests.test_hostile_workload_api import workload_call
+
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    config = daemon_config(tmp_path, files)
+    workload = (tmp_path / "public").resolve() / "workload.sock"
+    config.write_text(
+        config.read_text()
+        + f'[listeners.workload_api]\npath = "{workload}"\nmax_connections = 128\nmax_connections_per_caller = 32\n'
+    )
+    with running(config, tmp_path, nofile=160) as proc:
+        holder = Holder(NOBODY, str(workload), 300)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                listener = get(tmp_path / "wlidd.sock").json()["listeners"]["workload_api"]
+                if listener["accepted"] + listener["refused"] >= holder.connected:
+                    break
+                assert time.monotonic() < deadline, listener
+                time.sleep(0.05)
+            assert listener["open"] <= 32
+            assert workload_call(workload) == "served"  # root, during the flood
+        finally:
+            holder.release()
+        assert proc.poll() is None
+        assert workload_call(workload) == "served"
+        status = get(tmp_path / "wlidd.sock").json()
+        assert all(loop["alive"] for loop in status["listeners"].values())
+    assert "Traceback" not in (tmp_path / "daemon.log").read_text()
+
+
+def test_binding_the_unix_socket_never_chmods_or_chowns_the_public_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mode and owner are set on the socket in a private directory, then renamed into place: a user
+    who can write the socket's directory cannot swap the name for a link between bind and chmod."""
+    from wlidd.api import listeners
+
+    touched: list[str] = []
+    real_chmod, real_chown = os.chmod, os.chown
+
+    def chmod(target: object, *args: object, **kwargs: object) -> None:
+        touched.append(str(target))
+        real_chmod(target, *args, **kwargs)  # type: ignore[arg-type]
+
+    def chown(target: object, *args: object, **kwargs: object) -> None:
+        touched.append(str(target))
+        real_chown(target, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(listeners.os, "chmod", chmod)
+    monkeypatch.setattr(listeners.os, "chown", chown)
+    path = tmp_path / "api.sock"
+    sock = listeners.bind_unix_socket(path, 0o660, owner=str(os.getuid()))
+    try:
+        assert str(path) not in touched and touched  # set, but never through the public name
+        assert oct(os.lstat(path).st_mode & 0o777) == oct(0o660)
+        assert sorted(os.listdir(tmp_path)) == ["api.sock"]  # the private directory is gone
+    finally:
+        sock.close()

@@ -269,7 +269,12 @@ class Daemon:
 
         async def handle(conn: socket.socket, caller: CallerKey) -> None:
             await server.serve_socket(
-                conn, caller.uid, caller.inode, tls=tls, on_handshake_error=QuietTLSListener.handle_handshake_error
+                conn,
+                caller.uid,
+                caller.inode,
+                tls=tls,
+                on_handshake_error=QuietTLSListener.handle_handshake_error,
+                owner=caller,
             )
 
         def refuse(conn: socket.socket, refusal: Refusal) -> bytes:
@@ -294,6 +299,7 @@ class Daemon:
             max_connections=limits.max_connections,
             max_per_caller=limits.max_connections_per_caller,
             refuse=refuse,
+            shed=server.shed_idle,
             metrics=self.metrics,
         )
         self.accept_loops.append(loop)

@@ -110,6 +110,12 @@ class Metrics:
             ["listener", "reason"],
             registry=self.registry,
         )
+        self.connections_shed = Counter(
+            "wlidd_connections_shed",
+            "Idle connections closed to make room for a new one at the listener's cap, by listener.",
+            ["listener"],
+            registry=self.registry,
+        )
         self.accept_errors = Counter(
             "wlidd_accept_errors",
             "Failed accept() calls by listener and errno name (EMFILE, ENFILE, ENOBUFS, ENOMEM, other).",

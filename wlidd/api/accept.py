@@ -10,7 +10,8 @@ raw socket, and the failures of accept() itself must never end the loop.
     sockets or from the owning socket on loopback TCP, which must be ESTABLISHED and held by a process
     — else it carries no uid and handlers refuse it whatever needs one; the remote address for other
     TCP peers) and admitted only under both caps: `max_connections` for the listener and `max_per_caller` for that
-    caller. Refused sockets get an optional short answer (e.g. an HTTP 503) and are closed at once, so
+    caller. At the listener's cap, an idle connection (the oldest of the caller holding the most) is
+    closed to make room, where the protocol allows it (HTTP/1.1). Refused sockets get an optional short answer (e.g. an HTTP 503) and are closed at once, so
     the descriptors held never exceed the caps.
   - The loop's liveness is public (`alive`, `failure`): a loop that died on an unexpected error is a
     liveness failure for the daemon's watchdog, never a silent state.
@@ -82,14 +83,15 @@ class ConnectionCounter:
         self.total = 0
         self.per_caller: dict[CallerKey, int] = {}
 
-    def admit(self, key: CallerKey) -> Refusal | None:
-        """Count a new connection of `key`, or say why not (nothing is counted then)."""
+    def admit(self, key: CallerKey, *, room_made: bool = False) -> Refusal | None:
+        """Count a new connection of `key`, or say why not (nothing is counted then). `room_made`: an
+        idle connection is being closed for this one, so the caps may be passed by one while it closes."""
         held = self.per_caller.get(key, 0)
-        if held >= self.max_per_caller:
+        if held >= self.max_per_caller and not room_made:
             return Refusal(
                 "caller_full", f"{key.describe()} already holds {held} connections (limit {self.max_per_caller})"
             )
-        if self.total >= self.max_connections:
+        if self.total >= self.max_connections and not room_made:
             return Refusal(
                 "listener_full", f"the listener holds {self.total} connections (limit {self.max_connections})"
             )
@@ -170,6 +172,7 @@ class AcceptLoop:
         max_per_caller: int,
         identify: Identify = socket_caller,
         refuse: Refuse | None = None,
+        shed: Callable[[CallerKey | None], Awaitable[bool]] | None = None,
         metrics: Any = None,
     ) -> None:
         self.name = name
@@ -177,6 +180,7 @@ class AcceptLoop:
         self.handle = handle
         self.identify = identify
         self.refuse = refuse
+        self.shed = shed  # closes one idle connection (the caller's, or anyone's with None): True if it did
         self.metrics = metrics
         self.counter = ConnectionCounter(max_connections, max_per_caller)
         self.alive = False
@@ -290,6 +294,13 @@ class AcceptLoop:
             self._refuse(conn, key, Refusal("unidentified", key.unidentified))
             return
         refusal = self.counter.admit(key)
+        if refusal is not None and self.shed is not None:
+            # Make room by closing an idle connection: the caller's own at its cap, anyone's (the
+            # biggest holder's) at the listener's.
+            if await self.shed(key if refusal.reason == "caller_full" else None):
+                refusal = self.counter.admit(key, room_made=True)
+                if self.metrics is not None:
+                    self.metrics.connections_shed.labels(self.name).inc()
         if refusal is not None:
             self._refuse(conn, key, refusal)
             return

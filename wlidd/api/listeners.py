@@ -9,6 +9,7 @@ import os
 import pwd
 import socket
 import stat
+import tempfile
 from pathlib import Path
 
 from wlidd.errors import WlidError
@@ -24,10 +25,12 @@ class ListenerError(WlidError):
 def bind_unix_socket(
     path: Path, mode: int = 0o660, group: str | None = None, backlog: int = 128, owner: str | None = None
 ) -> socket.socket:
-    """Bind a listening Unix socket at `path` with `mode`/`group`, replacing only a stale socket.
+    """Bind a listening Unix socket at `path` with `mode`/`group`/`owner`, replacing only a stale socket.
 
-    The socket is created under a tight umask, then opened up with chmod, so there is no window in
-    which it is more open than configured.
+    The socket is bound inside a private directory (0700, made next to `path`), given its owner, group
+    and mode there — where no other user can swap the name for a link — and then renamed onto `path`
+    in one step. So no chmod or chown ever follows a link another user planted, and the socket is never
+    reachable with a wider mode than configured. Raises ListenerError naming the path and the reason.
     """
     gid = uid = None
     if owner is not None:
@@ -43,23 +46,29 @@ def bind_unix_socket(
     if not path.parent.exists():
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     _remove_stale(path)
+    try:
+        private = Path(tempfile.mkdtemp(prefix=".wlidd-", dir=path.parent))  # 0700, ours
+    except OSError as exc:
+        raise ListenerError(f"cannot bind Unix socket {path}: {exc.strerror}") from None
+    staged = private / "s"  # short: AF_UNIX paths are limited to 107 bytes
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        sock.bind(str(path))
+        sock.bind(str(staged))
+        if gid is not None or uid is not None:
+            os.chown(staged, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
+        os.chmod(staged, mode)  # a socket in our private directory: no one could have swapped it
+        sock.listen(backlog)
+        os.rename(staged, path)
     except OSError as exc:
         sock.close()
         raise ListenerError(f"cannot bind Unix socket {path}: {exc.strerror}") from None
     finally:
         os.umask(old_umask)
-    try:
-        if gid is not None or uid is not None:
-            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
-        os.chmod(path, mode)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise ListenerError(f"cannot set up Unix socket {path}: {exc.strerror}") from None
+        with contextlib.suppress(OSError):
+            os.unlink(staged)
+        with contextlib.suppress(OSError):
+            os.rmdir(private)
     sock.setblocking(False)
     return sock
 

@@ -209,14 +209,16 @@ def serialize_response(response: Response, *, close: bool, head: bool = False) -
 class _Connection:
     """One open connection's timeout bookkeeping, read by the sweeper."""
 
-    __slots__ = ("deadline", "phase", "requests", "stream", "timed_out")
+    __slots__ = ("deadline", "owner", "phase", "requests", "since", "stream", "timed_out")
 
-    def __init__(self, stream: ByteStream, deadline: float) -> None:
+    def __init__(self, stream: ByteStream, deadline: float, owner: object = None) -> None:
         self.stream = stream
         self.deadline = deadline
         self.phase = "idle"  # idle (between requests) | request (partly received) | busy (handling)
         self.timed_out = False
         self.requests = 0  # answered so far: before the first, the first-byte deadline applies
+        self.owner = owner  # who it is counted against (the accept loop's caller key), for shedding
+        self.since = time.monotonic()
 
 
 REQUEST_TIMEOUT = serialize_response(Response.error(408, "request_timeout", "request not received in time"), close=True)
@@ -284,6 +286,7 @@ class HttpServer:
         *,
         tls: ssl.SSLContext | None = None,
         on_handshake_error: Callable[[BaseException, ByteStream], Awaitable[None]] | None = None,
+        owner: object = None,
     ) -> None:
         """Serve one accepted, connected socket (it is closed when this returns).
 
@@ -312,7 +315,7 @@ class HttpServer:
         peer = stream_peer(stream)
         if uid is not None and peer.uid is None and peer.tcp_remote is not None:
             peer = dataclasses.replace(peer, uid=uid, inode=inode)
-        await self.serve_stream(stream, peer)
+        await self.serve_stream(stream, peer, owner, counted=True)
 
     async def drain(self) -> None:
         """Wait until no request is being handled (idle keep-alive connections do not count)."""
@@ -340,14 +343,40 @@ class HttpServer:
                 with anyio.CancelScope(shield=True), _quiet():
                     await connection.stream.aclose()
 
-    async def serve_stream(self, stream: ByteStream, peer: Peer | None = None) -> None:
-        """Serve one accepted connection until it closes; never raises."""
-        try:
-            self._slots.acquire_nowait()
-        except anyio.WouldBlock:
-            await self._reject_busy(stream)
-            return
-        connection = _Connection(stream, time.monotonic() + self.limits.first_byte_timeout)
+    async def shed_idle(self, owner: object = None) -> bool:
+        """Close one idle connection (between requests, or silent since accept) to make room for a new
+        one: `owner`'s oldest idle one (at that caller's cap), or with no owner (at the listener's cap)
+        the oldest idle one of the caller holding the most. False when there is none.
+
+        So idle and silent connections — whoever holds them — can never lock a listener: only requests
+        in progress (each bounded by request_timeout) and per-caller caps bound who gets in."""
+        idle = [
+            c for c in self._open if c.phase == "idle" and not c.timed_out and (owner is None or c.owner == owner)
+        ]
+        if not idle:
+            return False
+        held: dict[object, int] = {}
+        for connection in self._open:
+            held[connection.owner] = held.get(connection.owner, 0) + 1
+        victim = min(idle, key=lambda c: (-held[c.owner], c.since))
+        victim.timed_out = True
+        with anyio.CancelScope(shield=True), _quiet():
+            await victim.stream.aclose()
+        return True
+
+    async def serve_stream(
+        self, stream: ByteStream, peer: Peer | None = None, owner: object = None, *, counted: bool = False
+    ) -> None:
+        """Serve one accepted connection until it closes; never raises. `owner` is who the connection is
+        counted against (for `shed_idle`); `counted`: an accept loop already admitted it under its caps
+        (wlidd.api.accept), so this server's own `max_connections` limiter is not applied again."""
+        if not counted:
+            try:
+                self._slots.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._reject_busy(stream)
+                return
+        connection = _Connection(stream, time.monotonic() + self.limits.first_byte_timeout, owner)
         self._open.add(connection)
         self._arrived.set()
         try:
@@ -356,7 +385,8 @@ class HttpServer:
             pass
         finally:
             self._open.discard(connection)
-            self._slots.release()
+            if not counted:
+                self._slots.release()
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
 
