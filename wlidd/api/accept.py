@@ -294,13 +294,16 @@ class AcceptLoop:
             self._refuse(conn, key, Refusal("unidentified", key.unidentified))
             return
         refusal = self.counter.admit(key)
-        if refusal is not None and self.shed is not None:
-            # Make room by closing an idle connection: the caller's own at its cap, anyone's (the
-            # biggest holder's) at the listener's.
-            if await self.shed(key if refusal.reason == "caller_full" else None):
-                refusal = self.counter.admit(key, room_made=True)
-                if self.metrics is not None:
-                    self.metrics.connections_shed.labels(self.name).inc()
+        # Make room by closing an idle connection: the caller's own at its cap, anyone's (the biggest
+        # holder's) at the listener's.
+        if (
+            refusal is not None
+            and self.shed is not None
+            and await self.shed(key if refusal.reason == "caller_full" else None)
+        ):
+            refusal = self.counter.admit(key, room_made=True)
+            if self.metrics is not None:
+                self.metrics.connections_shed.labels(self.name).inc()
         if refusal is not None:
             self._refuse(conn, key, refusal)
             return

@@ -350,9 +350,7 @@ class HttpServer:
 
         So idle and silent connections — whoever holds them — can never lock a listener: only requests
         in progress (each bounded by request_timeout) and per-caller caps bound who gets in."""
-        idle = [
-            c for c in self._open if c.phase == "idle" and not c.timed_out and (owner is None or c.owner == owner)
-        ]
+        idle = [c for c in self._open if c.phase == "idle" and not c.timed_out and (owner is None or c.owner == owner)]
         if not idle:
             return False
         held: dict[object, int] = {}
