@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -151,30 +151,24 @@ async def in_background(run: Callable[..., Awaitable[None]], stop: Callable[[], 
         await asyncio.wait_for(task, 30)
 
 
-def request_as_user(uid: int, address: str | tuple[str, int], raw: bytes) -> tuple[int, bytes]:
-    """Send `raw` (one HTTP request, Connection: close) from a forked child that dropped to uid/gid `uid`
-    with no supplementary groups; (status, body) of the answer. Needs root."""
+def as_user(uid: int, work: Callable[[], str], *, groups: Iterable[int] = ()) -> str:
+    """Run `work()` in a forked child that dropped to uid/gid `uid` with exactly `groups` as its
+    supplementary groups (none by default); what it returned, or "CHILD-ERROR <exception>". Needs root."""
     import encodings.idna  # noqa: F401  (loaded here: the child's uid may not be able to read it)
-    import socket
 
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: drop privileges, ask, report through the pipe, exit at once
+    if pid == 0:  # the child: drop privileges, work, report through the pipe, exit at once
         try:
-            os.setgroups([])
+            os.close(read_end)
+            os.setgroups(list(groups))
             os.setgid(uid)
             os.setuid(uid)
-            family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-            with socket.socket(family) as s:
-                s.settimeout(10)
-                s.connect(address)
-                s.sendall(raw)
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-            os.write(write_end, data)
+            result = work()
         except BaseException as exc:
-            os.write(write_end, f"CHILD-ERROR {exc!r}".encode())
+            result = f"CHILD-ERROR {type(exc).__name__}: {exc}"
+        try:
+            os.write(write_end, result.encode("latin-1"))
         finally:
             os._exit(0)
     os.close(write_end)
@@ -183,6 +177,39 @@ def request_as_user(uid: int, address: str | tuple[str, int], raw: bytes) -> tup
         data += chunk
     os.close(read_end)
     os.waitpid(pid, 0)
+    return data.decode("latin-1")
+
+
+def request_as_user(uid: int, address: str | tuple[str, int], raw: bytes) -> tuple[int, bytes]:
+    """Send `raw` (one HTTP request, Connection: close) from a forked child that dropped to uid/gid `uid`
+    with no supplementary groups; (status, body) of the answer. Needs root."""
+    import socket
+
+    def ask() -> str:
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        with socket.socket(family) as s:
+            s.settimeout(10)
+            s.connect(address)
+            s.sendall(raw)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data.decode("latin-1")
+
+    data = as_user(uid, ask).encode("latin-1")
     assert data.startswith(b"HTTP/1.1 "), data[:200]
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every uid can reach (pytest's tmp dirs are private to root): for sockets that
+    unprivileged test clients connect to."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="wlidd-shared-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -7,8 +7,7 @@ import json
 import os
 import stat
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +33,6 @@ def request_as(uid: int, gid: int, sock: str, path: str) -> tuple[int, dict[str,
     assert uid == gid
     status, body = request_as_user(uid, sock, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     return status, json.loads(body)
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every uid can reach (pytest's tmp dirs are private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="wlidd-authz-"))
-    os.chmod(path, 0o755)
-    yield path
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import FileSet, in_background
+from tests.conftest import FileSet, as_user, in_background
 from tests.test_tokens import APP_URI, CLIENT_ID, _source, entra_token_config, metadata_token_config, token_emulator
 from wlidd.api import peers
 from wlidd.api.authz import Policy
@@ -94,33 +94,21 @@ def audit_lines() -> Iterator[list[dict[str, Any]]]:
 def _send_and_close_as(uid: int, port: int, targets: list[str]) -> list[int]:
     """From a child that dropped to `uid`: for each target, connect, send the request, close at once
     (the attack: a socket whose owner closed it looked like root). The client ports used."""
-    import encodings.idna  # noqa: F401  (loaded before the uid change)
 
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            ports = []
-            for target in targets:
-                raw = f"GET {target} HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n"
-                s = socket.socket()
-                s.connect(("127.0.0.1", port))
-                ports.append(s.getsockname()[1])
-                s.sendall(raw.encode())
-                s.close()
-            os.write(write_end, json.dumps(ports).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    data = b""
-    while chunk := os.read(read_end, 65536):
-        data += chunk
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    ports: list[int] = json.loads(data)
+    def attack() -> str:
+        ports = []
+        for target in targets:
+            raw = f"GET {target} HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n"
+            s = socket.socket()
+            s.connect(("127.0.0.1", port))
+            ports.append(s.getsockname()[1])
+            s.sendall(raw.encode())
+            s.close()
+        return json.dumps(ports)
+
+    answer = as_user(uid, attack)
+    assert not answer.startswith("CHILD-ERROR"), answer
+    ports: list[int] = json.loads(answer)
     return ports
 
 

@@ -12,7 +12,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -239,17 +238,6 @@ async def test_floods_of_denied_mtls_requests_write_a_few_lines_and_a_count(
         ("spiffe://example.org/ns/dev/sa/web", flood - BURST),
         (WEB, flood - BURST),
     }
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every uid can reach (pytest's tmp dirs are private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="wlidd-hostile-"))
-    os.chmod(path, 0o755)
-    yield path
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing uid in a child needs root")

@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.conftest import as_user as conftest_as_user
 from wlidd import posix_acl, sinks
 from wlidd.config import CredentialSinkConfig, SinkConfig
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
@@ -74,29 +75,10 @@ def sink(directory: Path, **options: Any) -> CredentialSinkConfig:
 
 
 def as_user(uid: int, action: Callable[[], str]) -> str:
-    """Run `action` in a forked child that dropped to uid/gid `uid` with no supplementary groups; what it
-    returned, or "ERROR <exception>"."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            result = action()
-        except BaseException as exc:
-            result = f"ERROR {type(exc).__name__}: {exc}"
-        try:
-            os.write(write_end, result.encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    data = b""
-    while chunk := os.read(read_end, 65536):
-        data += chunk
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    return data.decode()
+    """Run `action` as `uid` with no supplementary groups (conftest.as_user); what it returned, or
+    "ERROR <exception>"."""
+    result = conftest_as_user(uid, action)
+    return "ERROR " + result.removeprefix("CHILD-ERROR ") if result.startswith("CHILD-ERROR ") else result
 
 
 def read_as(uid: int, path: Path) -> str:

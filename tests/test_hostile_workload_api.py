@@ -17,7 +17,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import httpx
 import pytest
 from hyperframe.frame import DataFrame, PingFrame
 
-from tests.conftest import FileSet, in_background
+from tests.conftest import FileSet, as_user, in_background
 from tests.test_workload_api import make_daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.workload_api.server import build_server, serve_accepted
@@ -213,17 +212,6 @@ class RawGrpc:
 
 
 # ---- a real daemon process ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """Sockets every uid can reach (pytest's tmp dirs are private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="wlidd-hostile-wl-"))
-    os.chmod(path, 0o755)
-    yield path
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
 
 
 class DaemonProcess:
@@ -630,29 +618,9 @@ def nobodys_nss_group() -> Iterator[int]:
 
 
 def in_child(groups: list[int], work: Any) -> str:
-    """Run `work()` in a forked child that set its supplementary groups to `groups` and dropped to
-    nobody (conftest.request_as_user's pattern); what it returned (a short string)."""
-    import encodings.idna  # noqa: F401  (loaded here: nobody may not be able to read it)
-
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups(groups)
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            os.write(write_end, str(work()).encode())
-        except BaseException as exc:
-            os.write(write_end, f"CHILD-ERROR {exc!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    answer = b""
-    while chunk := os.read(read_end, 65536):
-        answer += chunk
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    return answer.decode()
+    """Run `work()` as nobody with exactly `groups` as its supplementary groups (conftest.as_user);
+    what it returned (a short string)."""
+    return as_user(NOBODY, lambda: str(work()), groups=groups)
 
 
 def workload_call(path: Path) -> str:
