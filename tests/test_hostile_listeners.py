@@ -489,3 +489,37 @@ def test_binding_the_unix_socket_never_chmods_or_chowns_the_public_path(
         assert sorted(os.listdir(tmp_path)) == ["api.sock"]  # the private directory is gone
     finally:
         sock.close()
+
+
+@needs_root
+def test_a_socket_directory_another_user_controls_is_refused(tmp_path: Path) -> None:
+    """Another user who owns the socket's directory could move the socket aside and put their own in its
+    place (clients would then talk to them): binding there is refused, with the reason."""
+    from wlidd.api.listeners import ListenerError, bind_unix_socket
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    os.chown(evil, NOBODY, NOBODY)
+    with pytest.raises(ListenerError, match="belongs to uid 65534"):
+        bind_unix_socket(evil / "workload.sock", 0o666)
+    assert list(evil.iterdir()) == []
+
+
+def test_a_failed_start_removes_the_socket_it_bound(tmp_path: Path, files: FileSet, ca: CertificateAuthority) -> None:
+    """The Unix socket is bound first; when a later listener cannot start (its port is taken), the
+    daemon exits with the reason and leaves no socket behind."""
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = cli_config(tmp_path, files)
+        config.write_text(
+            config.read_text()
+            + f'[listeners.mtls]\naddress = "127.0.0.1:{port}"\nidentity = "default"\nallow = ["spiffe://example.org"]\n'
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "wlidd", "run", "--config", str(config)], capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode != 0 and "cannot listen on" in result.stderr + result.stdout
+    assert not (tmp_path / "wlidd.sock").exists()

@@ -120,7 +120,7 @@ class Daemon:
         self._unix_activated = False
         self._task_group: anyio.abc.TaskGroup | None = None
         self._grpc_server: Any = None
-        self._workload_activated = False
+        self._bound_paths: list[Path] = []  # Unix sockets bound here: removed on stop, also after a failed start
         self.workload_api: WorkloadApi | None = None
         self.accept_loops: list[AcceptLoop] = []
         self._tcp_listeners: list[anyio.abc.Listener[Any]] = []  # keep anyio's wrappers of our TCP sockets
@@ -220,21 +220,16 @@ class Daemon:
                     loop.close()
                 for listener in self._tcp_listeners:
                     await listener.aclose()
-                workload = self.config.listeners.workload_api
-                if self._grpc_server is not None and workload is not None and not self._workload_activated:
+                for path in self._bound_paths:  # sockets this process bound (never an activated one)
                     with contextlib.suppress(OSError):
-                        if workload.path.is_socket():
-                            workload.path.unlink()
+                        if path.is_socket():
+                            path.unlink()
                 for source in self.tokens.values():
                     await source.flow.aclose()
                 for sock in activated.values():
                     sock.close()
             self.notifier.close()
             repeat_limiter().flush(everything=True)
-        if not self._unix_activated:
-            with contextlib.suppress(OSError):
-                if self.socket_path.is_socket():
-                    self.socket_path.unlink()
         log.info("stopped")
 
     def _servers(self) -> list[HttpServer]:
@@ -322,6 +317,7 @@ class Daemon:
             sock = inherited
         else:
             sock = bind_unix_socket(self.socket_path, unix.mode, unix.group, owner=unix.owner)
+            self._bound_paths.append(self.socket_path)
         await self._listen(tg, "unix", sock, self.unix_server, unix)
         mtls = self.config.listeners.mtls
         if self.mtls_server is not None and mtls is not None:
@@ -337,10 +333,11 @@ class Daemon:
         workload = self.config.listeners.workload_api
         if workload is not None:
             inherited_workload = activated.pop("workload_api", None)
-            self._workload_activated = inherited_workload is not None
-            sock = inherited_workload or bind_unix_socket(
-                workload.path, workload.mode, workload.group, owner=workload.owner
-            )
+            if inherited_workload is not None:
+                sock = inherited_workload
+            else:
+                sock = bind_unix_socket(workload.path, workload.mode, workload.group, owner=workload.owner)
+                self._bound_paths.append(workload.path)
             from wlidd.workload_api.server import WorkloadApi, build_server, serve_accepted
 
             self.workload_api = WorkloadApi(self.watchers, self.policy, self.clock, self.metrics)
@@ -371,6 +368,7 @@ class Daemon:
         now = self.clock()
         bad = [f"identity {n}" for n, w in self.watchers.items() if not w.is_valid(now)]
         bad += [f"token {n}" for n, t in self.tokens.items() if t.servable(now) is None and not t.config.on_demand]
+        bad += [f"listener {loop.name} (accept loop stopped)" for loop in self.accept_loops if not loop.alive]
         head = f"{len(self.watchers)} identities, {len(self.tokens)} tokens"
         return f"serving {head}" if not bad else f"degraded ({head}): not valid: {', '.join(bad)}"
 

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from wlidd.errors import WlidError
+from wlidd.sinks import open_dir
 
 
 class ListenerError(WlidError):
@@ -27,9 +28,11 @@ def bind_unix_socket(
 ) -> socket.socket:
     """Bind a listening Unix socket at `path` with `mode`/`group`/`owner`, replacing only a stale socket.
 
-    The socket is bound inside a private directory (0700, made next to `path`), given its owner, group
-    and mode there — where no other user can swap the name for a link — and then renamed onto `path`
-    in one step. So no chmod or chown ever follows a link another user planted, and the socket is never
+    Every directory on the way must be one only root or the daemon's user can change (the sinks' rule,
+    `wlidd.sinks.open_dir`: else another user could move the socket aside and put theirs in its place);
+    missing ones are made. The socket is bound inside a private directory (0700, made next to `path`),
+    given its owner, group and mode there — where no other user can swap the name for a link — and then
+    renamed onto `path` in one step. So no chmod or chown ever follows a link another user planted, and the socket is never
     reachable with a wider mode than configured. Raises ListenerError naming the path and the reason.
     """
     gid = uid = None
@@ -43,8 +46,10 @@ def bind_unix_socket(
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise ListenerError(f"listeners.unix.group: group {group!r} does not exist") from None
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:  # every directory on the way: only root or our own user may change it (else refused)
+        os.close(open_dir(path.parent, create=True))
+    except OSError as exc:
+        raise ListenerError(f"cannot bind Unix socket {path}: {exc.strerror or exc}") from None
     _remove_stale(path)
     try:
         private = Path(tempfile.mkdtemp(prefix=".wlidd-", dir=path.parent))  # 0700, ours
