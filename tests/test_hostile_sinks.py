@@ -6,11 +6,14 @@ Most tests need root (real throw-away uids, chown, setuid children) and skip wit
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -24,6 +27,7 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.conftest import FileSet
 from tests.conftest import as_user as conftest_as_user
 from wlidd import posix_acl, sinks
 from wlidd.config import CredentialSinkConfig, SinkConfig
@@ -508,3 +512,385 @@ owner = "root"
     result = subprocess.run([*command, "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert "identities.default.sinks[0] (/run/wlidd/creds): owner/group need root or CAP_CHOWN" in result.stdout
     assert "readers = {" in result.stdout
+
+
+# ---- on_change output: no secret whatever its formatting ----------------------------------------------
+
+FORMAT_KEY = r"""
+import base64, json, re, sys, textwrap
+pem = open(sys.argv[1]).read()
+fmt = sys.argv[2]
+body = "".join(pem.strip().splitlines()[1:-1])
+der = base64.b64decode(body)
+def fold(text, width):
+    return "\n".join(chunk for line in text.splitlines() for chunk in textwrap.wrap(line, width) or [""])
+if fmt.startswith("fold"):
+    print(fold(pem, int(fmt[4:])))
+elif fmt == "one-line":
+    print(body)
+elif fmt == "base64url":
+    print(fold(base64.urlsafe_b64encode(der).decode().rstrip("="), 76))
+elif fmt == "hex-colons":
+    print(fold(":".join(f"{b:02x}" for b in der), 45))
+elif fmt == "hex-spaces":
+    print(fold(" ".join(f"{b:02x}" for b in der), 48))
+elif fmt == "hex-plain":
+    print(fold(der.hex(), 60))
+elif fmt == "json":
+    print(json.dumps({"key": pem}))
+elif fmt == "crlf":
+    sys.stdout.write(pem.replace("\n", "\r\n"))
+print("reload failed: no such unit")
+sys.exit(4)
+"""
+
+KEY_FORMATS = ["fold40", "fold50", "fold76", "one-line", "base64url", "hex-colons", "hex-spaces", "hex-plain"]
+KEY_FORMATS += ["json", "crlf", "openssl-text"]
+
+
+def _b64_normal(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9+/]", "", text.replace("-", "+").replace("_", "/"))
+
+
+def fragment_found(logged: str, *, b64: str = "", der: bytes = b"", b64_window: int = 10) -> str:
+    """What of a secret is in `logged`: "base64" when `b64_window` characters of `b64` are (as base64 or
+    base64url), "hex" when 4 bytes of `der` are (hex with any separators), else "". Callers assert on
+    this word only, so a failing test never prints the secret."""
+    text_b64, text_hex = _b64_normal(logged), re.sub(r"[^0-9a-f]", "", logged.lower())
+    secret_hex = der.hex()
+    if any(b64[i : i + b64_window] in text_b64 for i in range(len(b64) - b64_window + 1)):
+        return "base64"
+    if any(secret_hex[i : i + 8] in text_hex for i in range(0, len(secret_hex) - 7, 2)):
+        return "hex"
+    return ""
+
+
+@pytest.mark.parametrize("fmt", KEY_FORMATS)
+async def test_a_failing_on_change_never_logs_the_key_however_the_command_formats_it(
+    tmp_path: Path, ca: CertificateAuthority, events: Events, fmt: str
+) -> None:
+    """Folded at any width, on one line, base64url, hex dumps, openssl's text form: the logged tail has
+    the command's own message and not one fragment of the private key (its scalar, its DER, its base64)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = tmp_path / "out"
+    if fmt == "openssl-text":
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl not installed")
+        script = 'openssl pkey -in "$0/key.pem" -text -noout; echo "reload failed: no such unit"; exit 4'
+        command = ["/bin/sh", "-c", script, str(out)]
+    else:
+        command = [sys.executable, "-c", FORMAT_KEY, str(out / "key.pem"), fmt]
+    svid = ca.issue_svid()
+    await publish_credentials((sink(out, on_change=command),), identity_state(svid, ca.bundle_pem))
+    [failed] = [e for e in events() if e["event"] == "on_change command failed"]
+    own_message_kept = failed["returncode"] == 4 and failed["output"].endswith("reload failed: no such unit")
+    assert own_message_kept  # (a bare bool: a failing assertion must not print the logged output)
+    key = serialization.load_pem_private_key(svid.key_pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    scalar = key.private_numbers().private_value.to_bytes(32, "big")
+    body = "".join(svid.key_pem.decode().strip().splitlines()[1:-1])
+    logged = json.dumps(events())
+    found = fragment_found(logged, der=scalar) or fragment_found(logged, b64=body)
+    assert found == ""
+
+
+FORMAT_TOKEN = r"""
+import base64, sys, textwrap
+token = open(sys.argv[1]).read()
+fmt = sys.argv[2]
+if fmt.startswith("fold"):
+    print("\n".join(textwrap.wrap(token, int(fmt[4:]))))
+elif fmt == "reversed":
+    print("tok=" + token[::-1])
+elif fmt == "quoted":
+    print(f"curl: (22) header Authorization: {token!r} rejected")
+elif fmt == "hex":
+    print(token.encode().hex())
+else:
+    print(token)
+print("reload failed: no such unit")
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["plain", "fold40", "fold50", "fold76", "reversed", "quoted", "hex"])
+async def test_a_failing_on_change_never_logs_the_token_however_the_command_formats_it(
+    tmp_path: Path, events: Events, fmt: str
+) -> None:
+    import secrets as random
+
+    from wlidd.emulator.produced import remember
+
+    now = dt.datetime.now(dt.UTC)
+    value = "ya29.c." + random.token_urlsafe(120)
+    remember("access token", value)  # the conftest leak check looks for it too
+    path = tmp_path / "gcp.token"
+    command = [sys.executable, "-c", FORMAT_TOKEN, str(path), fmt]
+    await publish_token(
+        (SinkConfig.model_validate({"path": str(path), "on_change": command}),),
+        Token(value, now + dt.timedelta(hours=1), now, "gcp"),
+        now,
+        "gcp",
+    )
+    [failed] = [e for e in events() if e["event"] == "on_change command failed"]
+    own_message_kept = failed["output"].endswith("reload failed: no such unit")
+    assert own_message_kept
+    logged = json.dumps(events())
+    found = fragment_found(logged, b64=_b64_normal(value)) or fragment_found(logged, b64=_b64_normal(value[::-1]))
+    found = found or fragment_found(logged, der=value.encode())
+    assert found == ""
+
+
+def test_an_ordinary_failure_message_is_logged_as_it_is() -> None:
+    """Words, paths and error names stay readable: only what could be secret is masked."""
+    message = (
+        b"FileNotFoundError: [Errno 2] No such file or directory: '/etc/app/app.conf'\nJob for app.service failed.\n"
+    )
+    assert sinks.output_tail(message, hide=("ya29.c.secretsecretsecret",)) == message.decode().strip()
+
+
+# ---- sticky, world-writable directories: names any user may hold -------------------------------------
+
+
+@pytest.fixture
+def sticky_dir(public_dir: Path) -> Path:
+    """A root-owned 1777 directory every uid can reach: /tmp's situation."""
+    path = public_dir / "sticky"
+    path.mkdir()
+    path.chmod(0o1777)
+    return path
+
+
+def plant(uid: int, action: Callable[[], object]) -> None:
+    """Do `action` as `uid` (the attacker), failing the test if it could not."""
+    result = as_user(uid, lambda: (action(), "done")[1])
+    assert result == "done", result
+
+
+@needs_root
+def test_stale_temp_names_another_user_planted_do_not_block_an_unprivileged_daemons_write(sticky_dir: Path) -> None:
+    """A name of the temp-file pattern that another user holds cannot be removed (EPERM in a sticky
+    directory): it is skipped, never unlinked, and the write goes through a fresh random name."""
+    planted = [f".app.token.{i:012x}.tmp" for i in range(20)] + [".app.token.a8_x0q2z.tmp"]
+    plant(APP, lambda: [(sticky_dir / name).write_bytes(b"x") for name in planted])
+    target = sticky_dir / "app.token"
+    assert as_user(DAEMON, lambda: (sinks.write_atomic(target, b"new"), "written")[1]) == "written"
+    assert target.read_bytes() == b"new" and target.stat().st_uid == DAEMON
+    assert sorted(p.name for p in sticky_dir.iterdir()) == sorted([*planted, "app.token"])
+
+
+@needs_root
+def test_a_flood_of_stale_temp_names_gives_one_log_line_with_the_counts(sticky_dir: Path, events: Events) -> None:
+    """Our own leftovers are removed, other users' are left alone; one line says how many of each."""
+    own = [f".app.token.{i:012x}.tmp" for i in range(30)]
+    theirs = [f".app.token.{i:06x}.tmp" for i in range(40)]
+    for name in own:
+        (sticky_dir / name).write_bytes(b"old")
+    plant(APP, lambda: [(sticky_dir / name).write_bytes(b"x") for name in theirs])
+    sinks.write_atomic(sticky_dir / "app.token", b"new")
+    lines = [e for e in events() if "stale" in e["event"] or "temporary" in e["event"]]
+    assert [(e["removed"], e["left_to_other_users"]) for e in lines] == [(30, 40)]
+    assert sorted(p.name for p in sticky_dir.iterdir()) == sorted([*theirs, "app.token"])
+
+
+@needs_root
+def test_a_target_name_another_user_holds_in_a_sticky_directory_is_reported_as_such(sticky_dir: Path) -> None:
+    """An unprivileged daemon cannot replace another user's file there (EPERM): the error names the
+    target and the cause, not a temp file, and no temp file is left behind."""
+    target = sticky_dir / "app.token"
+    plant(APP, lambda: target.write_bytes(b"fake"))
+    result = as_user(DAEMON, lambda: (sinks.write_atomic(target, b"new"), "written")[1])
+    assert result.startswith("ERROR SinkRefused")
+    assert f"{target} belongs to uid {APP} in a sticky directory: another user holds the name" in result
+    assert target.read_bytes() == b"fake" and [p.name for p in sticky_dir.iterdir()] == ["app.token"]
+
+
+@needs_root
+async def test_a_directory_another_user_made_at_a_sinks_name_is_reported_as_such(
+    sticky_dir: Path, events: Events
+) -> None:
+    target = sticky_dir / "app.token"
+    plant(APP, target.mkdir)
+    now = dt.datetime.now(dt.UTC)
+    token = Token("opaque-" + "t" * 30, now + dt.timedelta(hours=1), now, "gcp")
+    await publish_token((SinkConfig.model_validate({"path": str(target)}),), token, now, "gcp")
+    [error] = refusals(events, "token sink write failed")
+    assert error.startswith(f"{target} is a directory that belongs to uid {APP} in a sticky directory")
+    assert "another user holds the name" in error and ".tmp" not in error
+    assert [p.name for p in sticky_dir.iterdir()] == ["app.token"]
+
+
+@needs_root
+async def test_a_sink_directory_another_user_made_in_a_sticky_directory_is_reported_as_held(
+    sticky_dir: Path, ca: CertificateAuthority, events: Events
+) -> None:
+    plant(APP, (sticky_dir / "creds").mkdir)
+    await publish_credentials((sink(sticky_dir / "creds"),), identity_state(ca.issue_svid(), ca.bundle_pem))
+    [error] = refusals(events, "credential sink write failed")
+    assert f"directory {sticky_dir / 'creds'} belongs to uid {APP} in a sticky directory: another user holds" in error
+
+
+# ---- a full disk: a sink's files change together or not at all ---------------------------------------
+
+
+def sink_files(directory: Path) -> dict[str, str]:
+    """Each file's name and a digest of its content (a failing comparison must not print a key)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(directory.iterdir())}
+
+
+def test_a_write_failing_midway_through_a_sink_changes_none_of_its_files(
+    tmp_path: Path, ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC on the third file (bundle.pem): key.pem and cert.pem stay the old pair (never a new key
+    beside the old certificate), no temp file is left, and the error names bundle.pem."""
+    out = tmp_path / "out"
+    write_credentials(sink(out), identity_state(ca.issue_svid(), ca.bundle_pem))
+    before = sink_files(out)
+    real_write = os.write
+
+    def full_disk_at_the_bundle(fd: int, data: Any) -> int:
+        if bytes(data) == ca.bundle_pem:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk_at_the_bundle)
+    with pytest.raises(OSError) as raised:
+        write_credentials(sink(out), identity_state(ca.issue_svid(), ca.bundle_pem))
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out / "bundle.pem")
+    assert sink_files(out) == before
+
+
+@needs_root
+async def test_a_full_tmpfs_leaves_the_last_good_set_and_the_log_names_the_file(
+    tmp_path: Path, ca: CertificateAuthority, events: Events
+) -> None:
+    """A real full disk (a 64 KiB tmpfs): the new set needs one page more than is free, after the old
+    svid.pem's page would have been freed by renaming it first."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        out = mount / "spiffe"
+        config = sink(out, layout="spiffe")
+        write_credentials(config, identity_state(ca.issue_svid(), ca.bundle_pem))
+        before = sink_files(out)
+        roots = b"".join(CertificateAuthority("example.org").bundle_pem for _ in range(8))
+        big_bundle = ca.bundle_pem + roots  # bundle.example.org.pem: one page → two
+        fillers = 0
+        with contextlib.suppress(OSError):
+            while True:
+                (mount / f"fill{fillers}").write_bytes(b"\0" * 4096)
+                fillers += 1
+        (mount / f"fill{fillers - 1}").unlink()  # exactly one page free
+        new_state = identity_state(ca.issue_svid(), big_bundle)
+        assert len(new_state.identity.own_bundle.pem) > 4096
+        await publish_credentials((config,), new_state)
+        assert sink_files(out) == before
+        [error] = refusals(events, "credential sink write failed")
+        assert error == f"No space left on device: {out / 'bundle.example.org.pem'}"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+# ---- pid_file: hard links -------------------------------------------------------------------------------
+
+
+@needs_root
+async def test_a_pid_file_with_another_hard_link_is_refused(
+    tmp_path: Path, ca: CertificateAuthority, events: Events, target: Callable[..., Target]
+) -> None:
+    """With fs.protected_hardlinks=0 any user may link to root's files: a pid file with a second name
+    (e.g. a link to another service's pid file, planted in a sticky directory) is not trusted."""
+    victim = target()
+    (tmp_path / "sshd.pid").write_text(str(victim.pid))
+    os.link(tmp_path / "sshd.pid", tmp_path / "app.pid")
+    config = sink(tmp_path / "out", signal="SIGUSR1", pid_file=str(tmp_path / "app.pid"))
+    await publish_credentials((config,), identity_state(ca.issue_svid(), ca.bundle_pem))
+    assert victim.received() == ["SIGUSR2"]
+    [reason] = refusals(events, "signal after rotation refused")
+    assert reason.startswith(f"pid file {tmp_path / 'app.pid'} has 2 hard links")
+
+
+# ---- wlidd check: names that do not exist ----------------------------------------------------------------
+
+
+def test_check_fails_for_a_sink_whose_reader_owner_or_group_does_not_exist(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wlidd.cli import main
+
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    config = tmp_path / "wlidd.toml"
+    config.write_text(
+        f"""
+[identities.default]
+source = "files"
+cert = "{files.cert}"
+key = "{files.key}"
+bundle = "{files.bundle}"
+[[identities.default.sinks]]
+dir = "{tmp_path}/creds"
+readers = {{ users = ["wlidd-no-such-user"], groups = ["wlidd-no-such-group"] }}
+[tokens.vm]
+flow = "gce-metadata"
+[[tokens.vm.sinks]]
+path = "{tmp_path}/vm.token"
+owner = "wlidd-no-such-owner"
+[listeners.unix]
+path = "{tmp_path}/wlidd.sock"
+"""
+    )
+    assert main(["check", "--config", str(config)]) == 1
+    printed = capsys.readouterr().out
+    where = f"identities.default.sinks[0] ({tmp_path}/creds)"
+    assert f"FAIL {where}: no user 'wlidd-no-such-user' (readers) on this host" in printed
+    assert f"FAIL {where}: no group 'wlidd-no-such-group' (readers) on this host" in printed
+    assert f"FAIL tokens.vm.sinks[0] ({tmp_path}/vm.token): no user 'wlidd-no-such-owner' (owner)" in printed
+    assert "ok   default:" in printed  # the identity itself is fine
+
+
+# ---- one sink's slow command does not hold the others back -----------------------------------------------
+
+WAIT_FOR = r"""
+import os, sys, time
+seen, marker, report = sys.argv[1:4]
+saw = os.path.exists(seen)  # the other sink's file, written before any command ran
+deadline = time.monotonic() + 20
+while not os.path.exists(marker) and time.monotonic() < deadline:
+    time.sleep(0.02)
+open(report, "w").write(f"saw={saw} marker={os.path.exists(marker)}")
+"""
+
+
+async def test_a_slow_on_change_does_not_delay_another_credential_sinks_files_or_command(
+    tmp_path: Path, ca: CertificateAuthority, events: Events
+) -> None:
+    """Sink a's command waits for what sink b's command does: run one after the other, a would time out."""
+    a, b, marker, report = tmp_path / "a", tmp_path / "b", tmp_path / "b-ran", tmp_path / "report"
+    slow = [sys.executable, "-c", WAIT_FOR, str(b / "key.pem"), str(marker), str(report)]
+    configs = (sink(a, on_change=slow, on_change_timeout="4s"), sink(b, on_change=["/usr/bin/touch", str(marker)]))
+    with anyio.fail_after(30):
+        await publish_credentials(configs, identity_state(ca.issue_svid(), ca.bundle_pem))
+    assert report.read_text() == "saw=True marker=True"
+    assert not [e for e in events() if e["event"].startswith("on_change command")]
+
+
+async def test_a_slow_on_change_does_not_delay_another_token_sinks_file_or_command(
+    tmp_path: Path, events: Events
+) -> None:
+    a, b, marker, report = tmp_path / "a.token", tmp_path / "b.token", tmp_path / "b-ran", tmp_path / "report"
+    slow = [sys.executable, "-c", WAIT_FOR, str(b), str(marker), str(report)]
+    configs = (
+        SinkConfig.model_validate({"path": str(a), "on_change": slow, "on_change_timeout": "4s"}),
+        SinkConfig.model_validate({"path": str(b), "on_change": ["/usr/bin/touch", str(marker)]}),
+    )
+    now = dt.datetime.now(dt.UTC)
+    token = Token("opaque-" + "t" * 30, now + dt.timedelta(hours=1), now, "gcp")
+    with anyio.fail_after(30):
+        await publish_token(configs, token, now, "gcp")
+    assert report.read_text() == "saw=True marker=True"
+    assert not [e for e in events() if e["event"].startswith("on_change command")]

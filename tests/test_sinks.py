@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,11 @@ import anyio
 import pytest
 
 from tests.conftest import FileSet, in_background
+from tests.test_tokens import metadata_token_config, token_emulator
 from wlidd.config import Config, CredentialSinkConfig
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, cert_pem
+from wlidd.emulator.upstreams import Upstreams
 
 
 def daemon(tmp_path: Path, files: FileSet, sinks: list[dict[str, Any]], **identity: Any) -> Daemon:
@@ -120,3 +124,77 @@ def test_a_world_readable_key_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="signal and pid_file go together"):
         CredentialSinkConfig.model_validate({"dir": "/x", "signal": "SIGHUP"})
     assert signal.SIGHUP  # the names are the signal module's
+
+
+# ---- a reload that changes sinks rewrites them at once ------------------------------------------------
+
+READER = 65534  # the reader a reload removes
+
+
+def acl_users(path: Path) -> list[int]:
+    """Named users in the file's POSIX ACL (none without one)."""
+    from wlidd import posix_acl
+
+    try:
+        entries = posix_acl.decode(os.getxattr(path, posix_acl.XATTR))
+    except OSError:
+        return []
+    return [e.id for e in entries if e.tag == posix_acl.USER]
+
+
+async def test_a_reader_removed_by_a_reload_loses_the_key_at_once_not_at_the_next_rotation(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+) -> None:
+    from wlidd.config import load_config
+
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    out, path = tmp_path / "out", tmp_path / "wlidd.toml"
+
+    def write(readers: str) -> None:
+        path.write_text(
+            f'[identities.default]\nsource = "files"\ncert = "{files.cert}"\nkey = "{files.key}"\n'
+            f'bundle = "{files.bundle}"\n[[identities.default.sinks]]\ndir = "{out}"\n{readers}\n'
+            f'[listeners.unix]\npath = "{tmp_path / "wlidd.sock"}"\n'
+        )
+
+    write(f"readers = {{ users = [{READER}] }}")
+    d = Daemon(load_config(path, {}), config_path=path, environ={})
+    async with in_background(d.run, d.stop):
+        await wait_for(lambda: (out / "key.pem").exists() and acl_users(out / "key.pem") == [READER])
+        version = d.watchers["default"].current.version  # type: ignore[union-attr]
+        write("")
+        await d.reload()
+        await wait_for(lambda: acl_users(out / "key.pem") == [], timeout=5)
+        assert d.watchers["default"].current.version == version  # type: ignore[union-attr]  # no rotation
+
+
+@pytest.fixture
+async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
+    emulator = token_emulator(tmp_path, ca)
+    async with in_background(emulator.run, emulator.stop):
+        yield emulator
+
+
+async def test_a_token_sink_changed_by_a_reload_is_rewritten_from_the_current_token_at_once(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
+) -> None:
+    from wlidd.config import load_config
+
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    token_file, path = tmp_path / "vm.token", tmp_path / "wlidd.toml"
+
+    def write(readers: str) -> None:
+        lines = [f'[listeners.unix]\npath = "{tmp_path / "wlidd.sock"}"\n[tokens.vm]']
+        lines += [f"{k} = {json.dumps(v)}" for k, v in metadata_token_config(upstreams).items() if k != "metadata"]
+        lines += [f'metadata.url = "{upstreams.metadata_url}"', f'[[tokens.vm.sinks]]\npath = "{token_file}"', readers]
+        path.write_text("\n".join(lines) + "\n")
+
+    write(f"readers = {{ users = [{READER}] }}")
+    d = Daemon(load_config(path, {}), config_path=path, environ={})
+    async with in_background(d.run, d.stop):
+        await wait_for(lambda: token_file.exists() and acl_users(token_file) == [READER])
+        calls = d.tokens["vm"].upstream_calls
+        write("")
+        await d.reload()
+        await wait_for(lambda: acl_users(token_file) == [], timeout=5)
+        assert d.tokens["vm"].upstream_calls == calls  # the current token, not a new one

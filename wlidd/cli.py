@@ -45,10 +45,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     configure_logging("error", "console")
     failures = 0
-    from wlidd.sinks import ownership_warnings
+    from wlidd.sinks import ownership_warnings, sink_problems
 
     for warning in ownership_warnings(config):
         print(f"warning: {warning}")
+    for problem in sink_problems(config):
+        failures += 1
+        print(f"FAIL {problem}")
     if not config.identities:
         print("problem: no identities configured ([identities.<name>])")
         return 1
@@ -111,17 +114,22 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_creds(args: argparse.Namespace) -> int:
     from wlidd.client import Client
-    from wlidd.sinks import write_atomic
+    from wlidd.sinks import write_files
 
     with Client(_socket_path(args)) as client:
         creds = client.get_credentials(args.identity)
     out = Path(args.out)
+    files = [  # one set, key first: a failure while writing changes none of them (sinks.write_files)
+        (out / "svid_key.pem", creds.key_pem.encode(), 0o600),
+        (out / "svid.pem", creds.chain_pem.encode(), 0o644),
+        (out / "bundle.pem", creds.bundle_pem.encode(), 0o644),
+    ]
+    files += [
+        (out / f"federated_bundle.{trust_domain}.pem", pem.encode(), 0o644)
+        for trust_domain, pem in sorted(creds.federated_bundles_pem.items())
+    ]
     try:
-        write_atomic(out / "svid.pem", creds.chain_pem.encode(), 0o644)
-        write_atomic(out / "svid_key.pem", creds.key_pem.encode(), 0o600)
-        write_atomic(out / "bundle.pem", creds.bundle_pem.encode(), 0o644)
-        for trust_domain, pem in sorted(creds.federated_bundles_pem.items()):
-            write_atomic(out / f"federated_bundle.{trust_domain}.pem", pem.encode(), 0o644)
+        write_files(files)
     except OSError as exc:  # a refused (unsafe) directory or a plain I/O error: say which, no traceback
         detail = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
         print(f"wlidd creds: cannot write to {out}: {detail}", file=sys.stderr)

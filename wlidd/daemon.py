@@ -54,7 +54,7 @@ from wlidd.config import (
 from wlidd.errors import ConfigError
 from wlidd.logs import configure_logging, get_logger, repeat_limiter
 from wlidd.metrics import Metrics
-from wlidd.sinks import follow_credentials
+from wlidd.sinks import follow_credentials, republish_credentials, republish_token
 from wlidd.svid.load import Clock, CredentialSource, utc_now
 from wlidd.systemd import Notifier, listen_fds, watchdog_period
 from wlidd.tlsctx import HotServerContext
@@ -497,6 +497,8 @@ class Daemon:
                 self.watchers[name].source = CredentialSource(name, after, dict(self._environ))
                 keep_ids[name] = after
                 log.info("sinks reloaded", section=f"identities.{name}")
+                if self._task_group is not None:  # now, not at the next rotation: a removed reader loses access
+                    self._task_group.start_soon(republish_credentials, self.watchers[name])
         keep_tokens = dict(old.tokens)
         pinned = old.listeners.metadata.token if old.listeners.metadata is not None else None
         for name in list(dict.fromkeys([*old.tokens, *new.tokens])):
@@ -515,6 +517,8 @@ class Daemon:
                 self.tokens[name].config = wanted
                 keep_tokens[name] = wanted
                 log.info("sinks reloaded", section=f"tokens.{name}")
+                if self._task_group is not None:  # now, from the current token, not at the next refresh
+                    self._task_group.start_soon(republish_token, self.tokens[name], self.clock)
             else:
                 await self._replace_source(name, wanted)
                 if wanted is None:
