@@ -461,11 +461,11 @@ def test_a_connection_flood_on_the_workload_api_leaves_it_and_the_unix_api_accep
     assert "Traceback" not in (tmp_path / "daemon.log").read_text()
 
 
-def test_binding_the_unix_socket_never_chmods_or_chowns_the_public_path(
+def test_binding_the_unix_socket_sets_its_mode_through_the_inode_not_the_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The mode and owner are set on the socket in a private directory, then renamed into place: a user
-    who can write the socket's directory cannot swap the name for a link between bind and chmod."""
+    """chmod and chown go through an O_PATH descriptor of the socket just bound (/proc/self/fd/N), never
+    through its name: a link swapped in at the name cannot steer them."""
     from wlidd.api import listeners
 
     touched: list[str] = []
@@ -484,9 +484,9 @@ def test_binding_the_unix_socket_never_chmods_or_chowns_the_public_path(
     path = tmp_path / "api.sock"
     sock = listeners.bind_unix_socket(path, 0o660, owner=str(os.getuid()))
     try:
-        assert str(path) not in touched and touched  # set, but never through the public name
+        assert touched and all(t.startswith("/proc/self/fd/") for t in touched), touched
         assert oct(os.lstat(path).st_mode & 0o777) == oct(0o660)
-        assert sorted(os.listdir(tmp_path)) == ["api.sock"]  # the private directory is gone
+        assert sock.getsockname() == str(path)
     finally:
         sock.close()
 
@@ -523,3 +523,23 @@ def test_a_failed_start_removes_the_socket_it_bound(tmp_path: Path, files: FileS
         )
     assert result.returncode != 0 and "cannot listen on" in result.stderr + result.stdout
     assert not (tmp_path / "wlidd.sock").exists()
+
+
+def test_the_unix_sockets_accept_queue_is_deep(tmp_path: Path) -> None:
+    """The kernel's accept queue is shared by every caller, before any per-caller cap: a user connecting
+    in a tight loop must not fill a 128-deep queue for everyone (a non-blocking connect then fails with
+    EAGAIN). The socket listens with SOMAXCONN (the unit's wlidd.socket with Backlog=4096)."""
+    from wlidd.api.listeners import bind_unix_socket
+
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to read a listening socket's backlog")
+    path = tmp_path / "q.sock"
+    sock = bind_unix_socket(path, 0o600)
+    try:
+        listed = subprocess.run(["ss", "-xlH", "src", str(path)], capture_output=True, text=True, check=True).stdout
+        backlog = int(listed.split()[3])
+    finally:
+        sock.close()
+    assert backlog >= min(socket.SOMAXCONN, int(Path("/proc/sys/net/core/somaxconn").read_text())) >= 1024
+    unit = (Path(__file__).parent.parent / "systemd" / "wlidd.socket").read_text()
+    assert re.search(r"^Backlog=4096$", unit, re.M)

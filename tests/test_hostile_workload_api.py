@@ -29,6 +29,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 import httpx
 import pytest
 from hyperframe.frame import DataFrame, PingFrame
@@ -724,3 +725,47 @@ async def test_the_caller_cache_stays_bounded() -> None:
         await cache.get(pid, NOBODY, NOBODY, frozenset({pid}))
         await cache.get(pid, pid, None)  # NSS-resolved (TCP) callers
     assert all(len(table) <= 64 for table in (cache._callers, cache._nss, cache._names))
+
+
+class StallingGrpc(RawGrpc):
+    """A client that never opens its flow-control windows: a push larger than its window stalls."""
+
+    def _event(self, event: h2.events.Event) -> None:
+        call = self.calls.get(getattr(event, "stream_id", 0) or 0)
+        if isinstance(event, h2.events.DataReceived) and call is not None:
+            call.data_bytes += len(event.data or b"")  # counted, never acknowledged
+            return
+        super()._event(event)
+
+
+def test_a_push_held_back_by_a_closed_window_is_not_delivered_after_a_revocation(
+    tmp_path: Path, shared_dir: Path, ca: CertificateAuthority, one_identity: dict[str, FileSet]
+) -> None:
+    """A caller can stall a push (the new key) by not opening its HTTP/2 window, then be revoked: the
+    stalled push must end with PERMISSION_DENIED at the reload, and nothing more of it may arrive when
+    the caller opens its window afterwards."""
+    node = DaemonProcess(tmp_path, shared_dir, one_identity)
+    node.write({"default": {"users": ["root"]}})
+    node.start()
+    client = StallingGrpc(node.workload)
+    try:
+        client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 200})
+        client.flush()
+        stream_id = client.call()
+        client.request(stream_id)
+        call = client.wait(stream_id, lambda call: call.data_bytes >= 200, timeout=10)
+        assert call.data_bytes == 200 and not call.done  # the push is stalled at the window
+        node.write({"default": {"users": ["nobody"]}})
+        node.reload()
+        call = client.wait(stream_id, timeout=5)
+        assert call.status == "PERMISSION_DENIED", call
+        client.h2.increment_flow_control_window(1 << 20)  # open every window now
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            client.h2.increment_flow_control_window(1 << 20, stream_id=stream_id)
+        client.flush()
+        client.receive(1.0)
+        assert call.data_bytes == 200  # not one byte more of the stalled message (its key)
+    finally:
+        client.close()
+        logged = node.stop()
+    assert "access revoked" in logged

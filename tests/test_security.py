@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
+import httpx
 import pytest
 
 from tests.conftest import FileSet, in_background
@@ -253,3 +255,50 @@ async def test_one_audit_line_per_caller_and_token_not_per_request(
     assert second["access_token"] != first["access_token"]
     assert len(handed) == 2 and handed[0]["pid"] == os.getpid() and handed[0]["expire_time"] == first["expire_time"]
     assert handed[1]["expire_time"] == second["expire_time"]
+
+
+async def test_one_audit_line_per_caller_and_secret_on_every_listener(
+    tmp_path: Path, shared_dir: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
+) -> None:
+    """A caller asking in a loop cannot flood the audit trail on any path that hands out a secret:
+    metadata tokens and ID tokens, credentials on the Unix socket, Workload API pushes — one line per
+    caller and secret (a new one is logged again)."""
+    from tests.test_hostile_workload_api import workload_call
+
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    stream = io.StringIO()
+    configure_logging("info", "json", stream)
+    workload = shared_dir / "workload.sock"
+    config = Config.model_validate(
+        {
+            "identities": {"default": files.config()},
+            "tokens": {"mds": metadata_token_config(upstreams)},
+            "listeners": {
+                "unix": {"path": str(tmp_path / "wlidd.sock")},
+                "metadata": {"address": "127.0.0.1:0", "token": "mds", "email": "sa@example.iam.gserviceaccount.com"},
+                "workload_api": {"path": str(workload)},
+            },
+        }
+    )
+    d = Daemon(config)
+    flavor = {"Metadata-Flavor": "Google"}
+    account = "/computeMetadata/v1/instance/service-accounts/default"
+    try:
+        async with (
+            in_background(d.run, d.stop),
+            client(d) as c,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.metadata_port}", headers=flavor) as m,
+        ):
+            await wait_for_token(c, "mds")
+            for _ in range(20):
+                assert (await m.get(f"{account}/token")).status_code == 200
+                assert (await m.get(f"{account}/identity", params={"audience": "https://a.example"})).status_code == 200
+                assert (await c.get("/v1/credentials/default")).status_code == 200
+            for _ in range(5):
+                assert await anyio.to_thread.run_sync(workload_call, workload) == "served"
+    finally:
+        reset_logging()
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines() if line.startswith("{")]
+    expected = {"token handed out": 2, "id token handed out": 1, "credentials handed out": 1, "svids pushed": 1}
+    for event, count in expected.items():  # the token: once on the Unix socket (wait_for_token), once on metadata
+        assert events.count(event) == count, (event, events.count(event))

@@ -485,3 +485,36 @@ async def test_credentials_in_a_subdirectory_of_another_watched_directory_are_wa
         creds.put(new)
         state = await changed(w, 1)
         assert state.identity.svid.serial == serial_of(new.leaf)
+
+
+async def test_a_rotation_read_while_descriptors_are_exhausted_is_retried_not_rejected(
+    files: FileSet, ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE while reading or building the new TLS contexts (a local connection flood) is the process's
+    state, not the files': no rejection is counted, the last good set stays, and the reload is tried
+    again shortly — the rotation is picked up without waiting for the next periodic re-read."""
+    import errno
+
+    from wlidd import watch
+
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    monkeypatch.setattr(watch, "RESOURCE_RETRY", 0.05)
+    real_build = TlsContexts.build
+    failures = {"left": 2}
+
+    def build(identity: object) -> TlsContexts:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_build(identity)  # type: ignore[arg-type]
+
+    watcher = CredentialWatcher("default", files.source(reload_interval=3600))
+    async with running(watcher):
+        first = watcher.current
+        assert first is not None
+        monkeypatch.setattr(watch.TlsContexts, "build", staticmethod(build))
+        new = ca.issue_svid()
+        files.put(new)
+        state = await changed(watcher, first.version)
+    assert state.identity.svid.serial == serial_of(new.leaf)
+    assert watcher.stats.rejections == 0 and failures["left"] == 0

@@ -100,6 +100,35 @@ class _Window:
 _OVERFLOW = ("key_table_full", True)
 
 
+class AuditOnce:
+    """Which hand-outs were audited already: `changed(key, marker)` is True (log it) the first time a
+    key — (caller, what) — is seen with a marker (a token's expiry, a certificate's serial, a set of
+    versions), and False while the same caller keeps getting the same thing. So the audit trail names
+    every caller and every new secret it received, and a caller asking in a loop adds nothing to it.
+
+    Bounded: at most `max_keys` keys, the least recently changed dropped first (a dropped key is just
+    logged again on its next hand-out).
+    """
+
+    def __init__(self, max_keys: int = 4096) -> None:
+        from collections import OrderedDict
+
+        self.max_keys = max_keys
+        self._seen: OrderedDict[Hashable, Hashable] = OrderedDict()
+
+    def changed(self, key: Hashable, marker: Hashable) -> bool:
+        if key in self._seen and self._seen[key] == marker:
+            return False
+        self._seen[key] = marker
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.max_keys:
+            self._seen.popitem(last=False)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
 class RepeatLimiter:
     """At most `burst` lines per key per `window` seconds; further lines with that key are counted,
     and one summary line (the same event and key fields, plus `repeated=<count>` and

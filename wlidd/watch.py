@@ -26,7 +26,7 @@ from wlidd.dirwatch import directory_changes
 from wlidd.errors import SvidError
 from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
-from wlidd.svid.load import Clock, CredentialSource, Identity, load_identity, utc_now
+from wlidd.svid.load import RESOURCE_ERRNOS, Clock, CredentialSource, Identity, load_identity, utc_now
 from wlidd.tlsctx import TlsContexts
 
 log = get_logger("wlidd.watch")
@@ -34,6 +34,7 @@ log = get_logger("wlidd.watch")
 PRE_EXPIRY_MARGIN = 30.0  # seconds before not_after to re-read once more
 MAX_TIMER_SLEEP = 30.0  # wall clock is re-checked at least this often (suspend/resume)
 INVALID_REREAD_INTERVAL = 30.0  # re-read at least this often while no valid SVID is loaded
+RESOURCE_RETRY = 1.0  # seconds before a reload deferred for lack of descriptors or memory is tried again
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class CredentialWatcher:
         self._watch_stop = anyio.Event()
         self._closed = False
         self._log = log.bind(identity=name)
+        self._task_group: anyio.abc.TaskGroup | None = None  # run()'s, for deferred retries
 
     # ---- consumers -------------------------------------------------------------------------
     def current_tls(self) -> TlsContexts | None:
@@ -150,9 +152,18 @@ class CredentialWatcher:
                 return False
             tls = await anyio.to_thread.run_sync(TlsContexts.build, identity)
         except SvidError as exc:
+            if exc.reason == "resources_exhausted":
+                self._resources_exhausted(exc.message, reason)
+                return False
             self._reject(exc.reason, exc.message, reason)
             return False
-        except (OSError, ValueError) as exc:  # OpenSSL refusing what we validated: keep the old state
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                self._resources_exhausted(f"TLS context could not be built now: {exc.strerror}", reason)
+                return False
+            self._reject("tls_context_failed", f"TLS context could not be built: {exc}", reason)
+            return False
+        except ValueError as exc:  # OpenSSL refusing what we validated: keep the old state
             self._reject("tls_context_failed", f"TLS context could not be built: {exc}", reason)
             return False
         now = self.clock()
@@ -187,6 +198,21 @@ class CredentialWatcher:
         if self.metrics is not None:
             self.metrics.identity_reloads.labels(self.name, result).inc()
 
+    def _resources_exhausted(self, message: str, trigger: str) -> None:
+        """The process ran out of descriptors or memory (a local connection flood, say) while reloading:
+        not the files' fault, so not a rejection. The last good state stays and the reload is tried
+        again in RESOURCE_RETRY seconds (a rotation is not missed until the next periodic re-read)."""
+        self._count("deferred")
+        log.limited(
+            "warning", "credential reload deferred: out of resources", key={"identity": self.name}, detail=message
+        )
+        if self._task_group is not None:
+            self._task_group.start_soon(self._retry_later, trigger)
+
+    async def _retry_later(self, trigger: str) -> None:
+        await anyio.sleep(RESOURCE_RETRY)
+        self.request_reload(f"{trigger}-retry")
+
     def _reject(self, reason_code: str, message: str, trigger: str) -> None:
         stats = self.stats
         stats.rejections += 1
@@ -213,6 +239,7 @@ class CredentialWatcher:
         """Initial load, then watch, time and reload until cancelled. Started once loading was tried."""
         await self.reload("start")
         async with anyio.create_task_group() as tg:
+            self._task_group = tg
             tg.start_soon(self._watch_files)
             tg.start_soon(self._timer)
             task_status.started()

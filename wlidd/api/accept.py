@@ -44,6 +44,7 @@ CONNECTION_ACCEPT_ERRORS = frozenset(
 )
 BACKOFF_MIN = 0.01  # seconds: the first pause after a transient accept failure
 BACKOFF_MAX = 1.0  # seconds: the longest pause
+ACCEPT_BATCH = 64  # connections accepted per wake-up before other tasks run
 
 
 @dataclass(frozen=True)
@@ -249,39 +250,42 @@ class AcceptLoop:
                 raise
             if self._stopped:
                 return
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if exc.errno in TRANSIENT_ACCEPT_ERRORS:
-                    exhausted_count += 1
-                    if exhausted_since is None:
-                        exhausted_since = time.monotonic()
-                        log.error(
-                            "cannot accept connections: out of resources; backing off and retrying",
-                            listener=self.name,
-                            error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-                            open_connections=self.counter.total,
-                        )
-                    self._count_error(exc.errno or 0)
-                    backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, backoff * 2))
-                    await anyio.sleep(backoff)
-                    continue
-                if exc.errno in CONNECTION_ACCEPT_ERRORS:
-                    continue
-                if self._stopped or exc.errno == errno.EBADF:
-                    return
-                raise
-            if exhausted_since is not None:
-                log.warning(
-                    "accepting connections again",
-                    listener=self.name,
-                    failed_accepts=exhausted_count,
-                    seconds=round(time.monotonic() - exhausted_since, 3),
-                )
-                exhausted_since, exhausted_count, backoff = None, 0, 0.0
-            await self._admit(conn, tg)
+            for _ in range(ACCEPT_BATCH):  # drain the kernel's queue: one wake-up, many connections
+                try:
+                    conn, _ = self.sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in TRANSIENT_ACCEPT_ERRORS:
+                        exhausted_count += 1
+                        if exhausted_since is None:
+                            exhausted_since = time.monotonic()
+                            log.limited(  # episodes can come many a second: repeats are counted (wlidd.logs)
+                                "error",
+                                "cannot accept connections: out of resources; backing off and retrying",
+                                key={"listener": self.name},
+                                error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                                open_connections=self.counter.total,
+                            )
+                        self._count_error(exc.errno or 0)
+                        backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, backoff * 2))
+                        await anyio.sleep(backoff)
+                        break
+                    if exc.errno in CONNECTION_ACCEPT_ERRORS:
+                        continue
+                    if self._stopped or exc.errno == errno.EBADF:
+                        return
+                    raise
+                if exhausted_since is not None:
+                    log.limited(
+                        "warning",
+                        "accepting connections again",
+                        key={"listener": self.name},
+                        failed_accepts=exhausted_count,
+                        seconds=round(time.monotonic() - exhausted_since, 3),
+                    )
+                    exhausted_since, exhausted_count, backoff = None, 0, 0.0
+                await self._admit(conn, tg)
 
     async def _admit(self, conn: socket.socket, tg: anyio.abc.TaskGroup) -> None:
         try:

@@ -9,7 +9,6 @@ import os
 import pwd
 import socket
 import stat
-import tempfile
 from pathlib import Path
 
 from wlidd.errors import WlidError
@@ -24,16 +23,20 @@ class ListenerError(WlidError):
 
 
 def bind_unix_socket(
-    path: Path, mode: int = 0o660, group: str | None = None, backlog: int = 128, owner: str | None = None
+    path: Path,
+    mode: int = 0o660,
+    group: str | None = None,
+    backlog: int = socket.SOMAXCONN,
+    owner: str | None = None,
 ) -> socket.socket:
     """Bind a listening Unix socket at `path` with `mode`/`group`/`owner`, replacing only a stale socket.
 
     Every directory on the way must be one only root or the daemon's user can change (the sinks' rule,
-    `wlidd.sinks.open_dir`: else another user could move the socket aside and put theirs in its place);
-    missing ones are made. The socket is bound inside a private directory (0700, made next to `path`),
-    given its owner, group and mode there — where no other user can swap the name for a link — and then
-    renamed onto `path` in one step. So no chmod or chown ever follows a link another user planted, and the socket is never
-    reachable with a wider mode than configured. Raises ListenerError naming the path and the reason.
+    `wlidd.sinks.open_dir`: else another user could move the socket aside and put theirs in its place,
+    or swap its name for a link before a chmod); missing ones are made. The socket file is born 0600
+    (umask) and then given its mode and owner through an O_PATH descriptor opened without following
+    links (`_set_mode_and_owner`). So it is never reachable with a wider mode than configured, and no
+    link steers a chmod or chown. Raises ListenerError naming the path and the reason.
     """
     gid = uid = None
     if owner is not None:
@@ -51,31 +54,38 @@ def bind_unix_socket(
     except OSError as exc:
         raise ListenerError(f"cannot bind Unix socket {path}: {exc.strerror or exc}") from None
     _remove_stale(path)
-    try:
-        private = Path(tempfile.mkdtemp(prefix=".wlidd-", dir=path.parent))  # 0700, ours
-    except OSError as exc:
-        raise ListenerError(f"cannot bind Unix socket {path}: {exc.strerror}") from None
-    staged = private / "s"  # short: AF_UNIX paths are limited to 107 bytes
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
+    old_umask = os.umask(0o177)  # born 0600: never wider than configured, whatever happens next
     try:
-        sock.bind(str(staged))
-        if gid is not None or uid is not None:
-            os.chown(staged, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
-        os.chmod(staged, mode)  # a socket in our private directory: no one could have swapped it
-        sock.listen(backlog)
-        os.rename(staged, path)
+        sock.bind(str(path))
     except OSError as exc:
         sock.close()
         raise ListenerError(f"cannot bind Unix socket {path}: {exc.strerror}") from None
     finally:
         os.umask(old_umask)
-        with contextlib.suppress(OSError):
-            os.unlink(staged)
-        with contextlib.suppress(OSError):
-            os.rmdir(private)
+    try:
+        _set_mode_and_owner(path, mode, uid, gid)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(f"cannot set up Unix socket {path}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
+
+
+def _set_mode_and_owner(path: Path, mode: int, uid: int | None, gid: int | None) -> None:
+    """chmod/chown the socket file just bound, through an O_PATH descriptor opened without following
+    links and checked to be a socket: a link planted at `path` is refused, never followed."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.EEXIST, f"{path} is no longer the socket just bound")
+        target = f"/proc/self/fd/{fd}"  # the very inode opened (fchmod does not take O_PATH descriptors)
+        if uid is not None or gid is not None:
+            os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid)
+        os.chmod(target, mode)
+    finally:
+        os.close(fd)
 
 
 def _remove_stale(path: Path) -> None:

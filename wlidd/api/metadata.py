@@ -19,6 +19,7 @@ Unix socket. ID tokens are rate-limited per caller (429 with Retry-After; wlidd.
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import anyio.to_thread
@@ -28,7 +29,7 @@ from wlidd.api.peers import PeerRefused, TcpOwner, lookup_is_cheap, verify_tcp_p
 from wlidd.api.server import Request, Response
 from wlidd.config import MetadataListenerConfig
 from wlidd.errors import ApiError, UpstreamError
-from wlidd.logs import get_logger
+from wlidd.logs import AuditOnce, get_logger
 from wlidd.svid.load import Clock
 from wlidd.tokens.manager import RateLimited, TokenSource
 
@@ -67,6 +68,7 @@ class MetadataApi:
         self.email = config.email or impersonated or "default"
         self.scopes = source.config.scopes()
         self._callers = CallerCache()
+        self._audited = AuditOnce()
 
     def route_template(self, path: str) -> str:
         """The route template a path falls under, or "other": the metrics labels are a fixed set."""
@@ -132,7 +134,7 @@ class MetadataApi:
         except ApiError as exc:
             return _text(exc.http_status, exc.message)
         now = self.clock()
-        self._audit("token handed out", request, caller)
+        self._audit("token handed out", request, caller, self.source.name, token.expire_time)
         return _json(
             200,
             {"access_token": token.value, "expires_in": max(0, int(token.seconds_left(now))), "token_type": "Bearer"},
@@ -160,10 +162,14 @@ class MetadataApi:
             return _text(exc.http_status, exc.message)
         except UpstreamError as exc:
             return _text(503, f"no ID token: {exc.message}")
-        self._audit("id token handed out", request, caller)
+        self._audit("id token handed out", request, caller, audience, hash(token))
         return _text(200, token)
 
-    def _audit(self, event: str, request: Request, caller: _Caller) -> None:
+    def _audit(self, event: str, request: Request, caller: _Caller, subject: Hashable, marker: Hashable) -> None:
+        """One audit line per caller, subject (the token, an audience) and token handed out (`marker`):
+        the same caller asking again for what it already holds adds nothing to the trail."""
+        if not self._audited.changed((event, caller.owner.uid, subject), marker):
+            return
         audit.info(
             event,
             route=request.path,

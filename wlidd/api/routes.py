@@ -13,7 +13,7 @@ from wlidd import __version__
 from wlidd.api.authz import Caller, CallerCache, Policy, Rule
 from wlidd.api.server import Request, Response
 from wlidd.errors import ApiError
-from wlidd.logs import get_logger
+from wlidd.logs import AuditOnce, get_logger
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, iso_z
 from wlidd.tokens.manager import TokenSource
@@ -100,7 +100,7 @@ class Api:
     def __post_init__(self) -> None:
         self._callers = CallerCache()
         self._token_bodies: dict[str, tuple[tuple[str, int], Response]] = {}
-        self._audited: dict[tuple[Caller | str, str], dt.datetime] = {}  # (caller, token) → expiry last audited
+        self._audited = AuditOnce()  # (caller, what) → the token expiry or certificate serial last audited
         self._routes: list[tuple[re.Pattern[str], Route]] = [
             (re.compile(r"^/v1/status$"), self.status),
             (re.compile(r"^/v1/health$"), self.health),
@@ -279,10 +279,7 @@ class Api:
         # One audit line per caller and token: the same process asking again for the token it already
         # holds adds nothing to the trail, and at thousands of requests a second it would flood it.
         key = (caller, name)
-        if self._audited.get(key) != token.expire_time:
-            if len(self._audited) >= 4096:
-                self._audited.clear()
-            self._audited[key] = token.expire_time
+        if self._audited.changed(key, token.expire_time):
             audit.info(
                 "token handed out",
                 route=request.path,
@@ -307,9 +304,10 @@ class Api:
         if state is None or not state.identity.svid.is_valid_at(now):
             return Response.error(503, "identity_unavailable", _not_ready_reason(watcher, now) or "not loaded")
         svid = state.identity.svid
-        audit.info(
-            "credentials handed out", route=request.path, identity=watcher.name, serial=svid.serial, **_who(caller)
-        )
+        if self._audited.changed((caller, f"identity {watcher.name}"), svid.serial):  # once per caller and key
+            audit.info(
+                "credentials handed out", route=request.path, identity=watcher.name, serial=svid.serial, **_who(caller)
+            )
         return Response.json(
             200,
             {

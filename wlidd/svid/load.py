@@ -63,6 +63,9 @@ class CredentialFiles:
         return digest.hexdigest()
 
 
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})  # "not now", not "bad file"
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         with path.open("rb") as handle:
@@ -76,6 +79,8 @@ def _read(path: Path, what: str) -> bytes:
     except OSError as exc:
         if exc.errno in (errno.ENOTDIR, errno.ELOOP):
             raise RetryableSvidError("file_missing", f"{what} {path} cannot be reached: {exc.strerror}") from None
+        if exc.errno in RESOURCE_ERRNOS:  # the process, not the file: a retry once descriptors are free reads it
+            raise SvidError("resources_exhausted", f"{what} {path} cannot be opened now: {exc.strerror}") from None
         raise SvidError("file_unreadable", f"{what} {path} cannot be read: {exc.strerror}") from None
     if len(data) > MAX_FILE_BYTES:
         raise SvidError(f"{what.replace(' ', '_')}_too_large", f"{what} {path} is larger than {MAX_FILE_BYTES} bytes")

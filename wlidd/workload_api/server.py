@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import h2.events
 import h2.exceptions
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
@@ -49,7 +50,7 @@ from h2.errors import ErrorCodes
 
 from wlidd.api.authz import Caller, CallerCache, Policy, peer_groups
 from wlidd.api.server import peer_credentials
-from wlidd.logs import get_logger
+from wlidd.logs import AuditOnce, get_logger
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, iso_z
 from wlidd.svid.model import TrustBundle
@@ -62,6 +63,7 @@ audit = get_logger("wlidd.audit")
 SECURITY_HEADER = "workload.spiffe.io"
 MAX_REQUEST_BYTES = 4096  # a request message's largest declared size; X509SVIDRequest and X509BundlesRequest are empty
 REQUEST_TIMEOUT = 10.0  # seconds for the request message to arrive once a stream was authorized
+SEND_TIMEOUT = 30.0  # seconds a push may wait on a client that does not open its flow-control window
 WINDOW_BYTES = 2**16 - 1  # HTTP/2 receive windows, per connection and per stream: the minimum (RFC 9113 §6.9.2)
 _PREFACE_BYTES = 24  # the HTTP/2 client connection preface (RFC 9113 §3.4)
 # Streams one connection may open in its life; then GOAWAY and close (clients reconnect). h2 remembers
@@ -127,6 +129,10 @@ def read_peer_credentials(sock: socket.socket | None) -> PeerCredentials | None:
         return None
 
 
+def _ignore_event(event: object) -> None:
+    """An h2 event wlidd has nothing to do for."""
+
+
 class WorkloadProtocol(H2Protocol):
     """grpclib's HTTP/2 protocol for one connection, plus what the Workload API needs of it: the peer's
     credentials read once, at connection time; back-pressure (reading
@@ -146,8 +152,23 @@ class WorkloadProtocol(H2Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         super().connection_made(transport)
+        # Frames of unknown types are ignored (RFC 9113 §4.1, §5.5: a PRIORITY_UPDATE, an extension);
+        # grpclib has no processor for h2's UnknownFrameReceived and raised NotImplementedError out of
+        # data_received (a traceback per connection, the connection dropped).
+        self.processor.processors[h2.events.UnknownFrameReceived] = _ignore_event
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._data_received(data)
+        except UnicodeDecodeError:
+            # h2 decodes header values as ASCII for grpclib (header_encoding) and raises this, not a
+            # ProtocolError, for other bytes: a malformed request (gRPC metadata values are ASCII,
+            # grpc/doc/PROTOCOL-HTTP2.md; binary ones are base64 in "-bin" headers). h2's state is
+            # half-updated: end the connection, as for a protocol error, without a traceback.
+            log.debug("workload API connection ended: a header value is not ASCII")
+            self.end(ErrorCodes.PROTOCOL_ERROR)
+
+    def _data_received(self, data: bytes) -> None:
         if self.received < _PREFACE_BYTES:
             self.received += len(data)
             if self.received >= _PREFACE_BYTES:
@@ -246,6 +267,7 @@ class WorkloadApi:
         self.clock = clock
         self.metrics = metrics
         self._callers = CallerCache()
+        self._audited = AuditOnce()  # (method, uid, pid) → the versions last audited as pushed
         self.streams = 0
         self.pushes = 0
         self.last_push: dict[str, str] = {}
@@ -376,7 +398,7 @@ class WorkloadApi:
                     raise GRPCError(Status.UNAVAILABLE, "no valid X.509-SVID is available yet")
                 current = tuple((s.name, s.version) for s in states)
                 if current != sent:
-                    await stream.send_message(render(states))
+                    await self._push(stream, render(states), caller, [s.name for s in states], method)
                     sent = current
                     self.pushes += 1
                     now = self.clock()
@@ -385,18 +407,62 @@ class WorkloadApi:
                         if self.metrics is not None:
                             self.metrics.workload_api_pushes.labels(state.name).inc()
                             self.metrics.workload_api_last_push.labels(state.name).set(now.timestamp())
-                    audit.info(
-                        "svids pushed",
-                        route=method,
-                        uid=caller.uid,
-                        user=caller.user,
-                        identities=[s.name for s in states],
-                    )
+                    if self._audited.changed((method, caller.uid, caller.pid), current):  # once per caller and set
+                        audit.info(
+                            "svids pushed",
+                            route=method,
+                            uid=caller.uid,
+                            user=caller.user,
+                            identities=[s.name for s in states],
+                        )
                 await self._wait_for_change({n: s.version if s else 0 for n, s in seen.items()}, policy_changed)
         finally:
             self.streams -= 1
             if self.metrics is not None:
                 self.metrics.workload_api_streams.set(self.streams)
+
+    async def _push(
+        self, stream: Stream[Any, Any], message: Any, caller: Caller, names: list[str], method: str
+    ) -> None:
+        """Send one response holding `names`' keys, as long as the caller may still have them.
+
+        A client can hold a push back by not opening its HTTP/2 flow-control window; meanwhile a reload
+        may revoke it. So the send is watched: the moment a reload takes any of `names` from the caller,
+        or after SEND_TIMEOUT seconds without the message going out, the send stops — nothing more of
+        the message (the key comes after the chain) leaves — and the call ends: PERMISSION_DENIED or
+        DEADLINE_EXCEEDED in trailers (HEADERS are not flow-controlled), or RST_STREAM when even those
+        cannot be written. Raises GRPCError (grpclib then sends nothing more).
+        """
+        revoked = False
+        async with anyio.create_task_group() as tg:
+
+            async def watch_policy() -> None:
+                nonlocal revoked
+                while True:
+                    await self._policy_changed.wait()
+                    if not set(names) <= set(self._allowed(caller)):
+                        revoked = True
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch_policy)
+            with anyio.move_on_after(SEND_TIMEOUT) as send_deadline:
+                await stream.send_message(message)
+            tg.cancel_scope.cancel()
+        if not revoked and not send_deadline.cancelled_caught:
+            return
+        if revoked:
+            audit.warning("access revoked", route=method, uid=caller.uid, user=caller.user, listener="workload_api")
+            status, text = Status.PERMISSION_DENIED, f"{caller.describe()} may no longer have {', '.join(names)}"
+        else:
+            status, text = Status.DEADLINE_EXCEEDED, f"the client did not read a push for {SEND_TIMEOUT:g} s"
+        with anyio.move_on_after(1.0):
+            await stream.send_trailing_metadata(status=status, status_message=text)
+        if not stream._send_trailing_metadata_done:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                stream._stream.reset_nowait(ErrorCodes.CANCEL)
+            stream._cancel_done = True
+        raise GRPCError(status, text)
 
     async def _wait_for_change(self, versions: dict[str, int], policy_changed: anyio.Event) -> None:
         """Return once any of these identities has a version newer than the one given, or the policy changed."""
