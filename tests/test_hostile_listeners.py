@@ -543,3 +543,25 @@ def test_the_unix_sockets_accept_queue_is_deep(tmp_path: Path) -> None:
     assert backlog >= min(socket.SOMAXCONN, int(Path("/proc/sys/net/core/somaxconn").read_text())) >= 1024
     unit = (Path(__file__).parent.parent / "systemd" / "wlidd.socket").read_text()
     assert re.search(r"^Backlog=4096$", unit, re.M)
+
+
+@needs_root
+def test_a_client_that_pipelines_and_never_reads_is_cut_at_the_idle_timeout(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+) -> None:
+    """Pipelined requests whose answers are never read fill the socket buffers and block the daemon's
+    send: the connection is closed once idle_timeout passes, not held forever."""
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    unix = 'idle_timeout = "1s"\n'
+    with running(daemon_config(tmp_path, files, unix=unix), tmp_path), socket.socket(socket.AF_UNIX) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(str(tmp_path / "wlidd.sock"))
+        s.setblocking(False)
+        request = b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n"
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(20000):
+                s.send(request)
+        deadline = time.monotonic() + 15
+        while get(tmp_path / "wlidd.sock").json()["listeners"]["unix"]["open"] > 1:  # ours: the status call
+            assert time.monotonic() < deadline, "the non-reading connection was never closed"
+            time.sleep(0.1)

@@ -475,6 +475,9 @@ class HttpServer:
                 self.on_response(request, response)
             close = close or self._closing
             connection.requests += 1
+            # A client that never reads (pipelining without reading answers) would hold this send, and
+            # the connection, forever: the sweeper closes it once idle_timeout passes.
+            connection.deadline = time.monotonic() + self.limits.idle_timeout
             await stream.send(serialize_response(response, close=close, head=request.method == "HEAD"))
             if close:
                 return
