@@ -47,11 +47,13 @@ soak: venv
 	$(PY) bench/soak.py
 	$(PY) -m pytest -m soak -s --timeout=0 $(PYTEST_ARGS)
 
-# Long fuzzing: the Hypothesis budgets × FUZZ_SCALE, then atheris (libFuzzer) for FUZZ_SECONDS.
+# Long fuzzing: the Hypothesis budgets × FUZZ_SCALE (HTTP input, SVID properties, and the hostile-user
+# attacks: connection floods, HTTP/2 frames, random audiences and paths), then atheris for FUZZ_SECONDS.
 FUZZ_SCALE   ?= 50
 FUZZ_SECONDS ?= 300
 fuzz: venv
-	FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q --timeout=7200 tests/test_fuzz.py tests/test_svid_properties.py
+	FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q --timeout=7200 tests/test_fuzz.py tests/test_svid_properties.py \
+		tests/test_fuzz_attacks.py
 	mkdir -p .fuzz && cd .fuzz && ../$(PY) ../fuzz/atheris_credentials.py -max_total_time=$(FUZZ_SECONDS) -max_len=8192
 
 clean:

@@ -769,3 +769,32 @@ def test_a_push_held_back_by_a_closed_window_is_not_delivered_after_a_revocation
         client.close()
         logged = node.stop()
     assert "access revoked" in logged
+
+
+def test_one_caller_may_hold_only_so_many_open_calls(
+    tmp_path: Path, shared_dir: Path, one_identity: dict[str, FileSet]
+) -> None:
+    """Each open call holds memory in the daemon: one uid's calls beyond MAX_CALLS_PER_CALLER (across its
+    connections) are refused with RESOURCE_EXHAUSTED at once, and its earlier calls keep their SVIDs."""
+    from wlidd.workload_api.server import MAX_CALLS_PER_CALLER
+
+    node = DaemonProcess(tmp_path, shared_dir, one_identity)
+    node.write({"default": {"users": ["root"]}})
+    node.start()
+    client = RawGrpc(node.workload)
+    try:
+        held = []
+        for _ in range(MAX_CALLS_PER_CALLER):
+            stream_id = client.call()
+            client.request(stream_id)
+            held.append(stream_id)
+        for stream_id in held:
+            assert client.wait_for_data(stream_id).data_bytes > 0
+        extra = client.call()
+        client.request(extra)
+        call = client.wait(extra)
+        assert call.status == "RESOURCE_EXHAUSTED" and f"at most {MAX_CALLS_PER_CALLER}" in call.message
+        assert not any(client.calls[stream_id].done for stream_id in held)
+    finally:
+        client.close()
+        node.stop()

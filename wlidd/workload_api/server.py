@@ -69,6 +69,7 @@ _PREFACE_BYTES = 24  # the HTTP/2 client connection preface (RFC 9113 §3.4)
 # Streams one connection may open in its life; then GOAWAY and close (clients reconnect). h2 remembers
 # up to 65,536 closed streams per connection (~200 bytes each): this keeps that table small.
 MAX_STREAMS_PER_CONNECTION = 1000
+MAX_CALLS_PER_CALLER = 64  # open calls (streams) of one uid across its connections: each holds memory
 CLOSE_GRACE = 2.0  # seconds a closing connection may take to flush its last frames before it is aborted
 
 
@@ -267,7 +268,10 @@ class WorkloadApi:
         self.clock = clock
         self.metrics = metrics
         self._callers = CallerCache()
-        self._audited = AuditOnce()  # (method, uid, pid) → the versions last audited as pushed
+        self._audited = AuditOnce()
+        self._calls: dict[
+            int, int
+        ] = {}  # uid → its open calls (only uids with one: bounded by the connections)  # (method, uid, pid) → the versions last audited as pushed
         self.streams = 0
         self.pushes = 0
         self.last_push: dict[str, str] = {}
@@ -368,6 +372,25 @@ class WorkloadApi:
     async def _stream(self, stream: Stream[Any, Any], method: str, render: Any, request: Any) -> None:
         connection = self._connection(stream)
         caller = await self._caller(stream, connection)
+        held = self._calls.get(caller.uid, 0)
+        if held >= MAX_CALLS_PER_CALLER:  # each open call holds memory: one uid may not pile them up
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"{caller.describe()} already has {held} Workload API calls open (at most {MAX_CALLS_PER_CALLER})",
+            )
+        self._calls[caller.uid] = held + 1
+        try:
+            await self._authorized_stream(stream, method, render, request, caller)
+        finally:
+            left = self._calls.get(caller.uid, 1) - 1
+            if left > 0:
+                self._calls[caller.uid] = left
+            else:
+                self._calls.pop(caller.uid, None)
+
+    async def _authorized_stream(
+        self, stream: Stream[Any, Any], method: str, render: Any, request: Any, caller: Caller
+    ) -> None:
         if not self._allowed(caller):
             key = {"listener": "workload_api", "uid": caller.uid}  # repeats are counted (wlidd.logs)
             audit.limited("warning", "access denied", key=key, route=method, user=caller.user)
