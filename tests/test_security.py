@@ -302,3 +302,39 @@ async def test_one_audit_line_per_caller_and_secret_on_every_listener(
     expected = {"token handed out": 2, "id token handed out": 1, "credentials handed out": 1, "svids pushed": 1}
     for event, count in expected.items():  # the token: once on the Unix socket (wait_for_token), once on metadata
         assert events.count(event) == count, (event, events.count(event))
+
+
+async def test_a_new_process_per_request_cannot_flood_the_audit_trail(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+) -> None:
+    """Hand-outs are audited once per uid and secret; other processes of that uid getting the same secret
+    go through the repeat limiter (3 lines a minute, then a count), so forking per request adds a few
+    lines, not one per request."""
+    import shutil
+    import subprocess
+
+    if shutil.which("curl") is None:
+        pytest.skip("needs curl")
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    stream = io.StringIO()
+    configure_logging("info", "json", stream)
+    config = Config.model_validate(
+        {"identities": {"default": files.config()}, "listeners": {"unix": {"path": str(tmp_path / "wlidd.sock")}}}
+    )
+    d = Daemon(config)
+    url = "http://wlidd/v1/credentials/default"
+    try:
+        async with in_background(d.run, d.stop):
+            for _ in range(30):  # a new curl process, hence a new pid, each time
+                done = await anyio.run_process(
+                    ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", str(d.socket_path), url],
+                    check=False,
+                    stderr=subprocess.DEVNULL,
+                )
+                assert done.stdout == b"200"
+    finally:
+        reset_logging()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if '"credentials handed out"' in line]
+    assert lines[0]["uid"] == os.getuid() and "pid" in lines[0]  # the first hand-out names the caller
+    # then at most the limiter's burst (3) of other processes, then one line counting the rest
+    assert len(lines) <= 5 and lines[-1].get("repeated", 0) >= 30 - 4, lines[-1]

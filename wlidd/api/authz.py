@@ -20,19 +20,21 @@ import pwd
 import socket
 import struct
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
 from wlidd.config import AccessRule
 from wlidd.errors import SvidError
-from wlidd.logs import get_logger
+from wlidd.logs import AuditOnce, get_logger
 from wlidd.svid.model import SpiffeId
 from wlidd.svid.spiffeid import parse_spiffe_id, parse_trust_domain
 
 log = get_logger("wlidd.authz")
+audit = get_logger("wlidd.audit")
 
 
 @dataclass(frozen=True)
@@ -336,3 +338,27 @@ class CallerCache:
         if len(table) >= self.max_entries and key not in table:  # pids come and go: keep this bounded
             table.clear()
         table[key] = value
+
+
+def caller_fields(caller: Caller | str) -> dict[str, object]:
+    """Audit fields naming a caller: uid, gid, pid and user of a local caller, or an mTLS SPIFFE ID."""
+    if isinstance(caller, str):
+        return {"spiffe_id": caller}
+    return {"uid": caller.uid, "gid": caller.gid, "pid": caller.pid, "user": caller.user}
+
+
+def handout_audit(
+    seen: AuditOnce, event: str, caller: Caller | str, what: str, marker: Hashable, **fields: Any
+) -> None:
+    """Audit a secret handed out, at most once per uid (or SPIFFE ID), `what` and secret (`marker`: a
+    token's expiry, a certificate's serial): the first hand-out is always a line naming the caller; the
+    same secret to another process of that uid is a line through the repeat limiter (3 a minute, then
+    counted: wlidd.logs), so a loop — even one that forks a process per request — cannot flood the trail.
+    """
+    who: Hashable = caller if isinstance(caller, str) else caller.uid
+    first = seen.changed((event, who, what), marker)
+    this_process = isinstance(caller, str) or seen.changed((event, who, what, caller.pid), marker)
+    if first:
+        audit.info(event, **fields, **caller_fields(caller))
+    elif this_process and not isinstance(caller, str):
+        audit.limited("info", event, key={"uid": caller.uid, "what": what}, pid=caller.pid, user=caller.user, **fields)

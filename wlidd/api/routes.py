@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wlidd import __version__
-from wlidd.api.authz import Caller, CallerCache, Policy, Rule
+from wlidd.api.authz import Caller, CallerCache, Policy, Rule, caller_fields, handout_audit
 from wlidd.api.server import Request, Response
 from wlidd.errors import ApiError
 from wlidd.logs import AuditOnce, get_logger
@@ -69,9 +69,7 @@ def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, A
 
 def _who(caller: Caller | str) -> dict[str, Any]:
     """Audit fields naming a caller."""
-    if isinstance(caller, str):
-        return {"spiffe_id": caller}
-    return {"uid": caller.uid, "gid": caller.gid, "pid": caller.pid, "user": caller.user}
+    return caller_fields(caller)
 
 
 def _not_ready_reason(watcher: CredentialWatcher, now: dt.datetime) -> str | None:
@@ -276,17 +274,16 @@ class Api:
             return Response.error(404, "unknown_token", f"no token named {name!r} (configured: {known})")
         caller = await self._authorize(request, self._policy().token(name), f"token {name!r}", spiffe_default=True)
         token = await source.get()
-        # One audit line per caller and token: the same process asking again for the token it already
-        # holds adds nothing to the trail, and at thousands of requests a second it would flood it.
-        key = (caller, name)
-        if self._audited.changed(key, token.expire_time):
-            audit.info(
-                "token handed out",
-                route=request.path,
-                source=name,
-                expire_time=iso_z(token.expire_time),
-                **_who(caller),
-            )
+        handout_audit(
+            self._audited,
+            "token handed out",
+            caller,
+            f"token {name}",
+            token.expire_time,
+            route=request.path,
+            source=name,
+            expire_time=iso_z(token.expire_time),
+        )
         return token.expire_time, token.value, self.clock()
 
     async def credentials(self, request: Request, params: dict[str, str]) -> Response:
@@ -304,10 +301,16 @@ class Api:
         if state is None or not state.identity.svid.is_valid_at(now):
             return Response.error(503, "identity_unavailable", _not_ready_reason(watcher, now) or "not loaded")
         svid = state.identity.svid
-        if self._audited.changed((caller, f"identity {watcher.name}"), svid.serial):  # once per caller and key
-            audit.info(
-                "credentials handed out", route=request.path, identity=watcher.name, serial=svid.serial, **_who(caller)
-            )
+        handout_audit(
+            self._audited,
+            "credentials handed out",
+            caller,
+            f"identity {watcher.name}",
+            svid.serial,
+            route=request.path,
+            identity=watcher.name,
+            serial=svid.serial,
+        )
         return Response.json(
             200,
             {

@@ -48,7 +48,7 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 from h2.errors import ErrorCodes
 
-from wlidd.api.authz import Caller, CallerCache, Policy, peer_groups
+from wlidd.api.authz import Caller, CallerCache, Policy, handout_audit, peer_groups
 from wlidd.api.server import peer_credentials
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.metrics import Metrics
@@ -430,14 +430,15 @@ class WorkloadApi:
                         if self.metrics is not None:
                             self.metrics.workload_api_pushes.labels(state.name).inc()
                             self.metrics.workload_api_last_push.labels(state.name).set(now.timestamp())
-                    if self._audited.changed((method, caller.uid, caller.pid), current):  # once per caller and set
-                        audit.info(
-                            "svids pushed",
-                            route=method,
-                            uid=caller.uid,
-                            user=caller.user,
-                            identities=[s.name for s in states],
-                        )
+                    handout_audit(
+                        self._audited,
+                        "svids pushed",
+                        caller,
+                        method,
+                        current,
+                        route=method,
+                        identities=[s.name for s in states],
+                    )
                 await self._wait_for_change({n: s.version if s else 0 for n, s in seen.items()}, policy_changed)
         finally:
             self.streams -= 1
