@@ -477,7 +477,8 @@ class WorkloadApi:
             return
         if revoked:
             audit.warning("access revoked", route=method, uid=caller.uid, user=caller.user, listener="workload_api")
-            status, text = Status.PERMISSION_DENIED, f"{caller.describe()} may no longer have {', '.join(names)}"
+            lost = [name for name in names if name not in self._allowed(caller)] or names
+            status, text = Status.PERMISSION_DENIED, f"{caller.describe()} may no longer have {', '.join(lost)}"
         else:
             status, text = Status.DEADLINE_EXCEEDED, f"the client did not read a push for {SEND_TIMEOUT:g} s"
         with anyio.move_on_after(1.0):
