@@ -45,6 +45,7 @@ CONNECTION_ACCEPT_ERRORS = frozenset(
 BACKOFF_MIN = 0.01  # seconds: the first pause after a transient accept failure
 BACKOFF_MAX = 1.0  # seconds: the longest pause
 ACCEPT_BATCH = 64  # connections accepted per wake-up before other tasks run
+SHED_WAIT = 0.5  # seconds to wait for a shed connection's slot before admitting over the cap
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,13 @@ class AcceptLoop:
             and self.shed is not None
             and await self.shed(key if refusal.reason == "caller_full" else None)
         ):
-            refusal = self.counter.admit(key, room_made=True)
+            # The shed connection's slot is released when its task ends (a moment later): wait for it,
+            # so the counts never pass the caps; only if it lingers is the newcomer let in over them.
+            with anyio.move_on_after(SHED_WAIT):
+                while (refusal := self.counter.admit(key)) is not None:
+                    await anyio.sleep(0.002)
+            if refusal is not None:
+                refusal = self.counter.admit(key, room_made=True)
             if self.metrics is not None:
                 self.metrics.connections_shed.labels(self.name).inc()
         if refusal is not None:
