@@ -220,7 +220,7 @@ def test_sock_diag_and_proc_self_net_agree_and_proc_is_the_fallback(monkeypatch:
 
 SUBSET_PID_CHILD = """
 import json, os, socket, sys
-from wlidd.api import authz, peers
+from wlidd.api import peers
 
 listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen()
 os.seteuid(65534); client = socket.socket(); os.seteuid(0)
@@ -232,7 +232,7 @@ print(json.dumps({
     "proc_net_hidden": not os.path.exists("/proc/net/tcp"),
     "inode": os.fstat(client.fileno()).st_ino,
     "diag": [diag.uid, diag.inode] if diag else None,
-    "proc_uid": authz.loopback_peer_uid(remote, local),
+    "proc_uid": (lambda owner: owner.uid if owner else None)(peers.tcp_peer_owner(remote, local)),
 }))
 """
 

@@ -20,7 +20,7 @@ import resource
 import signal
 import socket
 import ssl
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,7 @@ from wlidd.config import (
     MtlsListenerConfig,
     TokenConfig,
     UnixListenerConfig,
+    WorkloadApiListenerConfig,
     load_config,
     split_address,
 )
@@ -117,7 +118,6 @@ class Daemon:
         self._activation_environ: MutableMapping[str, str] = os.environ if environ is None else dict(environ)
         self.notifier = Notifier(self._environ)
         self.drain_timeout = DRAIN_TIMEOUT
-        self._unix_activated = False
         self._task_group: anyio.abc.TaskGroup | None = None
         self._grpc_server: Any = None
         self._bound_paths: list[Path] = []  # Unix sockets bound here: removed on stop, also after a failed start
@@ -130,6 +130,7 @@ class Daemon:
     def _http_server(
         self, handler: Handler, name: str, limits: UnixListenerConfig | MtlsListenerConfig | MetadataListenerConfig
     ) -> HttpServer:
+        template: Callable[[str], str] = getattr(handler, "route_template", lambda _path: "other")
         return HttpServer(
             handler,
             name=name,
@@ -139,19 +140,13 @@ class Daemon:
                 max_connections=limits.max_connections,
                 first_byte_timeout=limits.first_byte_timeout,
             ),
-            on_response=self._count_response,
+            on_response=lambda request, response: self._count_response(request, response, template(request.path)),
         )
 
-    def _count_response(self, request: Request, response: Response) -> None:
+    def _count_response(self, request: Request, response: Response, route: str) -> None:
         """Count a response by (listener, route template, status). Labels come from fixed sets only: the
         route is the handler's template for the path ("other" for anything else), never the path itself,
         so a caller cannot grow the label set (5,000 random paths once made /metrics 167 MB)."""
-        route = "other"
-        for server in self._servers():
-            if server.name == request.listener:
-                template = getattr(server.handler, "route_template", None)
-                route = template(request.path) if template is not None else "other"
-                break
         key = (request.listener, route, response.status)
         counter = self._request_counters.get(key)
         if counter is None:
@@ -287,19 +282,31 @@ class Daemon:
                 Response.error(503, code, message, headers=(*refusal_headers, ("retry-after", "1"))), close=True
             )
 
+        if not any(existing.name == name for existing in self.accept_loops):  # one sweeper per server
+            tg.start_soon(server.run_sweeper)
+        await self._accept(tg, name, sock, handle, limits, refuse=refuse, shed=server.shed_idle)
+
+    async def _accept(
+        self,
+        tg: anyio.abc.TaskGroup,
+        name: str,
+        sock: socket.socket,
+        handle: Callable[[socket.socket, CallerKey], Awaitable[None]],
+        limits: UnixListenerConfig | MtlsListenerConfig | MetadataListenerConfig | WorkloadApiListenerConfig,
+        **options: Any,
+    ) -> None:
+        """Start the accept loop of one listening socket with its listener's connection caps
+        (wlidd.api.accept; `options`: AcceptLoop's refuse and shed)."""
         loop = AcceptLoop(
             name,
             sock,
             handle,
             max_connections=limits.max_connections,
             max_per_caller=limits.max_connections_per_caller,
-            refuse=refuse,
-            shed=server.shed_idle,
             metrics=self.metrics,
+            **options,
         )
         self.accept_loops.append(loop)
-        if not any(existing.name == name for existing in self.accept_loops[:-1]):
-            tg.start_soon(server.run_sweeper)
         await tg.start(loop.run)
 
     async def _start_listeners(self, tg: anyio.abc.TaskGroup, activated: dict[str, socket.socket]) -> None:
@@ -312,7 +319,6 @@ class Daemon:
                     inherited = activated.pop(name)
                     break
         if inherited is not None:
-            self._unix_activated = True
             log.info("using the socket-activated Unix socket", fd=inherited.fileno())
             sock = inherited
         else:
@@ -349,16 +355,7 @@ class Daemon:
                 with contextlib.suppress(OSError):  # the peer went away before its transport was set up
                     await serve_accepted(server, conn, first_byte_timeout=first_byte)
 
-            loop = AcceptLoop(
-                "workload_api",
-                sock,
-                handle,
-                max_connections=workload.max_connections,
-                max_per_caller=workload.max_connections_per_caller,
-                metrics=self.metrics,
-            )
-            self.accept_loops.append(loop)
-            await tg.start(loop.run)
+            await self._accept(tg, "workload_api", sock, handle, workload)
             log.info("SPIFFE Workload API listening", path=str(workload.path))
         for name in activated:
             log.warning("a socket-activated socket matches no configured listener; ignored", name=name)
@@ -371,14 +368,6 @@ class Daemon:
         bad += [f"listener {loop.name} (accept loop stopped)" for loop in self.accept_loops if not loop.alive]
         head = f"{len(self.watchers)} identities, {len(self.tokens)} tokens"
         return f"serving {head}" if not bad else f"degraded ({head}): not valid: {', '.join(bad)}"
-
-    def healthy(self) -> bool:
-        """Every required identity valid and every required token servable, now (degradation, for
-        /v1/health and STATUS=; the watchdog does not look at it)."""
-        now = self.clock()
-        return all(w.is_valid(now) for w in self.watchers.values() if w.source.config.required) and all(
-            t.servable(now) is not None for t in self.tokens.values() if t.config.require_at_start
-        )
 
     def liveness_problems(self) -> dict[str, str]:
         """{"listener/<name>": why} for every listener whose accept loop is not running (empty: alive)."""

@@ -978,7 +978,7 @@ def ownership_warnings(config: Config) -> list[str]:
         return []
     capable = has_cap_chown()
     euid, groups = os.geteuid(), {os.getegid(), *os.getgroups()}
-    shipped_user = _user_exists("wlidd")
+    shipped_user = user_id("wlidd") is not None
     warnings = []
     for where, sink in sinks:
         if sink.owner is None and sink.group is None:
@@ -998,10 +998,6 @@ def ownership_warnings(config: Config) -> list[str]:
                 " (User=wlidd, no capabilities) fails with EPERM: use readers = { users = [...] } instead"
             )
     return warnings
-
-
-def _user_exists(name: str) -> bool:
-    return user_id(name) is not None
 
 
 def _reason(exc: BaseException) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
+from wlidd.api.server import peer_credentials
 from wlidd.logs import get_logger
 
 log = get_logger("wlidd.api")
@@ -124,12 +125,9 @@ async def socket_caller(sock: socket.socket) -> CallerKey:
     worker thread, milliseconds); otherwise the remote address. A loopback peer whose socket has no
     owner any more (closed, half-closed) is counted as "loopback:unowned", without a uid; a peer
     that is gone altogether comes back `unidentified`, to be refused."""
-    if sock.family == socket.AF_UNIX:
-        import struct
-
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", raw)
-        return CallerKey(uid)
+    creds = peer_credentials(sock)
+    if creds is not None:
+        return CallerKey(creds[1])
     try:
         remote, local = sock.getpeername(), sock.getsockname()
     except OSError:
@@ -137,16 +135,9 @@ async def socket_caller(sock: socket.socket) -> CallerKey:
     host = str(remote[0])
     if not host.startswith(_LOOPBACK):
         return CallerKey(None, host)
-    from wlidd.api.peers import lookup_is_cheap, lookup_tcp_peer
+    from wlidd.api.peers import lookup_tcp_peer, run_lookup
 
-    peer = (host, int(remote[1]))
-    ours = (str(local[0]), int(local[1]))
-    if lookup_is_cheap():
-        found = lookup_tcp_peer(peer, ours)
-    else:
-        import anyio.to_thread
-
-        found = await anyio.to_thread.run_sync(lookup_tcp_peer, peer, ours)
+    found = await run_lookup(lookup_tcp_peer, (host, int(remote[1])), (str(local[0]), int(local[1])))
     owner = found.owner
     if owner is None:
         # Closed or half-closed already: no owner to count it against or to authorize. It shares one
@@ -190,7 +181,6 @@ class AcceptLoop:
         self.accepted = 0
         self.refused = 0
         self._stopped = False
-        self._refusal_logged: dict[str, float] = {}
 
     def status(self) -> dict[str, Any]:
         """The loop's state for /v1/status: alive, open connections and the caps."""
@@ -334,15 +324,8 @@ class AcceptLoop:
             conn.close()
         if self.metrics is not None:
             self.metrics.connections_refused.labels(self.name, refusal.reason).inc()
-        now = time.monotonic()
-        tag = f"{refusal.reason}:{key.describe()}"
-        if self._refusal_logged.get(tag, 0.0) <= now:  # one line per caller and reason per minute
-            if len(self._refusal_logged) >= 1024:
-                self._refusal_logged = {k: v for k, v in self._refusal_logged.items() if v > now}
-                if len(self._refusal_logged) >= 1024:
-                    self._refusal_logged.clear()
-            self._refusal_logged[tag] = now + 60.0
-            log.warning("connection refused", listener=self.name, reason=refusal.reason, detail=refusal.message)
+        key_fields = {"listener": self.name, "reason": refusal.reason, "caller": key.describe()}
+        log.limited("warning", "connection refused", key=key_fields, detail=refusal.message)  # repeats counted
 
     async def _run_one(self, conn: socket.socket, key: CallerKey) -> None:
         try:

@@ -51,16 +51,6 @@ class Caller:
         return f"uid {self.uid} ({self.user})" + (f" pid {self.pid}" if self.pid else "")
 
 
-def loopback_peer_uid(remote: tuple[str, int], local: tuple[str, int]) -> int | None:
-    """The uid owning the client end of a loopback TCP connection (its local address is our remote),
-    or None unless a process holds it ESTABLISHED: a closed socket reports uid 0 and must not pass for
-    root. A thin wrapper over wlidd.api.peers.tcp_peer_owner (sock_diag, or /proc/self/net)."""
-    from wlidd.api.peers import tcp_peer_owner
-
-    owner = tcp_peer_owner(remote, local)
-    return owner.uid if owner is not None else None
-
-
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13 (include/uapi/asm-generic/socket.h)
 _GROUPS_MAX = 65536  # NGROUPS_MAX on Linux (include/uapi/linux/limits.h)
 _peergroups_missing_logged = False

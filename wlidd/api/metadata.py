@@ -22,10 +22,8 @@ import re
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-import anyio.to_thread
-
-from wlidd.api.authz import CallerCache, Policy
-from wlidd.api.peers import PeerRefused, TcpOwner, lookup_is_cheap, verify_tcp_peer
+from wlidd.api.authz import Caller, CallerCache, Policy, handout_audit
+from wlidd.api.peers import PeerRefused, TcpOwner, run_lookup, verify_tcp_peer
 from wlidd.api.server import Request, Response
 from wlidd.config import MetadataListenerConfig
 from wlidd.errors import ApiError, UpstreamError
@@ -45,10 +43,10 @@ def _text(status: int, text: str) -> Response:
 
 @dataclass(frozen=True)
 class _Caller:
-    """An authorized caller: the owner of its socket (uid, inode) and its user name."""
+    """An authorized caller: the owner of its socket (uid, inode) and the caller it resolved to."""
 
     owner: TcpOwner
-    user: str
+    caller: Caller
 
 
 def _json(status: int, document: object) -> Response:
@@ -134,7 +132,7 @@ class MetadataApi:
         except ApiError as exc:
             return _text(exc.http_status, exc.message)
         now = self.clock()
-        self._audit("token handed out", request, caller, self.source.name, token.expire_time)
+        self._audit("token handed out", request, caller, f"token {self.source.name}", token.expire_time)
         return _json(
             200,
             {"access_token": token.value, "expires_in": max(0, int(token.seconds_left(now))), "token_type": "Bearer"},
@@ -165,17 +163,17 @@ class MetadataApi:
         self._audit("id token handed out", request, caller, audience, hash(token))
         return _text(200, token)
 
-    def _audit(self, event: str, request: Request, caller: _Caller, subject: Hashable, marker: Hashable) -> None:
-        """One audit line per caller, subject (the token, an audience) and token handed out (`marker`):
-        the same caller asking again for what it already holds adds nothing to the trail."""
-        if not self._audited.changed((event, caller.owner.uid, subject), marker):
-            return
-        audit.info(
+    def _audit(self, event: str, request: Request, caller: _Caller, subject: str, marker: Hashable) -> None:
+        """One audit line per uid, subject (the token, an audience) and token handed out (`marker`):
+        asking again for what it already holds adds nothing to the trail (authz.handout_audit)."""
+        handout_audit(
+            self._audited,
             event,
+            caller.caller,
+            subject,
+            marker,
             route=request.path,
             source=self.source.name,
-            uid=caller.owner.uid,
-            user=caller.user,
             listener="metadata",
         )
 
@@ -187,8 +185,7 @@ class MetadataApi:
             raise ApiError(403, "forbidden", "only loopback TCP callers are served here")
         accepted: TcpOwner | int | None = None
         if peer.uid is not None:  # identified at accept by the daemon's accept loop
-            inode = getattr(peer, "inode", None)
-            accepted = TcpOwner(peer.uid, inode) if isinstance(inode, int) else peer.uid
+            accepted = TcpOwner(peer.uid, peer.inode) if peer.inode is not None else peer.uid
         owner = await self._verify_peer(request, accepted)
         uid = owner.uid
         caller = await self._callers.get(None, uid, None)
@@ -197,7 +194,7 @@ class MetadataApi:
             key = {"listener": "metadata", "uid": uid}  # repeats are counted, not written (wlidd.logs)
             audit.limited("warning", "access denied", key=key, route=request.path, user=caller.user, detail=reason)
             raise ApiError(403, "forbidden", reason)
-        return _Caller(owner, caller.user)
+        return _Caller(owner, caller)
 
     async def _verify_peer(self, request: Request, expected: TcpOwner | int | None) -> TcpOwner:
         """The owner of the calling socket, which must be ESTABLISHED, held by a process and (with
@@ -206,9 +203,7 @@ class MetadataApi:
         remote, local = request.peer.tcp_remote, request.peer.tcp_local
         assert remote is not None and local is not None
         try:
-            if lookup_is_cheap():
-                return verify_tcp_peer(remote, local, expected)
-            return await anyio.to_thread.run_sync(verify_tcp_peer, remote, local, expected)
+            return await run_lookup(verify_tcp_peer, remote, local, expected)
         except PeerRefused as exc:
             audit.limited(
                 "warning",

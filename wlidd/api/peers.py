@@ -31,7 +31,9 @@ import errno
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 TCP_ESTABLISHED = 1
 # include/net/tcp_states.h
@@ -65,6 +67,7 @@ _MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 _MSG_SIZE = _MSG_HEAD.size + _SOCKID.size + _SOCKID_TAIL.size + _MSG_TAIL.size  # 72
 
 Address = tuple[str, int]
+_T = TypeVar("_T")
 _IpPort = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
 
 
@@ -286,6 +289,16 @@ def lookup_is_cheap() -> bool:
     """True while lookups go through sock_diag (microseconds, fine inline on the event loop); False once
     they read /proc (milliseconds: run them in a worker thread)."""
     return _sock_diag.usable
+
+
+async def run_lookup(lookup: Callable[..., _T], *args: Any) -> _T:
+    """Run a lookup of this module where it belongs: inline while it is a sock_diag query
+    (microseconds), in a worker thread once it reads /proc (milliseconds: it must not block the loop)."""
+    if lookup_is_cheap():
+        return lookup(*args)
+    import anyio.to_thread
+
+    return await anyio.to_thread.run_sync(lookup, *args)
 
 
 def tcp_peer_owner(remote: Address, local: Address) -> TcpOwner | None:

@@ -67,11 +67,6 @@ def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, A
     return document
 
 
-def _who(caller: Caller | str) -> dict[str, Any]:
-    """Audit fields naming a caller."""
-    return caller_fields(caller)
-
-
 def _not_ready_reason(watcher: CredentialWatcher, now: dt.datetime) -> str | None:
     state = watcher.current
     if state is None:
@@ -255,7 +250,9 @@ class Api:
         reason = rule.check(caller, what)
         if reason is not None:
             who = {"uid": caller.uid, "refused": what}  # the first of a kind is written, then a count
-            audit.limited("warning", "access denied", key=who, route=request.path, detail=reason, **_who(caller))
+            audit.limited(
+                "warning", "access denied", key=who, route=request.path, detail=reason, **caller_fields(caller)
+            )
             raise ApiError(403, "forbidden", reason)
         return caller
 

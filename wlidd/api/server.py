@@ -152,12 +152,18 @@ def verified_chain(ssl_object: ssl.SSLObject) -> tuple[bytes, ...]:
 
 
 def unix_peer(stream: ByteStream) -> Peer:
-    """A Unix peer's kernel credentials (SO_PEERCRED, SO_PEERGROUPS: both as of its connect()); a TCP
-    peer's addresses (its uid is looked up later, from the socket table)."""
+    """`socket_peer` of the stream's socket (an empty Peer for a stream without one)."""
     try:
         sock = stream.extra(SocketAttribute.raw_socket)
     except anyio.TypedAttributeLookupError:
         return Peer()
+    return socket_peer(sock)
+
+
+def socket_peer(sock: socket.socket) -> Peer:
+    """Who is on the other end of an accepted socket: a Unix peer's kernel credentials (SO_PEERCRED,
+    SO_PEERGROUPS: both as of its connect()); a TCP peer's addresses (its uid is looked up from the
+    socket table, wlidd.api.peers). Raises OSError when the peer is already gone."""
     creds = peer_credentials(sock)
     if creds is None:
         if sock.family in (socket.AF_INET, socket.AF_INET6):

@@ -32,8 +32,8 @@ import asyncio
 import contextlib
 import socket
 import struct
+import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -48,8 +48,9 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 from h2.errors import ErrorCodes
 
-from wlidd.api.authz import Caller, CallerCache, Policy, handout_audit, peer_groups
-from wlidd.api.server import peer_credentials
+from wlidd.api.accept import CallerKey, ConnectionCounter
+from wlidd.api.authz import Caller, CallerCache, Policy, handout_audit
+from wlidd.api.server import Peer, socket_peer
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, iso_z
@@ -106,30 +107,6 @@ def x509_bundles_response(states: list[IdentityState]) -> Any:
     return pb.X509BundlesResponse(bundles=bundles)
 
 
-@dataclass(frozen=True)
-class PeerCredentials:
-    """A Unix peer as the kernel recorded it at connect(): SO_PEERCRED and SO_PEERGROUPS (None: the
-    kernel has no SO_PEERGROUPS; the groups then come from NSS)."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: frozenset[int] | None
-
-
-def read_peer_credentials(sock: socket.socket | None) -> PeerCredentials | None:
-    """The peer of an accepted Unix socket; None for anything else or a peer already gone."""
-    if sock is None:
-        return None
-    try:
-        creds = peer_credentials(sock)
-        if creds is None:
-            return None
-        return PeerCredentials(*creds, groups=peer_groups(sock))
-    except OSError:
-        return None
-
-
 def _ignore_event(event: object) -> None:
     """An h2 event wlidd has nothing to do for."""
 
@@ -142,14 +119,17 @@ class WorkloadProtocol(H2Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.credentials: PeerCredentials | None = None
+        self.credentials: Peer | None = None  # a Unix peer's kernel credentials (None: none, or gone)
         self.received = 0  # bytes, counted up to the preface's length
         self.spoke = asyncio.Event()
         self.closed = asyncio.Event()
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.credentials = read_peer_credentials(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):  # a peer already gone has no credentials
+            peer = socket_peer(sock) if sock is not None and sock.family == socket.AF_UNIX else None
+            self.credentials = peer if peer is not None and peer.uid is not None else None
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         super().connection_made(transport)
@@ -269,9 +249,8 @@ class WorkloadApi:
         self.metrics = metrics
         self._callers = CallerCache()
         self._audited = AuditOnce()
-        self._calls: dict[
-            int, int
-        ] = {}  # uid → its open calls (only uids with one: bounded by the connections)  # (method, uid, pid) → the versions last audited as pushed
+        # open calls per uid (only uids with one), refused beyond MAX_CALLS_PER_CALLER; no cap in all
+        self._calls = ConnectionCounter(sys.maxsize, MAX_CALLS_PER_CALLER)
         self.streams = 0
         self.pushes = 0
         self.last_push: dict[str, str] = {}
@@ -328,7 +307,7 @@ class WorkloadApi:
         if stream.metadata is None or stream.metadata.get(SECURITY_HEADER) != "true":
             raise GRPCError(Status.INVALID_ARGUMENT, f"security header missing from request: {SECURITY_HEADER}: true")
         creds = connection.credentials
-        if creds is None:
+        if creds is None or creds.uid is None:
             raise GRPCError(Status.PERMISSION_DENIED, "the caller cannot be identified (not a Unix socket peer)")
         return await self._callers.get(creds.pid, creds.uid, creds.gid, creds.groups)
 
@@ -372,21 +351,18 @@ class WorkloadApi:
     async def _stream(self, stream: Stream[Any, Any], method: str, render: Any, request: Any) -> None:
         connection = self._connection(stream)
         caller = await self._caller(stream, connection)
-        held = self._calls.get(caller.uid, 0)
-        if held >= MAX_CALLS_PER_CALLER:  # each open call holds memory: one uid may not pile them up
+        key = CallerKey(caller.uid)
+        refusal = self._calls.admit(key)  # each open call holds memory: one uid may not pile them up
+        if refusal is not None:
+            held = self._calls.per_caller.get(key, 0)
             raise GRPCError(
                 Status.RESOURCE_EXHAUSTED,
                 f"{caller.describe()} already has {held} Workload API calls open (at most {MAX_CALLS_PER_CALLER})",
             )
-        self._calls[caller.uid] = held + 1
         try:
             await self._authorized_stream(stream, method, render, request, caller)
         finally:
-            left = self._calls.get(caller.uid, 1) - 1
-            if left > 0:
-                self._calls[caller.uid] = left
-            else:
-                self._calls.pop(caller.uid, None)
+            self._calls.release(key)
 
     async def _authorized_stream(
         self, stream: Stream[Any, Any], method: str, render: Any, request: Any, caller: Caller
