@@ -565,3 +565,41 @@ def test_a_client_that_pipelines_and_never_reads_is_cut_at_the_idle_timeout(
         while get(tmp_path / "wlidd.sock").json()["listeners"]["unix"]["open"] > 1:  # ours: the status call
             assert time.monotonic() < deadline, "the non-reading connection was never closed"
             time.sleep(0.1)
+
+
+async def test_a_peer_that_resets_right_after_accept_is_dropped_quietly(tmp_path: Path) -> None:
+    """A client that connects and resets at once (SO_LINGER 0) leaves a socket whose getpeername()
+    fails: serving it ends quietly instead of raising out to the accept loop (once one warning line per
+    connection, thousands a minute under a flood)."""
+    import struct
+
+    from wlidd.api.server import HttpServer, Response
+
+    async def handler(request: object) -> Response:
+        return Response.text(200, "ok")
+
+    server = HttpServer(handler, name="metadata")  # type: ignore[arg-type]
+    for tls in (None, "tls"):
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            client = socket.create_connection(listener.getsockname())
+            conn, _ = listener.accept()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # RST: the accepted socket is no longer connected
+            deadline = time.monotonic() + 5
+            while True:  # wait until the kernel has taken the reset
+                try:
+                    conn.getpeername()
+                except OSError:
+                    break
+                assert time.monotonic() < deadline
+                await anyio.sleep(0.01)
+            context = None
+            if tls:
+                import ssl
+
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            with anyio.fail_after(5):
+                await server.serve_socket(conn, tls=context)  # returns; raises nothing
+            assert conn.fileno() < 0  # and the socket is closed

@@ -330,8 +330,9 @@ class AcceptLoop:
     async def _run_one(self, conn: socket.socket, key: CallerKey) -> None:
         try:
             await self.handle(conn, key)
-        except Exception as exc:  # a connection's failure never reaches the accept loop
-            log.warning("connection handler failed", listener=self.name, error_type=type(exc).__name__)
+        except Exception as exc:  # a connection's failure never reaches the accept loop (repeats counted)
+            fields = {"listener": self.name, "error_type": type(exc).__name__}
+            log.limited("warning", "connection handler failed", key=fields)
         finally:
             if conn.fileno() >= 0:
                 conn.close()

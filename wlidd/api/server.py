@@ -306,7 +306,7 @@ class HttpServer:
                 stream: ByteStream = await UNIXSocketStream.from_socket(conn)
             else:
                 stream = await SocketStream.from_socket(conn)
-        except OSError:
+        except (OSError, ValueError):  # anyio: ValueError "the socket must be connected" (a reset peer)
             conn.close()  # the peer went away between accept and now
             return
         if tls is not None:
@@ -318,7 +318,11 @@ class HttpServer:
                     await on_handshake_error(exc, stream)
                 await anyio.aclose_forcefully(stream)
                 return
-        peer = stream_peer(stream)
+        try:
+            peer = stream_peer(stream)
+        except OSError:  # the peer went away (ENOTCONN) during the handshake or just after accept
+            await anyio.aclose_forcefully(stream)
+            return
         if uid is not None and peer.uid is None and peer.tcp_remote is not None:
             peer = dataclasses.replace(peer, uid=uid, inode=inode)
         await self.serve_stream(stream, peer, owner, counted=True)
