@@ -253,7 +253,7 @@ async def test_key_mismatch_that_resolves_within_the_retries_is_accepted(
     assert watcher.stats.rejections == 0
 
 
-async def test_key_mismatch_that_never_resolves_is_retried_then_rejected(
+async def test_key_mismatch_that_stays_the_same_across_a_full_delay_is_rejected_after_one_retry(
     files: FileSet, ca: CertificateAuthority
 ) -> None:
     files.put(ca.issue_svid(), ca.bundle_pem)
@@ -271,8 +271,41 @@ async def test_key_mismatch_that_never_resolves_is_retried_then_rejected(
             on_retry=lambda attempt, exc: retries.append(attempt),
         )
     assert info.value.reason == "key_mismatch"
+    assert sleeps == [5.0]  # the same files failed the same way 5 s apart: that is what the writer meant
+    assert retries == [1]
+
+
+async def test_a_set_that_keeps_changing_is_retried_up_to_mismatch_retries_then_rejected(
+    files: FileSet, ca: CertificateAuthority
+) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    sleeps: list[float] = []
+
+    async def writer_still_busy(seconds: float) -> None:
+        sleeps.append(seconds)
+        files.write("key.pem", ca.issue_svid().key_pem)  # another key each time: never the leaf's
+
+    files.write("key.pem", ca.issue_svid().key_pem)
+    with pytest.raises(SvidError) as info:
+        await load_identity(files.source(mismatch_retries=4, mismatch_retry_delay=5.0), sleep=writer_still_busy)
+    assert info.value.reason == "key_mismatch"
     assert sleeps == [5.0, 5.0, 5.0]  # 4 attempts, 5 s apart
-    assert retries == [1, 2, 3]
+
+
+async def test_a_retry_woken_by_a_file_event_does_not_count_as_a_stable_set(
+    files: FileSet, ca: CertificateAuthority
+) -> None:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    files.write("key.pem", ca.issue_svid().key_pem)
+    sleeps: list[float] = []
+
+    async def woken_early(seconds: float) -> bool:
+        sleeps.append(seconds)
+        return True  # an event cut the wait short: the writer is still at work
+
+    with pytest.raises(SvidError):
+        await load_identity(files.source(mismatch_retries=3, mismatch_retry_delay=5.0), sleep=woken_early)
+    assert sleeps == [5.0, 5.0]
 
 
 async def test_trust_bundle_rotation_adds_then_removes_a_root(files: FileSet, ca: CertificateAuthority) -> None:
@@ -409,7 +442,7 @@ def test_link_parents_follow_every_symlink_on_the_way(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     certs.mkdir()
     os.symlink(store / "current" / "tls.crt", certs / "tls.crt")
-    assert link_parents(certs / "tls.crt") == [certs, certs, store, store / "v1"]
+    assert link_parents(certs / "tls.crt") == [certs, store, store / "v1"]  # real paths, each once
 
 
 async def test_symlinked_directory_swap_elsewhere_is_picked_up(tmp_path: Path, ca: CertificateAuthority) -> None:

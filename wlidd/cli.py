@@ -152,6 +152,11 @@ def render_status(document: dict[str, Any]) -> str:
         if ident["last_error"]:
             err = ident["last_error"]
             lines.append(f"{'':<14} last error {err['at']}: {err['reason']}: {err['message']}")
+        for problem in ident.get("bundle_problems") or ():
+            kept = "last good copy kept" if problem["kept"] else "left out"
+            lines.append(
+                f"{'':<14} bundle of {problem['trust_domain']}: {problem['reason']}: {problem['message']} ({kept})"
+            )
         lines.append(
             f"{'':<14} reloads {ident['reloads']}, updates {ident['updates']}, rejections {ident['rejections']}, "
             f"last loaded {ident['last_loaded'] or '-'}"

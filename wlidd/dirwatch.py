@@ -14,7 +14,7 @@ a step of debounce/5 passes with no new one, or `debounce` in all.
 from __future__ import annotations
 
 import errno
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import anyio
 from inotify_simple import INotify, flags
@@ -40,9 +40,12 @@ OUT_OF_INOTIFY = {errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOSYS}  # lim
 GONE = flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT
 
 
-async def directory_changes(dirs: Sequence[str], debounce: float, stop: anyio.Event) -> AsyncIterator[None]:
+async def directory_changes(
+    dirs: Sequence[str], debounce: float, stop: anyio.Event, ready: Callable[[], None] | None = None
+) -> AsyncIterator[None]:
     """Yield once per (coalesced) burst of changes in `dirs`; return when `stop` is set or a watched
-    directory itself goes away (the caller then resolves its directories again)."""
+    directory itself goes away (the caller then resolves its directories again). `ready` is called
+    once every watch is in place (events from then on are seen), before the first wait."""
     try:
         inotify = INotify(nonblocking=True)
         try:
@@ -55,10 +58,14 @@ async def directory_changes(dirs: Sequence[str], debounce: float, stop: anyio.Ev
         if exc.errno not in OUT_OF_INOTIFY:
             raise  # e.g. the directory vanished meanwhile: the caller logs and retries
         log.warning("inotify unavailable, falling back to watchfiles", error=errno.errorcode.get(exc.errno or 0, "?"))
+        if ready is not None:
+            ready()  # watchfiles snapshots the directories when it starts: near enough
         async for _ in _watchfiles_changes(dirs, debounce, stop):
             yield
         return
     with inotify:
+        if ready is not None:
+            ready()
         while await _readable_unless_stopped(inotify.fileno(), stop):
             _, gone = _drain(inotify)
             # Coalesce the rest of the burst: until a quiet step passes, at most `debounce` in all.

@@ -44,6 +44,13 @@ class Metrics:
             ["identity"],
             registry=self.registry,
         )
+        self.trust_bundle_problem = Gauge(
+            "wlidd_trust_bundle_problem",
+            "1 while a federated trust domain's bundle cannot be read or parsed (its last good copy, if"
+            " any, is still served); the series goes away once the bundle is good again.",
+            ["identity", "trust_domain"],
+            registry=self.registry,
+        )
         self.token_refreshes = Counter(
             "wlidd_token_refreshes",
             "Token fetches by source and result (success, failure).",

@@ -12,6 +12,7 @@ Consumers either read `watcher.current` (the TLS server context does, per handsh
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from collections.abc import AsyncIterator
@@ -57,9 +58,13 @@ class IdentityStats:
     rejections: int = 0
     last_loaded: dt.datetime | None = None
     last_checked: dt.datetime | None = None
-    last_error: str | None = None
+    last_error: str | None = None  # why the files on disk are refused now; None once a read succeeds
     last_error_reason: str | None = None
     last_error_at: dt.datetime | None = None
+    last_rejection: str | None = None  # the most recent refusal ever, kept as history
+    last_rejection_reason: str | None = None
+    last_rejection_at: dt.datetime | None = None
+    retries: int = 0  # quiet re-reads of sets caught mid-write
     last_trigger: str | None = None
     warned: set[str] = field(default_factory=set)
 
@@ -86,6 +91,7 @@ class CredentialWatcher:
         self._pending: str | None = None
         self._changed = anyio.Event()
         self._watch_stop = anyio.Event()
+        self._watching: list[Path] | None = None  # the real directories watched now
         self._closed = False
         self._log = log.bind(identity=name)
         self._task_group: anyio.abc.TaskGroup | None = None  # run()'s, for deferred retries
@@ -119,13 +125,16 @@ class CredentialWatcher:
         self._pending = self._pending or reason
         self._wake.set()
 
-    async def _retry_sleep(self, delay: float) -> None:
-        # A half-done rotation: wait the retry delay, but a new file event ends the wait early.
+    async def _retry_sleep(self, delay: float) -> bool:
+        """A set caught mid-write: wait the retry delay, but a new file event ends the wait early
+        (True: the files changed again, so the next read proves nothing about a stable set)."""
         with anyio.move_on_after(delay):
             await self._wake.wait()
         if self._wake.is_set():
             self._wake = anyio.Event()
             self._pending = None
+            return True
+        return False
 
     async def reload(self, reason: str) -> bool:
         """Read, validate and (if changed) publish. True when a new state was published."""
@@ -138,13 +147,22 @@ class CredentialWatcher:
         stats.last_trigger = reason
 
         def on_retry(attempt: int, exc: SvidError) -> None:
-            self._log.info(
+            stats.retries += 1
+            self._count("retried")
+            self._log.debug(
                 "credential set incomplete, retrying", attempt=attempt, reason=exc.reason, detail=exc.message
             )
 
+        current = self.current
         try:
-            identity = await load_identity(self.source, now=self.clock, sleep=self._retry_sleep, on_retry=on_retry)
-            current = self.current
+            identity = await load_identity(
+                self.source,
+                now=self.clock,
+                sleep=self._retry_sleep,
+                on_retry=on_retry,
+                previous=current.identity.bundles if current is not None else None,
+            )
+            self._clear_error()
             if current is not None and current.identity.fingerprint == identity.fingerprint:
                 stats.last_checked = self.clock()
                 self._count("unchanged")
@@ -190,9 +208,39 @@ class CredentialWatcher:
             if note not in stats.warned:
                 stats.warned.add(note)
                 self._log.warning(note)
+        self._report_bundle_problems(current, identity)
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
         return True
+
+    def _clear_error(self) -> None:
+        """The files read well now: `last_error` describes the present, so it goes (history stays in
+        `last_rejection`)."""
+        stats = self.stats
+        stats.last_error = stats.last_error_reason = stats.last_error_at = None
+
+    def _report_bundle_problems(self, previous: IdentityState | None, identity: Identity) -> None:
+        """Log each federated bundle problem once when it appears or changes, one line when it is
+        solved, and keep `wlidd_trust_bundle_problem` to the domains broken now."""
+        before = {p.trust_domain: p for p in previous.identity.bundle_problems} if previous is not None else {}
+        now = {p.trust_domain: p for p in identity.bundle_problems}
+        for td, problem in now.items():
+            if before.get(td) != problem:
+                self._log.warning(
+                    "federated trust bundle refused; the last good copy is kept"
+                    if problem.kept
+                    else "federated trust bundle refused; no good copy was ever loaded, the domain is left out",
+                    trust_domain=td,
+                    reason=problem.reason,
+                    detail=problem.message,
+                )
+            if self.metrics is not None:
+                self.metrics.trust_bundle_problem.labels(self.name, td).set(1)
+        for td in before.keys() - now.keys():
+            self._log.info("federated trust bundle good again", trust_domain=td)
+            if self.metrics is not None:
+                with contextlib.suppress(KeyError):
+                    self.metrics.trust_bundle_problem.remove(self.name, td)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -222,7 +270,9 @@ class CredentialWatcher:
             self.metrics.identity_valid.labels(self.name).set(1 if self.is_valid() else 0)
         kept = self.current.identity.svid.serial if self.current else None
         repeated = (stats.last_error_reason, stats.last_error) == (reason_code, message)
-        stats.last_error, stats.last_error_reason, stats.last_error_at = message, reason_code, self.clock()
+        at = self.clock()
+        stats.last_error, stats.last_error_reason, stats.last_error_at = message, reason_code, at
+        stats.last_rejection, stats.last_rejection_reason, stats.last_rejection_at = message, reason_code, at
         # The same refusal again (every file event, every timer tick) is news only at debug level.
         emit = self._log.debug if repeated else self._log.warning
         emit("credential set rejected", reason=reason_code, detail=message, trigger=trigger, kept_serial=kept)
@@ -236,11 +286,13 @@ class CredentialWatcher:
 
     # ---- the service -----------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Initial load, then watch, time and reload until cancelled. Started once loading was tried."""
-        await self.reload("start")
+        """Watch, initial load, then time and reload until cancelled. Started once loading was tried.
+
+        The watches are in place before the first read, so a rotation during start-up is never missed."""
         async with anyio.create_task_group() as tg:
             self._task_group = tg
-            tg.start_soon(self._watch_files)
+            await tg.start(self._watch_files)
+            await self.reload("start")
             tg.start_soon(self._timer)
             task_status.started()
             while True:
@@ -248,35 +300,59 @@ class CredentialWatcher:
                 self._wake = anyio.Event()
                 reason, self._pending = self._pending or "event", None
                 await self.reload(reason)
+                await self._check_watches()
 
     def _watch_dirs(self) -> list[Path]:
         return self.source.watch_dirs()
 
-    async def _watch_files(self) -> None:
+    async def _check_watches(self) -> None:
+        """Resolve the watched directories again (after an event burst, a periodic re-read, SIGHUP):
+        when a link now leads elsewhere (a re-pointed parent link whose old target survives, a swap
+        the events missed), the watches move to the new real directories."""
+        if self._watching is None:
+            return
+        dirs = await anyio.to_thread.run_sync(self._watch_dirs)
+        if dirs != self._watching:
+            self._log.debug("watched directories moved", dirs=[str(d) for d in dirs])
+            self._watch_stop.set()
+
+    async def _watch_files(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Watch the source's real directories until closed; started once the first watches are in
+        place (or none of the directories exists yet)."""
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
         watched: set[str] | None = None
         while not self._closed:
-            dirs = self._watch_dirs()
-            existing = [str(d) for d in dirs if d.is_dir()]
+            dirs = await anyio.to_thread.run_sync(self._watch_dirs)
+            existing = [str(d) for d in dirs if await anyio.to_thread.run_sync(d.is_dir)]
             if watched is not None and not set(existing) <= watched:
                 # A directory appeared (first provisioning) or links now lead elsewhere: events
                 # before this moment were not seen, so read once now.
                 self.request_reload("watch-changed")
             watched = set(existing)
             stop = self._watch_stop = anyio.Event()
+            self._watching = dirs
             async with anyio.create_task_group() as tg:
                 if len(existing) < len(dirs):
                     # Re-check for directories that do not exist yet (first provisioning).
                     tg.start_soon(_set_after, stop, 2.0)
                 if not existing:
+                    ready()
                     await stop.wait()
                     continue
                 try:
-                    async for _ in directory_changes(existing, self.source.config.debounce, stop):
+                    async for _ in directory_changes(existing, self.source.config.debounce, stop, ready):
                         self.request_reload("file-event")
-                        if self._watch_dirs() != dirs:
-                            stop.set()  # a link now leads through other directories: watch those
+                        await self._check_watches()
                 except (OSError, RuntimeError) as exc:
                     self._log.warning("file watch failed, restarting", error=str(exc))
+                    ready()  # the periodic re-read still runs; the watch is retried in a second
                     await anyio.sleep(1.0)
                 tg.cancel_scope.cancel()
 

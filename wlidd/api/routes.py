@@ -41,7 +41,10 @@ def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, A
         "last_loaded": iso_z(stats.last_loaded),
         "last_checked": iso_z(stats.last_checked),
         "last_error": None,
+        "last_rejection": None,
+        "bundle_problems": [],
         "reloads": stats.reloads,
+        "retries": stats.retries,
         "updates": stats.updates,
         "rejections": stats.rejections,
         "warnings": sorted(stats.warned),
@@ -51,6 +54,12 @@ def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, A
             "reason": stats.last_error_reason,
             "message": stats.last_error,
             "at": iso_z(stats.last_error_at),
+        }
+    if stats.last_rejection is not None:
+        document["last_rejection"] = {
+            "reason": stats.last_rejection_reason,
+            "message": stats.last_rejection,
+            "at": iso_z(stats.last_rejection_at),
         }
     if state is not None:
         svid = state.identity.svid
@@ -63,6 +72,10 @@ def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, A
             trust_domains=list(state.identity.bundles.trust_domains),
             origin=state.identity.origin,
             version=state.version,
+            bundle_problems=[
+                {"trust_domain": p.trust_domain, "reason": p.reason, "message": p.message, "kept": p.kept}
+                for p in state.identity.bundle_problems
+            ],
         )
     return document
 

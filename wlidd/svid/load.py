@@ -1,14 +1,18 @@
 """Reading one identity's files as a set, and turning them into a validated Svid.
 
-`CredentialSource.read()` is the only file I/O: for GCE it resolves the swapped symlink once and
-reads every file from the resolved contents directory, so chain, key and bundle come from one
-rotation. `build_identity()` is pure. `load_identity()` retries the pair when a rotation may be half
-done (a missing file, a key that does not match the leaf), with an injectable sleep.
+`CredentialSource.read()` is the only file I/O. Every source reads its set through one resolution:
+each path is resolved to its real path (through a GCE symlink swap, a Kubernetes ``..data`` link, a
+re-pointed ``current`` link), every file is read from its resolved path, and the paths are resolved
+again afterwards; a set whose links moved while it was read is a rotation in progress
+(`set_changed_while_read`), never a mixed set. `build_identity()` is pure. `load_identity()` retries
+a refused set quietly while it may be caught mid-write (see `load_identity`), with an injectable sleep.
+
+A federated trust domain's bundle that cannot be read or parsed does not refuse the set: it is
+reported (`Identity.bundle_problems`) and the last good copy of that domain's bundle is kept.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -50,6 +54,7 @@ class CredentialFiles:
     own_bundle: bytes | None = None
     trust_bundles_json: bytes | None = None
     extra_bundles: tuple[tuple[str, bytes], ...] = ()
+    bundle_errors: tuple[tuple[str, SvidError], ...] = ()  # federated bundles that could not be read
     notes: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
@@ -60,6 +65,8 @@ class CredentialFiles:
             digest.update(part)
         for trust_domain, data in self.extra_bundles:
             digest.update(trust_domain.encode() + b"\0" + data)
+        for trust_domain, error in self.bundle_errors:
+            digest.update(f"{trust_domain}\0{error.reason}".encode())
         return digest.hexdigest()
 
 
@@ -101,117 +108,166 @@ def _key_mode_note(path: Path) -> tuple[str, ...]:
 
 
 def link_parents(path: Path, max_links: int = 40) -> list[Path]:
-    """Directories whose entries decide what `path` resolves to.
+    """Directories whose entries decide what `path` resolves to, as real paths (symlinks resolved).
 
     The parent of `path`, the directory holding every symlink met while resolving it (a swapped
-    ``..data`` or ``current`` link anywhere on the way), and the parent of the final target.
+    ``..data`` or ``current`` link anywhere on the way), and the directory the final target is in.
+    Directories that do not exist (yet) are included as far as they resolve: the caller waits for them.
     """
-    found = [path.parent]
+    found = [Path(os.path.realpath(path.parent))]
     pending = Path(os.path.abspath(path))
     for _ in range(max_links):
         current = Path(pending.parts[0])
         for index, part in enumerate(pending.parts[1:], start=1):
             step = current / part
             if step.is_symlink():
-                found.append(current)
+                found.append(Path(os.path.realpath(current)))
                 try:
                     target = Path(os.readlink(step))
                 except OSError:
-                    return found
+                    return list(dict.fromkeys(found))
                 rest = pending.parts[index + 1 :]
                 pending = Path(os.path.normpath(current / target)).joinpath(*rest)
                 break
             current = step
         else:
-            found.append(pending.parent)
-            return found
-    return found
+            found.append(Path(os.path.realpath(pending.parent)))
+            return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found))
+
+
+NOT_MID_WRITE = frozenset({"file_unreadable", "file_is_directory", "resources_exhausted"})
+"""Refusals no writer produces by being caught half-way (permissions, a directory, the process out of
+descriptors): reported at once. Every other refusal may be a set caught mid-write and is retried."""
 
 
 @dataclass(frozen=True)
 class CredentialSource:
-    """Where one identity's files are; `read()` returns them as one consistent set."""
+    """Where one identity's files are; `read()` returns them as one consistent set.
+
+    Sources: "gce" (a directory holding certificates.pem, private_key.pem and ca_certificates.pem or
+    trust_bundles.json: the GCE guest agent's symlink swap, a GKE/CSI plain directory written by the
+    Kubernetes atomic writer, or files renamed into it), "certificate_config" (certificate_config.json
+    naming cert and key, as Google's client libraries read it) and "files" (cert, key, bundle paths).
+    """
 
     name: str
     config: IdentityConfig
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
 
-    def watch_dirs(self) -> list[Path]:
-        """Directories whose events may mean a new set (parents, since links and files are replaced)."""
+    def paths(self) -> dict[str, Path]:
+        """The files this source reads, by role: "chain", "key", "bundle", "trust_bundles" (GCE, read
+        when present), "bundle:<trust domain>" per federated bundle, and "certificate_config".
+        Raises ConfigError when certificate_config.json cannot be read (the caller decides how)."""
         cfg = self.config
-        paths: list[Path] = []
+        roles: dict[str, Path] = {}
         if cfg.source == "gce":
-            paths.append(cfg.gce_dir())
+            base = cfg.gce_dir()
+            roles["chain"] = base / GCE_CHAIN
+            roles["key"] = cfg.key or base / GCE_KEY
+            if cfg.bundle is None:
+                roles["trust_bundles"] = base / GCE_TRUST_BUNDLES
+                roles["bundle"] = base / GCE_CA
         elif cfg.source == "certificate_config":
             config_path = cfg.certificate_config_path(self.environ)
-            paths.append(config_path)
-            with contextlib.suppress(ConfigError):
-                paths.extend(read_certificate_config(config_path))
+            roles["certificate_config"] = config_path
+            roles["chain"], roles["key"] = read_certificate_config(config_path)
         else:
             assert cfg.cert is not None and cfg.key is not None
-            paths += [cfg.cert, cfg.key]
-        paths += [p for p in (cfg.key if cfg.source == "gce" else None, cfg.bundle) if p is not None]
-        paths += list(cfg.bundles.values())
-        stable: list[Path] = []
-        reached: list[Path] = []  # directories only reached through a symlink (they may vanish on a swap)
+            roles["chain"], roles["key"] = cfg.cert, cfg.key
+        if cfg.bundle is not None:
+            roles["bundle"] = cfg.bundle
+        for trust_domain, path in sorted(cfg.bundles.items()):
+            roles[f"bundle:{trust_domain}"] = path
+        return roles
+
+    def watch_dirs(self) -> list[Path]:
+        """Real directories whose events may mean a new set: every file's directory, each directory
+        holding a link met on the way to it (a GCE swap, ``..data``, a re-pointed parent link) and the
+        directory its target is in. Compared after every event burst and periodic re-read: when a
+        link now leads elsewhere, the watches move (wlidd.watch)."""
+        cfg = self.config
+        try:
+            paths = list(self.paths().values())
+        except ConfigError:  # certificate_config.json unreadable: watch it and the bundles
+            paths = [cfg.certificate_config_path(self.environ)]
+            paths += [p for p in (cfg.bundle, *cfg.bundles.values()) if p is not None]
+        if cfg.source == "gce":
+            paths.append(cfg.gce_dir())  # a swap of the directory link itself, and its creation
+        dirs: list[Path] = []
         for path in paths:
-            parents = link_parents(path)
-            through_link = len(parents) > 2 or (len(parents) == 2 and parents[1] != path.parent)
-            for index, candidate in enumerate(parents):
-                target = reached if through_link and index == len(parents) - 1 else stable
-                if candidate not in target:
-                    target.append(candidate)
-        # A symlink target inside a directory already watched for its link swap needs no watch of its
-        # own (a Kubernetes ..2026_x dir, a GCE contents dir): it is replaced, not edited.
-        extra = [d for d in reached if d not in stable and not any(s in d.parents for s in stable)]
-        return stable + extra
+            dirs.extend(link_parents(path))
+        return list(dict.fromkeys(dirs))
 
     def read(self) -> CredentialFiles:
+        """Read the set through one resolution (see the module docstring).
+
+        Raises RetryableSvidError("file_missing" | "set_changed_while_read") when a rotation may be in
+        progress, SvidError for a file that cannot be read (file_unreadable, file_is_directory,
+        resources_exhausted, certificate_config_invalid, *_too_large). A federated bundle that cannot
+        be read is not raised: it is returned in `bundle_errors`."""
         cfg = self.config
-        extra = tuple((td, _read(path, "bundle")) for td, path in sorted(cfg.bundles.items()))
-        own_bundle = _read(cfg.bundle, "bundle") if cfg.bundle is not None else None
-        if cfg.source == "gce":
-            link = cfg.gce_dir()
-            resolved = Path(os.path.realpath(link))
-            if not resolved.is_dir():
-                raise RetryableSvidError("file_missing", f"{link} does not lead to a directory (yet)")
-            chain = _read(resolved / GCE_CHAIN, "chain")
-            key_path = cfg.key or resolved / GCE_KEY
-            key = _read(key_path, "key")
-            trust_bundles = None
-            if own_bundle is None:
-                if (resolved / GCE_TRUST_BUNDLES).exists():
-                    trust_bundles = _read(resolved / GCE_TRUST_BUNDLES, "trust_bundles")
-                else:
-                    own_bundle = _read(resolved / GCE_CA, "bundle")
-            return CredentialFiles(
-                origin=str(resolved),
-                chain=chain,
-                key=key,
-                own_bundle=own_bundle,
-                trust_bundles_json=trust_bundles,
-                extra_bundles=extra,
-                notes=_key_mode_note(key_path),
-            )
-        if cfg.source == "certificate_config":
+        try:
+            roles = self.paths()
+        except ConfigError as exc:
             config_path = cfg.certificate_config_path(self.environ)
+            if not config_path.exists():
+                raise RetryableSvidError("file_missing", exc.message) from None
+            raise SvidError("certificate_config_invalid", exc.message) from None
+        if cfg.source == "gce" and not Path(os.path.realpath(cfg.gce_dir())).is_dir():
+            raise RetryableSvidError("file_missing", f"{cfg.gce_dir()} does not lead to a directory (yet)")
+        resolved = {role: Path(os.path.realpath(path)) for role, path in roles.items()}
+        if "trust_bundles" in resolved:
+            if resolved["trust_bundles"].exists():
+                resolved.pop("bundle")
+            else:
+                resolved.pop("trust_bundles")
+        data: dict[str, bytes] = {}
+        bundle_errors: list[tuple[str, SvidError]] = []
+        for role, path in resolved.items():
+            if role == "certificate_config":
+                continue
+            what = "bundle" if role.startswith("bundle") else role
             try:
-                cert_path, key_path = read_certificate_config(config_path)
-            except ConfigError as exc:
-                if not config_path.exists():
-                    raise RetryableSvidError("file_missing", exc.message) from None
-                raise SvidError("certificate_config_invalid", exc.message) from None
-        else:
-            assert cfg.cert is not None and cfg.key is not None
-            cert_path, key_path = cfg.cert, cfg.key
+                data[role] = _read(path, what)
+            except SvidError as exc:
+                if not role.startswith("bundle:"):
+                    raise
+                bundle_errors.append((role.removeprefix("bundle:"), exc))
+        after = {role: Path(os.path.realpath(roles[role])) for role in resolved}
+        if after != resolved:
+            moved = sorted(role for role in resolved if after[role] != resolved[role])
+            raise RetryableSvidError(
+                "set_changed_while_read",
+                f"{', '.join(moved)} moved to another target while the set was read (a rotation in progress)",
+            )
+        chain_dir = resolved["chain"].parent
         return CredentialFiles(
-            origin=str(cert_path.parent),
-            chain=_read(cert_path, "chain"),
-            key=_read(key_path, "key"),
-            own_bundle=own_bundle,
-            extra_bundles=extra,
-            notes=_key_mode_note(key_path),
+            origin=str(chain_dir),
+            chain=data["chain"],
+            key=data["key"],
+            own_bundle=data.get("bundle"),
+            trust_bundles_json=data.get("trust_bundles"),
+            extra_bundles=tuple((r.removeprefix("bundle:"), d) for r, d in data.items() if r.startswith("bundle:")),
+            bundle_errors=tuple(bundle_errors),
+            notes=_key_mode_note(resolved["key"]),
         )
+
+
+@dataclass(frozen=True)
+class BundleProblem:
+    """A federated trust domain whose bundle could not be read or parsed in this set.
+
+    `kept` tells whether the last good copy of its bundle is still used (False: none was ever loaded,
+    so the domain is left out until its bundle is readable)."""
+
+    trust_domain: str
+    reason: str
+    message: str
+    kept: bool
+
+
+MAX_BUNDLE_PROBLEMS = 64  # federated domains reported per set; the rest are counted in the last entry's message
 
 
 @dataclass(frozen=True)
@@ -223,6 +279,7 @@ class Identity:
     fingerprint: str
     origin: str
     notes: tuple[str, ...] = ()
+    bundle_problems: tuple[BundleProblem, ...] = ()
 
     @property
     def own_bundle(self) -> TrustBundle:
@@ -231,19 +288,54 @@ class Identity:
         return bundle
 
 
-def build_identity(files: CredentialFiles, now: dt.datetime, *, trust_domain: str | None = None) -> Identity:
-    """Parse and validate one credential set (pure): an Identity or SvidError."""
+def build_identity(
+    files: CredentialFiles,
+    now: dt.datetime,
+    *,
+    trust_domain: str | None = None,
+    previous: BundleSet | None = None,
+) -> Identity:
+    """Parse and validate one credential set (pure): an Identity, or SvidError with the reason.
+
+    The own trust domain's bundle must be good (the chain is validated against it). A federated
+    domain's bundle that is missing or damaged (a file under `bundles`, one entry of
+    trust_bundles.json) is reported in `Identity.bundle_problems`, and the copy in `previous` (the
+    bundles of the state served so far) is kept for that domain."""
     key = parse_private_key(files.key)
     chain = parse_chain(files.chain)
     own_td = trust_domain or spiffe_id_from_cert(chain[0]).trust_domain
     authorities: dict[str, list[object]] = {}
+    broken: dict[str, SvidError] = {}
     if files.trust_bundles_json is not None:
-        for td, certs in parse_trust_bundles_json(files.trust_bundles_json).items():
+        parsed, errors = parse_trust_bundles_json(files.trust_bundles_json)
+        for td, certs in parsed.items():
             authorities.setdefault(td, []).extend(certs)
+        broken.update(errors)
     if files.own_bundle is not None:
         authorities.setdefault(own_td, []).extend(parse_bundle(files.own_bundle, own_td))
     for td, data in files.extra_bundles:
-        authorities.setdefault(td, []).extend(parse_bundle(data, td))
+        try:
+            certs = parse_bundle(data, td)
+        except SvidError as exc:
+            broken[td] = exc
+            continue
+        authorities.setdefault(td, []).extend(certs)
+    broken.update(files.bundle_errors)
+    if own_td in broken:
+        raise broken[own_td]
+    problems: list[BundleProblem] = []
+    for td, refusal in sorted(broken.items()):
+        kept = previous.get(td) if previous is not None else None
+        if kept is not None and td not in authorities:
+            authorities[td] = list(kept.authorities)
+        problems.append(BundleProblem(td, refusal.reason, refusal.message, kept is not None))
+    if len(problems) > MAX_BUNDLE_PROBLEMS:
+        rest = len(problems) - MAX_BUNDLE_PROBLEMS + 1
+        last = problems[MAX_BUNDLE_PROBLEMS - 1]
+        problems[MAX_BUNDLE_PROBLEMS - 1] = BundleProblem(
+            last.trust_domain, last.reason, f"{last.message} (and {rest - 1} more domains)", last.kept
+        )
+        del problems[MAX_BUNDLE_PROBLEMS:]
     bundles = BundleSet(
         {
             td: TrustBundle(td, tuple(dict.fromkeys(certs)))  # type: ignore[arg-type]
@@ -254,10 +346,17 @@ def build_identity(files: CredentialFiles, now: dt.datetime, *, trust_domain: st
         svid = validate_svid(chain, key, bundles, now, trust_domain=trust_domain)
     except (ValueError, TypeError) as exc:  # a damaged field the parser only reads on use
         raise SvidError("chain_bad_certificate", f"chain cannot be validated: {exc}") from None
-    return Identity(svid=svid, bundles=bundles, fingerprint=files.fingerprint(), origin=files.origin, notes=files.notes)
+    return Identity(
+        svid=svid,
+        bundles=bundles,
+        fingerprint=files.fingerprint(),
+        origin=files.origin,
+        notes=files.notes,
+        bundle_problems=tuple(problems),
+    )
 
 
-Sleep = Callable[[float], Awaitable[None]]
+Sleep = Callable[[float], Awaitable[bool | None]]
 Clock = Callable[[], dt.datetime]
 
 
@@ -282,23 +381,54 @@ async def load_identity(
     attempts: int | None = None,
     delay: float | None = None,
     on_retry: Callable[[int, SvidError], None] | None = None,
+    previous: BundleSet | None = None,
 ) -> Identity:
-    """Read and validate, retrying a missing file or key mismatch (rotation in progress).
+    """Read and validate, retrying quietly while the set may be caught mid-write.
 
-    File reads and crypto run in a worker thread; the event loop never blocks on them.
+    A writer that truncates and rewrites, renames files in one at a time or swaps links leaves a set
+    that is briefly missing a file, damaged (half a PEM), mixed (a key not matching the leaf, a chain
+    from another generation) or re-pointed while read. Every refusal but those in NOT_MID_WRITE is
+    therefore retried, up to `attempts` (config `mismatch_retries`) with `delay` seconds between
+    (`mismatch_retry_delay`); a set with federated bundle problems is retried the same way before it
+    is accepted with them. Retrying stops early, and the refusal stands, when the same content failed
+    the same way twice across a full delay: the files are as their writer means them to be.
+
+    `sleep(delay)` may return True when it was cut short by a new file event (the set changed again):
+    the next read then does not count as proof of a stable set. File reads and crypto run in a worker
+    thread; the event loop never blocks on them. Raises SvidError (the last refusal).
     """
     attempts = attempts if attempts is not None else source.config.mismatch_retries
     delay = delay if delay is not None else source.config.mismatch_retry_delay
     trust_domain = source.config.trust_domain
-    for attempt in range(1, attempts + 1):
+
+    def attempt_once() -> tuple[Identity | None, SvidError | None, str]:
         try:
-            return await anyio.to_thread.run_sync(
-                lambda: build_identity(source.read(), now(), trust_domain=trust_domain)
-            )
-        except RetryableSvidError as exc:
-            if attempt == attempts:
-                raise
-            if on_retry is not None:
-                on_retry(attempt, exc)
-            await sleep(delay)
+            files = source.read()
+        except SvidError as exc:
+            return None, exc, f"{exc.reason}\0{exc.message}"
+        try:
+            identity = build_identity(files, now(), trust_domain=trust_domain, previous=previous)
+        except SvidError as exc:
+            return None, exc, f"{exc.reason}\0{files.fingerprint()}"
+        return identity, None, f"bundles\0{files.fingerprint()}"
+
+    stable_key: str | None = None
+    for attempt in range(1, attempts + 1):
+        identity, error, key = await anyio.to_thread.run_sync(attempt_once)
+        if identity is not None and not identity.bundle_problems:
+            return identity
+        settled = attempt == attempts or key == stable_key or (error is not None and error.reason in NOT_MID_WRITE)
+        if settled:
+            if error is not None:
+                raise error
+            assert identity is not None
+            return identity
+        if on_retry is not None:
+            if error is None:
+                assert identity is not None
+                first = identity.bundle_problems[0]
+                error = SvidError(first.reason, f"bundle of {first.trust_domain}: {first.message}")
+            on_retry(attempt, error)
+        woken = await sleep(delay)
+        stable_key = None if woken else key
     raise AssertionError("unreachable")

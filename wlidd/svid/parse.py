@@ -209,8 +209,12 @@ def parse_bundle(data: bytes, trust_domain: str | None = None) -> list[x509.Cert
     return _check_authorities(parse_certificates(data, "bundle"), "bundle")
 
 
-def parse_trust_bundles_json(data: bytes) -> dict[str, list[x509.Certificate]]:
-    """GCE ``trust_bundles.json``: SPIFFE bundles keyed by trust domain (bare, or under 'trust_domains')."""
+def parse_trust_bundles_json(data: bytes) -> tuple[dict[str, list[x509.Certificate]], dict[str, SvidError]]:
+    """GCE ``trust_bundles.json``: SPIFFE bundles keyed by trust domain (bare, or under 'trust_domains').
+
+    Returns (authorities by trust domain, refusal by trust domain): one damaged entry refuses only
+    its own domain (an entry whose name is not a trust domain is keyed by that name, at most 255
+    characters). Raises SvidError for a document that is not such a map at all."""
     _check_size(data, "trust_bundles")
     document = _load_json(data, "trust_bundles")
     if isinstance(document, dict) and isinstance(document.get("trust_domains"), dict):
@@ -218,12 +222,17 @@ def parse_trust_bundles_json(data: bytes) -> dict[str, list[x509.Certificate]]:
     if not isinstance(document, dict) or not document:
         raise SvidError("trust_bundles_bad_json", "trust_bundles.json is not a map of trust domain to bundle")
     result: dict[str, list[x509.Certificate]] = {}
+    errors: dict[str, SvidError] = {}
     for name, bundle in document.items():
         try:
             trust_domain = parse_trust_domain(name.removeprefix("spiffe://"))
         except SvidError as exc:
-            raise SvidError("trust_bundles_bad_trust_domain", f"trust_bundles.json: {exc.message}") from None
-        result[trust_domain] = _check_authorities(
-            _spiffe_bundle_certs(bundle, trust_domain, "trust_bundles"), "trust_bundles"
-        )
-    return result
+            errors[name[:255]] = SvidError("trust_bundles_bad_trust_domain", f"trust_bundles.json: {exc.message}")
+            continue
+        try:
+            result[trust_domain] = _check_authorities(
+                _spiffe_bundle_certs(bundle, trust_domain, "trust_bundles"), "trust_bundles"
+            )
+        except SvidError as exc:
+            errors[trust_domain] = exc
+    return result, errors

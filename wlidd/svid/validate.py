@@ -98,7 +98,11 @@ def check_validity(chain: list[x509.Certificate], now: dt.datetime) -> None:
 
 
 def verify_chain(chain: list[x509.Certificate], bundles: BundleSet, spiffe_id: SpiffeId, now: dt.datetime) -> None:
-    """RFC 5280 path validation to a root in the bundle of the leaf's own trust domain.
+    """RFC 5280 path validation to an anchor in the bundle of the leaf's own trust domain.
+
+    Every certificate of that bundle is an anchor, self-signed or not (RFC 5280 §6.1.1(d)): a bundle
+    holding only the issuing intermediate validates, exactly as the TLS contexts accept it
+    (`wlidd.tlsctx.trust_every_anchor`); an anchor outside its validity window does not.
 
     Our X509-SVID checks replace the Web PKI leaf rules (which reject, e.g., a critical SAN beside a
     subject), so the leaf policy is permit_all; CA certificates keep the Web PKI CA rules.

@@ -21,7 +21,7 @@ from cryptography import x509
 from wlidd.config import TokenConfig
 from wlidd.errors import SvidError, UpstreamError
 from wlidd.svid.parse import parse_chain, parse_private_key
-from wlidd.tlsctx import load_identity_into
+from wlidd.tlsctx import load_identity_into, trust_every_anchor
 from wlidd.tokens.model import Token
 from wlidd.tokens.providers.entra import fetch_entra_token
 from wlidd.tokens.providers.impersonate import generate_access_token, generate_id_token
@@ -34,8 +34,14 @@ CurrentIdentity = Callable[[], IdentityState | None]
 
 def upstream_ssl_context(ca_file: Path | None, state: IdentityState | None = None) -> ssl.SSLContext:
     """Verify upstream servers against `ca_file` or the system store; with `state`, present its SVID
-    (TLS 1.3 only, as required for mTLS with workload credentials)."""
-    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    (TLS 1.3 only, as required for mTLS with workload credentials).
+
+    The server is verified against `ca_file` (or the system store), never against the SPIFFE bundle.
+    Every certificate there is a trust anchor, self-signed or not (`trust_every_anchor`): a `ca_file`
+    holding only the issuing intermediate works, and so does a server certificate pinned there, as
+    with Python 3.13's create_default_context.
+    """
+    context = trust_every_anchor(ssl.create_default_context(cafile=str(ca_file) if ca_file else None))
     if state is not None:
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         load_identity_into(context, state.identity)
