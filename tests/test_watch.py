@@ -292,20 +292,36 @@ async def test_a_set_that_keeps_changing_is_retried_up_to_mismatch_retries_then_
     assert sleeps == [5.0, 5.0, 5.0]  # 4 attempts, 5 s apart
 
 
-async def test_a_retry_woken_by_a_file_event_does_not_count_as_a_stable_set(
+async def test_retries_woken_by_unrelated_file_events_do_not_use_up_the_retry_window(
     files: FileSet, ca: CertificateAuthority
 ) -> None:
+    from wlidd.svid.load import MAX_READS_PER_ATTEMPT
+
     files.put(ca.issue_svid(), ca.bundle_pem)
     files.write("key.pem", ca.issue_svid().key_pem)
     sleeps: list[float] = []
 
     async def woken_early(seconds: float) -> bool:
         sleeps.append(seconds)
-        return True  # an event cut the wait short: the writer is still at work
+        if len(sleeps) == 10:  # the writer finishes after many unrelated events in the directory
+            files.write("key.pem", good.key_pem)
+        return True  # an event cut the wait short at once: no time passed
 
-    with pytest.raises(SvidError):
-        await load_identity(files.source(mismatch_retries=3, mismatch_retry_delay=5.0), sleep=woken_early)
-    assert sleeps == [5.0, 5.0]
+    good = ca.issue_svid()
+    files.put(good)
+    files.write("key.pem", ca.issue_svid().key_pem)
+    identity = await load_identity(files.source(mismatch_retries=3, mismatch_retry_delay=5.0), sleep=woken_early)
+    assert identity.svid.serial == serial_of(good.leaf) and len(sleeps) == 10
+    sleeps.clear()
+    files.write("key.pem", ca.issue_svid().key_pem)
+
+    async def events_forever(seconds: float) -> bool:
+        sleeps.append(seconds)
+        return True
+
+    with pytest.raises(SvidError):  # the read cap ends it
+        await load_identity(files.source(mismatch_retries=3, mismatch_retry_delay=5.0), sleep=events_forever)
+    assert len(sleeps) == 3 * MAX_READS_PER_ATTEMPT - 1
 
 
 async def test_trust_bundle_rotation_adds_then_removes_a_root(files: FileSet, ca: CertificateAuthority) -> None:

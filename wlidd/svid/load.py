@@ -136,6 +136,8 @@ def link_parents(path: Path, max_links: int = 40) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+MAX_READS_PER_ATTEMPT = 25  # reads woken early by file events, per configured attempt, before a refusal stands
+
 NOT_MID_WRITE = frozenset({"file_unreadable", "file_is_directory", "resources_exhausted"})
 """Refusals no writer produces by being caught half-way (permissions, a directory, the process out of
 descriptors): reported at once. Every other refusal may be a set caught mid-write and is retried."""
@@ -388,13 +390,15 @@ async def load_identity(
     A writer that truncates and rewrites, renames files in one at a time or swaps links leaves a set
     that is briefly missing a file, damaged (half a PEM), mixed (a key not matching the leaf, a chain
     from another generation) or re-pointed while read. Every refusal but those in NOT_MID_WRITE is
-    therefore retried, up to `attempts` (config `mismatch_retries`) with `delay` seconds between
-    (`mismatch_retry_delay`); a set with federated bundle problems is retried the same way before it
-    is accepted with them. Retrying stops early, and the refusal stands, when the same content failed
-    the same way twice across a full delay: the files are as their writer means them to be.
+    therefore retried for up to (`attempts` - 1) × `delay` seconds (config `mismatch_retries`,
+    `mismatch_retry_delay`: 15 s by default), read again after each `delay` or at the next file event
+    if that comes first; a set with federated bundle problems is retried the same way before it is
+    accepted with them. Retrying stops early, and the refusal stands, once the same content has failed
+    the same way for a full `delay`: the files are as their writer means them to be.
 
-    `sleep(delay)` may return True when it was cut short by a new file event (the set changed again):
-    the next read then does not count as proof of a stable set. File reads and crypto run in a worker
+    `sleep(seconds)` may return True when it was cut short by a file event; only the time that really
+    passed then counts, so unrelated events in a watched directory cannot use up the retries (reads are
+    capped at MAX_READS_PER_ATTEMPT × `attempts` all the same). File reads and crypto run in a worker
     thread; the event loop never blocks on them. Raises SvidError (the last refusal).
     """
     attempts = attempts if attempts is not None else source.config.mismatch_retries
@@ -412,12 +416,21 @@ async def load_identity(
             return None, exc, f"{exc.reason}\0{files.fingerprint()}"
         return identity, None, f"bundles\0{files.fingerprint()}"
 
-    stable_key: str | None = None
-    for attempt in range(1, attempts + 1):
+    window = (attempts - 1) * delay  # how long a set may take to settle
+    waited = waited_same = 0.0  # seconds since the first refusal; since this content was first read
+    previous_key: str | None = None
+    for attempt in range(1, attempts * MAX_READS_PER_ATTEMPT + 1):
         identity, error, key = await anyio.to_thread.run_sync(attempt_once)
         if identity is not None and not identity.bundle_problems:
             return identity
-        settled = attempt == attempts or key == stable_key or (error is not None and error.reason in NOT_MID_WRITE)
+        if key != previous_key:
+            waited_same = 0.0
+        settled = (
+            waited >= window
+            or waited_same >= delay
+            or attempt == attempts * MAX_READS_PER_ATTEMPT
+            or (error is not None and error.reason in NOT_MID_WRITE)
+        )
         if settled:
             if error is not None:
                 raise error
@@ -429,6 +442,10 @@ async def load_identity(
                 first = identity.bundle_problems[0]
                 error = SvidError(first.reason, f"bundle of {first.trust_domain}: {first.message}")
             on_retry(attempt, error)
-        woken = await sleep(delay)
-        stable_key = None if woken else key
+        started = anyio.current_time()
+        woken = await sleep(min(delay, window - waited))
+        slept = min(delay, window - waited) if not woken else anyio.current_time() - started
+        waited += slept
+        waited_same += slept
+        previous_key = key
     raise AssertionError("unreachable")
