@@ -180,4 +180,4 @@ async def test_cli_creds_writes_the_files_with_their_modes(
     assert b"spiffe://example.org/ns/default/sa/app" in result.stdout
     assert (out / "svid.pem").read_bytes() == svid.chain_pem
     assert stat.S_IMODE(os.stat(out / "svid_key.pem").st_mode) == 0o600
-    assert (out / "bundle.pem").read_bytes() == ca.bundle_pem
+    assert (out / "svid_bundle.pem").read_bytes() == ca.bundle_pem  # spiffe-helper's names

@@ -146,3 +146,22 @@ def test_certificate_config_workload_entry_is_read_and_other_entries_ignored(tmp
     path.write_text(json.dumps({"cert_configs": {"workload": {"cert_path": "/c"}}}))
     with pytest.raises(ConfigError, match="cert_configs.workload.key_path"):
         read_certificate_config(path)
+
+
+def test_two_sinks_in_one_place_are_refused_with_both_names(tmp_path: Path) -> None:
+    path = tmp_path / "wlidd.toml"
+    path.write_text(
+        f"""
+[identities.a]
+source = "gce"
+[[identities.a.sinks]]
+dir = "{tmp_path}/creds"
+[identities.b]
+source = "gce"
+[[identities.b.sinks]]
+dir = "{tmp_path}/creds/"
+"""
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert "identities.b.sinks[0].dir" in info.value.message and "identities.a.sinks[0].dir" in info.value.message

@@ -275,7 +275,7 @@ async def test_another_users_link_in_a_sticky_world_writable_directory_is_not_fo
     assert list(victim.iterdir()) == []
     [error] = refusals(events, "credential sink write failed")
     assert f"symbolic link {sticky / 'creds'} belongs to uid {APP}" in error
-    assert sorted(p.name for p in (sticky / "mine").iterdir()) == [
+    assert sorted(sinks_stable_names(sticky / "mine")) == [
         "bundle.pem",
         "cert.pem",
         "certificate_config.json",
@@ -434,7 +434,7 @@ def test_readers_on_a_file_system_without_acls_keep_the_last_good_files(
     out = tmp_path / "out"
     first = identity_state(ca.issue_svid(), ca.bundle_pem)
     write_credentials(sink(out), first)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = sink_files(out)
 
     def unsupported(*args: object) -> None:
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
@@ -442,7 +442,7 @@ def test_readers_on_a_file_system_without_acls_keep_the_last_good_files(
     monkeypatch.setattr(os, "setxattr", unsupported)
     with pytest.raises(OSError, match="does not support POSIX ACLs, which readers needs"):
         write_credentials(sink(out, readers={"users": [0]}), identity_state(ca.issue_svid(), ca.bundle_pem))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp file either
+    assert sink_files(out) == before  # the same generation, and no temp file or generation left either
 
 
 @pytest.mark.skipif(shutil.which("setfacl") is None, reason="setfacl (package acl) not installed")
@@ -745,9 +745,24 @@ async def test_a_sink_directory_another_user_made_in_a_sticky_directory_is_repor
 # ---- a full disk: a sink's files change together or not at all ---------------------------------------
 
 
+def sinks_stable_names(directory: Path) -> list[str]:
+    """The names a consumer reads (the generations and ..data are the writer's)."""
+    return [p.name for p in directory.iterdir() if not p.name.startswith("..")]
+
+
 def sink_files(directory: Path) -> dict[str, str]:
-    """Each file's name and a digest of its content (a failing comparison must not print a key)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(directory.iterdir())}
+    """Every entry's name with a digest of its content for files and the target for links (a failing
+    comparison must not print a key), and the same for the generation ..data leads to."""
+
+    def digest(path: Path) -> str:
+        if path.is_symlink():
+            return "-> " + os.readlink(path)
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+    entries = {p.name: digest(p) for p in sorted(directory.iterdir()) if not p.is_dir() or p.is_symlink()}
+    if (directory / "..data").is_dir():
+        entries |= {f"..data/{p.name}": digest(p) for p in sorted((directory / "..data").iterdir())}
+    return entries
 
 
 def test_a_write_failing_midway_through_a_sink_changes_none_of_its_files(
@@ -777,19 +792,19 @@ def test_a_write_failing_midway_through_a_sink_changes_none_of_its_files(
 async def test_a_full_tmpfs_leaves_the_last_good_set_and_the_log_names_the_file(
     tmp_path: Path, ca: CertificateAuthority, events: Events
 ) -> None:
-    """A real full disk (a 64 KiB tmpfs): the new set needs one page more than is free, after the old
-    svid.pem's page would have been freed by renaming it first."""
+    """A real full disk (a 64 KiB tmpfs): the new generation needs more pages than are free (the old one
+    stays until the new one is published)."""
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(mount)]).returncode != 0:
         pytest.skip("mounting a tmpfs is not permitted here")
     try:
         out = mount / "spiffe"
-        config = sink(out, layout="spiffe")
+        config = sink(out, layout="spiffe-fs")
         write_credentials(config, identity_state(ca.issue_svid(), ca.bundle_pem))
         before = sink_files(out)
         roots = b"".join(CertificateAuthority("example.org").bundle_pem for _ in range(8))
-        big_bundle = ca.bundle_pem + roots  # bundle.example.org.pem: one page → two
+        big_bundle = ca.bundle_pem + roots  # example.org.spiffe-trust-bundle.pem: one page → two
         fillers = 0
         with contextlib.suppress(OSError):
             while True:
@@ -801,7 +816,7 @@ async def test_a_full_tmpfs_leaves_the_last_good_set_and_the_log_names_the_file(
         await publish_credentials((config,), new_state)
         assert sink_files(out) == before
         [error] = refusals(events, "credential sink write failed")
-        assert error == f"No space left on device: {out / 'bundle.example.org.pem'}"
+        assert error == f"No space left on device: {out / 'example.org.spiffe-trust-bundle.pem'}"
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
 

@@ -64,22 +64,42 @@ async def test_files_layout_is_read_by_google_auths_certificate_config_reader_an
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-async def test_spiffe_layout_has_key_and_chain_in_one_file_and_a_bundle_per_trust_domain(
+async def test_spiffe_fs_layout_has_key_and_chain_in_one_file_and_a_trust_bundle_per_trust_domain(
     tmp_path: Path, files: FileSet, ca: CertificateAuthority, foreign_ca: CertificateAuthority
 ) -> None:
+    """The SPIFFE Filesystem Delivery draft's names: credential-bundle.private-key.pem (PRIVATE KEY, then the
+    chain), <trust domain>.spiffe-trust-bundle.pem for the own and every federated trust domain."""
     svid = ca.issue_svid()
     files.put(svid, ca.bundle_pem)
     other = tmp_path / "other.pem"
     other.write_bytes(foreign_ca.bundle_pem)
     out = tmp_path / "spiffe"
-    d = daemon(tmp_path, files, [{"dir": str(out), "layout": "spiffe"}], bundles={"other.org": other})
+    d = daemon(tmp_path, files, [{"dir": str(out), "layout": "spiffe-fs"}], bundles={"other.org": other})
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: (out / "bundle.other.org.pem").exists())
-    combined = (out / "svid.pem").read_bytes()
+        await wait_for(lambda: (out / "other.org.spiffe-trust-bundle.pem").exists())
+    combined = (out / "credential-bundle.private-key.pem").read_bytes()
     assert combined.startswith(b"-----BEGIN PRIVATE KEY-----") and combined.endswith(svid.chain_pem)
-    assert stat.S_IMODE(os.stat(out / "svid.pem").st_mode) == 0o600
-    assert (out / "bundle.example.org.pem").read_bytes() == cert_pem(ca.root)
-    assert (out / "bundle.other.org.pem").read_bytes() == cert_pem(foreign_ca.root)
+    assert stat.S_IMODE(os.stat(out / "credential-bundle.private-key.pem").st_mode) == 0o600
+    assert (out / "example.org.spiffe-trust-bundle.pem").read_bytes() == cert_pem(ca.root)
+    assert (out / "other.org.spiffe-trust-bundle.pem").read_bytes() == cert_pem(foreign_ca.root)
+    stable = sorted(p.name for p in out.iterdir() if not p.name.startswith(".."))
+    assert stable == [
+        "credential-bundle.private-key.pem",
+        "example.org.spiffe-trust-bundle.pem",
+        "other.org.spiffe-trust-bundle.pem",
+    ]
+
+
+def test_the_removed_spiffe_layout_is_refused_with_what_to_use_instead() -> None:
+    """Its svid.pem held key and chain, a name spiffe-helper uses for the chain alone: an old config gets a
+    config error naming both replacements, never files with the same names and another meaning."""
+    with pytest.raises(ValueError) as refused:
+        CredentialSinkConfig.model_validate({"dir": "/x", "layout": "spiffe"})
+    message = str(refused.value)
+    assert 'layout "spiffe" was removed' in message
+    assert 'layout = "spiffe-fs"' in message and 'layout = "spiffe-helper"' in message
+    with pytest.raises(ValueError, match="include_federated_domains is only for layout"):
+        CredentialSinkConfig.model_validate({"dir": "/x", "layout": "files", "include_federated_domains": True})
 
 
 async def test_after_a_rotation_the_command_runs_and_the_pid_file_process_is_signalled(

@@ -1,7 +1,10 @@
 """Rotation soak (`make soak`, not part of `make test`): fast GCE-style rotations, bad sets mixed in,
-continuous mTLS handshakes. Nothing expired may ever be presented and no handshake may fail.
+continuous mTLS handshakes. Nothing expired may ever be presented and no handshake may fail. And the sink
+soak: hundreds of rotations of a real daemon while event-driven and random readers check every pair they
+read from its sinks.
 
-SOAK_SECONDS sets the duration (default 60).
+SOAK_SECONDS sets the duration of the first (default 60), SOAK_ROTATIONS the rotations of the second
+(default 500).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from anyio.streams.tls import TLSListener
 from cryptography import x509
 
 from tests.conftest import TD
+from tests.test_sink_atomic import FILES_CONSUMERS, run_rotations
 from wlidd.config import IdentityConfig
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
@@ -97,3 +101,18 @@ async def test_rotation_soak_never_presents_an_expired_leaf_nor_fails_a_handshak
     assert counts["failures"] == 0 and counts["expired"] == 0
     assert counts["handshakes"] > counts["rotations"]
     assert watcher.stats.rejections >= counts["bad_sets"] > 0
+
+
+def test_sink_soak_event_driven_and_random_readers_never_read_a_mismatched_pair(tmp_path: Path) -> None:
+    """A real `wlidd run` rotated SOAK_ROTATIONS times (GCE-style source, a new SVID each time), its "files"
+    and "spiffe-fs" sinks read all along by separate processes: reloading on the first inotify event
+    (through ..data, and through the stable names as Go's LoadX509KeyPair does), Envoy's watched_directory
+    (IN_MOVED_TO), a random reader through ..data and a random reader of the single-file credential bundle.
+    Every pair read must be a key with its own chain, verifying to the bundle: 0 mismatches."""
+    rotations = int(os.environ.get("SOAK_ROTATIONS", "500"))
+    results = run_rotations(tmp_path, rotations, layouts=("files", "spiffe-fs"))
+    print(f"\nsink soak, {rotations} rotations: {results}")
+    assert {kind: counts["mismatches"] for kind, counts in results.items()} == dict.fromkeys(
+        (*FILES_CONSUMERS, "random-single"), 0
+    ), results
+    assert results["envoy"]["reads"] >= rotations // 2 and results["first-event-data"]["reads"] >= rotations // 2

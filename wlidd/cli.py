@@ -113,28 +113,40 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_creds(args: argparse.Namespace) -> int:
+    """Write an identity's current credentials into `--out` in one of the sink layouts, through the sinks'
+    own writer (one generation, published by renaming `..data`; wlidd.sinks.publish_generation)."""
     from wlidd.client import Client
-    from wlidd.sinks import write_files
+    from wlidd.sinks import Material, layout_files, publish_generation
+    from wlidd.svid.spiffeid import parse_spiffe_id
 
+    if args.include_federated_domains and args.layout != "spiffe-helper":
+        print("wlidd creds: --include-federated-domains is for --layout spiffe-helper", file=sys.stderr)
+        return 2
     with Client(_socket_path(args)) as client:
         creds = client.get_credentials(args.identity)
-    out = Path(args.out)
-    files = [  # one set, key first: a failure while writing changes none of them (sinks.write_files)
-        (out / "svid_key.pem", creds.key_pem.encode(), 0o600),
-        (out / "svid.pem", creds.chain_pem.encode(), 0o644),
-        (out / "bundle.pem", creds.bundle_pem.encode(), 0o644),
-    ]
-    files += [
-        (out / f"federated_bundle.{trust_domain}.pem", pem.encode(), 0o644)
-        for trust_domain, pem in sorted(creds.federated_bundles_pem.items())
-    ]
+    out = Path(os.path.abspath(args.out))
     try:
-        write_files(files)
+        trust_domain = parse_spiffe_id(creds.spiffe_id).trust_domain
+    except SvidError as exc:
+        print(f"wlidd creds: the daemon handed out an unusable SPIFFE ID: {exc.message}", file=sys.stderr)
+        return 1
+    material = Material(
+        key_pem=creds.key_pem.encode(),
+        chain_pem=creds.chain_pem.encode(),
+        trust_domain=trust_domain,
+        bundle_pem=creds.bundle_pem.encode(),
+        federated=tuple(sorted((td, pem.encode()) for td, pem in creds.federated_bundles_pem.items())),
+    )
+    files = layout_files(args.layout, material, out, include_federated_domains=args.include_federated_domains)
+    try:
+        written = publish_generation(out, files)
     except OSError as exc:  # a refused (unsafe) directory or a plain I/O error: say which, no traceback
         detail = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
         print(f"wlidd creds: cannot write to {out}: {detail}", file=sys.stderr)
         return 1
-    print(f"{creds.spiffe_id} serial {creds.serial} (expires {creds.not_after.isoformat()}) written to {out}")
+    names = ", ".join(f.name for f in files)
+    what = "written to" if written else "already in"
+    print(f"{creds.spiffe_id} serial {creds.serial} (expires {creds.not_after.isoformat()}) {what} {out}: {names}")
     return 0
 
 
@@ -220,7 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("creds", help="write an identity's current chain, key and bundle (callers allowed by [policy])")
     )
     creds.add_argument("identity", help="the identity's name ([identities.<name>])")
-    creds.add_argument("--out", required=True, help="directory: svid.pem, svid_key.pem (0600), bundle.pem")
+    creds.add_argument("--out", required=True, help="directory to write into (made if missing)")
+    creds.add_argument(
+        "--layout",
+        choices=["spiffe-helper", "files", "spiffe-fs"],
+        default="spiffe-helper",
+        help="file names, as a credential sink's layout: spiffe-helper (default: svid.pem chain, svid_key.pem"
+        " 0600, svid_bundle.pem), files (cert.pem, key.pem, bundle.pem, certificate_config.json), spiffe-fs"
+        " (credential-bundle.private-key.pem: key and chain; <trust domain>.spiffe-trust-bundle.pem)",
+    )
+    creds.add_argument(
+        "--include-federated-domains",
+        action="store_true",
+        help="spiffe-helper layout: append the federated trust domains' roots to svid_bundle.pem",
+    )
     creds.add_argument("--socket", help="the daemon's Unix socket (default: from the config)")
     creds.set_defaults(func=cmd_creds)
     demo = sub.add_parser("demo", help="run the daemon on a local CA rotating GCE-style credentials")

@@ -109,15 +109,27 @@ class SinkReaders(_Strict):
 
 
 class CredentialSinkConfig(_Strict):
-    """Files for consumers that read credentials from disk, rewritten atomically after every rotation.
+    """Files for consumers that read credentials from disk, rewritten after every rotation and whenever they
+    went stale (start, SIGHUP, a config change, the periodic re-read; wlidd.sinks.ensure_credentials).
 
-    layout "files": cert.pem (chain), key.pem, bundle.pem, and certificate_config.json ("workload" entry);
-    layout "spiffe": svid.pem (key and chain in one file), bundle.<trust domain>.pem per trust domain.
+    Each generation is published in one atomic step (Kubernetes' atomic writer: `<dir>/..data` re-pointed
+    by rename, stable names `<dir>/<file> -> ..data/<file>`). One naming scheme per layout:
+
+    - "files": cert.pem (chain), key.pem, bundle.pem, certificate_config.json ("workload" entry, read by
+      Google's client libraries);
+    - "spiffe-helper": svid.pem (chain), svid_key.pem, svid_bundle.pem (own trust domain's roots; the
+      federated ones appended with include_federated_domains), spiffe-helper's documented names;
+    - "spiffe-fs": credential-bundle.private-key.pem (key, then the chain without its trust anchor) and
+      <trust domain>.spiffe-trust-bundle.pem per trust domain (the SPIFFE Filesystem Delivery draft).
+
+    The removed layout "spiffe" is refused with what to use instead (its svid.pem held key and chain, a
+    name spiffe-helper and `wlidd creds` use for the chain alone).
     """
 
     dir: ExpandedPath
-    layout: Literal["files", "spiffe"] = "files"
+    layout: Literal["files", "spiffe-helper", "spiffe-fs"] = "files"
     certificate_config: ExpandedPath | None = None  # files layout: default <dir>/certificate_config.json
+    include_federated_domains: bool = False  # spiffe-helper layout: federated roots appended to svid_bundle.pem
     mode: FileMode = 0o644
     key_mode: FileMode = 0o600
     owner: str | int | None = None  # needs root or CAP_CHOWN; readers works without
@@ -127,6 +139,19 @@ class CredentialSinkConfig(_Strict):
     on_change_timeout: Duration = 30.0
     signal: str | None = None  # e.g. "SIGHUP", sent to the pid in pid_file after each rotation
     pid_file: ExpandedPath | None = None  # root's or wlidd's file in a directory only they can write
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_layout(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("layout") == "spiffe":
+            raise ValueError(
+                'layout "spiffe" was removed: its svid.pem held the key and the chain, while spiffe-helper (and'
+                ' `wlidd creds`) use svid.pem for the chain alone. Use layout = "spiffe-fs" for key and chain in'
+                " one file (credential-bundle.private-key.pem, <trust domain>.spiffe-trust-bundle.pem: the SPIFFE"
+                ' Filesystem Delivery draft), or layout = "spiffe-helper" (svid.pem, svid_key.pem,'
+                " svid_bundle.pem), and point the consumer at the new names"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> CredentialSinkConfig:
@@ -140,6 +165,18 @@ class CredentialSinkConfig(_Strict):
             raise ValueError(
                 f"key_mode {self.key_mode:04o} lets other users read the private key: 0600 or 0400;"
                 " to hand the key to another user, name it in readers (or set owner)"
+            )
+        if self.certificate_config is not None and self.layout != "files":
+            raise ValueError('certificate_config is only for layout "files"')
+        if self.include_federated_domains and self.layout != "spiffe-helper":
+            raise ValueError(
+                'include_federated_domains is only for layout "spiffe-helper" ("spiffe-fs" writes every trust'
+                " domain's bundle to its own file; \"files\" writes the own trust domain's only)"
+            )
+        config = self.certificate_config
+        if config is not None and (config.name.startswith("..") or config.name in ("", ".")):
+            raise ValueError(
+                "certificate_config: a file name starting with '..' is reserved for the sink's generations"
             )
         return self
 
@@ -518,6 +555,22 @@ class Config(BaseSettings):
             if token.identity is not None and token.identity not in self.identities:
                 known = ", ".join(sorted(self.identities)) or "none"
                 raise ValueError(f"tokens.{name}.identity: no identity named {token.identity!r} (configured: {known})")
+        # Two sinks in one place would replace each other's generations (or files) on every write.
+        seen: dict[str, str] = {}
+        places = [
+            (os.path.normpath(sink.dir), f"identities.{name}.sinks[{index}].dir")
+            for name, identity in self.identities.items()
+            for index, sink in enumerate(identity.sinks)
+        ]
+        places += [
+            (os.path.normpath(sink.path), f"tokens.{name}.sinks[{index}].path")
+            for name, token in self.tokens.items()
+            for index, sink in enumerate(token.sinks)
+        ]
+        for place, where in places:
+            if place in seen:
+                raise ValueError(f"{where}: {place} is also {seen[place]}; each sink needs a place of its own")
+            seen[place] = where
         return self
 
 

@@ -1,10 +1,13 @@
 """The daemon: watchers, token sources, listeners, signals and systemd in one anyio task group.
 
-Start: every identity's first load, every token source started (required ones obtained), every
-listener bound (or taken from socket activation) — then READY=1 and `task_status.started()`.
-SIGHUP: RELOADING=1, the config re-read (log level, policy, sinks and token sources live; an invalid
-file refused whole), every identity re-read, READY=1. SIGTERM/SIGINT: STOPPING=1, listeners stop
-accepting, requests in flight get DRAIN_TIMEOUT, exit code 0.
+Start: every listener's socket bound first (or taken from socket activation), so a socket another
+daemon holds fails the start before any sink is written or hook run; then every identity's first load
+(its sinks brought up to date), every token source started (required ones obtained), the accept loops
+— then READY=1 and `task_status.started()`. SIGHUP: RELOADING=1, the config re-read (log level, policy,
+sinks and token sources live; an invalid file refused whole), every identity re-read, every sink
+brought up to date (wlidd.sinks.ensure_credentials, ensure_token: only what is missing or stale is
+written), READY=1; the same check runs every reload_interval. SIGTERM/SIGINT: STOPPING=1, listeners
+stop accepting, requests in flight get DRAIN_TIMEOUT, exit code 0.
 
 The watchdog tracks liveness, not credential validity: WATCHDOG=1 while the event loop answers in time
 and every listener's accept loop runs. A daemon that is merely degraded (nothing provisioned yet, an
@@ -55,7 +58,7 @@ from wlidd.config import (
 from wlidd.errors import ConfigError
 from wlidd.logs import configure_logging, get_logger, repeat_limiter
 from wlidd.metrics import Metrics
-from wlidd.sinks import follow_credentials, republish_credentials, republish_token
+from wlidd.sinks import ensure_credentials, ensure_token, follow_credentials
 from wlidd.svid.load import Clock, CredentialSource, utc_now
 from wlidd.systemd import Notifier, listen_fds, watchdog_period
 from wlidd.tlsctx import HotServerContext
@@ -70,6 +73,7 @@ log = get_logger("wlidd.daemon")
 
 DRAIN_TIMEOUT = 10.0  # seconds in-flight requests get to finish on stop
 STATUS_INTERVAL = 10.0  # how often the STATUS= line is recomputed
+TOKEN_SINK_INTERVAL = 600.0  # seconds between checks that every token sink still holds its current token
 
 
 class Daemon:
@@ -82,8 +86,12 @@ class Daemon:
         environ: Mapping[str, str] | None = None,
         clock: Clock = utc_now,
         config_path: Path | None = None,
+        sink_check_interval: float | None = None,
     ) -> None:
+        """`sink_check_interval`: seconds between the checks that every sink is up to date (None: each
+        identity's reload_interval, and TOKEN_SINK_INTERVAL for token sinks)."""
         self.config = config
+        self.sink_check_interval = sink_check_interval
         self.config_path = config_path
         self.clock = clock
         self.metrics = Metrics()
@@ -124,6 +132,7 @@ class Daemon:
         self.workload_api: WorkloadApi | None = None
         self.accept_loops: list[AcceptLoop] = []
         self._tcp_listeners: list[anyio.abc.Listener[Any]] = []  # keep anyio's wrappers of our TCP sockets
+        self._bound: dict[str, list[socket.socket]] = {}  # listener name → sockets bound, accept loops not yet started
         self.api.extra_status["listeners"] = self.listener_status
         self.api.liveness_problems = self.liveness_problems
 
@@ -175,18 +184,23 @@ class Daemon:
         activated = listen_fds(self._activation_environ)
         raise_open_files_limit(self._connection_budget())
         try:
+            # Every listening socket first: a second daemon on the same socket fails here, before it has
+            # written any sink or run any hook of the daemon that owns the socket.
+            await self._bind_listeners(activated)
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
                 for watcher in self.watchers.values():
                     await tg.start(watcher.run)
                     tg.start_soon(follow_credentials, watcher)
+                    tg.start_soon(self._keep_credential_sinks, watcher)
+                tg.start_soon(self._keep_token_sinks)
                 for source in list(self.tokens.values()):
                     await tg.start(self._run_source, source)
                 for source in self.tokens.values():
                     if source.config.require_at_start:
                         self.notifier.status(f"waiting for token {source.name!r}")
                         await source.wait_until_servable(source.config.require_timeout)
-                await self._start_listeners(tg, activated)
+                await self._start_listeners(tg)
                 tg.start_soon(self._signals)
                 if (period := watchdog_period(self._environ)) is not None:
                     tg.start_soon(self._watchdog, period)
@@ -213,6 +227,9 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 for loop in self.accept_loops:
                     loop.close()
+                for socks in self._bound.values():  # bound, but the start failed before their accept loops
+                    for sock in socks:
+                        sock.close()
                 for listener in self._tcp_listeners:
                     await listener.aclose()
                 for path in self._bound_paths:  # sockets this process bound (never an activated one)
@@ -309,7 +326,10 @@ class Daemon:
         self.accept_loops.append(loop)
         await tg.start(loop.run)
 
-    async def _start_listeners(self, tg: anyio.abc.TaskGroup, activated: dict[str, socket.socket]) -> None:
+    async def _bind_listeners(self, activated: dict[str, socket.socket]) -> None:
+        """Bind every configured listener's socket(s), or take them from socket activation (`activated`,
+        emptied of those used), into `self._bound`; their accept loops start later (_start_listeners).
+        Raises ListenerError naming the listener when a socket cannot be bound (another daemon holds it)."""
         unix = self.config.listeners.unix
         inherited = activated.pop("unix", None)
         if inherited is None:
@@ -320,30 +340,46 @@ class Daemon:
                     break
         if inherited is not None:
             log.info("using the socket-activated Unix socket", fd=inherited.fileno())
-            sock = inherited
+            self._bound["unix"] = [inherited]
         else:
-            sock = bind_unix_socket(self.socket_path, unix.mode, unix.group, owner=unix.owner)
+            self._bound["unix"] = [bind_unix_socket(self.socket_path, unix.mode, unix.group, owner=unix.owner)]
             self._bound_paths.append(self.socket_path)
-        await self._listen(tg, "unix", sock, self.unix_server, unix)
         mtls = self.config.listeners.mtls
         if self.mtls_server is not None and mtls is not None:
-            hot = HotServerContext(self.watchers[mtls.identity].current_tls)
-            for tcp in await self._tcp("mtls", mtls.address, activated):
-                self.mtls_port = self.mtls_port or tcp.getsockname()[1]
-                await self._listen(tg, "mtls", tcp, self.mtls_server, mtls, tls=hot.context)
+            self._bound["mtls"] = await self._tcp("mtls", mtls.address, activated)
+            self.mtls_port = self._bound["mtls"][0].getsockname()[1]
         metadata = self.config.listeners.metadata
         if self.metadata_server is not None and metadata is not None:
-            for tcp in await self._tcp("metadata", metadata.address, activated):
-                self.metadata_port = self.metadata_port or tcp.getsockname()[1]
-                await self._listen(tg, "metadata", tcp, self.metadata_server, metadata, refusal_headers=FLAVOR)
+            self._bound["metadata"] = await self._tcp("metadata", metadata.address, activated)
+            self.metadata_port = self._bound["metadata"][0].getsockname()[1]
         workload = self.config.listeners.workload_api
         if workload is not None:
             inherited_workload = activated.pop("workload_api", None)
             if inherited_workload is not None:
-                sock = inherited_workload
+                self._bound["workload_api"] = [inherited_workload]
             else:
                 sock = bind_unix_socket(workload.path, workload.mode, workload.group, owner=workload.owner)
                 self._bound_paths.append(workload.path)
+                self._bound["workload_api"] = [sock]
+        for name in activated:
+            log.warning("a socket-activated socket matches no configured listener; ignored", name=name)
+
+    async def _start_listeners(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start the accept loops of the sockets _bind_listeners bound."""
+        unix = self.config.listeners.unix
+        for sock in self._bound.pop("unix", []):
+            await self._listen(tg, "unix", sock, self.unix_server, unix)
+        mtls = self.config.listeners.mtls
+        if self.mtls_server is not None and mtls is not None:
+            hot = HotServerContext(self.watchers[mtls.identity].current_tls)
+            for tcp in self._bound.pop("mtls", []):
+                await self._listen(tg, "mtls", tcp, self.mtls_server, mtls, tls=hot.context)
+        metadata = self.config.listeners.metadata
+        if self.metadata_server is not None and metadata is not None:
+            for tcp in self._bound.pop("metadata", []):
+                await self._listen(tg, "metadata", tcp, self.metadata_server, metadata, refusal_headers=FLAVOR)
+        workload = self.config.listeners.workload_api
+        if workload is not None:
             from wlidd.workload_api.server import WorkloadApi, build_server, serve_accepted
 
             self.workload_api = WorkloadApi(self.watchers, self.policy, self.clock, self.metrics)
@@ -355,10 +391,9 @@ class Daemon:
                 with contextlib.suppress(OSError):  # the peer went away before its transport was set up
                     await serve_accepted(server, conn, first_byte_timeout=first_byte)
 
-            await self._accept(tg, "workload_api", sock, handle, workload)
+            for sock in self._bound.pop("workload_api", []):
+                await self._accept(tg, "workload_api", sock, handle, workload)
             log.info("SPIFFE Workload API listening", path=str(workload.path))
-        for name in activated:
-            log.warning("a socket-activated socket matches no configured listener; ignored", name=name)
 
     def summary(self) -> str:
         """One line for systemctl status: how many identities and tokens are valid, and what is not."""
@@ -417,6 +452,22 @@ class Daemon:
                 log.error("liveness check failed: watchdog pings withheld", loop_lag=round(lag, 3), problems=dead)
                 warned = True
 
+    async def _keep_credential_sinks(self, watcher: CredentialWatcher) -> None:
+        """Every `sink_check_interval` (default: the identity's reload_interval, as configured now) bring the
+        identity's sinks up to date: a deleted file or a wiped sink directory is written again; sinks that
+        are current are only checked, and their hooks do not run."""
+        while True:
+            await anyio.sleep(self.sink_check_interval or watcher.source.config.reload_interval)
+            await ensure_credentials(watcher)
+
+    async def _keep_token_sinks(self) -> None:
+        """Every `sink_check_interval` (default TOKEN_SINK_INTERVAL) bring every token source's sinks up to
+        date with its current token (a deleted token file is written again)."""
+        while True:
+            await anyio.sleep(self.sink_check_interval or TOKEN_SINK_INTERVAL)
+            for source in list(self.tokens.values()):
+                await ensure_token(source, self.clock)
+
     async def _status_line(self) -> None:
         """STATUS= when the summary changes (checked every STATUS_INTERVAL seconds), and the summaries of
         repeated log lines whose window is over."""
@@ -458,6 +509,11 @@ class Daemon:
                 await self._apply(new)
         for watcher in self.watchers.values():
             watcher.request_reload("sighup")
+        if self._task_group is not None:  # every sink, changed or not: a deleted file or dir is made again
+            for watcher in self.watchers.values():
+                self._task_group.start_soon(ensure_credentials, watcher)
+            for source in self.tokens.values():
+                self._task_group.start_soon(ensure_token, source, self.clock)
         self.notifier.ready(self.summary())
 
     async def _apply(self, new: Config) -> None:
@@ -485,9 +541,7 @@ class Daemon:
             elif before.sinks != after.sinks:
                 self.watchers[name].source = CredentialSource(name, after, dict(self._environ))
                 keep_ids[name] = after
-                log.info("sinks reloaded", section=f"identities.{name}")
-                if self._task_group is not None:  # now, not at the next rotation: a removed reader loses access
-                    self._task_group.start_soon(republish_credentials, self.watchers[name])
+                log.info("sinks reloaded", section=f"identities.{name}")  # reload() brings them up to date now
         keep_tokens = dict(old.tokens)
         pinned = old.listeners.metadata.token if old.listeners.metadata is not None else None
         for name in list(dict.fromkeys([*old.tokens, *new.tokens])):
@@ -505,9 +559,7 @@ class Daemon:
             ):
                 self.tokens[name].config = wanted
                 keep_tokens[name] = wanted
-                log.info("sinks reloaded", section=f"tokens.{name}")
-                if self._task_group is not None:  # now, from the current token, not at the next refresh
-                    self._task_group.start_soon(republish_token, self.tokens[name], self.clock)
+                log.info("sinks reloaded", section=f"tokens.{name}")  # reload() brings them up to date now
             else:
                 await self._replace_source(name, wanted)
                 if wanted is None:

@@ -1,25 +1,41 @@
-"""Atomic file outputs: temp file in the same directory, fsync, rename — readers never see half a token.
+"""File outputs for consumers that read from disk: credential sinks published one generation at a time, token
+files replaced by one rename. A reader never sees half a file, nor a key from one generation with a chain
+from another.
+
+Credential sinks follow Kubernetes' atomic writer (pkg/volume/util/atomic_writer.go): each generation's
+files go into a fresh hidden directory `<dir>/..<UTC time>.<random>` (every file written with its mode,
+ACL and owner, and fsynced), then the link `..data_tmp -> ..<generation>` is renamed over `<dir>/..data`
+(the one atomic step), then the stable names `<dir>/<file> -> ..data/<file>` are made (once; left alone
+after), then the old generation is removed. A write that fails before the rename changes nothing a reader
+sees. Consumers watch the directory for the move of `..data` (Envoy's watched_directory does), or resolve
+`..data` once and read every file of a set through it, or use the single-file layout ("spiffe-fs"), or
+on_change/signal. The check before a write is cheap, so every sink is brought up to date (missing, stale or
+changed files rewritten; current ones left alone) on start, on every rotation, on SIGHUP, after a config
+change and periodically (ensure_credentials, ensure_token). Layouts, one naming scheme each, matching
+their consumers (layout_files): "files" (cert.pem, key.pem, bundle.pem, certificate_config.json),
+"spiffe-helper" (svid.pem, svid_key.pem, svid_bundle.pem) and "spiffe-fs" (the SPIFFE Filesystem Delivery
+draft: credential-bundle.private-key.pem, <trust domain>.spiffe-trust-bundle.pem). `wlidd creds --out`
+writes through the same code.
 
 The daemon may run as root while the directories it writes into are reachable by other users, so every
 path is walked from / one component at a time (openat with O_NOFOLLOW): each directory on the way
 must belong to root or to the daemon's own user and must not be writable by anyone else (a sticky,
 world-writable directory such as /tmp is accepted: others cannot move what root or the daemon put there,
 but any user may hold a name there first, which is reported as such). A symbolic link is followed only
-when it, too, belongs to root or the daemon's user. Files are then created and renamed relative to the
-directory's descriptor, so nothing can swap a parent midway.
+when it, too, belongs to root or the daemon's user. Files are then created (O_EXCL) and renamed relative
+to the directory's descriptor, so nothing can swap a parent midway. Leftovers of a crash (temp files and
+links, generation directories `..data` does not lead to, `..data_tmp`) are removed when root or the
+daemon's user owns them, and left alone (and never in the way) when another user does.
 
-All files of one sink are written as a set: every temp file is written and fsynced first, and only then
-are they renamed into place (the key first), so a failure while writing (a full disk) changes none of them.
-
-`readers` grants users and groups read access through a POSIX ACL set on the temp file before the
-rename (wlidd.posix_acl), and read/traverse on the sink directory; it needs no capability.
+`readers` grants users and groups read access through a POSIX ACL set on each file before it is
+published (wlidd.posix_acl), and read/traverse on the sink directory; it needs no capability.
 
 An optional command runs after each change: argv list (never a shell), with a timeout, a minimal
 environment and bounded output, whose logged tail is masked of anything that could be the secret. An
 optional signal goes to the process in pid_file, after checks on the file, its directory and the
-process (through a pidfd, so the process checked is the one signalled). Commands and signals run once
-every sink is written, concurrently (one task per sink). Publications of one identity or token source
-are serialized, and a reload that changes its sinks rewrites them at once (republish_*).
+process (through a pidfd, so the process checked is the one signalled). Commands and signals run only for
+sinks that were actually (re)written, once every sink is, concurrently (one task per sink). Publications
+of one identity or token source are serialized.
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ import datetime as dt
 import errno
 import functools
 import json
+import operator
 import os
 import re
 import secrets
@@ -37,11 +54,13 @@ import signal as signals
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import anyio
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from wlidd import posix_acl
 from wlidd.api.authz import group_id, user_id
@@ -224,65 +243,41 @@ def _reopen(components: list[str]) -> int:
 def write_atomic(
     path: Path, data: bytes, mode: int = 0o600, uid: int = -1, gid: int = -1, *, readers: Readers | None = None
 ) -> None:
-    """Replace `path` with `data` in one rename; the file never exists with a wider mode, another owner or
-    another ACL. Missing directories are created (0755). `readers` get read access through a POSIX ACL on
-    the file and read/traverse on its directory. Errors as `write_files`."""
-    write_files([(path, data, mode)], uid, gid, readers=readers)
+    """Replace `path` with `data` in one rename (token sinks; a certificate_config.json outside its sink's
+    directory). The temp file beside it gets its mode, ACL (`readers`: read access, and read/traverse on the
+    directory), owner and content, and is fsynced, before the rename; so the file never exists with a
+    wider mode, another owner or another ACL, and a failure while writing (a full disk, a refused path, a
+    file system without ACLs) leaves the old file and no temp file. Missing directories are created (0755).
+
+    Raises SinkRefused when a directory on the way could be changed by another user (see open_dir) or the
+    name is held by another user; another OSError from the kernel, whose filename is `path` (never a temp
+    file's). EOPNOTSUPP: a file system without POSIX ACLs, with `readers`.
+    """
+    acl = posix_acl.file_acl(mode, readers.users, readers.groups) if readers else None
+    item = _stage(path, data, mode, uid, gid, readers, acl)
+    try:
+        _check_target(item)
+        try:
+            os.replace(item.tmp, item.path.name, src_dir_fd=item.dir_fd, dst_dir_fd=item.dir_fd)
+        except OSError as exc:
+            raise _target_error(item, exc) from None
+        item.renamed = True
+        os.fsync(item.dir_fd)
+    finally:
+        if not item.renamed:
+            with contextlib.suppress(OSError):
+                os.unlink(item.tmp, dir_fd=item.dir_fd)
+        os.close(item.dir_fd)
 
 
 @dataclass
 class _Staged:
-    """One file of a set, written to `tmp` in the directory `dir_fd` and waiting to be renamed to `path`."""
+    """A file written to `tmp` in the directory `dir_fd`, waiting to be renamed to `path`."""
 
     path: Path
     dir_fd: int
     tmp: str
     renamed: bool = False
-
-
-def write_files(
-    files: Sequence[tuple[Path, bytes, int]], uid: int = -1, gid: int = -1, *, readers: Readers | None = None
-) -> None:
-    """Write `files` ((path, content, mode) each) as one set: every file goes to a fresh temp file in its
-    directory (mode, ACL, owner, content, fsync) first; only when all are written are they renamed over
-    their targets, in the order given (put the key first), and each directory is fsynced.
-
-    A failure while writing (a full disk, a refused path, a file system without ACLs) therefore changes
-    none of the files, and no temp file is left behind. Targets are checked before the first rename (a
-    directory at a target's name, a name another user holds in a sticky directory), so a set is not left
-    half renamed by them either.
-
-    Raises SinkRefused when a directory on the way could be changed by another user (see open_dir) or a
-    target's name is held by another user; another OSError from the kernel, whose filename is the
-    target's path (never a temp file's). EOPNOTSUPP: a file system without POSIX ACLs, with `readers`.
-    """
-    staged: list[_Staged] = []
-    acls: dict[int, bytes] = {}  # file mode → the ACL that adds the readers to it
-    try:
-        for path, data, mode in files:
-            if readers and mode not in acls:
-                acls[mode] = posix_acl.file_acl(mode, readers.users, readers.groups)
-            staged.append(_stage(path, data, mode, uid, gid, readers, acls.get(mode)))
-        for item in staged:
-            _check_target(item)
-        for item in staged:
-            try:
-                os.replace(item.tmp, item.path.name, src_dir_fd=item.dir_fd, dst_dir_fd=item.dir_fd)
-            except OSError as exc:
-                raise _target_error(item, exc) from None
-            item.renamed = True
-        synced: set[tuple[int, int]] = set()
-        for item in staged:
-            st = os.fstat(item.dir_fd)
-            if (st.st_dev, st.st_ino) not in synced:
-                os.fsync(item.dir_fd)
-                synced.add((st.st_dev, st.st_ino))
-    finally:
-        for item in staged:
-            if not item.renamed:
-                with contextlib.suppress(OSError):
-                    os.unlink(item.tmp, dir_fd=item.dir_fd)
-            os.close(item.dir_fd)
 
 
 def _stage(
@@ -341,10 +336,10 @@ def _create_temp(dir_fd: int, name: str, path: Path) -> tuple[str, int]:
 
 
 def _check_target(item: _Staged) -> None:
-    """Refuse, before any file of the set is renamed, a target that the rename would fail on: a
-    directory at its name, or a name another user holds in a sticky directory when this process may
-    not replace it (no CAP_FOWNER). A regular file or link of another user is otherwise replaced (the
-    rename swaps the name, never writes through it)."""
+    """Refuse, before the rename, a target that the rename would fail on: a directory at its name, or a
+    name another user holds in a sticky directory when this process may not replace it (no CAP_FOWNER).
+    A regular file or link of another user is otherwise replaced (the rename swaps the name, never
+    writes through it)."""
     try:
         st = os.stat(item.path.name, dir_fd=item.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -482,24 +477,32 @@ async def publish_token(sinks: tuple[SinkConfig, ...], token: Token, now: dt.dat
         await _publish_token(sinks, token, now, source)
 
 
-async def republish_token(source: TokenHolder, clock: Callable[[], dt.datetime]) -> None:
-    """Rewrite a token source's sinks, as configured now, from its current token (after a reload changed
-    them: a reader removed loses access at once, not at the next refresh). Nothing without a servable
-    token. Serialized with the source's other publications, and reads the token only once it holds the
-    lock, so the newest token is what stays on disk."""
+async def ensure_token(source: TokenHolder, clock: Callable[[], dt.datetime]) -> tuple[SinkConfig, ...]:
+    """Bring a token source's sinks, as configured now, up to date with its current token: a file that is
+    missing (a wiped tmpfs), holds another token, or has another mode, owner or ACL (a reload changed the
+    sink: a reader removed loses access at once, not at the next refresh) is rewritten, and its on_change
+    runs; a current one is left alone. Nothing without a servable token. Called on start of the periodic
+    check, on SIGHUP and after a config change. Serialized with the source's other publications, and
+    reads the token only once it holds the lock, so the newest token is what stays on disk. The sinks
+    written."""
     async with _lock(_token_locks, source.name):
         token = source.servable()
-        if token is not None and source.config.sinks:
-            await _publish_token(source.config.sinks, token, clock(), source.name)
+        if token is None or not source.config.sinks:
+            return ()
+        return await _publish_token(source.config.sinks, token, clock(), source.name, only_stale=True)
 
 
-async def _publish_token(sinks: tuple[SinkConfig, ...], token: Token, now: dt.datetime, source: str) -> None:
+async def _publish_token(
+    sinks: tuple[SinkConfig, ...], token: Token, now: dt.datetime, source: str, *, only_stale: bool = False
+) -> tuple[SinkConfig, ...]:
     written: list[SinkConfig] = []
     for sink in sinks:
         try:
             uid, gid = _ids(sink)
             readers = resolve_readers(sink.readers)
             data = render_token(token, sink.format, now)
+            if only_stale and await anyio.to_thread.run_sync(_token_file_is, sink, data, uid, gid, readers):
+                continue
             write = functools.partial(write_atomic, sink.path, data, sink.mode, uid, gid, readers=readers)
             await anyio.to_thread.run_sync(write)
         except (OSError, KeyError) as exc:  # KeyError: an owner, group or reader that does not exist
@@ -510,6 +513,27 @@ async def _publish_token(sinks: tuple[SinkConfig, ...], token: Token, now: dt.da
         for sink in written:
             if sink.on_change:
                 tg.start_soon(_on_change, sink.on_change, sink.on_change_timeout, source, token.value)
+    return tuple(written)
+
+
+def _token_file_is(sink: SinkConfig, data: bytes, uid: int, gid: int, readers: Readers | None) -> bool:
+    """Whether the sink's file already holds this token (for "json": the same document but for expires_in,
+    which counts down) with the sink's mode, owner and ACL."""
+    same = _same_token_document if sink.format == "json" else operator.eq
+    return _file_is(sink.path, data, sink.mode, uid, gid, readers, same)
+
+
+def _same_token_document(on_disk: bytes, wanted: bytes) -> bool:
+    """Two "json" token documents that differ at most in expires_in."""
+    try:
+        old, new = json.loads(on_disk), json.loads(wanted)
+    except ValueError:
+        return False
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return False
+    old.pop("expires_in", None)
+    new.pop("expires_in", None)
+    return bool(old == new)
 
 
 async def _on_change(argv: Sequence[str], timeout: float, source: str, secret: str) -> None:
@@ -728,54 +752,206 @@ def resolve_readers(readers: SinkReaders) -> Readers:
     return Readers(tuple(sorted(set(users))), tuple(sorted(set(groups))))
 
 
-def credential_files(sink: CredentialSinkConfig, state: IdentityState) -> list[tuple[Path, bytes, int]]:
-    """(path, content, mode) of every file a sink writes for `state`, the file with the key first (pure)."""
-    svid = state.identity.svid
-    if sink.layout == "spiffe":
-        files = [(sink.dir / "svid.pem", svid.key_pem() + svid.chain_pem, sink.key_mode)]
-        files += [
-            (sink.dir / f"bundle.{bundle.trust_domain}.pem", bundle.pem, sink.mode) for bundle in state.identity.bundles
+# ---- credential layouts: one naming scheme each ---------------------------------------------------------
+
+# What every layout holds (see CredentialSinkConfig and the README's table): file name → content.
+LAYOUTS: dict[str, str] = {
+    "files": "cert.pem (chain), key.pem, bundle.pem (own trust domain), certificate_config.json",
+    "spiffe-helper": "svid.pem (chain), svid_key.pem, svid_bundle.pem (own trust domain; + federated roots)",
+    "spiffe-fs": "credential-bundle.private-key.pem (key, then chain), <trust domain>.spiffe-trust-bundle.pem",
+}
+CERTIFICATE_CONFIG = "certificate_config.json"
+SPIFFE_FS_BUNDLE = "credential-bundle.private-key.pem"  # SPIFFE Filesystem Delivery draft, section 2.1
+SPIFFE_FS_TRUST_BUNDLE = "{}.spiffe-trust-bundle.pem"  # ... section 2.2, one per trust domain
+
+
+@dataclass(frozen=True)
+class SinkFile:
+    """One file of a credential sink: its name in the sink directory, its content and mode, and whether it
+    holds the private key (`secret`: listed first, never logged). The content never shows in a repr.
+
+    `name` is a plain file name: no '/', not '.' or '..', and not starting with '..' (reserved for the
+    generations, as in Kubernetes' atomic writer); ValueError otherwise.
+    """
+
+    name: str
+    data: bytes = field(repr=False)
+    mode: int
+    secret: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or "\0" in self.name or self.name.startswith("..") or self.name == ".":
+            raise ValueError(f"{self.name!r} is not a sink file name (no '/', not starting with '..')")
+
+
+@dataclass(frozen=True)
+class Material:
+    """What every layout is made of, as PEM: the private key (PKCS#8), the chain (leaf first), the own trust
+    domain's bundle and the federated ones ((trust domain, PEM), sorted). The key never shows in a repr."""
+
+    key_pem: bytes = field(repr=False)
+    chain_pem: bytes
+    trust_domain: str
+    bundle_pem: bytes
+    federated: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def of(cls, state: IdentityState) -> Material:
+        identity = state.identity
+        own = identity.svid.spiffe_id.trust_domain
+        return cls(
+            key_pem=identity.svid.key_pem(),
+            chain_pem=identity.svid.chain_pem,
+            trust_domain=own,
+            bundle_pem=identity.own_bundle.pem,
+            federated=tuple((b.trust_domain, b.pem) for b in identity.bundles if b.trust_domain != own),
+        )
+
+
+def certificate_config_document(directory: Path) -> bytes:
+    """certificate_config.json naming the stable paths of a "files" sink in `directory` (google-auth's
+    "workload" entry: cert_path, key_path)."""
+    entry = {"cert_path": str(directory / "cert.pem"), "key_path": str(directory / "key.pem")}
+    return json.dumps({"version": 1, "cert_configs": {"workload": entry}}, indent=2).encode() + b"\n"
+
+
+def layout_files(
+    layout: str,
+    material: Material,
+    directory: Path,
+    *,
+    mode: int = 0o644,
+    key_mode: int = 0o600,
+    include_federated_domains: bool = False,
+    certificate_config: str | None = CERTIFICATE_CONFIG,
+) -> list[SinkFile]:
+    """Every file `layout` has for `material`, the one holding the key first (pure). `certificate_config`:
+    the name of the "files" layout's certificate_config.json in `directory` (None: written elsewhere).
+
+    - "files": key.pem, cert.pem (chain), bundle.pem (own trust domain), certificate_config.json;
+    - "spiffe-helper": svid_key.pem, svid.pem (chain), svid_bundle.pem (own trust domain's roots, then the
+      federated ones with `include_federated_domains`), as spiffe-helper writes them (pkg/disk/x509.go);
+    - "spiffe-fs": credential-bundle.private-key.pem (the PRIVATE KEY block, then the chain without any
+      trust anchor of the own bundle) and <trust domain>.spiffe-trust-bundle.pem for every trust domain
+      (SPIFFE Filesystem Delivery draft, sections 2.1 and 2.2).
+
+    ValueError for an unknown layout.
+    """
+    if layout == "files":
+        files = [
+            SinkFile("key.pem", material.key_pem, key_mode, secret=True),
+            SinkFile("cert.pem", material.chain_pem, mode),
+            SinkFile("bundle.pem", material.bundle_pem, mode),
         ]
+        if certificate_config is not None:
+            files.append(SinkFile(certificate_config, certificate_config_document(directory), mode))
         return files
-    cert, key = sink.dir / "cert.pem", sink.dir / "key.pem"
-    config_path = sink.certificate_config or sink.dir / "certificate_config.json"
-    document = {"version": 1, "cert_configs": {"workload": {"cert_path": str(cert), "key_path": str(key)}}}
-    return [
-        (key, svid.key_pem(), sink.key_mode),
-        (cert, svid.chain_pem, sink.mode),
-        (sink.dir / "bundle.pem", state.identity.own_bundle.pem, sink.mode),
-        (config_path, json.dumps(document, indent=2).encode() + b"\n", sink.mode),
-    ]
+    if layout == "spiffe-helper":
+        bundle = material.bundle_pem
+        if include_federated_domains:
+            bundle += b"".join(pem for _, pem in sorted(material.federated))
+        return [
+            SinkFile("svid_key.pem", material.key_pem, key_mode, secret=True),
+            SinkFile("svid.pem", material.chain_pem, mode),
+            SinkFile("svid_bundle.pem", bundle, mode),
+        ]
+    if layout == "spiffe-fs":
+        bundles = sorted([(material.trust_domain, material.bundle_pem), *material.federated])
+        return [
+            SinkFile(
+                SPIFFE_FS_BUNDLE,
+                material.key_pem + _without_anchors(material.chain_pem, material.bundle_pem),
+                key_mode,
+                secret=True,
+            ),
+            *(SinkFile(SPIFFE_FS_TRUST_BUNDLE.format(td), pem, mode) for td, pem in bundles),
+        ]
+    raise ValueError(f"unknown sink layout {layout!r} (known: {', '.join(LAYOUTS)})")
 
 
-def write_credentials(sink: CredentialSinkConfig, state: IdentityState) -> None:
-    """Write one sink's files as a set (write_files: all written and fsynced before any is renamed, so a
-    failure while writing changes none). The key is renamed before the chain that needs it: a reader
-    that sees the new chain finds the new key (and the certificate_config.json names stable paths).
-    Raises OSError (SinkRefused) as write_files, KeyError for an owner, group or reader this host
-    does not know."""
+def _without_anchors(chain_pem: bytes, bundle_pem: bytes) -> bytes:
+    """The chain as PEM without the certificates the bundle holds (its trust anchors): the draft's credential
+    bundle "MUST NOT contain the trust anchor". The leaf always stays."""
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+        anchors = {c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(bundle_pem)}
+    except ValueError:
+        return chain_pem  # not ours to judge here: wlidd validated the set, the API handed it out
+    kept = [chain[0], *(c for c in chain[1:] if c.public_bytes(Encoding.DER) not in anchors)]
+    if len(kept) == len(chain):
+        return chain_pem
+    return b"".join(c.public_bytes(Encoding.PEM) for c in kept)
+
+
+def credential_files(sink: CredentialSinkConfig, material: Material) -> list[SinkFile]:
+    """The files of `sink`'s generation (layout_files with the sink's options; pure). A certificate_config
+    outside the sink's directory is not among them (write_credentials writes it on its own)."""
+    return layout_files(
+        sink.layout,
+        material,
+        sink.dir,
+        mode=sink.mode,
+        key_mode=sink.key_mode,
+        include_federated_domains=sink.include_federated_domains,
+        certificate_config=_config_name_inside(sink),
+    )
+
+
+def _config_name_inside(sink: CredentialSinkConfig) -> str | None:
+    """The name of the files layout's certificate_config.json when it lives in the sink's directory (part
+    of each generation), None when it lives elsewhere (or the layout has none)."""
+    if sink.layout != "files":
+        return None
+    path = sink.certificate_config
+    if path is None:
+        return CERTIFICATE_CONFIG
+    if os.path.abspath(path.parent) == os.path.abspath(sink.dir):
+        return path.name
+    return None
+
+
+def write_credentials(sink: CredentialSinkConfig, state: IdentityState) -> bool:
+    """Bring one sink up to date with `state`: its generation (publish_generation) and, for a
+    certificate_config.json outside the sink's directory, that file. True when anything was (re)written,
+    False when the sink already held exactly this (names, contents, modes, owner, ACLs, stable links).
+    Raises OSError (SinkRefused) as publish_generation, KeyError for an owner, group or reader this host
+    does not know, ValueError for a file name the layout cannot have."""
     uid, gid = _ids(sink)
     readers = resolve_readers(sink.readers)
-    write_files(credential_files(sink, state), uid, gid, readers=readers)
+    written = publish_generation(sink.dir, credential_files(sink, Material.of(state)), uid, gid, readers=readers)
+    if sink.layout == "files" and sink.certificate_config is not None and _config_name_inside(sink) is None:
+        data = certificate_config_document(sink.dir)
+        path = sink.certificate_config
+        if not _file_is(path, data, sink.mode, uid, gid, readers):
+            write_atomic(path, data, sink.mode, uid, gid, readers=readers)
+            written = True
+    return written
 
 
-async def publish_credentials(sinks: tuple[CredentialSinkConfig, ...], state: IdentityState) -> None:
-    """Write every sink, then run the commands and send the signals of those written, concurrently (one
-    task per sink: no sink's new files or command wait on another sink's command). Failures are
-    logged, never raised."""
+async def publish_credentials(
+    sinks: tuple[CredentialSinkConfig, ...], state: IdentityState
+) -> tuple[CredentialSinkConfig, ...]:
+    """Bring every sink up to date with `state` (write_credentials: only a stale or missing one is
+    written), then run the commands and send the signals of those written, concurrently (one task per
+    sink: no sink's new files or command wait on another sink's command). The sinks written; failures
+    are logged, never raised."""
     written: list[CredentialSinkConfig] = []
     for sink in sinks:
         try:
-            await anyio.to_thread.run_sync(write_credentials, sink, state)
-        except (OSError, KeyError) as exc:
+            changed = await anyio.to_thread.run_sync(write_credentials, sink, state)
+        except (OSError, KeyError, ValueError) as exc:
             log.error("credential sink write failed", identity=state.name, dir=str(sink.dir), error=_reason(exc))
             continue
-        log.info("credential sink written", identity=state.name, dir=str(sink.dir), serial=state.identity.svid.serial)
-        written.append(sink)
+        if changed:
+            log.info(
+                "credential sink written", identity=state.name, dir=str(sink.dir), serial=state.identity.svid.serial
+            )
+            written.append(sink)
     async with anyio.create_task_group() as tg:
         for sink in written:
             if sink.on_change or (sink.signal is not None and sink.pid_file is not None):
                 tg.start_soon(_after_credentials, sink, state)
+    return tuple(written)
 
 
 async def _after_credentials(sink: CredentialSinkConfig, state: IdentityState) -> None:
@@ -797,6 +973,617 @@ async def _after_credentials(sink: CredentialSinkConfig, state: IdentityState) -
                 pid_file=str(sink.pid_file),
                 error=_reason(exc),
             )
+
+
+# ---- one generation: Kubernetes' atomic writer, walked safely ----------------------------------------------
+
+DATA_LINK = "..data"  # <dir>/..data -> ..<generation>: re-pointed by one rename per generation
+DATA_TMP = "..data_tmp"  # the new ..data link, made beside it and renamed over it
+# ..2026_07_01_12_00_00.1a2b3c4d5e6f: UTC time and a random part (Kubernetes: ..2006_01_02_15_04_05.<random>)
+_GENERATION = re.compile(r"\.\.\d{4}(?:_\d\d){5}\.[A-Za-z0-9]{6,16}")
+ADOPT_LIMIT = 1 << 20  # bytes of a plain file left by an older wlidd that are carried into the first generation
+_DEFAULT_ACL = "system.posix_acl_default"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A file to put in a generation with its owner and ACL (-1: leave the id as created; None: no ACL)."""
+
+    file: SinkFile
+    uid: int
+    gid: int
+    acl: bytes | None
+
+
+def publish_generation(
+    directory: Path, files: Sequence[SinkFile], uid: int = -1, gid: int = -1, *, readers: Readers | None = None
+) -> bool:
+    """Make `directory` hold `files` (mode, owner `uid`/`gid` unless -1, read access for `readers` through
+    a POSIX ACL) as one generation, published in one atomic step. True when something was written; False
+    when the directory already held exactly that (the check is cheap: a readlink, the files' stat, content
+    and ACL), so calling this on every SIGHUP or timer tick rewrites only what is stale or missing.
+
+    The steps follow Kubernetes' atomic writer (pkg/volume/util/atomic_writer.go, Write):
+
+    1. the current generation is the target of `<dir>/..data`; if it holds these files and every stable
+       name `<dir>/<file>` is the link `..data/<file>`, nothing is done;
+    2. a new hidden directory `..<UTC time>.<random>` (mode 0755, its default ACL removed) gets every file,
+       each created O_EXCL with its mode, ACL and owner set before its content, and fsynced; then the
+       directory is fsynced. A failure here removes it and changes nothing a reader sees;
+    3. the link `..data_tmp -> ..<new>` is made and renamed over `..data`: the one atomic step;
+    4. missing stable names are created as links into `..data` (a temp link renamed into place, which also
+       replaces a plain file an older wlidd left: before the first generation such files are carried into
+       a generation of their own, so no name changes content while it becomes a link);
+    5. stable links of names the new generation no longer has are removed, then the old generation.
+
+    One departure from that order: the directory and the `..data_tmp` link of the *next* generation are
+    made, empty, at the end of each publication (the "spare"), and step 2 fills it. Files written inside
+    it raise no event in `<dir>` (inotify does not recurse), so the first event a watcher of `<dir>` gets
+    for a rotation is the rename of `..data_tmp` over `..data` itself: a consumer that reloads on any
+    first event then reads the new generation whole, not the old one while it is being replaced. Without
+    a spare (the first write, after a crash or a wiped directory) the steps run in Kubernetes' order.
+
+    A reader that resolves `..data` once and reads every file through that generation, or that reloads on
+    the IN_MOVED_TO of `..data` (Envoy's watched_directory), never sees a key from one generation with a
+    chain from another. Leftovers of a crash (`..<generation>` directories neither `..data` nor the spare
+    `..data_tmp` leads to, a dangling `..data_tmp`, temp links) are removed when root or wlidd's user
+    owns them.
+
+    Raises SinkRefused (a directory on the way others could change, see open_dir; a name another user
+    holds in a sticky directory), IsADirectoryError (a directory at a stable name), or another OSError
+    whose filename is the stable path of the file concerned; in each case the published files are left
+    as they were. EOPNOTSUPP: a file system without POSIX ACLs, with `readers`.
+    """
+    names = [f.name for f in files]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"a generation needs distinct file names, not {names}")
+    dir_fd = open_dir(directory, create=True)
+    shown = str(directory)
+    try:
+        if readers:
+            _grant_directory(dir_fd, readers, shown)
+        acls: dict[int, bytes] = {}
+        for f in files:
+            if readers and f.mode not in acls:
+                acls[f.mode] = posix_acl.file_acl(f.mode, readers.users, readers.groups)
+        entries = [_Entry(f, uid, gid, acls.get(f.mode)) for f in sorted(files, key=lambda f: not f.secret)]
+        current = _current_generation(dir_fd)
+        spare = _spare_generation(dir_fd, current)
+        _sweep_generations(dir_fd, current, spare, shown)
+        for name in names:
+            _sweep_once(dir_fd, name, shown)
+        fresh = current is not None and _generation_holds(dir_fd, current, entries)
+        if fresh and all(_is_data_link(dir_fd, name) for name in names):
+            if spare is None:  # up to date; make the next rotation's first event its ..data rename
+                _prepare_spare(dir_fd, directory)
+            return False
+        _check_names(dir_fd, directory, [*names, DATA_LINK, DATA_TMP])
+        old = current
+        if not fresh:
+            if current is None and (adopted := _adopt_plain_files(dir_fd, directory, names)) is not None:
+                old, spare = adopted, None  # its swap used ..data_tmp: the spare is a leftover now
+            _publish(dir_fd, directory, entries, spare)
+        _make_links(dir_fd, directory, names)
+        if not fresh and old is not None:
+            for name in _generation_names(dir_fd, old):
+                if name not in names and _is_data_link(dir_fd, name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=dir_fd)
+            if not _remove_generation(dir_fd, old):
+                log.warning("old credential generation not removed", dir=shown, generation=old)
+        if not fresh:
+            _prepare_spare(dir_fd, directory)
+        os.fsync(dir_fd)
+        return True
+    finally:
+        os.close(dir_fd)
+
+
+def _current_generation(dir_fd: int) -> str | None:
+    """The generation `..data` points to: a `..<time>.<random>` directory root or wlidd's user owns, reached
+    through a link they own. None when there is no such link (first write, a wiped directory, an older
+    wlidd's plain files) or it leads anywhere else."""
+    try:
+        st = os.stat(DATA_LINK, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode) or st.st_uid not in _trusted_uids():
+            return None
+        target = os.readlink(DATA_LINK, dir_fd=dir_fd)
+        if not _GENERATION.fullmatch(target):
+            return None
+        st = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in _trusted_uids():
+        return None
+    return target
+
+
+def _generation_holds(dir_fd: int, generation: str, entries: Sequence[_Entry]) -> bool:
+    """Whether `generation` holds exactly `entries`: the same names and no others, each a regular file with
+    one link, the content, the mode, the owner (wlidd's user and the group a new file gets, when -1) and
+    the ACL (none without readers) it would be written with."""
+    try:
+        gen_fd = os.open(generation, _OPEN_DIR, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        if sorted(os.listdir(gen_fd)) != sorted(e.file.name for e in entries):
+            return False
+        default_uid, default_gid = _new_file_ids(gen_fd)
+        for entry in entries:
+            uid = default_uid if entry.uid == -1 else entry.uid
+            gid = default_gid if entry.gid == -1 else entry.gid
+            if not _fd_file_is(gen_fd, entry.file.name, entry.file.data, entry.file.mode, uid, gid, entry.acl):
+                return False
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(gen_fd)
+
+
+def _new_file_ids(dir_fd: int) -> tuple[int, int]:
+    """The owner and group a file created in this directory gets: wlidd's user, and the directory's group
+    when it has the set-group-ID bit, else wlidd's group."""
+    st = os.fstat(dir_fd)
+    return os.geteuid(), st.st_gid if st.st_mode & stat.S_ISGID else os.getegid()
+
+
+def _fd_file_is(
+    dir_fd: int,
+    name: str,
+    data: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    acl: bytes | None,
+    same: Callable[[bytes, bytes], bool] = operator.eq,
+) -> bool:
+    """Whether `name` in the directory is a regular file (one link, not followed) whose content is `data`
+    (by `same(on_disk, data)`), with this mode, owner, group and ACL (None: none beyond the mode)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > ADOPT_LIMIT:
+            return False
+        if same is operator.eq and st.st_size != len(data):
+            return False
+        if (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) != (mode, uid, gid):
+            return False
+        if _acl_of(fd) != (None if acl is None else sorted(posix_acl.decode(acl))):
+            return False
+        content = bytearray()
+        while len(content) <= ADOPT_LIMIT and (chunk := os.read(fd, 65536)):
+            content += chunk
+        return same(bytes(content), data)
+    except (OSError, ValueError):
+        return False
+    finally:
+        os.close(fd)
+
+
+def _acl_of(fd: int) -> list[posix_acl.Entry] | None:
+    """The file's access ACL entries, sorted; None when it has none beyond its mode. ValueError for one
+    wlidd cannot read."""
+    try:
+        entries = posix_acl.decode(os.getxattr(fd, posix_acl.XATTR))
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return None
+        raise
+    if all(e.tag not in (posix_acl.USER, posix_acl.GROUP, posix_acl.MASK) for e in entries):
+        return None  # the minimal ACL: what the mode says
+    return sorted(entries)
+
+
+def _file_is(
+    path: Path,
+    data: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    readers: Readers | None,
+    same: Callable[[bytes, bytes], bool] = operator.eq,
+) -> bool:
+    """Whether `path` (its directory walked as open_dir does, the file not followed) already holds `data`
+    (by `same`) with this mode, owner and group (-1: as a new file would get them) and the ACL for
+    `readers`."""
+    try:
+        dir_fd = open_dir(path.parent, create=False)
+    except OSError:
+        return False
+    try:
+        default_uid, default_gid = _new_file_ids(dir_fd)
+        acl = posix_acl.file_acl(mode, readers.users, readers.groups) if readers else None
+        uid, gid = default_uid if uid == -1 else uid, default_gid if gid == -1 else gid
+        return _fd_file_is(dir_fd, path.name, data, mode, uid, gid, acl, same)
+    finally:
+        os.close(dir_fd)
+
+
+def _is_data_link(dir_fd: int, name: str) -> bool:
+    """Whether `name` is the link `..data/<name>`, owned by root or wlidd's user."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return (
+            stat.S_ISLNK(st.st_mode)
+            and st.st_uid in _trusted_uids()
+            and os.readlink(name, dir_fd=dir_fd) == f"{DATA_LINK}/{name}"
+        )
+    except OSError:
+        return False
+
+
+def _check_names(dir_fd: int, directory: Path, names: Sequence[str]) -> None:
+    """Refuse, before anything is written, a name the publication would fail on: a directory at a stable
+    name or at ..data, or a name another user holds in a sticky directory when this process may not
+    replace it (no CAP_FOWNER)."""
+    parent = os.fstat(dir_fd)
+    for name in names:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        held = _held_by_other(st, parent)
+        path = directory / name
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(
+                errno.EISDIR, f"{path} is a directory" + (f" that {held}" if held else "") + "; nothing written"
+            )
+        if held and not _has_capability(_CAP_FOWNER):
+            raise SinkRefused(f"{path} {held}; nothing written (choose a directory only root or wlidd can write)")
+
+
+def _publish(dir_fd: int, directory: Path, entries: Sequence[_Entry], spare: str | None) -> None:
+    """Steps 2 and 3: fill the spare (or a new generation) with `entries`, then rename `..data_tmp` over
+    `..data`. On failure the new generation (and its ..data_tmp) is removed and the error raised."""
+    if spare is None:
+        new = _write_generation(dir_fd, directory, entries)
+        try:
+            _link_data_tmp(dir_fd, directory, new)
+            _rename_data(dir_fd, directory)
+        except BaseException:
+            _remove_generation(dir_fd, new)
+            raise
+        return
+    try:
+        _fill_generation(dir_fd, directory, spare, entries)
+    except BaseException:
+        if not _empty_generation(dir_fd, spare):  # kept empty for the next try: the directory is as it was
+            with contextlib.suppress(OSError):
+                os.unlink(DATA_TMP, dir_fd=dir_fd)
+            _remove_generation(dir_fd, spare)
+        raise
+    try:
+        _rename_data(dir_fd, directory)
+    except BaseException:
+        _remove_generation(dir_fd, spare)
+        raise
+
+
+def _spare_generation(dir_fd: int, current: str | None) -> str | None:
+    """The next generation prepared by the last publication: `..data_tmp` (a link root or wlidd's user owns)
+    leading to a `..<time>.<random>` directory of wlidd's user other than `current`; None without one."""
+    try:
+        st = os.stat(DATA_TMP, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode) or st.st_uid not in _trusted_uids():
+            return None
+        target = os.readlink(DATA_TMP, dir_fd=dir_fd)
+        if target == current or not _GENERATION.fullmatch(target):
+            return None
+        st = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return target if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() else None
+
+
+def _prepare_spare(dir_fd: int, directory: Path) -> None:
+    """Make the next generation's directory, empty, and `..data_tmp` leading to it (see publish_generation).
+    Best effort: without it the next publication makes them itself."""
+    try:
+        spare = _new_generation_dir(dir_fd, directory)
+    except OSError:
+        return
+    try:
+        _link_data_tmp(dir_fd, directory, spare)
+    except OSError:
+        _remove_generation(dir_fd, spare)
+
+
+def _new_generation_dir(dir_fd: int, directory: Path) -> str:
+    """A new, empty generation directory `..<UTC time>.<random>` (mkdir: never anyone else's), mode 0755
+    whatever the umask and without a default ACL (its files get exactly the ACLs set for them); its name.
+    Everything that changes the directory itself (and so raises an event in `directory`) happens here,
+    not when it is filled."""
+    stamp = dt.datetime.now(dt.UTC).strftime("..%Y_%m_%d_%H_%M_%S")
+    for _ in range(100):
+        name = f"{stamp}.{secrets.token_hex(6)}"
+        try:
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(directory)) from None
+    else:
+        raise FileExistsError(errno.EEXIST, "no free generation name", str(directory))
+    try:
+        gen_fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+        try:
+            if os.fstat(gen_fd).st_uid != os.geteuid():
+                raise SinkRefused(f"{directory / name} is not a directory of wlidd's user")
+            with contextlib.suppress(OSError):
+                os.removexattr(gen_fd, _DEFAULT_ACL)
+            os.fchmod(gen_fd, 0o755)
+        finally:
+            os.close(gen_fd)
+    except BaseException:
+        _remove_generation(dir_fd, name)
+        raise
+    return name
+
+
+def _write_generation(dir_fd: int, directory: Path, entries: Sequence[_Entry]) -> str:
+    """A new generation directory holding `entries`, fsynced; its name. On failure it is removed and the
+    error (its filename: the stable path) raised."""
+    name = _new_generation_dir(dir_fd, directory)
+    try:
+        _fill_generation(dir_fd, directory, name, entries)
+    except BaseException:
+        _remove_generation(dir_fd, name)
+        raise
+    return name
+
+
+def _fill_generation(dir_fd: int, directory: Path, name: str, entries: Sequence[_Entry]) -> None:
+    """Write `entries` into the generation directory `name` (made by _new_generation_dir; emptied first),
+    each file written and fsynced as _write_new_file does, then the directory fsynced. Nothing here changes
+    the directory's own attributes unless they changed since (no event in the sink directory)."""
+    gen_fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+    try:
+        st = os.fstat(gen_fd)
+        if st.st_uid != os.geteuid():
+            raise SinkRefused(f"{directory / name} is not a directory of wlidd's user")
+        if stat.S_IMODE(st.st_mode) != 0o755:
+            os.fchmod(gen_fd, 0o755)
+        for leftover in os.listdir(gen_fd):
+            os.unlink(leftover, dir_fd=gen_fd)
+        for entry in entries:
+            _write_new_file(gen_fd, entry, directory / entry.file.name)
+        os.fsync(gen_fd)
+    finally:
+        os.close(gen_fd)
+
+
+def _write_new_file(dir_fd: int, entry: _Entry, shown: Path) -> None:
+    """Create `entry`'s file (O_EXCL, not following links) with its mode, ACL, owner, content, fsynced."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(entry.file.name, flags, 0o600, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, entry.file.mode)
+            if entry.acl is not None:
+                _set_acl(fd, entry.acl, shown)  # before the chown: only the owner (or CAP_FOWNER) may set it
+            if entry.uid != -1 or entry.gid != -1:
+                os.fchown(fd, entry.uid, entry.gid)
+            view = memoryview(entry.file.data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if isinstance(exc, SinkRefused):
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(shown)) from None
+
+
+def _link_data_tmp(dir_fd: int, directory: Path, generation: str) -> None:
+    """The link `..data_tmp -> generation` (replacing a leftover of ours; another user's is refused)."""
+    try:
+        try:
+            os.symlink(generation, DATA_TMP, dir_fd=dir_fd)
+        except FileExistsError:
+            st = os.stat(DATA_TMP, dir_fd=dir_fd, follow_symlinks=False)
+            held = _held_by_other(st, os.fstat(dir_fd))
+            if held and not _has_capability(_CAP_FOWNER):
+                raise SinkRefused(f"{directory / DATA_TMP} {held}; nothing written") from None
+            os.unlink(DATA_TMP, dir_fd=dir_fd)
+            os.symlink(generation, DATA_TMP, dir_fd=dir_fd)
+    except OSError as exc:
+        if isinstance(exc, SinkRefused):
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(directory / DATA_TMP)) from None
+
+
+def _rename_data(dir_fd: int, directory: Path) -> None:
+    """Rename `..data_tmp` over `..data` (the atomic step), then fsync the directory."""
+    try:
+        os.replace(DATA_TMP, DATA_LINK, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(DATA_TMP, dir_fd=dir_fd)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(directory / DATA_LINK)) from None
+    os.fsync(dir_fd)
+
+
+def _swap_data(dir_fd: int, directory: Path, generation: str) -> None:
+    """`..data_tmp -> generation`, renamed over `..data`."""
+    _link_data_tmp(dir_fd, directory, generation)
+    _rename_data(dir_fd, directory)
+
+
+def _make_links(dir_fd: int, directory: Path, names: Sequence[str]) -> None:
+    """Make each stable name the link `..data/<name>` (left alone when it already is): a temp link
+    `.<name>.<random>.tmp`, renamed over the name (atomic, also over a plain file)."""
+    for name in names:
+        if _is_data_link(dir_fd, name):
+            continue
+        for _ in range(100):
+            tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+            try:
+                os.symlink(f"{DATA_LINK}/{name}", tmp, dir_fd=dir_fd)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(errno.EEXIST, "no free temporary name", str(directory / name))
+        try:
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise OSError(exc.errno, exc.strerror or str(exc), str(directory / name)) from None
+
+
+def _adopt_plain_files(dir_fd: int, directory: Path, names: Sequence[str]) -> str | None:
+    """Before the first generation in a directory an older wlidd wrote plain files into: carry those files
+    (regular, owned by root or wlidd's user, at most ADOPT_LIMIT bytes) as they are (content, mode, owner,
+    ACL) into a generation of their own, publish it and turn their names into links. Every name keeps its
+    content while it becomes a link, so the new generation then replaces all of them in one step. The
+    adopted generation's name, or None when there was nothing to adopt."""
+    adopted: list[_Entry] = []
+    for name in names:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in _trusted_uids() or st.st_size > ADOPT_LIMIT:
+                continue
+            data = b""
+            while len(data) <= ADOPT_LIMIT and (chunk := os.read(fd, 65536)):
+                data += chunk
+            try:
+                acl = os.getxattr(fd, posix_acl.XATTR)
+            except OSError:
+                acl = None
+            mode = stat.S_IMODE(st.st_mode)
+            adopted.append(_Entry(SinkFile(name, data, mode), st.st_uid, st.st_gid, acl))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    if not adopted:
+        return None
+    try:
+        generation = _write_generation(dir_fd, directory, adopted)
+    except OSError as exc:
+        log.warning("plain files of an older wlidd not carried over", dir=str(directory), error=_reason(exc))
+        return None
+    try:
+        _swap_data(dir_fd, directory, generation)
+    except OSError as exc:
+        _remove_generation(dir_fd, generation)
+        log.warning("plain files of an older wlidd not carried over", dir=str(directory), error=_reason(exc))
+        return None
+    with contextlib.suppress(OSError):  # what failed here fails (and is reported) again in publish_generation
+        _make_links(dir_fd, directory, [e.file.name for e in adopted])
+    log.info("plain files of an older wlidd turned into links", dir=str(directory), files=len(adopted))
+    return generation
+
+
+def _generation_names(dir_fd: int, generation: str) -> list[str]:
+    try:
+        gen_fd = os.open(generation, _OPEN_DIR, dir_fd=dir_fd)
+    except OSError:
+        return []
+    try:
+        return os.listdir(gen_fd)
+    finally:
+        os.close(gen_fd)
+
+
+def _empty_generation(dir_fd: int, name: str) -> bool:
+    """Remove every file from the generation directory `name` (wlidd's user's); True when it is empty."""
+    try:
+        gen_fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        if os.fstat(gen_fd).st_uid != os.geteuid():
+            return False
+        for entry in os.listdir(gen_fd):
+            os.unlink(entry, dir_fd=gen_fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(gen_fd)
+
+
+def _remove_generation(dir_fd: int, name: str) -> bool:
+    """Remove a generation directory (its files, then itself) when root or wlidd's user owns it, without
+    following links; True when it is gone. Errors are swallowed (a leftover is swept at a later write)."""
+    try:
+        gen_fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        if os.fstat(gen_fd).st_uid not in _trusted_uids():
+            return False
+        for entry in os.listdir(gen_fd):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(entry, dir_fd=gen_fd)
+    except OSError:
+        return False
+    finally:
+        os.close(gen_fd)
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _sweep_generations(dir_fd: int, current: str | None, spare: str | None, shown: str) -> None:
+    """Remove what a crash left behind: generation directories other than the current one and the spare
+    (written but never published, or published over but not yet removed) and a `..data_tmp` that leads to
+    no spare, when root or wlidd's user owns them; another user's are left alone and counted. One log
+    line with the counts when there were any."""
+    keep = {name for name in (current, spare) if name is not None} | ({DATA_TMP} if spare else set())
+    try:
+        with os.scandir(dir_fd) as entries:
+            stale = [
+                e.name for e in entries if e.name not in keep and (e.name == DATA_TMP or _GENERATION.fullmatch(e.name))
+            ]
+    except OSError as exc:
+        log.warning("stale generations not looked for", dir=shown, error=_reason(exc))
+        return
+    removed = foreign = failed = 0
+    for name in stale:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            failed += 1
+            continue
+        if st.st_uid not in _trusted_uids():
+            foreign += 1
+        elif stat.S_ISDIR(st.st_mode):
+            if _remove_generation(dir_fd, name):
+                removed += 1
+            else:
+                failed += 1
+        else:
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+                removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError:
+                failed += 1
+    if removed or foreign or failed:
+        log.info("stale generations swept", dir=shown, removed=removed, left_to_other_users=foreign, failed=failed)
 
 
 # ---- signals -----------------------------------------------------------------------------------------
@@ -1010,17 +1797,21 @@ def _reason(exc: BaseException) -> str:
 
 
 async def follow_credentials(watcher: CredentialWatcher) -> None:
-    """Rewrite the identity's sinks (as configured now: a reload may change them) on every new state."""
+    """Bring the identity's sinks (as configured now: a reload may change them) up to date on every new state,
+    the first one included (start)."""
     async for _ in watcher.changes():
-        await republish_credentials(watcher)
+        await ensure_credentials(watcher)
 
 
-async def republish_credentials(watcher: CredentialWatcher) -> None:
-    """Write the identity's sinks, as configured now, from its current state (nothing before the first
-    one). Called on every new state and by a reload that changed the sinks (a reader removed loses
-    access at once, not at the next rotation). Serialized per identity; the state is read once the
-    lock is held, so the newest one is what stays on disk."""
+async def ensure_credentials(watcher: CredentialWatcher) -> tuple[CredentialSinkConfig, ...]:
+    """Bring the identity's sinks, as configured now, up to date with its current state (nothing before the
+    first one): each sink is checked (does `..data` lead to a generation holding what would be written
+    now; are the stable links there) and only a stale or missing one is (re)written, its on_change and
+    signal run. Called on every new state, on SIGHUP, after a config change and periodically (a wiped
+    tmpfs, a deleted file). Serialized per identity; the state is read once the lock is held, so the
+    newest one is what stays on disk. The sinks written; failures are logged, never raised."""
     async with _lock(_credential_locks, watcher.name):
         state = watcher.current
-        if state is not None and watcher.source.config.sinks:
-            await publish_credentials(watcher.source.config.sinks, state)
+        if state is None or not watcher.source.config.sinks:
+            return ()
+        return await publish_credentials(watcher.source.config.sinks, state)
