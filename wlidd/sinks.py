@@ -297,15 +297,7 @@ def _stage(
         tmp, fd = _create_temp(dir_fd, name, path)
         try:
             try:
-                os.fchmod(fd, mode)
-                if acl is not None:
-                    _set_acl(fd, acl, path)  # before the chown: only the owner (or CAP_FOWNER) may set it
-                if uid != -1 or gid != -1:
-                    os.fchown(fd, uid, gid)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                _fill_file(fd, data, mode, acl, uid, gid, path)
             finally:
                 os.close(fd)
         except BaseException as exc:
@@ -318,6 +310,20 @@ def _stage(
         os.close(dir_fd)
         raise
     return _Staged(path, dir_fd, tmp)
+
+
+def _fill_file(fd: int, data: bytes, mode: int, acl: bytes | None, uid: int, gid: int, shown: Path) -> None:
+    """Give a new, empty file its mode, ACL and owner (-1: leave as created) before any content, then the
+    content, fsynced: the file never holds the data with wider access than `mode` and `acl` give."""
+    os.fchmod(fd, mode)
+    if acl is not None:
+        _set_acl(fd, acl, shown)  # before the chown: only the owner (or CAP_FOWNER) may set it
+    if uid != -1 or gid != -1:
+        os.fchown(fd, uid, gid)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
 
 
 def _create_temp(dir_fd: int, name: str, path: Path) -> tuple[str, int]:
@@ -1364,15 +1370,7 @@ def _write_new_file(dir_fd: int, entry: _Entry, shown: Path) -> None:
     try:
         fd = os.open(entry.file.name, flags, 0o600, dir_fd=dir_fd)
         try:
-            os.fchmod(fd, entry.file.mode)
-            if entry.acl is not None:
-                _set_acl(fd, entry.acl, shown)  # before the chown: only the owner (or CAP_FOWNER) may set it
-            if entry.uid != -1 or entry.gid != -1:
-                os.fchown(fd, entry.uid, entry.gid)
-            view = memoryview(entry.file.data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            _fill_file(fd, entry.file.data, entry.file.mode, entry.acl, entry.uid, entry.gid, shown)
         finally:
             os.close(fd)
     except OSError as exc:
