@@ -159,7 +159,7 @@ async def test_a_federated_problem_caught_mid_write_is_retried_before_it_is_repo
     other.write_bytes(foreign_ca.bundle_pem)
     files.put(ca.issue_svid(), ca.bundle_pem)
     source = federated_config(files, other, mismatch_retries=4, mismatch_retry_delay=5.0)
-    previous = (await load_identity(source)).bundles
+    served = await load_identity(source)
     other.write_bytes(foreign_ca.bundle_pem[:50])
     sleeps: list[float] = []
 
@@ -167,7 +167,7 @@ async def test_a_federated_problem_caught_mid_write_is_retried_before_it_is_repo
         sleeps.append(seconds)
         other.write_bytes(foreign_ca.bundle_pem)
 
-    identity = await load_identity(source, sleep=writer_finishes, previous=previous)
+    identity = await load_identity(source, sleep=writer_finishes, current=served)
     assert sleeps == [5.0] and identity.bundle_problems == ()
 
 

@@ -189,8 +189,10 @@ class Daemon:
             await self._bind_listeners(activated)
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
+                async with anyio.create_task_group() as starting:  # every identity's first load at once
+                    for watcher in self.watchers.values():
+                        starting.start_soon(tg.start, watcher.run)
                 for watcher in self.watchers.values():
-                    await tg.start(watcher.run)
                     tg.start_soon(follow_credentials, watcher)
                     tg.start_soon(self._keep_credential_sinks, watcher)
                 tg.start_soon(self._keep_token_sinks)

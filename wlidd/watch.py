@@ -35,6 +35,7 @@ log = get_logger("wlidd.watch")
 PRE_EXPIRY_MARGIN = 30.0  # seconds before not_after to re-read once more
 MAX_TIMER_SLEEP = 30.0  # wall clock is re-checked at least this often (suspend/resume)
 INVALID_REREAD_INTERVAL = 30.0  # re-read at least this often while no valid SVID is loaded
+MISSING_RECHECK = 2.0  # seconds between re-plans of the watches while a needed directory does not exist
 RESOURCE_RETRY = 1.0  # seconds before a reload deferred for lack of descriptors or memory is tried again
 
 
@@ -91,7 +92,7 @@ class CredentialWatcher:
         self._pending: str | None = None
         self._changed = anyio.Event()
         self._watch_stop = anyio.Event()
-        self._watching: list[Path] | None = None  # the real directories watched now
+        self._watching: list[str] | None = None  # the directories watched now (_watch_plan)
         self._closed = False
         self._log = log.bind(identity=name)
         self._task_group: anyio.abc.TaskGroup | None = None  # run()'s, for deferred retries
@@ -160,7 +161,7 @@ class CredentialWatcher:
                 now=self.clock,
                 sleep=self._retry_sleep,
                 on_retry=on_retry,
-                previous=current.identity.bundles if current is not None else None,
+                current=current.identity if current is not None else None,
             )
             self._clear_error()
             if current is not None and current.identity.fingerprint == identity.fingerprint:
@@ -305,20 +306,36 @@ class CredentialWatcher:
     def _watch_dirs(self) -> list[Path]:
         return self.source.watch_dirs()
 
+    def _watch_plan(self) -> list[str]:
+        """The directories to watch now: each real directory the source needs (CredentialSource.watch_dirs)
+        that exists, and for one that does not, its nearest existing ancestor — its creation, or a
+        directory moved into place (`mv new certs`), shows there as an event."""
+        plan: list[str] = []
+        for directory in self._watch_dirs():
+            probe = directory
+            while not probe.is_dir() and probe != probe.parent:
+                probe = probe.parent
+            if str(probe) not in plan:
+                plan.append(str(probe))
+        return plan
+
     async def _check_watches(self) -> None:
-        """Resolve the watched directories again (after an event burst, a periodic re-read, SIGHUP):
-        when a link now leads elsewhere (a re-pointed parent link whose old target survives, a swap
-        the events missed), the watches move to the new real directories."""
+        """Plan the watches again (after an event burst, a reload, and every 2 s while a needed directory
+        is missing): when a link now leads elsewhere (a re-pointed parent link whose old target
+        survives, a swap the events missed) or a missing directory appeared, the watches move."""
         if self._watching is None:
             return
-        dirs = await anyio.to_thread.run_sync(self._watch_dirs)
-        if dirs != self._watching:
-            self._log.debug("watched directories moved", dirs=[str(d) for d in dirs])
+        plan = await anyio.to_thread.run_sync(self._watch_plan)
+        if plan != self._watching:
+            self._log.debug("watched directories moved", dirs=plan)
             self._watch_stop.set()
 
     async def _watch_files(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Watch the source's real directories until closed; started once the first watches are in
-        place (or none of the directories exists yet)."""
+        """Watch the source's directories until closed; started once the first watches are in place.
+
+        Each time the watches are set up again (a watched directory went away, links moved), events
+        may have been missed meanwhile, so the set is read once more ("watch-changed"; cheap when
+        nothing changed: the content fingerprint is compared before any parsing)."""
         started = False
 
         def ready() -> None:
@@ -327,27 +344,20 @@ class CredentialWatcher:
                 started = True
                 task_status.started()
 
-        watched: set[str] | None = None
+        first = True
         while not self._closed:
-            dirs = await anyio.to_thread.run_sync(self._watch_dirs)
-            existing = [str(d) for d in dirs if await anyio.to_thread.run_sync(d.is_dir)]
-            if watched is not None and not set(existing) <= watched:
-                # A directory appeared (first provisioning) or links now lead elsewhere: events
-                # before this moment were not seen, so read once now.
+            plan = await anyio.to_thread.run_sync(self._watch_plan)
+            if not first:
                 self.request_reload("watch-changed")
-            watched = set(existing)
+            first = False
             stop = self._watch_stop = anyio.Event()
-            self._watching = dirs
+            self._watching = plan
+            needed = {str(d) for d in await anyio.to_thread.run_sync(self._watch_dirs)}
             async with anyio.create_task_group() as tg:
-                if len(existing) < len(dirs):
-                    # Re-check for directories that do not exist yet (first provisioning).
-                    tg.start_soon(_set_after, stop, 2.0)
-                if not existing:
-                    ready()
-                    await stop.wait()
-                    continue
+                if not needed <= set(plan):
+                    tg.start_soon(self._recheck_while_missing, stop)
                 try:
-                    async for _ in directory_changes(existing, self.source.config.debounce, stop, ready):
+                    async for _ in directory_changes(plan, self.source.config.debounce, stop, ready):
                         self.request_reload("file-event")
                         await self._check_watches()
                 except (OSError, RuntimeError) as exc:
@@ -355,6 +365,13 @@ class CredentialWatcher:
                     ready()  # the periodic re-read still runs; the watch is retried in a second
                     await anyio.sleep(1.0)
                 tg.cancel_scope.cancel()
+
+    async def _recheck_while_missing(self, stop: anyio.Event) -> None:
+        """Every MISSING_RECHECK seconds while a needed directory does not exist: plan again (a safety
+        net beside the ancestor's events, e.g. for a directory created by a chain of mkdirs)."""
+        while not stop.is_set():
+            await anyio.sleep(MISSING_RECHECK)
+            await self._check_watches()
 
     def next_timer_deadline(self, now: dt.datetime) -> tuple[dt.datetime, str]:
         """When the timer fires next, and why: periodic re-read, shortly before expiry, or at expiry."""
@@ -388,11 +405,6 @@ class CredentialWatcher:
                 continue
             # Sleep in bounded steps: the monotonic clock stands still across a VM suspend.
             await anyio.sleep(min(wait, MAX_TIMER_SLEEP))
-
-
-async def _set_after(event: anyio.Event, delay: float) -> None:
-    await anyio.sleep(delay)
-    event.set()
 
 
 def describe_source(source: CredentialSource) -> str:

@@ -107,6 +107,29 @@ def _key_mode_note(path: Path) -> tuple[str, ...]:
     return ()
 
 
+def real_path(path: Path | str, *, attempts: int = 3) -> Path:
+    """`path` with every symlink resolved (os.path.realpath), as far as it exists.
+
+    realpath raises FileNotFoundError when a link vanishes between its lstat and its readlink (a writer
+    that unlinks a link and then creates it again, as the GCE guest agent does): resolved again up to
+    `attempts` times, then RetryableSvidError("file_missing") — a rotation in progress, not an error."""
+    for _ in range(attempts):
+        try:
+            return Path(os.path.realpath(path))
+        except OSError:
+            continue
+    raise RetryableSvidError("file_missing", f"{path} changed while it was resolved (a link being replaced)")
+
+
+def _real_or_as_is(path: Path | str) -> Path:
+    """real_path, or the absolute path as given when it cannot be resolved now (for watches, which are
+    resolved again after the next event)."""
+    try:
+        return real_path(path)
+    except RetryableSvidError:
+        return Path(os.path.abspath(path))
+
+
 def link_parents(path: Path, max_links: int = 40) -> list[Path]:
     """Directories whose entries decide what `path` resolves to, as real paths (symlinks resolved).
 
@@ -114,14 +137,14 @@ def link_parents(path: Path, max_links: int = 40) -> list[Path]:
     ``..data`` or ``current`` link anywhere on the way), and the directory the final target is in.
     Directories that do not exist (yet) are included as far as they resolve: the caller waits for them.
     """
-    found = [Path(os.path.realpath(path.parent))]
+    found = [_real_or_as_is(path.parent)]
     pending = Path(os.path.abspath(path))
     for _ in range(max_links):
         current = Path(pending.parts[0])
         for index, part in enumerate(pending.parts[1:], start=1):
             step = current / part
             if step.is_symlink():
-                found.append(Path(os.path.realpath(current)))
+                found.append(_real_or_as_is(current))
                 try:
                     target = Path(os.readlink(step))
                 except OSError:
@@ -131,16 +154,17 @@ def link_parents(path: Path, max_links: int = 40) -> list[Path]:
                 break
             current = step
         else:
-            found.append(Path(os.path.realpath(pending.parent)))
+            found.append(_real_or_as_is(pending.parent))
             return list(dict.fromkeys(found))
     return list(dict.fromkeys(found))
 
 
 MAX_READS_PER_ATTEMPT = 25  # reads woken early by file events, per configured attempt, before a refusal stands
 
-NOT_MID_WRITE = frozenset({"file_unreadable", "file_is_directory", "resources_exhausted"})
-"""Refusals no writer produces by being caught half-way (permissions, a directory, the process out of
-descriptors): reported at once. Every other refusal may be a set caught mid-write and is retried."""
+NOT_MID_WRITE = frozenset({"file_is_directory", "resources_exhausted"})
+"""Refusals no writer produces by being caught half-way (a directory, the process out of descriptors):
+reported at once. Every other refusal may be a set caught mid-write and is retried — a file that is
+briefly unreadable too (`install -m 0644` creates it 0600 and chmods it after the copy)."""
 
 
 @dataclass(frozen=True)
@@ -216,9 +240,9 @@ class CredentialSource:
             if not config_path.exists():
                 raise RetryableSvidError("file_missing", exc.message) from None
             raise SvidError("certificate_config_invalid", exc.message) from None
-        if cfg.source == "gce" and not Path(os.path.realpath(cfg.gce_dir())).is_dir():
+        if cfg.source == "gce" and not real_path(cfg.gce_dir()).is_dir():
             raise RetryableSvidError("file_missing", f"{cfg.gce_dir()} does not lead to a directory (yet)")
-        resolved = {role: Path(os.path.realpath(path)) for role, path in roles.items()}
+        resolved = {role: real_path(path) for role, path in roles.items()}
         if "trust_bundles" in resolved:
             if resolved["trust_bundles"].exists():
                 resolved.pop("bundle")
@@ -236,7 +260,7 @@ class CredentialSource:
                 if not role.startswith("bundle:"):
                     raise
                 bundle_errors.append((role.removeprefix("bundle:"), exc))
-        after = {role: Path(os.path.realpath(roles[role])) for role in resolved}
+        after = {role: real_path(roles[role]) for role in resolved}
         if after != resolved:
             moved = sorted(role for role in resolved if after[role] != resolved[role])
             raise RetryableSvidError(
@@ -383,7 +407,7 @@ async def load_identity(
     attempts: int | None = None,
     delay: float | None = None,
     on_retry: Callable[[int, SvidError], None] | None = None,
-    previous: BundleSet | None = None,
+    current: Identity | None = None,
 ) -> Identity:
     """Read and validate, retrying quietly while the set may be caught mid-write.
 
@@ -400,28 +424,39 @@ async def load_identity(
     passed then counts, so unrelated events in a watched directory cannot use up the retries (reads are
     capped at MAX_READS_PER_ATTEMPT × `attempts` all the same). File reads and crypto run in a worker
     thread; the event loop never blocks on them. Raises SvidError (the last refusal).
+
+    `current` is the identity served now: its federated bundles are kept for domains whose bundle broke,
+    files with its fingerprint are not parsed again while it is valid (it is returned as is: events in a
+    busy directory cost a read, not a validation), and federated problems it already has are accepted
+    at once (only a new problem may be a bundle caught mid-write).
     """
     attempts = attempts if attempts is not None else source.config.mismatch_retries
     delay = delay if delay is not None else source.config.mismatch_retry_delay
     trust_domain = source.config.trust_domain
+
+    previous = current.bundles if current is not None else None
+    known_problems = {(p.trust_domain, p.reason) for p in current.bundle_problems} if current is not None else set()
 
     def attempt_once() -> tuple[Identity | None, SvidError | None, str]:
         try:
             files = source.read()
         except SvidError as exc:
             return None, exc, f"{exc.reason}\0{exc.message}"
+        fingerprint = files.fingerprint()
+        if current is not None and current.fingerprint == fingerprint and current.svid.is_valid_at(now()):
+            return current, None, ""
         try:
             identity = build_identity(files, now(), trust_domain=trust_domain, previous=previous)
         except SvidError as exc:
-            return None, exc, f"{exc.reason}\0{files.fingerprint()}"
-        return identity, None, f"bundles\0{files.fingerprint()}"
+            return None, exc, f"{exc.reason}\0{fingerprint}"
+        return identity, None, f"bundles\0{fingerprint}"
 
     window = (attempts - 1) * delay  # how long a set may take to settle
     waited = waited_same = 0.0  # seconds since the first refusal; since this content was first read
     previous_key: str | None = None
     for attempt in range(1, attempts * MAX_READS_PER_ATTEMPT + 1):
         identity, error, key = await anyio.to_thread.run_sync(attempt_once)
-        if identity is not None and not identity.bundle_problems:
+        if identity is not None and {(p.trust_domain, p.reason) for p in identity.bundle_problems} <= known_problems:
             return identity
         if key != previous_key:
             waited_same = 0.0
