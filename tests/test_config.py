@@ -165,3 +165,23 @@ dir = "{tmp_path}/creds/"
     with pytest.raises(ConfigError) as info:
         load_config(path, {})
     assert "identities.b.sinks[0].dir" in info.value.message and "identities.a.sinks[0].dir" in info.value.message
+
+
+def test_two_sinks_in_one_place_through_an_alias_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "varrun").symlink_to("run")
+    path = tmp_path / "wlidd.toml"
+    path.write_text(
+        f"""
+[identities.a]
+source = "gce"
+[[identities.a.sinks]]
+dir = "{tmp_path}/run/app"
+[[identities.a.sinks]]
+dir = "{tmp_path}/varrun/app"
+layout = "spiffe-helper"
+"""
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert "identities.a.sinks[1].dir" in info.value.message

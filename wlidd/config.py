@@ -555,15 +555,16 @@ class Config(BaseSettings):
             if token.identity is not None and token.identity not in self.identities:
                 known = ", ".join(sorted(self.identities)) or "none"
                 raise ValueError(f"tokens.{name}.identity: no identity named {token.identity!r} (configured: {known})")
-        # Two sinks in one place would replace each other's generations (or files) on every write.
+        # Two sinks in one place would replace each other's generations (or files) on every write; places
+        # are compared as real paths, so an alias (/var/run -> /run) is the same place.
         seen: dict[str, str] = {}
         places = [
-            (os.path.normpath(sink.dir), f"identities.{name}.sinks[{index}].dir")
+            (os.path.realpath(sink.dir), f"identities.{name}.sinks[{index}].dir")
             for name, identity in self.identities.items()
             for index, sink in enumerate(identity.sinks)
         ]
         places += [
-            (os.path.normpath(sink.path), f"tokens.{name}.sinks[{index}].path")
+            (os.path.realpath(sink.path), f"tokens.{name}.sinks[{index}].path")
             for name, token in self.tokens.items()
             for index, sink in enumerate(token.sinks)
         ]

@@ -44,6 +44,7 @@ import base64
 import contextlib
 import datetime as dt
 import errno
+import fcntl
 import functools
 import json
 import operator
@@ -53,7 +54,9 @@ import secrets
 import signal as signals
 import stat
 import subprocess
-from collections.abc import AsyncIterator, Callable, Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -1044,45 +1047,103 @@ def publish_generation(
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"a generation needs distinct file names, not {names}")
     dir_fd = open_dir(directory, create=True)
-    shown = str(directory)
     try:
-        if readers:
-            _grant_directory(dir_fd, readers, shown)
-        acls: dict[int, bytes] = {}
-        for f in files:
-            if readers and f.mode not in acls:
-                acls[f.mode] = posix_acl.file_acl(f.mode, readers.users, readers.groups)
-        entries = [_Entry(f, uid, gid, acls.get(f.mode)) for f in sorted(files, key=lambda f: not f.secret)]
-        current = _current_generation(dir_fd)
-        spare = _spare_generation(dir_fd, current)
-        _sweep_generations(dir_fd, current, spare, shown)
-        for name in names:
-            _sweep_once(dir_fd, name, shown)
-        fresh = current is not None and _generation_holds(dir_fd, current, entries)
-        if fresh and all(_is_data_link(dir_fd, name) for name in names):
-            if spare is None:  # up to date; make the next rotation's first event its ..data rename
-                _prepare_spare(dir_fd, directory)
-            return False
-        _check_names(dir_fd, directory, [*names, DATA_LINK, DATA_TMP])
-        old = current
-        if not fresh:
-            if current is None and (adopted := _adopt_plain_files(dir_fd, directory, names)) is not None:
-                old, spare = adopted, None  # its swap used ..data_tmp: the spare is a leftover now
-            _publish(dir_fd, directory, entries, spare)
-        _make_links(dir_fd, directory, names)
-        if not fresh and old is not None:
-            for name in _generation_names(dir_fd, old):
-                if name not in names and _is_data_link(dir_fd, name):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(name, dir_fd=dir_fd)
-            if not _remove_generation(dir_fd, old):
-                log.warning("old credential generation not removed", dir=shown, generation=old)
-        if not fresh:
-            _prepare_spare(dir_fd, directory)
-        os.fsync(dir_fd)
-        return True
+        with _directory_lock(dir_fd, directory):
+            return _publish_generation(dir_fd, directory, files, names, uid, gid, readers)
     finally:
         os.close(dir_fd)
+
+
+_DIRECTORY_LOCKS: dict[tuple[int, int], threading.Lock] = {}  # one per sink directory written (config-bounded)
+_DIRECTORY_LOCKS_GUARD = threading.Lock()
+FLOCK_WAIT = 2.0  # seconds a writer waits for another process's flock on a sink directory before going on
+
+
+@contextlib.contextmanager
+def _directory_lock(dir_fd: int, directory: Path) -> Iterator[None]:
+    """Serialize the writers of one sink directory: threads of this process by a lock per (device, inode)
+    (two sinks reaching one directory through an alias such as /var/run -> /run), other processes (a
+    second daemon, `wlidd creds --out` into a live sink) by flock(2) on the directory. Anyone who can open
+    the directory can take that flock, so it is waited for FLOCK_WAIT seconds only, then the write goes on
+    (logged): the steps are safe without it, the lock only keeps writers from undoing each other's work."""
+    st = os.fstat(dir_fd)
+    with _DIRECTORY_LOCKS_GUARD:
+        if len(_DIRECTORY_LOCKS) >= _LOCKS_LIMIT:
+            _DIRECTORY_LOCKS.clear()
+        lock = _DIRECTORY_LOCKS.setdefault((st.st_dev, st.st_ino), threading.Lock())
+    with lock:
+        deadline = time.monotonic() + FLOCK_WAIT
+        locked = False
+        while True:
+            try:
+                fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    log.limited(
+                        "warning",
+                        "sink directory is locked by another process; writing anyway",
+                        key={"dir": str(directory)},
+                    )
+                    break
+                time.sleep(0.01)
+            except OSError:
+                break  # a file system without flock: the in-process lock is all there is
+        try:
+            yield
+        finally:
+            if locked:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(dir_fd, fcntl.LOCK_UN)
+
+
+def _publish_generation(
+    dir_fd: int,
+    directory: Path,
+    files: Sequence[SinkFile],
+    names: list[str],
+    uid: int,
+    gid: int,
+    readers: Readers | None,
+) -> bool:
+    """publish_generation's steps, with the directory open and locked."""
+    shown = str(directory)
+    if readers:
+        _grant_directory(dir_fd, readers, shown)
+    acls: dict[int, bytes] = {}
+    for f in files:
+        if readers and f.mode not in acls:
+            acls[f.mode] = posix_acl.file_acl(f.mode, readers.users, readers.groups)
+    entries = [_Entry(f, uid, gid, acls.get(f.mode)) for f in sorted(files, key=lambda f: not f.secret)]
+    current = _current_generation(dir_fd)
+    spare = _spare_generation(dir_fd, current)
+    _sweep_generations(dir_fd, current, spare, shown)
+    for name in names:
+        _sweep_once(dir_fd, name, shown)
+    fresh = current is not None and _generation_holds(dir_fd, current, entries)
+    if fresh and all(_is_data_link(dir_fd, name) for name in names):
+        if spare is None:  # up to date; make the next rotation's first event its ..data rename
+            _prepare_spare(dir_fd, directory)
+        return False
+    _check_names(dir_fd, directory, [*names, DATA_LINK, DATA_TMP])
+    old = current
+    if not fresh:
+        if current is None and (adopted := _adopt_plain_files(dir_fd, directory, names)) is not None:
+            old, spare = adopted, None  # its swap used ..data_tmp: the spare is a leftover now
+        _publish(dir_fd, directory, entries, spare)
+    _make_links(dir_fd, directory, names)
+    if not fresh and old is not None:
+        for name in _generation_names(dir_fd, old):
+            if name not in names and _is_data_link(dir_fd, name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
+        if not _remove_generation(dir_fd, old):
+            log.warning("old credential generation not removed", dir=shown, generation=old)
+    if not fresh:
+        _prepare_spare(dir_fd, directory)
+    os.fsync(dir_fd)
+    return True
 
 
 def _current_generation(dir_fd: int) -> str | None:
@@ -1113,6 +1174,9 @@ def _generation_holds(dir_fd: int, generation: str, entries: Sequence[_Entry]) -
     except OSError:
         return False
     try:
+        st = os.fstat(gen_fd)
+        if stat.S_IMODE(st.st_mode) != 0o755 or st.st_uid not in _trusted_uids():
+            return False  # chmod'ed or taken over: readers may no longer reach the files
         if sorted(os.listdir(gen_fd)) != sorted(e.file.name for e in entries):
             return False
         default_uid, default_gid = _new_file_ids(gen_fd)
@@ -1157,7 +1221,7 @@ def _fd_file_is(
             return False
         if same is operator.eq and st.st_size != len(data):
             return False
-        if (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) != (mode, uid, gid):
+        if (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) != (_mode_with_acl(mode, acl), uid, gid):
             return False
         if _acl_of(fd) != (None if acl is None else sorted(posix_acl.decode(acl))):
             return False
@@ -1169,6 +1233,16 @@ def _fd_file_is(
         return False
     finally:
         os.close(fd)
+
+
+def _mode_with_acl(mode: int, acl: bytes | None) -> int:
+    """The mode the kernel shows for a file given `mode` and then `acl`: with named users or groups, the
+    group bits are the ACL's mask (POSIX.1e; fs/posix_acl.c posix_acl_update_mode), so a 0600 key read
+    by `readers` shows 0640."""
+    if acl is None:
+        return mode
+    mask = next((e.perm for e in posix_acl.decode(acl) if e.tag == posix_acl.MASK), None)
+    return mode if mask is None else (mode & ~0o070) | (mask << 3)
 
 
 def _acl_of(fd: int) -> list[posix_acl.Entry] | None:
@@ -1497,7 +1571,10 @@ def _generation_names(dir_fd: int, generation: str) -> list[str]:
 
 
 def _empty_generation(dir_fd: int, name: str) -> bool:
-    """Remove every file from the generation directory `name` (wlidd's user's); True when it is empty."""
+    """Remove every file from the generation directory `name` (wlidd's user's); True when it is empty.
+    Never the generation `..data` leads to (another writer may just have made it current)."""
+    if _current_generation(dir_fd) == name:
+        return False
     try:
         gen_fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
     except OSError:
@@ -1516,7 +1593,10 @@ def _empty_generation(dir_fd: int, name: str) -> bool:
 
 def _remove_generation(dir_fd: int, name: str) -> bool:
     """Remove a generation directory (its files, then itself) when root or wlidd's user owns it, without
-    following links; True when it is gone. Errors are swallowed (a leftover is swept at a later write)."""
+    following links; True when it is gone. Errors are swallowed (a leftover is swept at a later write).
+    Never the generation `..data` leads to (another writer may just have made it current)."""
+    if _current_generation(dir_fd) == name:
+        return False
     try:
         gen_fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -1580,8 +1660,10 @@ def _sweep_generations(dir_fd: int, current: str | None, spare: str | None, show
                 continue
             except OSError:
                 failed += 1
-    if removed or foreign or failed:
+    if removed or failed:
         log.info("stale generations swept", dir=shown, removed=removed, left_to_other_users=foreign, failed=failed)
+    elif foreign:  # nothing to do but another user's names: said once a minute, not at every check
+        log.limited("info", "stale generations of other users left alone", key={"dir": shown}, count=foreign)
 
 
 # ---- signals -----------------------------------------------------------------------------------------
