@@ -34,6 +34,7 @@ bench: venv
 	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/startup.py
 	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/idle.py
 	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/rotation_latency.py
+	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/sink_publish.py
 	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/token_serve.py
 	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/fleet.py
 	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/mtls_handshake.py
