@@ -49,12 +49,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     for warning in ownership_warnings(config):
         print(f"warning: {warning}")
-    for problem in sink_problems(config):
+    from wlidd.tokens.preflight import token_problems
+
+    token_lines = token_problems(config)
+    for problem in [*sink_problems(config), *token_lines]:
         failures += 1
         print(f"FAIL {problem}")
-    if not config.identities:
-        print("problem: no identities configured ([identities.<name>])")
+    if not config.identities and not config.tokens:
+        print("problem: nothing configured ([identities.<name>] or [tokens.<name>])")
         return 1
+    for name in sorted(config.tokens):
+        if not any(problem.startswith(f"tokens.{name}.") for problem in token_lines):
+            print(f"ok   token {name}: {config.tokens[name].flow}, its files readable")
 
     async def check_all() -> None:
         nonlocal failures

@@ -290,6 +290,20 @@ class SinkConfig(_Strict):
     on_change_timeout: Duration = 30.0
 
 
+def _check_url(key: str, url: str) -> None:
+    """An upstream URL must be absolute http(s) with a host (RFC 3986): ValueError naming `key` otherwise
+    (a relative or schemeless URL would fail at every refresh, far from its cause)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"{key} {url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{key} {url!r} must be an absolute http:// or https:// URL with a host")
+
+
 class TokenConfig(_Strict):
     """One token source: a flow, its upstreams, and how it is refreshed."""
 
@@ -335,6 +349,14 @@ class TokenConfig(_Strict):
             raise ValueError("entra is only for flow 'entra-sts'")
         if self.backoff_min <= 0 or self.backoff_max < self.backoff_min:
             raise ValueError("backoff_min must be > 0 and at most backoff_max")
+        for key, url in (
+            ("entra.authority", self.entra.authority if self.entra else None),
+            ("sts.url", self.sts.url if self.sts else None),
+            ("impersonate.url", self.impersonate.url if self.impersonate else None),
+            ("metadata.url", self.metadata.url if self.metadata else None),
+        ):
+            if url is not None:
+                _check_url(key, url)
         return self
 
     def sts_url(self) -> str:

@@ -1,0 +1,88 @@
+"""`wlidd check` for token sources: the files a source reads at run time, read and parsed now.
+
+A token source reads `ca_file` (the CA certificates it verifies STS, IAM and Entra ID against) and, for
+entra-sts with its own signer, `entra.cert` and `entra.key` only when it first calls its upstream: a
+missing or damaged file would otherwise pass `wlidd check` and fail at every refresh. Each problem is
+one line naming the config key and the path; nothing here is secret (a key's content never appears).
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from wlidd.config import Config
+from wlidd.errors import SvidError
+from wlidd.svid.parse import MAX_FILE_BYTES, parse_chain, parse_private_key
+
+
+def token_problems(config: Config) -> list[str]:
+    """One line per token source file that cannot be used: `tokens.<name>.<key>: <path>: <reason>`."""
+    problems: list[str] = []
+    for name, token in sorted(config.tokens.items()):
+        where = f"tokens.{name}"
+        if token.ca_file is not None:
+            problems += [f"{where}.ca_file: {token.ca_file}: {reason}" for reason in _ca_file_problems(token.ca_file)]
+        entra = token.entra
+        if entra is not None and entra.cert is not None and entra.key is not None:
+            problems += [f"{where}.entra.{reason}" for reason in _signer_problems(entra.cert, entra.key)]
+    return problems
+
+
+def _read(path: Path) -> bytes:
+    """At most MAX_FILE_BYTES + 1 bytes of `path`; OSError as the kernel says."""
+    with path.open("rb") as handle:
+        return handle.read(MAX_FILE_BYTES + 1)
+
+
+def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "does not exist"
+    if isinstance(exc, PermissionError):
+        return "is not readable (permission denied)"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory"
+    return f"cannot be read: {exc.strerror or exc}"
+
+
+def _ca_file_problems(path: Path) -> list[str]:
+    """Why `path` cannot serve as the upstream CA file (the way the token flows load it:
+    ssl.create_default_context(cafile=…)), or nothing."""
+    try:
+        _read(path)
+    except OSError as exc:
+        return [_os_reason(exc)]
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        return [f"holds no usable CA certificate (OpenSSL: {exc.reason or exc})"]
+    except OSError as exc:
+        return [_os_reason(exc)]
+    return []
+
+
+def _signer_problems(cert_path: Path, key_path: Path) -> list[str]:
+    """Why entra.cert / entra.key cannot sign Entra ID client assertions (an RSA key, its certificate
+    first in the chain, the two matching: Microsoft identity platform, certificate credentials), or
+    nothing. Each reason starts with the key's name (cert: / key:)."""
+    problems: list[str] = []
+    key = leaf = None
+    try:
+        key = parse_private_key(_read(key_path))
+    except OSError as exc:
+        problems.append(f"key: {key_path}: {_os_reason(exc)}")
+    except SvidError as exc:
+        problems.append(f"key: {key_path}: {exc.reason}: {exc.message}")
+    try:
+        leaf = parse_chain(_read(cert_path))[0]
+    except OSError as exc:
+        problems.append(f"cert: {cert_path}: {_os_reason(exc)}")
+    except SvidError as exc:
+        problems.append(f"cert: {cert_path}: {exc.reason}: {exc.message}")
+    if key is not None and not isinstance(key, rsa.RSAPrivateKey):
+        problems.append(f"key: {key_path}: Entra ID client assertions need an RSA key (PS256/RS256)")
+    elif key is not None and leaf is not None and key.public_key() != leaf.public_key():
+        problems.append(f"key: {key_path}: does not match the certificate in {cert_path}")
+    return problems
