@@ -1034,6 +1034,9 @@ def test_odd_and_oversized_http2_frames_keep_memory_bounded_and_svids_served(
     connection or held on several at once: the daemon's RSS grows by less than RSS_BOUND, its
     descriptors return to the baseline, and a legit client gets its SVID during and after the attack."""
     node = attack_node
+    # The previous example's last fetch may still hold its slot (the daemon sees the close a moment later):
+    # root's PER_CALLER - 1 held connections plus that one would leave no room for the legit fetch.
+    node.wait_listeners(lambda ls: ls["workload_api"]["open"] == 0, 10, "an earlier connection stayed open")
     who = "nobody" if attack.as_nobody else "root"
     note(f"steps {attack.steps}, {len(attack.data)} bytes + {attack.body_frames} body frames, as {who}")
     note(f"on {attack.connections} connection(s)")
