@@ -53,6 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import FUZZ_SCALE, TD, FileSet
 from tests.test_fuzz import assert_proper_answers
 from tests.test_hostile_workload_api import RawGrpc
+from wlidd.api.metadata import METADATA_ROUTE_TEMPLATES
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.produced import find_leak
 from wlidd.emulator.upstreams import Upstreams
@@ -96,15 +97,7 @@ API_ROUTES = {
     "/get_wif_token",
     "/metrics",
 }
-METADATA_ROUTES = {
-    "/",
-    "/computeMetadata/v1/project/project-id",
-    "/computeMetadata/v1/project/numeric-project-id",
-    "/computeMetadata/v1/universe/universe-domain",
-} | {
-    f"/computeMetadata/v1/instance/service-accounts/{{account}}/{leaf}"
-    for leaf in ("", "email", "scopes", "aliases", "token", "identity")
-}
+METADATA_ROUTES = set(METADATA_ROUTE_TEMPLATES)  # every label the metadata listener's routes give
 ROUTES = API_ROUTES | METADATA_ROUTES | {"other"}
 
 

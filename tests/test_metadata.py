@@ -138,7 +138,7 @@ async def test_every_answer_has_the_flavor_and_the_content_type_google_auth_expe
     assert email.text == EMAIL and project.text == "123456789" and universe.text == "googleapis.com"
     assert identity.status_code == 200 and identity.headers["content-type"] == "application/text"
     assert jwt.decode(identity.text, options={"verify_signature": False})["aud"] == "x"
-    assert wrong_scope.status_code == 400 and "not granted" in wrong_scope.text
+    assert wrong_scope.status_code == 400 and "https://example.com/other is not covered" in wrong_scope.text
 
 
 async def test_missing_flavor_header_and_forwarded_requests_are_refused(daemon: Daemon) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import random
 
+import pytest
+
 from wlidd.tokens.model import Token
 from wlidd.tokens.schedule import Backoff, RefreshPolicy, retry_at, start_delay
 
@@ -28,9 +30,9 @@ def test_refresh_always_leaves_a_margin_before_expiry() -> None:
     policy = RefreshPolicy(refresh_at=0.95, jitter=0.04, skew=60)
     when = policy.next_refresh(token(lifetime=3600), random.Random(2))
     assert (token().expire_time - when).total_seconds() >= 360  # 10 % of the lifetime
-    short = token(lifetime=100)
+    short = token(lifetime=100)  # shorter than 4 × skew: served until 25 s are left, refreshed at half
     when = policy.next_refresh(short, random.Random(3))
-    assert (short.expire_time - when).total_seconds() >= 60  # at least the skew
+    assert (short.expire_time - when).total_seconds() >= 50 > short.serve_margin(60) == 25
 
 
 def test_refresh_is_never_sooner_than_the_minimum_interval() -> None:
@@ -92,3 +94,72 @@ def test_after_failure_combines_backoff_retry_after_and_the_last_good_bound() ->
     )
     bounded = after_failure(Backoff(1000, 1000), now, random.Random(9), last, 60)
     assert bounded == last.expire_time - dt.timedelta(seconds=61)
+
+
+# ---- issue 15 items 6 and 7: short lifetimes, and the clients' 300 s threshold ----------------------------
+
+
+def simulate(
+    policy: RefreshPolicy, lifetime: float, rng: random.Random, lifetimes: int = 8
+) -> list[tuple[Token, dt.datetime]]:
+    """A source whose upstream always answers at once with a token of `lifetime` seconds, on a simulated
+    clock: [(token, when it was replaced)], the first token fetched at T0."""
+    current, first, history = token(lifetime), True, []
+    while current.issued_at < T0 + dt.timedelta(seconds=lifetimes * lifetime):
+        when = policy.next_refresh(current, rng, first=first)
+        history.append((current, when))
+        current, first = token(lifetime, issued=when), False
+    return history
+
+
+def test_a_lifetime_at_or_below_skew_is_served_and_fetched_at_most_twice_per_lifetime() -> None:
+    """Item 6: an upstream granting 5…60 s with skew 60 s and min_interval 1 s: every token is served,
+    there is always one to serve, and the upstream is called about every half lifetime, not every second."""
+    policy = RefreshPolicy(skew=60, min_interval=1)
+    for lifetime in (5, 10, 30, 59, 60):
+        history = simulate(policy, lifetime, random.Random(lifetime), lifetimes=40)
+        steady = [(when - old.issued_at).total_seconds() for old, when in history[1:]]
+        assert min(steady) >= max(1, lifetime / 2), lifetime
+        assert len(history) <= 2 * 40 + 2, lifetime
+        for old, when in history:  # replaced while still servable: no gap between two tokens
+            assert old.usable_at(old.issued_at, 60) and old.usable_at(when - dt.timedelta(seconds=0.01), 60)
+        assert policy.short_lifetime(history[0][0])
+    assert not policy.short_lifetime(token(240)) and policy.short_lifetime(token(239))
+    assert token(30).serve_margin(60) == 7.5 and token(3600).serve_margin(60) == 60
+
+
+def test_a_short_lived_last_good_token_gets_a_retry_before_it_stops_being_served() -> None:
+    last = token(lifetime=30)  # served until 7.5 s are left
+    now = T0 + dt.timedelta(seconds=16)
+    assert retry_at(now, 300, last, skew=60) == last.expire_time - dt.timedelta(seconds=8.5)
+
+
+LIFETIMES = (60, 120, 240, 300, 450, 600, 660, 900, 1200, 1500, 1800, 2700, 3600)
+
+
+@pytest.mark.parametrize("lifetime", LIFETIMES)
+def test_a_served_token_keeps_300s_whenever_its_lifetime_allows(lifetime: float) -> None:
+    """Item 7: Node's google-auth-library refreshes a token with < 300 s left, Python's google-auth < 225 s.
+    Refreshed in time, a token is replaced while at least min(300 s, half its lifetime) are left: 300 s
+    for every lifetime ≥ 600 s, 225 s (Python's threshold) from 450 s. Refreshes stay at least half a
+    lifetime apart, and each token is still servable when it is replaced."""
+    policy = RefreshPolicy()  # the defaults: refresh_at 0.8 ± 0.1, skew 60 s
+    for seed in range(60):
+        history = simulate(policy, lifetime, random.Random(seed))
+        for index, (old, when) in enumerate(history):
+            left = old.seconds_left(when)
+            assert left >= min(300, lifetime / 2), (seed, index, left)
+            if lifetime >= 600:
+                assert left >= 300
+            if lifetime >= 450:
+                assert left >= 225
+            assert old.usable_at(when, policy.skew)
+            if index:
+                assert (when - old.issued_at).total_seconds() >= lifetime / 2
+
+
+def test_the_300s_rule_spreads_refreshes_instead_of_lining_them_up() -> None:
+    """Tokens of 15 minutes: the refresh point is drawn from a window, not one instant for every node."""
+    rng = random.Random(11)
+    offsets = {round((RefreshPolicy().next_refresh(token(900), rng) - T0).total_seconds()) for _ in range(500)}
+    assert max(offsets) <= 600 and min(offsets) >= 450 and len(offsets) > 50

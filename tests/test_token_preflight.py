@@ -97,3 +97,17 @@ def test_a_token_sink_for_an_unknown_user_fails_check(tmp_path: Path) -> None:
     body = f'flow = "gce-metadata"\n[[tokens.gcp.sinks]]\npath = "{tmp_path / "token"}"\nreaders = {{ users = ["no-such-user-x"] }}'
     result = run_cli("check", "--config", str(token_only(tmp_path, body)))
     assert result.returncode == 1 and "no user 'no-such-user-x' (readers)" in result.stdout
+
+
+def test_a_missing_ca_file_at_run_time_is_a_permanent_error_naming_the_path(tmp_path: Path) -> None:
+    from wlidd.errors import UpstreamError
+    from wlidd.tokens.flows import upstream_ssl_context
+
+    with pytest.raises(UpstreamError) as info:
+        upstream_ssl_context(tmp_path / "gone.pem")
+    assert info.value.reason == "wlidd_ca_file" and not info.value.retryable
+    assert str(tmp_path / "gone.pem") in info.value.message
+    (tmp_path / "junk.pem").write_text("junk\n")
+    with pytest.raises(UpstreamError) as info:
+        upstream_ssl_context(tmp_path / "junk.pem")
+    assert "holds no usable CA certificate" in info.value.message

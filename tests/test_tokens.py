@@ -645,7 +645,7 @@ async def test_id_tokens_without_impersonation_are_refused_clearly(
     await watcher.reload("start")
     with pytest.raises(UpstreamError) as info:
         await source.id_token("https://service.example.com")
-    assert info.value.reason == "x509-sts_id_token_unsupported" and not info.value.retryable
+    assert info.value.reason == "wlidd_id_token_unsupported" and not info.value.retryable
 
 
 async def test_a_graceful_stop_lets_the_request_in_flight_finish(

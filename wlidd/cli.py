@@ -189,7 +189,8 @@ def render_status(document: dict[str, Any]) -> str:
             )
             if token["last_error"]:
                 err = token["last_error"]
-                lines.append(f"{'':<14} last error {err['at']}: {err['reason']}: {err['message']}")
+                kind = " (permanent: retried every backoff_max)" if err.get("permanent") else ""
+                lines.append(f"{'':<14} last error {err['at']}: {err['reason']}{kind}: {err['message']}")
     return "\n".join(lines)
 
 

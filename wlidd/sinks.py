@@ -467,11 +467,15 @@ def _sweep_once(dir_fd: int, name: str, shown: str) -> None:
 
 
 def render_token(token: Token, fmt: str, now: dt.datetime) -> bytes:
+    """A token file's bytes. "text": the token alone. "json": `{"access_token", "token_type",
+    "expire_time"}` with `expire_time` RFC 3339 UTC. No `expires_in`: a file has no "now", and a reader
+    would count the seconds left at write time from when it reads (an hour-long token read just before its
+    refresh would look good for another hour). The same token always renders the same bytes, whatever
+    `now` (kept for callers)."""
     if fmt == "json":
         document = {
             "access_token": token.value,
             "token_type": token.token_type,
-            "expires_in": max(0, int(token.seconds_left(now))),
             "expire_time": iso_z(token.expire_time),
         }
         return json.dumps(document).encode() + b"\n"
@@ -526,23 +530,10 @@ async def _publish_token(
 
 
 def _token_file_is(sink: SinkConfig, data: bytes, uid: int, gid: int, readers: Readers | None) -> bool:
-    """Whether the sink's file already holds this token (for "json": the same document but for expires_in,
-    which counts down) with the sink's mode, owner and ACL."""
-    same = _same_token_document if sink.format == "json" else operator.eq
-    return _file_is(sink.path, data, sink.mode, uid, gid, readers, same)
-
-
-def _same_token_document(on_disk: bytes, wanted: bytes) -> bool:
-    """Two "json" token documents that differ at most in expires_in."""
-    try:
-        old, new = json.loads(on_disk), json.loads(wanted)
-    except ValueError:
-        return False
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return False
-    old.pop("expires_in", None)
-    new.pop("expires_in", None)
-    return bool(old == new)
+    """Whether the sink's file already holds exactly these bytes (a token renders the same bytes at any
+    time; a "json" file from an older wlidd, with `expires_in`, is rewritten once) with the sink's mode,
+    owner and ACL."""
+    return _file_is(sink.path, data, sink.mode, uid, gid, readers, operator.eq)
 
 
 async def _on_change(argv: Sequence[str], timeout: float, source: str, secret: str) -> None:

@@ -9,6 +9,11 @@ Routes are plain `Request -> Response` functions; this module owns sockets, limi
   - connections beyond `max_connections` get 503 and are closed (the daemon counts them earlier, at
     accept, per listener and per caller: wlidd.api.accept);
   - a protocol error becomes h11's status hint (400, 431 …); a handler crash becomes 500.
+
+Every answer of a server, this layer's own (400, 408, 413, 431, 500, 503) included, carries the
+handler's `response_headers` (if it has that attribute) unless the answer sets that header itself: the
+metadata API's `Metadata-Flavor: Google`, which the real metadata server puts on every response and
+clients check (gcp-metadata rejects any answer without it).
 """
 
 from __future__ import annotations
@@ -227,10 +232,19 @@ class _Connection:
         self.since = time.monotonic()
 
 
-REQUEST_TIMEOUT = serialize_response(Response.error(408, "request_timeout", "request not received in time"), close=True)
-TOO_MANY_CONNECTIONS = serialize_response(
-    Response.error(503, "too_many_connections", "connection limit reached; retry later"), close=True
-)
+def with_headers(response: Response, headers: tuple[tuple[str, str], ...]) -> Response:
+    """`response` with each of `headers` it does not set itself (names compared case-insensitively)."""
+    if not headers:
+        return response
+    present = {name.lower() for name, _ in response.headers}
+    missing = tuple((name, value) for name, value in headers if name.lower() not in present)
+    return dataclasses.replace(response, headers=response.headers + missing) if missing else response
+
+
+_TIMED_OUT = Response.error(408, "request_timeout", "request not received in time")
+_BUSY = Response.error(503, "too_many_connections", "connection limit reached; retry later")
+REQUEST_TIMEOUT = serialize_response(_TIMED_OUT, close=True)
+TOO_MANY_CONNECTIONS = serialize_response(_BUSY, close=True)
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
@@ -252,6 +266,10 @@ class HttpServer:
     ) -> None:
         self.handler = handler
         self.name = name
+        # Put on every answer, this layer's own included (module docstring).
+        self.headers: tuple[tuple[str, str], ...] = tuple(getattr(handler, "response_headers", ()))
+        self._request_timeout = serialize_response(with_headers(_TIMED_OUT, self.headers), close=True)
+        self._too_many_connections = serialize_response(with_headers(_BUSY, self.headers), close=True)
         self.limits = limits or ServerLimits()
         self.on_response = on_response
         self._slots = anyio.CapacityLimiter(self.limits.max_connections)
@@ -349,7 +367,7 @@ class HttpServer:
                 connection.timed_out = True
                 if connection.phase == "request":
                     with anyio.move_on_after(1.0), _quiet():
-                        await connection.stream.send(REQUEST_TIMEOUT)
+                        await connection.stream.send(self._request_timeout)
                 with anyio.CancelScope(shield=True), _quiet():
                     await connection.stream.aclose()
 
@@ -400,7 +418,7 @@ class HttpServer:
 
     async def _reject_busy(self, stream: ByteStream) -> None:
         with anyio.move_on_after(1.0), _quiet():
-            await stream.send(TOO_MANY_CONNECTIONS)
+            await stream.send(self._too_many_connections)
         with anyio.CancelScope(shield=True):
             await stream.aclose()
 
@@ -432,7 +450,9 @@ class HttpServer:
 
     async def _send_error(self, stream: ByteStream, status: int, code: str, message: str) -> None:
         with anyio.move_on_after(2.0), _quiet():
-            await stream.send(serialize_response(Response.error(status, code, message), close=True))
+            await stream.send(
+                serialize_response(with_headers(Response.error(status, code, message), self.headers), close=True)
+            )
 
     async def _serve(self, connection: _Connection, peer: Peer) -> None:
         stream = connection.stream
@@ -480,7 +500,7 @@ class HttpServer:
                 request = self._request(event.method, event.target, event.headers, body, peer)
                 close = conn.their_state is h11.MUST_CLOSE or not _keep_alive(event)
                 pending = conn.trailing_data[0]
-            response = await self._dispatch(request)
+            response = with_headers(await self._dispatch(request), self.headers)
             if self.on_response is not None:
                 self.on_response(request, response)
             close = close or self._closing

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import email.utils
 import hashlib
 import json
 import random
 import secrets
 import ssl
+import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -52,7 +54,9 @@ TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
 TYPE_ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
 TYPE_MTLS = "urn:ietf:params:oauth:token-type:mtls"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-ENDPOINTS = ("entra", "sts", "sts_mtls", "iam", "metadata")
+ENDPOINTS = ("entra", "sts", "sts_mtls", "iam", "metadata", "iam_id_token", "metadata_identity")
+# iam_id_token / metadata_identity: faults for the ID-token calls alone (generateIdToken, .../identity),
+# checked after those of iam / metadata; `calls` counts them under these names too.
 
 
 @dataclass
@@ -140,6 +144,10 @@ class Upstreams:
         self.entra_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.google_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.id_token_lifetime = 3600.0
+        # Seconds Google's clock is ahead of ours (negative: behind), as IAM shows it: in expireTime, in the
+        # ID tokens' iat/exp and in the Date header of IAM's answers. `issued` stays on the local clock (the
+        # real expiry of every token), so tests can check that nothing is served past it.
+        self.clock_skew = 0.0
         self.web_ca = CertificateAuthority("emulator.invalid", intermediate=False)
         workdir.mkdir(parents=True, exist_ok=True)
         self.ca_file = workdir / "emulator-ca.pem"
@@ -526,6 +534,8 @@ class Upstreams:
         method = name.rpartition(":")[2]
         if request.method != "POST" or method not in ("generateAccessToken", "generateIdToken"):
             return self._google_error("iam", 404, "NOT_FOUND", f"Method not found: {request.method} {request.path}")
+        if method == "generateIdToken" and (fault := await self._with_faults("iam_id_token", request)) is not None:
+            return fault
         email = name.rpartition(":")[0]
         auth = request.header("authorization") or ""
         bearer = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else ""
@@ -556,11 +566,16 @@ class Upstreams:
         token = f"ya29.iam-{secrets.token_urlsafe(24)}"
         self.issued[token] = (expire, email)
         remember("access token", token)
-        return Response.json(200, {"accessToken": token, "expireTime": _iso(expire)})
+        shown = expire + dt.timedelta(seconds=self.clock_skew)
+        return Response.json(200, {"accessToken": token, "expireTime": _iso(shown)}, headers=self._date())
+
+    def _date(self) -> tuple[tuple[str, str], ...]:
+        """A Date header (RFC 9110 §6.6.1) from Google's clock, as Google's front ends send on every answer."""
+        return (("date", email.utils.formatdate(time.time() + self.clock_skew, usegmt=True)),)
 
     def id_token(self, email: str, audience: str) -> str:
         """A Google-style ID token (RS256, emulator key) for `email` and `audience`."""
-        now = int(dt.datetime.now(dt.UTC).timestamp())
+        now = int(dt.datetime.now(dt.UTC).timestamp() + self.clock_skew)
         claims: dict[str, object] = {
             "iss": "https://accounts.google.com",
             "aud": audience,
@@ -580,7 +595,7 @@ class Upstreams:
             return self._google_error("iam", 400, "INVALID_ARGUMENT", "audience is required.")
         if not isinstance(audience, str) or not audience:
             return self._google_error("iam", 400, "INVALID_ARGUMENT", "audience must be a non-empty string.")
-        return Response.json(200, {"token": self.id_token(email, audience)})
+        return Response.json(200, {"token": self.id_token(email, audience)}, headers=self._date())
 
     # ---- metadata --------------------------------------------------------------------------
     async def _metadata(self, request: Request) -> Response:
@@ -595,6 +610,8 @@ class Upstreams:
         if request.path == "/":
             return Response(200, b"computeMetadata/\n", "application/text", flavor)
         if request.path.startswith(prefix) and request.path.endswith("/identity"):
+            if (fault := await self._with_faults("metadata_identity", request)) is not None:
+                return fault
             audience = request.query.get("audience", [""])[0]
             if not audience:
                 return Response(400, b"non-empty audience parameter required", "text/html", flavor)

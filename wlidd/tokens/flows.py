@@ -39,9 +39,14 @@ def upstream_ssl_context(ca_file: Path | None, state: IdentityState | None = Non
     The server is verified against `ca_file` (or the system store), never against the SPIFFE bundle.
     Every certificate there is a trust anchor, self-signed or not (`trust_every_anchor`): a `ca_file`
     holding only the issuing intermediate works, and so does a server certificate pinned there, as
-    with Python 3.13's create_default_context.
+    with Python 3.13's create_default_context. Raises UpstreamError `wlidd_ca_file` (permanent) naming
+    the path when `ca_file` cannot be loaded (`wlidd check` reports the same before start).
     """
-    context = trust_every_anchor(ssl.create_default_context(cafile=str(ca_file) if ca_file else None))
+    try:
+        context = trust_every_anchor(ssl.create_default_context(cafile=str(ca_file) if ca_file else None))
+    except (OSError, ssl.SSLError) as exc:  # ca_file missing, unreadable, or no certificate in it
+        detail = "holds no usable CA certificate" if isinstance(exc, ssl.SSLError) else (exc.strerror or str(exc))
+        raise UpstreamError("wlidd", f"ca_file {ca_file}: {detail}", code="ca_file", retryable=False) from None
     if state is not None:
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         load_identity_into(context, state.identity)
@@ -127,8 +132,9 @@ class Flow:
         if self.mints_id_tokens:
             return None
         return UpstreamError(
-            self.config.flow,
-            "ID tokens need a service account to impersonate (impersonate.service_account)",
+            "wlidd",
+            f"flow {self.config.flow} mints no ID tokens without a service account to impersonate "
+            "(impersonate.service_account)",
             code="id_token_unsupported",
             retryable=False,
         )
@@ -158,7 +164,7 @@ class Flow:
         federated = self._federated
         if federated is None or self.needs_federated(now):
             raise UpstreamError(
-                self.config.flow, "no current federated token to mint an ID token with", code="no_federated_token"
+                "wlidd", "no current federated token to mint an ID token with", code="no_federated_token"
             )
         return await generate_id_token(
             federated[2],
@@ -183,6 +189,7 @@ class Flow:
             scope=imp.scope,
             lifetime=imp.lifetime,
             delegates=imp.delegates,
+            sent_at=now,
         )
 
     async def _entra_sts(self, now: dt.datetime) -> Token:

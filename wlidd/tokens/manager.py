@@ -11,7 +11,13 @@
   `min_interval`, counted in `upstream_calls` and wlidd_token_upstream_calls.
 - ID tokens (any audience a caller names): one mint per audience at a time, a bounded LRU cache, a
   per-caller token bucket and a cap on new audiences per minute for mints (cache hits are free); the
-  STS exchange they need is renewed through `refresh` (single-flight), never by the flow itself.
+  STS exchange they need is renewed through `refresh` (single-flight, same backoff), never by the flow
+  itself. Mints back off like refreshes: after a transient failure no audience is minted until the
+  backoff (at least Retry-After) passes, then one mint probes the upstream while the others wait for
+  its outcome; an audience refused permanently is answered from its error for `backoff_max` (bounded
+  LRU). Until then callers get the last error, and the upstream is not asked.
+- Permanent errors (`UpstreamError.retryable` false: a 4xx refusal, a bad signing key) back off to
+  `backoff_max` at once, still bounded by the last good token; transient ones back off exponentially.
 - x509-sts sources refresh at once when their SVID rotates.
 """
 
@@ -39,7 +45,9 @@ from wlidd.sinks import publish_token
 from wlidd.svid.load import Clock, iso_z, utc_now
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.model import Token
-from wlidd.tokens.schedule import Backoff, RefreshPolicy, after_failure, start_delay
+from wlidd.tokens.providers.expiry import id_token_expiry
+from wlidd.tokens.providers.impersonate import generate_access_token
+from wlidd.tokens.schedule import MAX_RETRY_AFTER, Backoff, RefreshPolicy, after_failure, retry_at, start_delay
 from wlidd.watch import CredentialWatcher
 
 log = get_logger("wlidd.tokens")
@@ -74,6 +82,7 @@ class IdTokenLimits:
     new_audiences_burst: int = 60  # audiences not in the cache, all callers together …
     new_audiences_per_minute: float = 60.0  # … and afterwards per minute
     max_callers: int = 4096  # per-caller buckets kept (full ones are dropped first)
+    refused_audiences: int = 256  # audiences refused permanently, kept with their error (oldest dropped first)
 
 
 class TokenBucket:
@@ -145,6 +154,7 @@ class TokenSource:
         self.monotonic = monotonic or time.monotonic  # the event loop's clock, without anyio's per-call lookup
         self._sleep = sleep or anyio.sleep
         self.policy = RefreshPolicy(config.refresh_at, config.jitter, config.skew, config.min_interval)
+        self._warned_short = False  # the short-lifetime warning is logged once per source
         self.backoff = Backoff(config.backoff_min, config.backoff_max)
         self.current: Token | None = None
         self.failures = 0
@@ -165,6 +175,12 @@ class TokenSource:
         self._id_new_audiences = TokenBucket(
             self.id_limits.new_audiences_burst, self.id_limits.new_audiences_per_minute / 60, self.monotonic()
         )
+        # ID-token mints back off like refreshes: a transient failure holds every mint until its time (then
+        # one probe mint goes first); a permanent refusal holds its audience for backoff_max.
+        self._id_backoff = Backoff(config.backoff_min, config.backoff_max)
+        self._id_hold: tuple[UpstreamError, dt.datetime] | None = None  # (last transient error, next attempt)
+        self._id_probe: _IdFlight | None = None  # the mint retrying the upstream after a hold passed
+        self._id_refused: OrderedDict[str, tuple[UpstreamError, dt.datetime]] = OrderedDict()  # LRU, bounded
         self._log = log.bind(source=name, flow=config.flow)
 
     # ---- serving ---------------------------------------------------------------------------
@@ -184,8 +200,17 @@ class TokenSource:
             prefix = "no token obtained yet"
         if self.last_error is not None:
             when = f"; next attempt {iso_z(self.next_refresh)}" if self.next_refresh else ""
-            return f"{prefix}; last error: {self.last_error.message}{when}"
+            kind = " (permanent)" if self.last_error.permanent else ""
+            return f"{prefix}; last error{kind}: {self.last_error.message}{when}"
         return prefix
+
+    def _may_fetch_now(self, now: dt.datetime) -> bool:
+        """Whether a request may start a refresh: never fetched or last fetch good, or an on-demand source
+        (whose loop sleeps while idle) past its next attempt. After failures, requests never bypass the
+        backoff (or Retry-After): they get the reason instead."""
+        if self.failures == 0:
+            return True
+        return self.config.on_demand and (self.next_refresh is None or now >= self.next_refresh)
 
     async def get(self) -> Token:
         """The token to serve now, fetching it first when nothing was fetched yet or on demand."""
@@ -193,7 +218,7 @@ class TokenSource:
         token = self.servable()
         if token is not None:
             return token
-        if self.failures == 0 or self.config.on_demand:
+        if self._may_fetch_now(self.clock()):
             # Cold (never fetched, start delay pending, or on-demand idle): demand wins over the delay.
             # After failures, callers do not bypass the backoff: they get the reason instead.
             self._wake.set()
@@ -210,8 +235,9 @@ class TokenSource:
         Served from the cache until `skew` before its exp. Otherwise minted: one mint per audience at a
         time (concurrent callers share it), charged to the caller's token bucket and, for an audience
         not in the cache, to the source's budget of new audiences; spaced and counted like every
-        upstream call. Raises ApiError 400 (bad audience), RateLimited 429, TokenUnavailable 503 (the STS
-        exchange it needs is backing off), UpstreamError (the mint failed, or the flow mints none).
+        upstream call, and backing off like refreshes (answered from the last error meanwhile, free of
+        charge). Raises ApiError 400 (bad audience), RateLimited 429, UpstreamError (the mint failed or
+        is backing off, the STS exchange it needs failed or is backing off, or the flow mints none).
         """
         self._check_audience(audience)
         if (unsupported := self.flow.id_token_unsupported()) is not None:
@@ -225,6 +251,12 @@ class TokenSource:
             if flight.value is not None:
                 return flight.value
             raise flight.error or TokenUnavailable(self.name, "the ID token fetch was cancelled")
+        if (last := self._id_last_error(audience, self.clock())) is not None:
+            raise last
+        probe = self._id_probe
+        if self._id_hold is not None and probe is not None:  # another mint retries the upstream: its outcome first
+            await probe.done.wait()
+            return await self.id_token(audience, caller=caller)
         limits = self.id_limits
         if len(self._id_flights) >= limits.max_inflight:
             raise RateLimited(
@@ -232,6 +264,8 @@ class TokenSource:
             )
         self._charge_id_token(audience, caller)
         flight = self._id_flights[audience] = _IdFlight()
+        if self._id_hold is not None:  # the hold has passed: this mint probes the upstream
+            self._id_probe = flight
         try:
             flight.value = await self._mint_id_token(audience)
             return flight.value
@@ -240,7 +274,24 @@ class TokenSource:
             raise
         finally:
             self._id_flights.pop(audience, None)
+            if self._id_probe is flight:
+                self._id_probe = None
             flight.done.set()
+
+    def _id_last_error(self, audience: str, now: dt.datetime) -> UpstreamError | None:
+        """The answer while ID tokens back off, or None when a mint may go upstream: the audience's
+        permanent refusal until its time, else the last transient failure until its time."""
+        refused = self._id_refused.get(audience)
+        if refused is not None:
+            error, until = refused
+            if now < until:
+                return error.again(f"refused for this audience; not asked again before {iso_z(until)}")
+            del self._id_refused[audience]
+        if self._id_hold is not None:
+            error, until = self._id_hold
+            if now < until:
+                return error.again(f"ID tokens are backing off; next attempt {iso_z(until)}")
+        return None
 
     def _check_audience(self, audience: str) -> None:
         limit = self.id_limits.max_audience
@@ -301,35 +352,75 @@ class TokenSource:
             self._id_callers.popitem(last=False)
 
     async def _mint_id_token(self, audience: str) -> str:
-        """One upstream ID-token call (after an STS exchange through `refresh` when the flow needs one)."""
+        """One upstream ID-token call (after an STS exchange through `refresh` when the flow needs one:
+        single-flight, counted, its token kept as the source's, its failure backing off the source)."""
         if self.flow.needs_federated(self.clock()):
-            if self.failures and not self.config.on_demand:  # do not bypass the backoff (as `get`)
-                raise TokenUnavailable(self.name, self.not_servable_reason(self.clock()))
+            if not self._may_fetch_now(self.clock()):  # do not bypass the backoff (as `get`)
+                raise self._no_federated_token()
             await self.refresh("id-token")
+            if self.flow.needs_federated(self.clock()):  # joined a refresh that failed (it served the last good)
+                raise self._no_federated_token()
         await self._pace("id_token")
         try:
-            value = await self.flow.fetch_id_token(audience, self.clock())
-            claims = jwt.decode(value, options={"verify_signature": False})
-            expiry = dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
+            sent = self.clock()
+            value = await self.flow.fetch_id_token(audience, sent)
+            minted_by = "metadata" if self.config.flow == "gce-metadata" else "iam"
+            expiry = id_token_expiry(value, sent_at=sent, kind=minted_by)  # exp − iat from `sent`: no skew
         except UpstreamError as exc:
-            self._id_token_failed(exc)
+            self._id_token_failed(audience, exc)
             raise
         except (jwt.PyJWTError, KeyError, ValueError, TypeError, OverflowError):
-            error = UpstreamError(self.config.flow, "the ID token has no readable exp claim", code="bad_response")
-            self._id_token_failed(error)
+            minter = "metadata" if self.config.flow == "gce-metadata" else "iam"
+            error = UpstreamError(minter, "the ID token has no readable exp claim", code="bad_response")
+            self._id_token_failed(audience, error)
             raise error from None
         except Exception as exc:  # a bug or an unexpected library error: a clear error, no details leaked
-            error = UpstreamError(self.config.flow, f"unexpected {type(exc).__name__} while minting", code="internal")
-            self._id_token_failed(error)
+            error = UpstreamError("wlidd", f"unexpected {type(exc).__name__} while minting", code="internal")
+            self._id_token_failed(audience, error)
             raise error from None
+        self._id_hold = None
+        self._id_backoff.reset()
+        self._id_refused.pop(audience, None)
         self._store_id_token(audience, value, expiry)
         self._log.info("id token fetched", audience=audience, expire_time=iso_z(expiry))
         return value
 
-    def _id_token_failed(self, exc: UpstreamError) -> None:
+    def _no_federated_token(self) -> WlidError:
+        """Why no ID token can be minted now: the STS exchange it needs failed and backs off (its error)."""
+        note = "the federated token ID tokens need could not be renewed"
+        if self.next_refresh is not None:
+            note += f"; next attempt {iso_z(self.next_refresh)}"
+        return self.last_error.again(note) if self.last_error else TokenUnavailable(self.name, note)
+
+    def _id_token_failed(self, audience: str, exc: UpstreamError) -> None:
+        """Back ID tokens off: a transient failure holds every mint for the next backoff step (at least
+        Retry-After); a permanent one holds `audience` for backoff_max (at least Retry-After)."""
+        now = self.clock()
+        if exc.permanent:
+            until = now + dt.timedelta(seconds=self._permanent_delay(exc))
+            self._id_refused[audience] = (exc, until)
+            self._id_refused.move_to_end(audience)
+            for old in [a for a, (_, u) in self._id_refused.items() if u <= now]:
+                del self._id_refused[old]
+            while len(self._id_refused) > self.id_limits.refused_audiences:
+                self._id_refused.popitem(last=False)
+        else:
+            until = now + dt.timedelta(seconds=self._id_backoff.next(self.rng, exc.retry_after))
+            self._id_hold = (exc, until)
         if self.metrics is not None:
             self.metrics.token_failures.labels(self.name, exc.reason).inc()
-        self._log.warning("id token fetch failed", reason=exc.reason, detail=exc.message)
+        self._log.warning(
+            "id token fetch failed",
+            audience=audience,
+            reason=exc.reason,
+            detail=exc.message,
+            permanent=exc.permanent,
+            retry_in=round((until - now).total_seconds(), 3),
+        )
+
+    def _permanent_delay(self, exc: UpstreamError) -> float:
+        """Seconds before retrying after a permanent error: backoff_max at once (at least Retry-After)."""
+        return max(self.backoff.maximum, min(exc.retry_after or 0.0, MAX_RETRY_AFTER))
 
     def _store_id_token(self, audience: str, value: str, expiry: dt.datetime) -> None:
         """Into the LRU cache: expired entries out first, then the least recently used beyond cache_size."""
@@ -349,7 +440,9 @@ class TokenSource:
             await inflight.wait()
             token = self.servable()
             if token is None:
-                raise self.last_error or UpstreamError(self.config.flow, "refresh failed", code="unknown")
+                raise self.last_error or UpstreamError(
+                    "wlidd", "the refresh this request joined failed", code="internal"
+                )
             return token
         self._inflight = anyio.Event()
         try:
@@ -380,7 +473,7 @@ class TokenSource:
             self._failed(exc, now, reason)
             raise
         except Exception as exc:  # a bug or an unexpected library error must not kill the loop
-            error = UpstreamError(self.config.flow, f"unexpected {type(exc).__name__} while fetching", code="internal")
+            error = UpstreamError("wlidd", f"unexpected {type(exc).__name__} while fetching", code="internal")
             self._failed(error, now, reason)
             raise error from None
         self._succeeded(token, reason)
@@ -390,7 +483,12 @@ class TokenSource:
     def _failed(self, exc: UpstreamError, now: dt.datetime, reason: str) -> None:
         self.failures += 1
         self.last_error, self.last_error_at = exc, now
-        self.next_refresh = after_failure(self.backoff, now, self.rng, self.current, self.config.skew, exc.retry_after)
+        if exc.permanent:  # trying again soon cannot help: backoff_max at once, bounded by the last good token
+            self.next_refresh = retry_at(now, self._permanent_delay(exc), self.current, self.config.skew)
+        else:
+            self.next_refresh = after_failure(
+                self.backoff, now, self.rng, self.current, self.config.skew, exc.retry_after
+            )
         if self.metrics is not None:
             self.metrics.token_refreshes.labels(self.name, "failure").inc()
             self.metrics.token_failures.labels(self.name, exc.reason).inc()
@@ -399,6 +497,7 @@ class TokenSource:
             trigger=reason,
             reason=exc.reason,
             detail=exc.message,
+            permanent=exc.permanent,
             failures=self.failures,
             retry_in=round((self.next_refresh - now).total_seconds(), 3),
             serving_last_good=self.servable(now) is not None,
@@ -411,6 +510,16 @@ class TokenSource:
         self.backoff.reset()
         self.last_refresh = token.issued_at
         self.next_refresh = self.policy.next_refresh(token, self.rng, first=first)
+        if self.policy.short_lifetime(token) and not self._warned_short:
+            self._warned_short = True
+            self._log.warning(
+                "short token lifetime",
+                detail="the upstream granted less than 4 x skew: the token is served until a quarter of its "
+                "lifetime is left (not skew), and refreshed at most twice per lifetime",
+                lifetime=round(token.lifetime, 1),
+                skew=self.config.skew,
+                serve_margin=round(token.serve_margin(self.config.skew), 1),
+            )
         if self.metrics is not None:
             self.metrics.token_refreshes.labels(self.name, "success").inc()
             self.metrics.token_expiry.labels(self.name).set(token.expire_time.timestamp())
@@ -497,9 +606,187 @@ class TokenSource:
                     "reason": error.reason,
                     "status": error.status,
                     "message": error.message,
+                    "permanent": error.permanent,
                     "at": iso_z(self.last_error_at),
                 }
                 if error
                 else None
             ),
         }
+
+    # ---- access tokens with the scopes a caller names (the metadata API's token?scopes=) ---------
+    # Self-contained (its state, ScopedTokens below, is made on first use), so the rest of the class is
+    # untouched by it.
+    _scoped: ScopedTokens | None = None
+
+    async def scoped_token(self, scopes: tuple[str, ...]) -> Token:
+        """An access token with exactly `scopes`: IAM generateAccessToken for the impersonated service
+        account, with `impersonate.lifetime` and `delegates` (least privilege for a caller that names its
+        scopes). The guards of every upstream call: spaced and counted by `_pace` (kind "scoped_token");
+        the federated token it is minted with comes from the source's own refresh (single-flight, its
+        backoff), never a chain of its own; one mint per scope set at a time; the tokens of the last
+        `ScopedLimits.cache_size` scope sets served until `skew` before expiry (LRU); a budget of mints per
+        minute; after a failure its error is the answer until the backoff passes (a transient one: for every
+        set, at least Retry-After; a permanent one: for its set, `backoff_max`).
+
+        Raises RateLimited 429, TokenUnavailable 503 (the exchange it needs is backing off), UpstreamError
+        (the mint failed or is backing off; the source impersonates no service account)."""
+        state = self._scoped
+        if state is None:
+            state = self._scoped = ScopedTokens(ScopedLimits(), self.config, self.monotonic())
+        key, now = frozenset(scopes), self.clock()
+        cached = state.cache.get(key)
+        if cached is not None and cached.usable_at(now, self.config.skew):
+            state.cache.move_to_end(key)
+            return cached
+        flight = state.flights.get(key)
+        if flight is not None:  # someone is minting this set: share that mint
+            await flight.done.wait()
+            if flight.value is not None:
+                return flight.value
+            raise flight.error or TokenUnavailable(self.name, "the scoped token fetch was cancelled")
+        if (last := state.last_error(key, now)) is not None:
+            raise last
+        if len(state.flights) >= state.limits.max_inflight:
+            raise RateLimited(
+                f"token {self.name!r} is already minting {len(state.flights)} scoped tokens; retry shortly", 1
+            )
+        if (wait := state.mints.wait(self.monotonic())) > 0:
+            raise RateLimited(
+                f"token {self.name!r} minted tokens for scope sets faster than {state.limits.mints_per_minute:g} per "
+                f"minute (burst {state.limits.mints_burst}); sets already minted are still served; retry in "
+                f"{math.ceil(wait)}s",
+                wait,
+            )
+        state.mints.take(self.monotonic())
+        flight = state.flights[key] = _ScopedFlight()
+        try:
+            flight.value = await self._mint_scoped(tuple(sorted(key)))
+            state.succeeded(key, flight.value, self.clock())
+            return flight.value
+        except WlidError as exc:
+            flight.error = exc
+            if isinstance(exc, UpstreamError):
+                state.failed(key, exc, self.clock(), self.rng)
+            raise
+        finally:
+            state.flights.pop(key, None)
+            flight.done.set()
+
+    async def _mint_scoped(self, scopes: tuple[str, ...]) -> Token:
+        """One IAM generateAccessToken call for `scopes` (after the source's own refresh when the federated
+        token it needs is missing or within `skew` of its expiry)."""
+        imp = self.config.impersonate
+        if imp is None:
+            raise UpstreamError(
+                "wlidd",
+                f"token {self.name!r} impersonates no service account, so it mints no token with other scopes",
+                code="other",
+                retryable=False,
+            )
+        if self.flow.needs_federated(self.clock()):
+            if not self._may_fetch_now(self.clock()):  # do not bypass the backoff (as `get`)
+                raise TokenUnavailable(self.name, self.not_servable_reason(self.clock()))
+            await self.refresh("scoped-token")
+        federated = self.flow._federated  # (token, expiry, client) of the source's last exchange
+        if federated is None:
+            raise UpstreamError(
+                "wlidd", "no current federated token to mint a scoped token with", code="no_federated_token"
+            )
+        await self._pace("scoped_token")
+        sent = self.clock()
+        try:
+            value, expiry = await generate_access_token(
+                federated[2],
+                self.config.impersonate_base(),
+                service_account=imp.service_account,
+                bearer=federated[0],
+                scope=scopes,
+                lifetime=imp.lifetime,
+                delegates=imp.delegates,
+                sent_at=sent,
+            )
+        except UpstreamError as exc:
+            self._scoped_failed(exc)
+            raise
+        except Exception as exc:  # a bug or an unexpected library error: a clear error, no details leaked
+            error = UpstreamError("wlidd", f"unexpected {type(exc).__name__} while minting", code="internal")
+            self._scoped_failed(error)
+            raise error from None
+        self._log.info("scoped token minted", scopes=list(scopes), expire_time=iso_z(expiry))
+        return Token(value, expiry, sent, self.name)
+
+    def _scoped_failed(self, exc: UpstreamError) -> None:
+        if self.metrics is not None:
+            self.metrics.token_failures.labels(self.name, exc.reason).inc()
+        self._log.warning("scoped token mint failed", reason=exc.reason, detail=exc.message)
+
+
+@dataclass(frozen=True)
+class ScopedLimits:
+    """Bounds on the tokens a source mints for scope sets callers name (TokenSource.scoped_token)."""
+
+    cache_size: int = 32  # scope sets whose token is kept (least recently used dropped first)
+    max_inflight: int = 8  # scope sets being minted at once
+    mints_burst: int = 10  # mints, all callers together …
+    mints_per_minute: float = 10.0  # … and afterwards per minute
+    refused_sets: int = 32  # scope sets refused permanently, kept with their error (oldest dropped first)
+
+
+class _ScopedFlight:
+    """One scoped-token mint in flight; callers asking for the same scope set wait for it."""
+
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.value: Token | None = None
+        self.error: WlidError | None = None
+
+
+class ScopedTokens:
+    """One source's scoped tokens: the LRU of tokens per scope set, the mints in flight, the budget of
+    mints, and the backoff after failures (a transient failure holds every set, a permanent one its own)."""
+
+    def __init__(self, limits: ScopedLimits, config: TokenConfig, monotonic_now: float) -> None:
+        self.limits = limits
+        self.cache: OrderedDict[frozenset[str], Token] = OrderedDict()
+        self.flights: dict[frozenset[str], _ScopedFlight] = {}
+        self.refused: OrderedDict[frozenset[str], tuple[UpstreamError, dt.datetime]] = OrderedDict()
+        self.hold: tuple[UpstreamError, dt.datetime] | None = None  # the last transient failure, until when
+        self.backoff = Backoff(config.backoff_min, config.backoff_max)
+        self.mints = TokenBucket(limits.mints_burst, limits.mints_per_minute / 60, monotonic_now)
+
+    def last_error(self, key: frozenset[str], now: dt.datetime) -> UpstreamError | None:
+        """The answer while scoped tokens back off (None: a mint may go upstream)."""
+        refused = self.refused.get(key)
+        if refused is not None:
+            error, until = refused
+            if now < until:
+                return error.again(f"refused for these scopes; not asked again before {iso_z(until)}")
+            del self.refused[key]
+        if self.hold is not None and now < self.hold[1]:
+            return self.hold[0].again(f"scoped tokens are backing off; next attempt {iso_z(self.hold[1])}")
+        return None
+
+    def succeeded(self, key: frozenset[str], token: Token, now: dt.datetime) -> None:
+        """Into the LRU: tokens past expiry out first, then the least recently used beyond cache_size."""
+        self.hold = None
+        self.backoff.reset()
+        self.refused.pop(key, None)
+        for stale in [k for k, t in self.cache.items() if t.seconds_left(now) <= 0]:
+            del self.cache[stale]
+        self.cache[key] = token
+        self.cache.move_to_end(key)
+        while len(self.cache) > self.limits.cache_size:
+            self.cache.popitem(last=False)
+
+    def failed(self, key: frozenset[str], exc: UpstreamError, now: dt.datetime, rng: random.Random) -> None:
+        if exc.permanent:
+            delay = max(self.backoff.maximum, min(exc.retry_after or 0.0, MAX_RETRY_AFTER))
+            self.refused[key] = (exc, now + dt.timedelta(seconds=delay))
+            self.refused.move_to_end(key)
+            while len(self.refused) > self.limits.refused_sets:
+                self.refused.popitem(last=False)
+        else:
+            self.hold = (exc, now + dt.timedelta(seconds=self.backoff.next(rng, exc.retry_after)))

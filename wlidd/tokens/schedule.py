@@ -1,12 +1,31 @@
 """Sans-IO refresh policy: when to refresh, how to back off. Clock values and randomness come in.
 
-next_refresh(token, rng)        issued_at + lifetime × (refresh_at ± jitter), never later than
-                                expire_time − margin, where margin = max(skew, 10 % of lifetime)
+next_refresh(token, rng)        issued_at + lifetime × (refresh_at ± jitter), pulled earlier by
+                                  - the client rule: refresh while ≥ `keep_left` (300 s) + a random
+                                    0…jitter × lifetime are left, so a served token never looks stale to
+                                    the client libraries that refresh early (Node < 300 s left, Python
+                                    < 225 s; the metadata server hands a token out with ≥ 4–5 min left);
+                                  - the margin: at the latest `margin(token)` before expiry;
+                                but neither pulls it before half the lifetime (MIN_REFRESH_FRACTION):
+                                an upstream that grants short lifetimes is called at most twice per
+                                lifetime (and never more often than `min_interval`).
 Backoff.next(rng, retry_after)  full-jitter exponential: uniform(min, min(max, min·2^n)), at least
                                 Retry-After; `reset()` after a success
 retry_at(...)                   the next attempt after a failure, bounded so that a still-valid
-                                last good token gets at least one more try before it passes its skew
+                                last good token gets at least one more try before it stops being served
 start_delay(rng, spread)        a random delay before a source's first fetch (fleet boot storms)
+
+What follows for a token of lifetime L refreshed in time (defaults; proof in tests/test_schedule.py):
+  - it is replaced while at least min(keep_left, L/2) seconds are left: ≥ 300 s for every L ≥ 600 s;
+  - steady-state refreshes are at least min(refresh_at − jitter, 1/2) × L apart (L/2 by default);
+  - it is served until serve_margin = min(skew, L/4) before its expiry (wlidd.tokens.model.Token).
+
+Client thresholds: google-auth-library-nodejs src/auth/authclient.ts
+DEFAULT_EAGER_REFRESH_THRESHOLD_MILLIS = 5 * 60 * 1000, used by oauth2client.ts isTokenExpiring();
+google-auth-library-python google/auth/_helpers.py REFRESH_THRESHOLD = 3 min 45 s, used by
+credentials.py `expired`; the metadata server's own cache keeps a token until 5 min before its expiry
+(google-auth-library-java PR #749), 4 min at the least (golang/oauth2 commit "google: update compute token
+refresh", v0.21.0).
 """
 
 from __future__ import annotations
@@ -19,6 +38,8 @@ from wlidd.tokens.model import Token
 
 MAX_RETRY_AFTER = 3600.0
 FIRST_REFRESH_FLOOR = 0.1  # the earliest first refresh, as a fraction of the lifetime
+CLIENT_REFRESH_THRESHOLD = 300.0  # seconds: Node's eager refresh threshold, the strictest client's
+MIN_REFRESH_FRACTION = 0.5  # the margins never pull a refresh earlier than this share of the lifetime
 
 
 @dataclass(frozen=True)
@@ -27,9 +48,17 @@ class RefreshPolicy:
     jitter: float = 0.1
     skew: float = 60.0
     min_interval: float = 1.0
+    keep_left: float = CLIENT_REFRESH_THRESHOLD
 
     def margin(self, token: Token) -> float:
-        return max(self.skew, 0.1 * token.lifetime)
+        """Seconds before expiry by which the refresh is due: the serving margin or 10 % of the lifetime,
+        whichever is more — so a failed refresh has time for retries while the token is still served."""
+        return max(token.serve_margin(self.skew), 0.1 * token.lifetime)
+
+    def short_lifetime(self, token: Token) -> bool:
+        """True when the lifetime is too short for the configured `skew` (≤ 4 × skew), so the serving
+        margin is a quarter of the lifetime instead: worth a warning, once per source."""
+        return token.serve_margin(self.skew) < self.skew
 
     def next_refresh(self, token: Token, rng: random.Random, *, first: bool = False) -> dt.datetime:
         """When to refresh `token`. For the first token a source obtains, the fraction is drawn from
@@ -40,10 +69,12 @@ class RefreshPolicy:
             fraction = rng.uniform(min(FIRST_REFRESH_FLOOR, self.refresh_at), self.refresh_at + self.jitter)
         else:
             fraction = self.refresh_at + rng.uniform(-self.jitter, self.jitter)
-        planned = token.issued_at + dt.timedelta(seconds=lifetime * fraction)
-        latest = token.expire_time - dt.timedelta(seconds=self.margin(token))
-        earliest = token.issued_at + dt.timedelta(seconds=self.min_interval)
-        return max(earliest, min(planned, latest))
+        planned = lifetime * fraction
+        keep = lifetime - self.keep_left - rng.uniform(0.0, self.jitter * lifetime)
+        latest = lifetime - self.margin(token)
+        bound = max(min(keep, latest), MIN_REFRESH_FRACTION * lifetime)
+        offset = max(self.min_interval, min(planned, bound))
+        return token.issued_at + dt.timedelta(seconds=offset)
 
 
 @dataclass
@@ -69,11 +100,11 @@ class Backoff:
 
 def retry_at(now: dt.datetime, delay: float, last_good: Token | None, skew: float) -> dt.datetime:
     """When to try again after a failure. While the last good token is still servable, never wait
-    past the point where it stops being servable (minus a little), so recovery has a chance
+    past the point where it stops being servable (minus a second), so recovery has a chance
     before callers see 503s; once it is unusable, the backoff alone decides."""
     planned = now + dt.timedelta(seconds=delay)
     if last_good is not None and last_good.usable_at(now, skew):
-        deadline = last_good.expire_time - dt.timedelta(seconds=skew + 1)
+        deadline = last_good.expire_time - dt.timedelta(seconds=last_good.serve_margin(skew) + 1)
         if deadline > now:
             return min(planned, deadline)
     return planned

@@ -19,9 +19,9 @@ import httpx
 from wlidd.errors import UpstreamError
 from wlidd.logs import scrub
 
-RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _AADSTS = re.compile(r"\b(AADSTS\d+)\b")
 MAX_MESSAGE = 300
+MAX_SECONDS = 7 * 86400  # the longest lifetime believed (real ones: ≤ 1 h STS and metadata, ≤ 24 h Entra ID)
 
 
 def _short(text: str) -> str:
@@ -64,13 +64,11 @@ def error_from_response(kind: str, response: httpx.Response) -> UpstreamError:
             message = f"{error}: {description}" if description else error
     elif response.text.strip():
         message = f"HTTP {status}: {response.text.strip()}"
-    retryable = status in RETRYABLE_STATUS
     return UpstreamError(
         kind,
         f"{kind} answered {status}: {_short(message)}",
         status=status,
         code=code,
-        retryable=retryable,
         retry_after=retry_after_seconds(response.headers.get("retry-after")),
     )
 
@@ -126,8 +124,10 @@ def require_seconds(document: dict[str, Any], key: str, kind: str) -> float:
         raise UpstreamError(
             kind, f"{kind} response has a non-numeric {key!r}", code="bad_response", status=200
         ) from None
-    if seconds <= 0:
-        raise UpstreamError(kind, f"{kind} response has {key!r} ≤ 0", code="bad_response", status=200)
+    if not 0 < seconds <= MAX_SECONDS:  # also NaN and ±Infinity, which float() and JSON accept
+        raise UpstreamError(
+            kind, f"{kind} response has {key!r} outside (0, {MAX_SECONDS}]", code="bad_response", status=200
+        )
     return seconds
 
 

@@ -21,7 +21,10 @@ async def fetch_metadata_token(
     )
     if response.headers.get("metadata-flavor") != "Google":
         raise UpstreamError(
-            "metadata", f"{url} is not a metadata server (no Metadata-Flavor: Google)", code="not_metadata"
+            "metadata",
+            f"{url} is not a metadata server (no Metadata-Flavor: Google)",
+            code="not_metadata",
+            retryable=False,
         )
     return require_str(document, "access_token", "metadata"), require_seconds(document, "expires_in", "metadata")
 
