@@ -13,6 +13,10 @@ delay, fixed 1 s retries — a cron job):
   - recovery: the peak rate in the 5 minutes after the outage ends vs the rate in its last minute
     (above 1 would be a thundering herd at recovery)
 Targets: steady peak/mean ≤ 1.25 (60 s windows); outage peak ≤ cap; recovery ratio ≤ 1.25.
+
+Then the node's side (bench/fleet_node.py; `--no-node` skips it): one real daemon under an ID-token
+storm from 100 local users and an IAM upstream whose clock is 15 minutes ahead: upstream mints stay
+within the guards' bound, and no token is served past its real expiry.
 """
 
 from __future__ import annotations
@@ -106,6 +110,8 @@ def main() -> int:
     )
     parser.add_argument("--outage", type=float, default=600)
     parser.add_argument("--cap", type=float, default=15.0, help="outage retry peak limit, × the steady mean rate")
+    parser.add_argument("--no-node", action="store_true", help="skip the real-daemon storm and skew phase")
+    parser.add_argument("--storm-seconds", type=float, default=15.0, help="length of the ID-token storm")
     args = parser.parse_args()
     outage = (args.outage_at, args.outage_at + args.outage)
     common = {"nodes": args.nodes, "hours": args.hours, "boot_window": args.boot_window, "outage": outage}
@@ -142,9 +148,15 @@ def main() -> int:
         f"outage retry peak {outage_ratio:.1f}x vs {figures['naive'][2]:.1f}x the mean"
     )
     print("(expired: failed calls made while the node's last token had already expired)")
+    node_figures: list[Figure] = []
+    if not args.no_node:
+        import fleet_node
+
+        node_figures = fleet_node.run(args.storm_seconds)
     return report(
         "fleet",
         [
+            *node_figures,
             Figure(
                 "fleet steady-state peak/mean upstream calls per second (60 s windows, 10,000 nodes)",
                 f"{steady_ratio:.2f}x",
