@@ -508,17 +508,19 @@ owner = "root"
     )
     config.chmod(0o644)
 
+    from wlidd import cli
+
     def check() -> str:
         """`wlidd check` run by the unprivileged daemon user: in a forked child (conftest.as_user), so it
         does not depend on that user being able to read this checkout's virtualenv (CI's clone may sit
         in a private directory)."""
-        from wlidd import cli
 
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
             cli.main(["check", "--config", str(config)])
         return printed.getvalue()
 
+    check()  # once here first: the forked child may not read this checkout to import what check needs
     stdout = conftest_as_user(DAEMON, check)
     assert "identities.default.sinks[0] (/run/wlidd/creds): owner/group need root or CAP_CHOWN" in stdout
     assert "readers = {" in stdout
