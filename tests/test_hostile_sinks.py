@@ -921,3 +921,19 @@ async def test_a_slow_on_change_does_not_delay_another_token_sinks_file_or_comma
         await publish_token(configs, token, now, "gcp")
     assert report.read_text() == "saw=True marker=True"
     assert not [e for e in events() if e["event"].startswith("on_change command")]
+
+
+def test_the_dotted_head_of_a_folded_token_goes_with_the_rest_of_it() -> None:
+    """textwrap folds at hyphens: `ya29.c.Ab3-` can end up alone on the first line, too short to match a
+    fragment window and not one base64 word (dots); it is redacted with the folded lines beside it (a
+    CI run logged such a head, about 1 fold in 100)."""
+    import secrets as random
+    import textwrap
+
+    from wlidd.sinks import output_tail
+
+    value = "ya29.c.Ab3-" + random.token_urlsafe(120).replace("-", "x")
+    out = "\n".join(textwrap.wrap(value, 50)) + "\nreload failed: no such unit\n"
+    assert out.splitlines()[0] == "ya29.c.Ab3-"
+    tail = output_tail(out.encode(), hide=(value,))
+    assert tail.splitlines() == [REDACTED, "reload failed: no such unit"]

@@ -672,7 +672,7 @@ SECRET_FRAGMENT_B64 = 12  # characters of a secret's base64 (72 bits) that mark 
 SECRET_FRAGMENT_HEX = 16  # hex digits (8 bytes) of a secret's DER that mark a line as carrying it
 _B64_RUN = re.compile(r"[A-Za-z0-9+_-]{16,}")  # '/' splits runs, so path components are judged alone
 _HEX_PAIRS = re.compile(r"(?:[0-9A-Fa-f]{2}[:\s-]?){8,}")
-_FRAGMENT_LINE = re.compile(r"[A-Za-z0-9+/=_-]+|[0-9A-Fa-f:\s]+")  # one base64(url) word, or hex and separators
+_FRAGMENT_LINE = re.compile(r"[A-Za-z0-9+/=_.-]+|[0-9A-Fa-f:\s]+")  # one base64(url) word (dots: tokens, JWTs), or hex
 _NOT_B64 = re.compile(r"[^A-Za-z0-9+/]")
 _NOT_HEX = re.compile(r"[^0-9a-f]")
 _PEM_BODY = re.compile(r"-----BEGIN [^-]+-----(.*?)-----END [^-]+-----", re.S)
