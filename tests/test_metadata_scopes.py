@@ -21,7 +21,14 @@ import pytest
 
 from tests.conftest import FileSet, in_background
 from tests.test_tokens import metadata_token_config, token_emulator, x509_token_config
-from wlidd.api.metadata import CLOUD_PLATFORM, MAX_SCOPES, covering_scope, parse_scopes
+from wlidd.api.metadata import (
+    CLOUD_PLATFORM,
+    MAX_SCOPES,
+    SIGN_IN_SCOPES,
+    covering_scope,
+    parse_scopes,
+    uncovered_scopes,
+)
 from wlidd.api.server import Request, Response
 from wlidd.config import Config
 from wlidd.daemon import Daemon
@@ -33,6 +40,10 @@ EMAIL = "app@demo-project.iam.gserviceaccount.com"
 AUTH = "https://www.googleapis.com/auth/"
 READ_ONLY = AUTH + "devstorage.read_only"
 DRIVE = AUTH + "drive"
+USERINFO_EMAIL = AUTH + "userinfo.email"
+# Terraform's Google provider asks exactly these when no `scopes` is configured (DefaultClientScopes in
+# hashicorp/terraform-provider-google's transport config), through x/oauth2's ComputeTokenSource on GCE.
+TERRAFORM_SCOPES = (CLOUD_PLATFORM, USERINFO_EMAIL)
 TOKEN = "/computeMetadata/v1/instance/service-accounts/default/token"
 FLAVOR = {"Metadata-Flavor": "Google"}
 
@@ -87,6 +98,63 @@ def test_scopes_nothing_granted_grants_are_not_covered(granted: list[str], scope
     assert covering_scope(granted, scope) is None
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        # Workspace, marketing and consumer APIs that list only their own scopes in Google's scope table
+        "cloud_search",
+        "cloud_search.query",
+        "tagmanager.readonly",
+        "tagmanager.edit.containers",
+        "datastudio",
+        "datastudio.readonly",
+        "chromewebstore",
+        "chromewebstore.readonly",
+        "postmaster.readonly",
+        "dfareporting",
+        "admob.readonly",
+        "adsensehost",
+        "display-video-mediaplanning",
+        "chrome.management.policy",
+        "business.manage",
+    ],
+)
+def test_cloud_platform_does_not_cover_workspace_and_consumer_scopes(name: str) -> None:
+    assert covering_scope([CLOUD_PLATFORM], AUTH + name) is None
+
+
+MADE_UP = [
+    "cloud-platformX",  # not cloud-platform, nor any other well-formed scope name
+    "cloud-platformx",  # a variant of cloud-platform: only cloud-platform and .read-only are its scopes
+    "cloud-platform.admin",
+    "cloud-platform-extra",
+    "devstorage.read_only.extra",  # Cloud Storage has exactly read_only, read_write, full_control
+    "devstorage.readonly",
+    "devstorage2.read",
+    "Pubsub",
+    "pubsub..admin",
+    "pubsub.",
+    ".pubsub",
+    "pub sub",
+]
+
+
+def test_only_well_formed_scope_names_are_covered_by_cloud_platform() -> None:
+    granted = [CLOUD_PLATFORM, AUTH + "devstorage.full_control"]
+    covered = {name: covering_scope(granted, AUTH + name) for name in MADE_UP}
+    assert covered == dict.fromkeys(MADE_UP)  # none: each is covered by itself only
+    assert all(covering_scope([AUTH + name], AUTH + name) == AUTH + name for name in MADE_UP)
+    for name in ("pubsub", "bigquery.readonly", "cloud-platform.read-only", "cloud-identity.groups", "trace.append"):
+        assert covering_scope([CLOUD_PLATFORM], AUTH + name) == CLOUD_PLATFORM, name  # real names still are
+
+
+def test_sign_in_scopes_are_never_uncovered_and_the_rest_still_is() -> None:
+    asked = [*sorted(SIGN_IN_SCOPES), CLOUD_PLATFORM, DRIVE, READ_ONLY]
+    assert uncovered_scopes([CLOUD_PLATFORM], asked) == [DRIVE]
+    assert uncovered_scopes([READ_ONLY], list(TERRAFORM_SCOPES)) == [CLOUD_PLATFORM]
+    assert uncovered_scopes([CLOUD_PLATFORM], list(TERRAFORM_SCOPES)) == []
+
+
 def test_asked_scopes_are_split_at_commas_and_spaces_each_once() -> None:
     assert parse_scopes([f"{READ_ONLY},{DRIVE}", f"{DRIVE} {CLOUD_PLATFORM}", ""]) == (READ_ONLY, DRIVE, CLOUD_PLATFORM)
     with pytest.raises(ValueError, match=f"at most {MAX_SCOPES}"):
@@ -135,8 +203,24 @@ async def test_covered_scopes_get_the_token_and_uncovered_ones_are_refused_by_na
     assert token is not None
     assert storage.status_code == 200 and sha(storage.json()["access_token"]) == sha(token.value)
     assert mixed.status_code == 400 and mixed.headers["metadata-flavor"] == "Google"
-    assert f"scopes {DRIVE}, openid are not covered by token 'gcp', which carries {CLOUD_PLATFORM}" in mixed.text
+    assert f"scope {DRIVE} is not covered by token 'gcp', which carries {CLOUD_PLATFORM}" in mixed.text
+    assert "openid" not in mixed.text.split(" is not covered")[0]  # a sign-in scope is never refused
     assert too_many.status_code == 400 and "bad scopes" in too_many.text
+
+
+async def test_terraforms_default_scopes_get_the_token_of_a_source_that_cannot_mint(metadata_daemon: Daemon) -> None:
+    """Terraform asks cloud-platform + userinfo.email; the token carries cloud-platform. The real metadata
+    server ignores scopes; wlidd serves the token (userinfo.email adds no API access), as it does a
+    request for sign-in scopes alone."""
+    async with _client(metadata_daemon) as c:
+        terraform = await c.get(TOKEN, params={"scopes": ",".join(TERRAFORM_SCOPES)})
+        sign_in = await c.get(TOKEN, params={"scopes": "openid email profile " + AUTH + "userinfo.profile"})
+        made_up = await c.get(TOKEN, params={"scopes": f"{CLOUD_PLATFORM},{AUTH}cloud-platformX"})
+    token = metadata_daemon.tokens["gcp"].current
+    assert token is not None
+    assert terraform.status_code == 200 and sha(terraform.json()["access_token"]) == sha(token.value)
+    assert sign_in.status_code == 200 and sha(sign_in.json()["access_token"]) == sha(token.value)
+    assert made_up.status_code == 400 and f"scope {AUTH}cloud-platformX is not covered" in made_up.text
 
 
 CLIENT = """
@@ -234,6 +318,22 @@ async def test_an_impersonating_source_mints_exactly_the_scopes_asked_for(
     assert 0 < narrow.json()["expires_in"] <= 3600
 
 
+async def test_an_impersonating_source_mints_terraforms_default_scopes_userinfo_email_included(
+    impersonating: tuple[Daemon, Upstreams, Iam],
+) -> None:
+    d, upstreams, iam = impersonating
+    async with _client(d) as c:
+        minted = await c.get(TOKEN, params={"scopes": ",".join(TERRAFORM_SCOPES)})
+    assert minted.status_code == 200 and iam.issued[sha(minted.json()["access_token"])] == sorted(TERRAFORM_SCOPES)
+    body = {"error": {"code": 400, "message": "Invalid scope", "status": "INVALID_ARGUMENT"}}
+    upstreams.inject("iam", Fault(status=400, body=body, count=1))  # an IAM that would refuse userinfo.email
+    async with _client(d) as c:
+        refused = await c.get(TOKEN, params={"scopes": f"{CLOUD_PLATFORM},openid"})
+    token = d.tokens["gcp"].current
+    assert token is not None  # the rest is covered by the token's own scopes: that token, not a 400
+    assert refused.status_code == 200 and sha(refused.json()["access_token"]) == sha(token.value)
+
+
 async def test_unmodified_google_auth_gets_a_least_privilege_token_from_an_impersonating_source(
     impersonating: tuple[Daemon, Upstreams, Iam], tmp_path: Path
 ) -> None:
@@ -268,11 +368,11 @@ async def test_mints_for_new_scope_sets_are_rate_limited_while_minted_sets_are_s
     impersonating: tuple[Daemon, Upstreams, Iam],
 ) -> None:
     d, _, iam = impersonating
-    burst = ScopedLimits().mints_burst
+    burst = ScopedLimits().caller_burst
     async with _client(d) as c:
-        first = [await c.get(TOKEN, params={"scopes": f"{AUTH}s{i}"}) for i in range(burst)]
-        over = await c.get(TOKEN, params={"scopes": f"{AUTH}s{burst}"})
-        cached = await c.get(TOKEN, params={"scopes": f"{AUTH}s0"})
+        first = [await c.get(TOKEN, params={"scopes": f"{AUTH}gmail.s{i}"}) for i in range(burst)]
+        over = await c.get(TOKEN, params={"scopes": f"{AUTH}gmail.s{burst}"})
+        cached = await c.get(TOKEN, params={"scopes": f"{AUTH}gmail.s0"})
     assert [r.status_code for r in first] == [200] * burst
     assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
     assert over.headers["metadata-flavor"] == "Google" and "scope sets faster than" in over.text

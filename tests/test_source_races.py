@@ -186,16 +186,18 @@ async def test_a_file_briefly_unreadable_while_install_writes_it_is_retried_not_
             "mismatch_retry_delay": 0.01,
         }
     )
-    real_open = Path.open
+    from wlidd.svid import load
+
+    real_read = load.read_regular_file
     refused = [0]
 
-    def open_refusing_the_key_once(self: Path, *args: object, **kwargs: object) -> object:
-        if self.name == "key.pem" and not refused[0]:
+    def read_refusing_the_key_once(path: Path, limit: int = load.MAX_FILE_BYTES) -> bytes:
+        if path.name == "key.pem" and not refused[0]:
             refused[0] += 1
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)  # type: ignore[call-overload]
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read(path, limit)
 
-    monkeypatch.setattr(Path, "open", open_refusing_the_key_once)
+    monkeypatch.setattr(load, "read_regular_file", read_refusing_the_key_once)
     retried: list[str] = []
     identity = await load_identity(  # today: raises SvidError("file_unreadable") on the first read
         CredentialSource("default", config), on_retry=lambda attempt, exc: retried.append(exc.reason)
@@ -335,3 +337,18 @@ async def test_every_identitys_first_load_runs_at_once_at_start(
     daemon = Daemon(config)
     async with in_background(daemon.run, daemon.stop):
         assert all(daemon.watchers[name].is_valid() for name in names)
+
+
+async def test_a_fifo_in_place_of_a_credential_file_is_refused_not_waited_on(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    from wlidd.errors import SvidError
+    from wlidd.svid.load import load_identity
+
+    creds = tmp_path / "creds"
+    _put(creds, ca)
+    (creds / "key.pem").unlink()
+    os.mkfifo(creds / "key.pem")  # no writer: a plain open would block the reading thread forever
+    with anyio.fail_after(10), pytest.raises(SvidError) as info:
+        await load_identity(CredentialSource("default", _files_config(creds)), attempts=3)
+    assert info.value.reason == "file_not_regular" and "is not a regular file" in info.value.message

@@ -205,10 +205,10 @@ async def test_an_id_token_from_a_skewed_issuer_is_not_cached_past_its_real_expi
         first = await source.id_token("https://service.example")
         exp = jwt.decode(first, options={"verify_signature": False})["exp"]
         real_expiry = dt.datetime.fromtimestamp(exp - AHEAD, dt.UTC)
-        wall[0] = real_expiry - seconds(90)  # still cached: more than skew (60 s) left
+        wall[0] = real_expiry - seconds(400)  # still cached: more than the 300 s a served token keeps
         await source.id_token("https://service.example")
         assert source.upstream_calls == 1
-        wall[0] = real_expiry - seconds(30)  # within skew of its real expiry: minted again
+        wall[0] = real_expiry - seconds(200)  # under 300 s of its real expiry (1100 s on the issuer's clock)
         await source.id_token("https://service.example")
         assert source.upstream_calls == 2
     finally:

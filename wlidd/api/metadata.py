@@ -32,13 +32,32 @@ real `?recursive=true&alt=text` dump in HackerOne report 1442118):
     on a value changes nothing. A plain (non-recursive) listing is always text.
 
 Like the real server: no `Metadata-Flavor: Google` → 403, any `X-Forwarded-For` → 403; every answer
-carries `Metadata-Flavor: Google` (the HTTP layer's own 400/408/413/431/503 too: `response_headers`);
+carries `Metadata-Flavor: Google` (the HTTP layer's own 400/408/413/431/503/505 too: `response_headers`);
 JSON as application/json, plain values as application/text.
 
-Scopes (`…/token?scopes=a,b`): see `covering_scope`. Where the source impersonates a service account,
-a request whose scope set differs from the token's gets a token minted with exactly those scopes
-(TokenSource.scoped_token: IAM generateAccessToken, cached per scope set); elsewhere it is served the
-token when the token's scopes cover each asked scope, else refused (400 naming the scopes).
+Scopes (`…/token?scopes=a,b`): see `covering_scope` and `uncovered_scopes`. Where the source impersonates a
+service account, a request whose scope set differs from the token's gets a token minted with exactly those
+scopes (TokenSource.scoped_token: IAM generateAccessToken, cached per scope set); elsewhere it is served the
+token when the token's scopes cover each asked scope, the sign-in scopes aside (SIGN_IN_SCOPES), else
+refused (400 naming the scopes).
+
+ETags and waits (the real server's "wait for change", as its clients use it: Go's `metadata.Subscribe`,
+the guest agent's watcher, google-cloud-dotnet's `WaitForChange`, Google's `compute/metadata` samples):
+  - every value, listing and recursive answer carries `ETag: <16 hex digits>`, a hash of its body (the
+    real server's form: google-cloud-dotnet validates ETags as `[a-zA-Z0-9]{16}`), so a directory's
+    recursive and plain answers have different ETags, as on the real server;
+  - `?wait_for_change=true` on a value or a recursive directory: with `last_etag` different from the
+    current ETag (the guest agent's first `NONE`, the samples' `0`), the current answer at once; with the
+    current one, or without `last_etag` (the real server then waits for the next change), the request is
+    held until the answer's ETag changes (a reload that replaces the source: its scopes, its account) or
+    `timeout_sec` (whole seconds; absent or larger: MAX_WAIT_SECONDS) passes, then answered with what is
+    current; on a plain listing 400 (the real server refuses it: waits need `recursive=true` there); on the
+    `token` and `identity` endpoints 400 (a token is not a value to watch: it changes on every refresh);
+  - held requests are bounded: per caller uid max_connections_per_caller // 2 and per listener
+    max_connections // 2 at once (beyond: 503 + Retry-After, from which Subscribe backs off), so waits can
+    never take every connection; the HTTP layer keeps watching a held request's connection (`holds`) and
+    drops it when the client goes away, and answers them all at once when the server stops
+    (`release_holds`). A held request is "busy" to the HTTP layer: no idle deadline applies to it.
 
 Callers are loopback TCP peers, identified by the owner of their ESTABLISHED socket (wlidd.api.peers:
 sock_diag, or /proc/self/net/tcp{,6}), found at accept or on the first request, and looked up again right
@@ -50,10 +69,14 @@ Unix socket. ID tokens and minted scoped tokens are rate-limited (429 with Retry
 from __future__ import annotations
 
 import enum
+import hashlib
+import math
 import re
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
+
+import anyio
 
 from wlidd.api.authz import Caller, CallerCache, Policy, handout_audit
 from wlidd.api.peers import PeerRefused, TcpOwner, run_lookup, verify_tcp_peer
@@ -63,7 +86,6 @@ from wlidd.errors import ApiError, UpstreamError
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.svid.load import Clock
 from wlidd.tokens.manager import RateLimited, TokenSource
-from wlidd.tokens.model import Token
 
 audit = get_logger("wlidd.audit")
 log = get_logger("wlidd.api")
@@ -73,8 +95,10 @@ V1 = "/computeMetadata/v1/"
 ACCOUNTS = V1 + "instance/service-accounts/"
 
 
-def _text(status: int, text: str) -> Response:
-    return Response(status, text.encode(), "application/text", FLAVOR)
+def _text(status: int, text: str, retry_after: float | None = None) -> Response:
+    """A text answer; `retry_after` (seconds, from a held or rate-limited token source) as Retry-After."""
+    headers = FLAVOR if retry_after is None else (*FLAVOR, ("retry-after", str(max(1, math.ceil(retry_after)))))
+    return Response(status, text.encode(), "application/text", headers)
 
 
 def _json(status: int, document: object) -> Response:
@@ -82,65 +106,135 @@ def _json(status: int, document: object) -> Response:
     return Response(status, response.body, "application/json", FLAVOR)
 
 
+def etag(body: bytes) -> str:
+    """The ETag of an answer: the first 16 hex digits of its body's SHA-256 (stable across restarts;
+    the real server's ETags are 16 alphanumerics too)."""
+    return hashlib.sha256(body).hexdigest()[:16]
+
+
+def _tagged(response: Response) -> Response:
+    """`response` with its ETag header."""
+    return Response(
+        response.status, response.body, response.content_type, (*response.headers, ("etag", etag(response.body)))
+    )
+
+
+MAX_WAIT_SECONDS = 3600  # the longest a wait is held (absent or larger timeout_sec: this); wlidd's bound
+RECHECK_SECONDS = 5.0  # a held request looks at its value again at least this often (besides notify_changed)
+HOLD_RETRY_AFTER = 5  # seconds, on the 503 answering a wait beyond the hold caps
+
+
 # ---- the scope rule ------------------------------------------------------------------------------
 GOOGLE_AUTH = "https://www.googleapis.com/auth/"
 CLOUD_PLATFORM = GOOGLE_AUTH + "cloud-platform"
 # Scope families under GOOGLE_AUTH (the name up to its first ".") that cloud-platform does not grant:
-# Google Workspace and consumer APIs, which list only their own scopes in Google's scope table
-# (https://developers.google.com/identity/protocols/oauth2/scopes; e.g. BigQuery's Drive tables need
-# the drive scope besides cloud-platform: https://cloud.google.com/bigquery/docs/query-drive-data), and
-# the sign-in scopes userinfo.email / userinfo.profile (like `openid`, `email`, `profile`, which lie
-# outside GOOGLE_AUTH and so are never covered).
+# Google Workspace, advertising, Play and consumer APIs, which list only their own scopes in Google's
+# scope table (https://developers.google.com/identity/protocols/oauth2/scopes; e.g. BigQuery's Drive
+# tables need the drive scope besides cloud-platform: https://cloud.google.com/bigquery/docs/query-drive-data),
+# and the sign-in family userinfo (see SIGN_IN_SCOPES). An API whose entry in that table lists
+# cloud-platform (Cloud Identity, Firebase, every Cloud product) is not here.
 NOT_CLOUD_FAMILIES = frozenset(
     {
+        # sign-in
         "userinfo",
         "plus",
-        "drive",
-        "gmail",
-        "calendar",
-        "spreadsheets",
-        "documents",
-        "presentations",
-        "forms",
-        "script",
+        # Google Workspace
         "admin",
         "apps",
-        "directory",
-        "contacts",
-        "user",
-        "tasks",
-        "keep",
+        "appsmarketplace",
+        "calendar",
         "chat",
-        "meetings",
         "classroom",
-        "groups",
+        "cloud_search",
+        "contacts",
+        "directory",
+        "documents",
+        "drive",
         "ediscovery",
-        "youtube",
-        "youtubepartner",
-        "yt-analytics",
-        "yt-analytics-monetary",
-        "photoslibrary",
-        "analytics",
-        "adwords",
-        "adsense",
+        "forms",
+        "gmail",
+        "groups",
+        "keep",
+        "meetings",
+        "postmaster",
+        "presentations",
+        "script",
+        "spreadsheets",
+        "tasks",
+        "user",
+        "workspace",
+        # Chrome, Android and Play
+        "androidenterprise",
+        "androidmanagement",
         "androidpublisher",
-        "blogger",
-        "books",
-        "fitness",
-        "webmasters",
-        "siteverification",
-        "indexing",
+        "chrome",
+        "chromewebstore",
+        "games",
+        "playdeveloperreporting",
+        "playintegrity",
+        "verifiedaccess",
+        # advertising, analytics and marketing
+        "adexchange",
+        "admob",
+        "adsense",
+        "adsensehost",
+        "adwords",
+        "analytics",
+        "authorized-buyers-marketplace",
         "content",
-        "dfp",
-        "dfatrafficking",
+        "datastudio",
         "ddmconversions",
+        "dfareporting",
+        "dfatrafficking",
+        "dfp",
+        "display-video",
+        "display-video-mediaplanning",
+        "display-video-user-management",
         "doubleclickbidmanager",
         "doubleclicksearch",
-        "display-video",
-        "games",
+        "manufacturercenter",
+        "realtime-bidding",
+        "tagmanager",
+        # consumer and other non-Cloud APIs
+        "blogger",
+        "books",
+        "business",
+        "fitness",
+        "homegraph",
+        "indexing",
+        "photoslibrary",
+        "photospicker",
+        "sdm",
+        "siteverification",
         "streetviewpublish",
+        "tables",
+        "travelpartner",
+        "webmasters",
+        "youtube",
+        "youtubepartner",
+        "youtubepartner-channel-audit",
+        "yt-analytics",
+        "yt-analytics-monetary",
     }
 )
+# The sign-in scopes: they add identity claims to a token (the account's email through tokeninfo and
+# userinfo) and grant no API access. They never cause a refusal (`uncovered_scopes`): Terraform's Google
+# provider asks cloud-platform + userinfo.email by default (its DefaultClientScopes), x/oauth2's
+# ComputeTokenSource sends them as ?scopes=, and the real metadata server ignores scopes altogether.
+SIGN_IN_SCOPES = frozenset(
+    {"openid", "email", "profile", GOOGLE_AUTH + "userinfo.email", GOOGLE_AUTH + "userinfo.profile"}
+)
+# A scope name under GOOGLE_AUTH: "."-separated segments of lower-case letters, digits, "_" and "-"
+# (every name in Google's scope table has this form: `devstorage.read_only`, `yt-analytics.readonly`,
+# `cloud_search.query`).
+SCOPE_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+# Families whose every scope wlidd knows (Google's scope table): a name in such a family, or one that
+# begins with its name (`cloud-platformx`, `devstorage2.read`), is a scope only if it is listed here;
+# anything else is a made-up name, covered by nothing but itself.
+CLOSED_FAMILIES: Mapping[str, frozenset[str]] = {
+    "cloud-platform": frozenset({"cloud-platform", "cloud-platform.read-only"}),
+    "devstorage": frozenset({"devstorage.read_only", "devstorage.read_write", "devstorage.full_control"}),
+}
 READ_ONLY_SUFFIXES = (".readonly", ".read_only", ".read-only")
 # Cloud Storage's scopes, each granting what those before it grant (Cloud Storage "OAuth 2.0 scopes").
 STORAGE_LADDER = tuple(
@@ -150,18 +244,37 @@ MAX_SCOPES = 32  # distinct scopes in one request
 MAX_SCOPE_LENGTH = 512  # characters
 
 
+def scope_name(scope: str) -> str | None:
+    """The name of a well-formed scope under GOOGLE_AUTH (`devstorage.read_only`), or None: outside
+    GOOGLE_AUTH, not of SCOPE_NAME's form, or a made-up name in a closed family (CLOSED_FAMILIES)."""
+    if not scope.startswith(GOOGLE_AUTH):
+        return None
+    name = scope.removeprefix(GOOGLE_AUTH)
+    if SCOPE_NAME.fullmatch(name) is None:
+        return None
+    family = name.split(".")[0]
+    for closed, names in CLOSED_FAMILIES.items():
+        if family.startswith(closed) and name not in names:
+            return None
+    return name
+
+
 def covering_scope(granted: Sequence[str], scope: str) -> str | None:
     """The scope among `granted` (what the served token carries) that covers `scope`, or None:
     - the scope itself;
-    - `X` covers `X.readonly`, `X.read_only` and `X.read-only` (a read-only scope grants a subset);
-    - a Cloud Storage scope covers the weaker ones (STORAGE_LADDER);
-    - `cloud-platform` covers every `https://www.googleapis.com/auth/<name>` whose family (the name up to
-      its first ".") is not in NOT_CLOUD_FAMILIES: it is the scope of all Google Cloud APIs (Compute
-      Engine "Service accounts": with cloud-platform, IAM alone decides), not of Workspace, consumer or
-      sign-in scopes.
+    - and for a well-formed scope name under GOOGLE_AUTH (`scope_name`; anything else is covered by
+      itself only):
+      - `X` covers `X.readonly`, `X.read_only` and `X.read-only` (a read-only scope grants a subset);
+      - a Cloud Storage scope covers the weaker ones (STORAGE_LADDER);
+      - `cloud-platform` covers every name whose family (up to its first ".") is not in
+        NOT_CLOUD_FAMILIES: it is the scope of all Google Cloud APIs (Compute Engine "Service accounts":
+        with cloud-platform, IAM alone decides), not of Workspace, consumer or sign-in scopes.
     """
     if scope in granted:
         return scope
+    name = scope_name(scope)
+    if name is None:
+        return None
     for suffix in READ_ONLY_SUFFIXES:
         if scope.endswith(suffix) and (base := scope.removesuffix(suffix)) in granted:
             return base
@@ -169,11 +282,16 @@ def covering_scope(granted: Sequence[str], scope: str) -> str | None:
         for stronger in STORAGE_LADDER[STORAGE_LADDER.index(scope) :]:
             if stronger in granted:
                 return stronger
-    if CLOUD_PLATFORM in granted and scope.startswith(GOOGLE_AUTH):
-        name = scope.removeprefix(GOOGLE_AUTH)
-        if name and "/" not in name and name.split(".")[0] not in NOT_CLOUD_FAMILIES:
-            return CLOUD_PLATFORM
+    if CLOUD_PLATFORM in granted and name.split(".")[0] not in NOT_CLOUD_FAMILIES:
+        return CLOUD_PLATFORM
     return None
+
+
+def uncovered_scopes(granted: Sequence[str], asked: Sequence[str]) -> list[str]:
+    """The scopes of `asked` that nothing in `granted` covers (`covering_scope`), in order; the sign-in
+    scopes (SIGN_IN_SCOPES) are never among them: a token without them is what the real metadata server
+    hands out for them too."""
+    return [scope for scope in asked if scope not in SIGN_IN_SCOPES and covering_scope(granted, scope) is None]
 
 
 def parse_scopes(values: Sequence[str]) -> tuple[str, ...]:
@@ -288,11 +406,47 @@ class MetadataApi:
 
     def __init__(self, config: MetadataListenerConfig, source: TokenSource, policy: Policy, clock: Clock) -> None:
         self.config = config
-        self.source = source
+        self._source = source
         self.policy = policy
         self.clock = clock
         self._callers = CallerCache()
         self._audited = AuditOnce()
+        self._changed: anyio.Event | None = None  # made by the first wait (an Event needs a running loop)
+        self._closing = False
+        self._holds: dict[int | None, int] = {}  # held wait_for_change requests per caller uid
+        self.max_holds = max(1, config.max_connections // 2)
+        self.max_holds_per_caller = max(1, config.max_connections_per_caller // 2)
+
+    @property
+    def source(self) -> TokenSource:
+        """The token source served; setting it (a reload that replaced the source) wakes held waits."""
+        return self._source
+
+    @source.setter
+    def source(self, source: TokenSource) -> None:
+        self._source = source
+        self.notify_changed()
+
+    @property
+    def held(self) -> int:
+        """wait_for_change requests held now."""
+        return sum(self._holds.values())
+
+    def notify_changed(self) -> None:
+        """What is served may have changed: held waits look at their value again now."""
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+    def holds(self, request: Request) -> bool:
+        """Whether answering `request` may take long (a wait_for_change): the HTTP layer then watches
+        the connection meanwhile and drops the request when the client goes away (wlidd.api.server)."""
+        return request.query.get("wait_for_change", [""])[-1].lower() == "true"
+
+    def release_holds(self) -> None:
+        """The server is stopping: every held wait answers now, and new ones are answered at once."""
+        self._closing = True
+        self.notify_changed()
 
     @property
     def email(self) -> str:
@@ -345,29 +499,87 @@ class MetadataApi:
         alt = request.query.get("alt", [""])[-1].lower()
         if alt not in ("", "json", "text"):
             return _text(400, "alt must be json or text")
+        answer, watchable = self._answer(request, alt)
+        wait = self.holds(request)
+        if answer is Endpoint.TOKEN or answer is Endpoint.IDENTITY:
+            if wait:
+                return _text(
+                    400,
+                    f"wait_for_change is not served on the {answer.value} endpoint: a token is not a value to "
+                    "watch (ask again when the one you hold nears its expiry)",
+                )
+            return await (self._token(request) if answer is Endpoint.TOKEN else self._identity(request))
+        assert isinstance(answer, Response)
+        if not wait or answer.status != 200:
+            return answer
+        if not watchable:
+            return _text(400, "wait_for_change on a directory listing is not supported; add recursive=true")
+        return await self._wait_for_change(request, alt, answer)
+
+    def _answer(self, request: Request, alt: str) -> tuple[Response | Endpoint, bool]:
+        """The answer for the tree's node at the request's path, or the endpoint (token, identity) that
+        answers it; and whether it can be watched (wait_for_change: a value or a recursive directory)."""
         path = request.path
         node = _find(self.tree(), path)
         if node is None:
-            return _text(404, f"{path} is not served here ({self._not_served(path)})")
+            return _text(404, f"{path} is not served here ({self._not_served(path)})"), False
         if isinstance(node, Directory):
             if not path.endswith("/"):
-                return redirect_to_directory(request, path)
+                return redirect_to_directory(request, path), False
             recursive = request.query.get("recursive", [""])[-1].lower() == "true"
             if recursive and path.startswith(V1):
                 if alt == "text":
-                    return _text(200, "".join(line + "\n" for line in _text_lines(node)))
-                return _json(200, _as_json(node))
-            return _text(200, _listing(node))
+                    return _tagged(_text(200, "".join(line + "\n" for line in _text_lines(node)))), True
+                return _tagged(_json(200, _as_json(node))), True
+            return _tagged(_text(200, _listing(node))), False
         if path.endswith("/"):
-            return _text(404, f"{path} is not a directory")
-        if node is Endpoint.TOKEN:
-            return await self._token(request)
-        if node is Endpoint.IDENTITY:
-            return await self._identity(request)
-        assert not isinstance(node, Endpoint)
+            return _text(404, f"{path} is not a directory"), False
+        if isinstance(node, Endpoint):
+            return node, False
         if alt == "json":
-            return _json(200, _as_json(node))
-        return _text(200, _value_text(node))
+            return _tagged(_json(200, _as_json(node))), True
+        return _tagged(_text(200, _value_text(node))), True
+
+    async def _wait_for_change(self, request: Request, alt: str, answer: Response) -> Response:
+        """`answer` (the current one) at once when `last_etag` names another ETag; else the first answer
+        whose ETag differs from the current one, or the current answer once `timeout_sec` passed (module
+        docstring: the real server's wait_for_change, bounded)."""
+        raw_timeout = request.query.get("timeout_sec", [str(MAX_WAIT_SECONDS)])[-1]
+        if not raw_timeout.isdigit() or not raw_timeout.isascii():
+            return _text(400, f"timeout_sec must be a whole number of seconds, not {raw_timeout[:32]!r}")
+        digits = raw_timeout.lstrip("0") or "0"
+        timeout = MAX_WAIT_SECONDS if len(digits) > 5 else min(int(digits), MAX_WAIT_SECONDS)
+        current = dict(answer.headers)["etag"]
+        last = request.query.get("last_etag", [None])[-1]
+        if (last is not None and last != current) or self._closing:
+            return answer
+        uid = request.peer.uid
+        if self._holds.get(uid, 0) >= self.max_holds_per_caller or self.held >= self.max_holds:
+            who = f"uid {uid}" if uid is not None else "unidentified callers"
+            return Response(
+                503,
+                f"too many wait_for_change requests held (for {who} at most {self.max_holds_per_caller}, for "
+                f"everyone at most {self.max_holds}); retry later".encode(),
+                "application/text",
+                (*FLAVOR, ("retry-after", str(HOLD_RETRY_AFTER))),
+            )
+        self._holds[uid] = self._holds.get(uid, 0) + 1
+        try:
+            deadline = anyio.current_time() + timeout
+            while not self._closing and (left := deadline - anyio.current_time()) > 0:
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                with anyio.move_on_after(min(left, RECHECK_SECONDS)):
+                    await self._changed.wait()
+                now, _ = self._answer(request, alt)
+                if not isinstance(now, Response) or now.status != 200 or dict(now.headers).get("etag") != current:
+                    return now if isinstance(now, Response) else _text(404, f"{request.path} is no longer a value")
+                answer = now
+            return answer
+        finally:
+            held = self._holds.pop(uid, 1) - 1
+            if held:
+                self._holds[uid] = held
 
     def _not_served(self, path: str) -> str:
         if path.startswith(ACCOUNTS) and (account := path.removeprefix(ACCOUNTS).split("/")[0]) not in (
@@ -386,7 +598,7 @@ class MetadataApi:
             return _text(400, f"bad scopes: {exc}")
         source, granted = self.source, self.scopes
         mint = bool(asked) and source.config.impersonate is not None and set(asked) != set(granted)
-        missing = [scope for scope in asked if covering_scope(granted, scope) is None]
+        missing = uncovered_scopes(granted, asked)
         if missing and not mint:
             return _text(400, self._not_covered(missing, granted))
         try:
@@ -394,16 +606,20 @@ class MetadataApi:
         except ApiError as exc:
             return _text(exc.http_status, exc.message)
         try:
-            token = await self._scoped(asked, missing) if mint else await source.get()
+            token = (
+                await source.scoped_token(asked, caller=caller.owner.uid, covered=not missing)
+                if mint
+                else await source.get()
+            )
         except RateLimited as exc:
             return Response(
                 429, exc.message.encode(), "application/text", (*FLAVOR, ("retry-after", str(exc.retry_after)))
             )
         except ApiError as exc:
-            return _text(exc.http_status, exc.message)
+            return _text(exc.http_status, exc.message, getattr(exc, "retry_after", None))
         except UpstreamError as exc:  # a mint failed: IAM refusing the scopes is the caller's 400, the rest 503
             status = 400 if exc.kind == "iam" and exc.status == 400 else 503
-            return _text(status, f"no token with scopes {', '.join(asked)}: {exc.message}")
+            return _text(status, f"no token with scopes {', '.join(asked)}: {exc.message}", exc.retry_after)
         try:
             await self._verify_peer(request, caller.owner)  # still held by the same process?
         except ApiError as exc:
@@ -416,24 +632,6 @@ class MetadataApi:
             {"access_token": token.value, "expires_in": max(0, int(token.seconds_left(now))), "token_type": "Bearer"},
         )
 
-    async def _scoped(self, asked: tuple[str, ...], missing: list[str]) -> Token:
-        """A token minted with exactly `asked`; when that fails and the source's own token covers every
-        asked scope (`missing` is empty), that token instead: the caller may have it anyway by asking
-        without scopes, and a client is better served by a broader token than by none."""
-        source = self.source
-        try:
-            return await source.scoped_token(asked)
-        except (UpstreamError, ApiError) as exc:
-            if missing or isinstance(exc, RateLimited):
-                raise
-            log.warning(
-                "scoped token not minted; serving the token, whose scopes cover the request",
-                source=source.name,
-                reason=exc.reason,
-                detail=exc.message,
-            )
-            return await source.get()
-
     def _not_covered(self, missing: list[str], granted: Sequence[str]) -> str:
         names = ", ".join(missing)
         how = (
@@ -442,8 +640,9 @@ class MetadataApi:
         )
         return (
             f"scope{'s' if len(missing) > 1 else ''} {names} {'are' if len(missing) > 1 else 'is'} not covered by "
-            f"token {self.source.name!r}, which carries {', '.join(granted)} ({CLOUD_PLATFORM} covers Google "
-            f"Cloud API scopes, not Google Workspace, consumer or sign-in scopes); {how}"
+            f"token {self.source.name!r}, which carries {', '.join(granted)} ({CLOUD_PLATFORM} covers the scopes "
+            "of Google Cloud APIs, not those of Google Workspace or consumer APIs nor made-up names; sign-in scopes "
+            f"are never refused); {how}"
         )
 
     async def _identity(self, request: Request) -> Response:
@@ -467,7 +666,7 @@ class MetadataApi:
         except ApiError as exc:
             return _text(exc.http_status, exc.message)
         except UpstreamError as exc:
-            return _text(503, f"no ID token: {exc.message}")
+            return _text(503, f"no ID token: {exc.message}", exc.retry_after)
         self._audit("id token handed out", request, caller, audience, hash(token))
         return _text(200, token)
 

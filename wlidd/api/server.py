@@ -8,9 +8,21 @@ Routes are plain `Request -> Response` functions; this module owns sockets, limi
   - a request head with bare-LF line endings → 400 at once (RFC 9112 §2.2: we do not guess);
   - connections beyond `max_connections` get 503 and are closed (the daemon counts them earlier, at
     accept, per listener and per caller: wlidd.api.accept);
-  - a protocol error becomes h11's status hint (400, 431 …); a handler crash becomes 500.
+  - a protocol error becomes h11's status hint (400, 431 …); a handler crash becomes 500;
+  - an HTTP major version other than 1 (`GET / HTTP/9.9`) → 505 (RFC 9110 §15.6.6);
+  - an absolute-form target (`GET http://host/path?q HTTP/1.1`, RFC 9112 §3.2.2: a server MUST accept
+    it) is served as its path and query, with the target's authority as the request's Host (the RFC:
+    the Host header, still required of HTTP/1.1 clients, is then ignored);
+  - the status line names every status (RFC 9110 §15 reason phrases; `status_text`).
 
-Every answer of a server, this layer's own (400, 408, 413, 431, 500, 503) included, carries the
+A handler may hold a request for long (a long poll: the metadata API's wait_for_change). It says which by
+a `holds(request) -> bool` method; while such a request is handled, the connection is watched: a client
+that closes it ends the handler (cancelled, no answer), and bytes it sends meanwhile (a pipelined request)
+are kept for after the answer. A held request is "busy": no idle or request deadline applies to it, and
+it is never shed. `close()` calls the handler's `release_holds()` (if it has one), so held requests are
+answered at once when the server stops rather than cut at the drain deadline.
+
+Every answer of a server, this layer's own (400, 408, 413, 431, 500, 503, 505) included, carries the
 handler's `response_headers` (if it has that attribute) unless the answer sets that header itself: the
 metadata API's `Metadata-Flavor: Google`, which the real metadata server puts on every response and
 clients check (gcp-metadata rejects any answer without it).
@@ -19,6 +31,7 @@ clients check (gcp-metadata rejects any answer without it).
 from __future__ import annotations
 
 import dataclasses
+import http
 import json
 import re
 import socket
@@ -107,7 +120,9 @@ _REASONS = {
     413: "payload_too_large",
     431: "headers_too_large",
     500: "internal_error",
+    501: "not_implemented",
     503: "unavailable",
+    505: "http_version_not_supported",
 }
 
 
@@ -181,30 +196,30 @@ def socket_peer(sock: socket.socket) -> Peer:
     return Peer(uid=uid, gid=gid, pid=pid, address=f"pid={pid},uid={uid}", groups=peer_groups(sock))
 
 
+# RFC 9110 §15's reason phrases where they differ from Python's http.HTTPStatus (3.11 still says
+# "Request Entity Too Large"); every other status takes HTTPStatus's phrase (`status_text`).
 _STATUS_TEXT = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    409: "Conflict",
-    412: "Precondition Failed",
     413: "Content Too Large",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
+    422: "Unprocessable Content",
 }
+_STATUS_CLASS = {1: "Informational", 2: "Success", 3: "Redirection", 4: "Client Error", 5: "Server Error"}
+
+
+def status_text(status: int) -> str:
+    """The reason phrase of `status` (RFC 9110 §15; Python's http.HTTPStatus), else its class's name
+    (`Client Error` for an unregistered 4xx): never empty, never "Unknown"."""
+    if status in _STATUS_TEXT:
+        return _STATUS_TEXT[status]
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return _STATUS_CLASS.get(status // 100, "Status")
 
 
 def serialize_response(response: Response, *, close: bool, head: bool = False) -> bytes:
     """HTTP/1.1 bytes of a response. Every header is ours (no caller input); CR/LF are refused anyway."""
     lines = [
-        f"HTTP/1.1 {response.status} {_STATUS_TEXT.get(response.status, 'Unknown')}",
+        f"HTTP/1.1 {response.status} {status_text(response.status)}",
         f"content-type: {response.content_type}",
         f"content-length: {len(response.body)}",
         "cache-control: no-store",
@@ -268,6 +283,9 @@ class HttpServer:
         self.name = name
         # Put on every answer, this layer's own included (module docstring).
         self.headers: tuple[tuple[str, str], ...] = tuple(getattr(handler, "response_headers", ()))
+        # Long polls (module docstring): which requests the handler may hold, and how to end the holds.
+        self._holds: Callable[[Request], bool] | None = getattr(handler, "holds", None)
+        self._release_holds: Callable[[], None] | None = getattr(handler, "release_holds", None)
         self._request_timeout = serialize_response(with_headers(_TIMED_OUT, self.headers), close=True)
         self._too_many_connections = serialize_response(with_headers(_BUSY, self.headers), close=True)
         self.limits = limits or ServerLimits()
@@ -286,8 +304,7 @@ class HttpServer:
                 await listener.serve(self.serve_stream, task_group=tg)
             except* (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass  # the listener was closed: stop accepting (graceful stop)
-            self._closing = True
-            self._arrived.set()
+            self.close()
             while self._open:  # requests in flight finish; idle connections are closed by the sweeper
                 await anyio.sleep(0.02)
             tg.cancel_scope.cancel()
@@ -298,9 +315,12 @@ class HttpServer:
         await self._sweep()
 
     def close(self) -> None:
-        """Stop keeping connections alive: idle ones are closed, requests in flight finish."""
+        """Stop keeping connections alive: idle ones are closed, requests in flight finish, held ones
+        (long polls) are answered now (the handler's `release_holds`)."""
         self._closing = True
         self._arrived.set()
+        if self._release_holds is not None:
+            self._release_holds()
 
     async def serve_socket(
         self,
@@ -432,6 +452,13 @@ class HttpServer:
             if event is h11.NEED_DATA:
                 conn.receive_data(await self._receive(connection, mid_request=True))
             elif isinstance(event, h11.Request):
+                if not event.http_version.startswith(b"1."):
+                    version = event.http_version.decode("ascii", "replace")
+                    raise ApiError(
+                        505,
+                        "http_version_not_supported",
+                        f"HTTP/{version} is not supported; this server speaks HTTP/1.1",
+                    )
                 header_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
                 if header_bytes > self.limits.max_header_bytes:
                     raise ApiError(
@@ -500,7 +527,14 @@ class HttpServer:
                 request = self._request(event.method, event.target, event.headers, body, peer)
                 close = conn.their_state is h11.MUST_CLOSE or not _keep_alive(event)
                 pending = conn.trailing_data[0]
-            response = with_headers(await self._dispatch(request), self.headers)
+            if self._holds is not None and self._holds(request):
+                answered, meanwhile = await self._dispatch_held(connection, request)
+                pending += meanwhile
+                if answered is None:
+                    return  # the client went away while its request was held
+            else:
+                answered = await self._dispatch(request)
+            response = with_headers(answered, self.headers)
             if self.on_response is not None:
                 self.on_response(request, response)
             close = close or self._closing
@@ -529,12 +563,43 @@ class HttpServer:
             connection.phase, connection.deadline = "request", time.monotonic() + self.limits.request_timeout
         return data
 
+    async def _dispatch_held(self, connection: _Connection, request: Request) -> tuple[Response | None, bytes]:
+        """Handle a request the handler may hold, watching the connection meanwhile: (the answer, or None
+        when the client closed the connection first; bytes the client sent meanwhile). After the first
+        bytes (a pipelined request) the connection is not watched any more: the hold still ends at the
+        handler's own deadline."""
+        answered: list[Response] = []
+        received = bytearray()
+        async with anyio.create_task_group() as tg:
+
+            async def answer() -> None:
+                answered.append(await self._dispatch(request))
+                tg.cancel_scope.cancel()
+
+            async def watch() -> None:
+                try:
+                    data = await connection.stream.receive(65536)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    data = b""
+                if not data:
+                    tg.cancel_scope.cancel()  # gone: the handler is cancelled, nothing is sent
+                received.extend(data)
+
+            tg.start_soon(answer)
+            tg.start_soon(watch)
+        return (answered[0] if answered else None), bytes(received)
+
     def _request(
         self, method: bytes, target_bytes: bytes, raw_headers: Iterable[tuple[bytes, bytes]], body: bytes, peer: Peer
     ) -> Request:
         target = target_bytes.decode("latin-1")
-        path, _, query = target.partition("?")
         headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw_headers)
+        absolute = _ABSOLUTE_FORM.fullmatch(target)
+        if absolute is not None:  # RFC 9112 §3.2.2: the target's authority replaces the Host header
+            authority = absolute["authority"].rpartition("@")[2]
+            target = absolute["rest"] if absolute["rest"].startswith("/") else "/" + absolute["rest"]
+            headers = tuple((k, authority if k == "host" else v) for k, v in headers)
+        path, _, query = target.partition("?")
         return Request(
             method=method.decode("ascii", "replace"),
             path=unquote(path) or "/",
@@ -555,6 +620,7 @@ class HttpServer:
             return Response.error(500, "internal_error", "internal error; see the daemon log")
 
 
+_ABSOLUTE_FORM = re.compile(r"(?i:https?)://(?P<authority>[^/?#]*)(?P<rest>[^#]*)")
 _SIMPLE_REQUEST_LINE = re.compile(rb"(GET|HEAD) (/[!-~]*) HTTP/1\.1")
 _SIMPLE_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[!-~](?:[ -~\t]*[!-~])?)?)[ \t]*")
 

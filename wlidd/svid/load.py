@@ -70,13 +70,37 @@ class CredentialFiles:
         return digest.hexdigest()
 
 
+class NotRegularFile(OSError):
+    """The path names a FIFO, a device, a socket or a directory: not a file wlidd reads."""
+
+
+def read_regular_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """At most `limit` + 1 bytes of the regular file at `path` (symlinks followed), without blocking on
+    anything else: opened with O_NONBLOCK (a FIFO opens at once, with or without a writer) and checked
+    with fstat on the descriptor read from, so what is checked is what is read. NotRegularFile for
+    anything but a regular file, else OSError as the kernel says."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
+            raise NotRegularFile(0, kind, str(path))
+        os.set_blocking(fd, True)  # a regular file: reads never wait on a writer
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})  # "not now", not "bad file"
 
 
 def _read(path: Path, what: str) -> bytes:
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+        data = read_regular_file(path)  # a FIFO or device would block the reading thread (and the watcher) forever
+    except NotRegularFile as exc:
+        reason = "file_is_directory" if exc.strerror == "is a directory" else "file_not_regular"
+        raise SvidError(reason, f"{what} {path} {exc.strerror}") from None
     except FileNotFoundError:
         raise RetryableSvidError("file_missing", f"{what} {path} does not exist") from None
     except IsADirectoryError:
@@ -161,7 +185,7 @@ def link_parents(path: Path, max_links: int = 40) -> list[Path]:
 
 MAX_READS_PER_ATTEMPT = 25  # reads woken early by file events, per configured attempt, before a refusal stands
 
-NOT_MID_WRITE = frozenset({"file_is_directory", "resources_exhausted"})
+NOT_MID_WRITE = frozenset({"file_is_directory", "file_not_regular", "resources_exhausted"})
 """Refusals no writer produces by being caught half-way (a directory, the process out of descriptors):
 reported at once. Every other refusal may be a set caught mid-write and is retried — a file that is
 briefly unreadable too (`install -m 0644` creates it 0600 and chmods it after the copy)."""

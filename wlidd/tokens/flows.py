@@ -5,22 +5,39 @@ entra-sts     assertion signed with the identity's (or entra.cert's) RSA key →
 x509-sts      STS exchange over mTLS with the SVID (subject token = its chain) → [IAM over the same mTLS]
               the token never outlives the certificate it was obtained with
 gce-metadata  the metadata server's service account token
+
+HTTP clients: a Flow owns every client it makes and closes one only when nothing can use it any more.
+A client stays open while it is the plain client, the current mTLS client, the client of the federated
+token that ID-token and scoped mints use (`_federated`: that token is bound to the SVID it was obtained
+with, so it is used over that SVID's client, which outlives a rotation whose exchange failed), or while a
+call is in flight on it (`_using`). After `aclose` (shutdown, a config reload replacing the source) a call
+gets UpstreamError `wlidd_other` saying so, never a closed client's RuntimeError.
+
+Counting: every HTTP request a Flow's clients send is counted in the `attempt()` open in the calling task,
+so a caller counts an upstream call only when something was sent (a ca_file that cannot be loaded, a
+missing SVID or signing key fail before that).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
 import ssl
-from collections.abc import Callable
+import stat
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import httpx
 from cryptography import x509
 
 from wlidd.config import TokenConfig
 from wlidd.errors import SvidError, UpstreamError
-from wlidd.svid.parse import parse_chain, parse_private_key
+from wlidd.svid.load import read_regular_file
+from wlidd.svid.parse import MAX_FILE_BYTES, parse_chain, parse_private_key
 from wlidd.tlsctx import load_identity_into, trust_every_anchor
 from wlidd.tokens.model import Token
 from wlidd.tokens.providers.entra import fetch_entra_token
@@ -40,9 +57,13 @@ def upstream_ssl_context(ca_file: Path | None, state: IdentityState | None = Non
     Every certificate there is a trust anchor, self-signed or not (`trust_every_anchor`): a `ca_file`
     holding only the issuing intermediate works, and so does a server certificate pinned there, as
     with Python 3.13's create_default_context. Raises UpstreamError `wlidd_ca_file` (permanent) naming
-    the path when `ca_file` cannot be loaded (`wlidd check` reports the same before start).
+    the path when `ca_file` cannot be loaded (`wlidd check` reports the same before start), among them a
+    `ca_file` that is not a regular file: OpenSSL's open() of a FIFO would block the event loop until
+    something writes to it, so os.stat (which never blocks) is asked first.
     """
     try:
+        if ca_file is not None and not stat.S_ISREG(os.stat(ca_file).st_mode):
+            raise UpstreamError("wlidd", f"ca_file {ca_file}: is not a regular file", code="ca_file", retryable=False)
         context = trust_every_anchor(ssl.create_default_context(cafile=str(ca_file) if ca_file else None))
     except (OSError, ssl.SSLError) as exc:  # ca_file missing, unreadable, or no certificate in it
         detail = "holds no usable CA certificate" if isinstance(exc, ssl.SSLError) else (exc.strerror or str(exc))
@@ -53,8 +74,55 @@ def upstream_ssl_context(ca_file: Path | None, state: IdentityState | None = Non
     return context
 
 
+@dataclass
+class Attempt:
+    """What one upstream call (an access-token chain, one mint) did: `sent` HTTP requests went out over a
+    Flow's clients; `reported` once a Flow ran it (a stand-in without HTTP clients reports nothing)."""
+
+    sent: int = 0
+    reported: bool = False
+
+    @property
+    def went_upstream(self) -> bool:
+        """Whether to count it as an upstream call: something was sent, or its flow cannot tell."""
+        return self.sent > 0 or not self.reported
+
+
+_ATTEMPT: ContextVar[Attempt | None] = ContextVar("wlidd_upstream_attempt", default=None)
+
+
+@contextlib.contextmanager
+def attempt() -> Iterator[Attempt]:
+    """Count what the calls made by this task inside the block send (httpx runs request hooks in the
+    task that sends, so concurrent attempts in other tasks are counted apart)."""
+    current = Attempt()
+    token = _ATTEMPT.set(current)
+    try:
+        yield current
+    finally:
+        _ATTEMPT.reset(token)
+
+
+def _report() -> None:
+    current = _ATTEMPT.get()
+    if current is not None:
+        current.reported = True
+
+
+async def _count_request(request: httpx.Request) -> None:
+    current = _ATTEMPT.get()
+    if current is not None:
+        current.sent += 1
+
+
 def _client(context: ssl.SSLContext, timeout: float) -> httpx.AsyncClient:
-    return httpx.AsyncClient(verify=context, timeout=timeout, trust_env=False, headers={"User-Agent": "wlidd"})
+    return httpx.AsyncClient(
+        verify=context,
+        timeout=timeout,
+        trust_env=False,
+        headers={"User-Agent": "wlidd"},
+        event_hooks={"request": [_count_request]},
+    )
 
 
 def _require_identity(current: CurrentIdentity | None, name: str | None, now: dt.datetime) -> IdentityState:
@@ -68,15 +136,19 @@ def _require_identity(current: CurrentIdentity | None, name: str | None, now: dt
 
 @dataclass
 class Flow:
-    """One token source's way to a Token; owns its HTTP clients."""
+    """One token source's way to a Token; owns its HTTP clients (see the module docstring)."""
 
     name: str
     config: TokenConfig
     current_identity: CurrentIdentity | None = None
     _plain: httpx.AsyncClient | None = field(default=None, repr=False)
     _mtls: tuple[int, httpx.AsyncClient] | None = field(default=None, repr=False)
-    # The last federated (STS) token and the client it was obtained over: generateIdToken needs it.
+    # The last federated (STS) token, its expiry and the client it was obtained over: generateIdToken and
+    # scoped generateAccessToken calls are made with it, over that client.
     _federated: tuple[str, dt.datetime, httpx.AsyncClient] | None = field(default=None, repr=False)
+    _open: list[httpx.AsyncClient] = field(default_factory=list, repr=False)  # every client not yet closed
+    _uses: dict[int, int] = field(default_factory=dict, repr=False)  # id(client) → calls in flight on it
+    _closed: bool = field(default=False, repr=False)
 
     @property
     def mints_id_tokens(self) -> bool:
@@ -85,25 +157,74 @@ class Flow:
 
     @property
     def plain(self) -> httpx.AsyncClient:
+        """The client without a client certificate (made on first use). UpstreamError `wlidd_ca_file` when
+        ca_file cannot be loaded, `wlidd_other` after `aclose`."""
+        self._check_open()
         if self._plain is None:
-            self._plain = _client(upstream_ssl_context(self.config.ca_file), self.config.timeout)
+            self._plain = self._keep(_client(upstream_ssl_context(self.config.ca_file), self.config.timeout))
         return self._plain
 
     async def mtls(self, state: IdentityState) -> httpx.AsyncClient:
-        """A client presenting `state`'s SVID; rebuilt when the identity rotates."""
+        """A client presenting `state`'s SVID; a new one when the identity rotates. The one it replaces is
+        closed once nothing uses it (see the module docstring), not at once."""
+        self._check_open()
         if self._mtls is None or self._mtls[0] != state.version:
-            if self._mtls is not None:
-                await self._mtls[1].aclose()
-            self._mtls = (state.version, _client(upstream_ssl_context(self.config.ca_file, state), self.config.timeout))
+            client = _client(upstream_ssl_context(self.config.ca_file, state), self.config.timeout)
+            self._mtls = (state.version, self._keep(client))
+            await self._close_unused()
         return self._mtls[1]
 
     async def aclose(self) -> None:
-        if self._plain is not None:
-            await self._plain.aclose()
-        if self._mtls is not None:
-            await self._mtls[1].aclose()
+        """Close every client now, except those a call is still in flight on: each of those is closed when
+        its last call ends. Calls after this one get UpstreamError `wlidd_other`."""
+        self._closed = True
+        self._plain = self._mtls = self._federated = None
+        await self._close_unused()
+
+    def _keep(self, client: httpx.AsyncClient) -> httpx.AsyncClient:
+        self._open.append(client)
+        return client
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UpstreamError(
+                "wlidd", f"token {self.name!r} was stopped (shutdown or configuration reload)", code="other"
+            )
+
+    @contextlib.asynccontextmanager
+    async def _using(self, client: httpx.AsyncClient) -> AsyncIterator[httpx.AsyncClient]:
+        """`client`, kept open for the block. Take it in the same step as reading the reference to it (no
+        await between): a rotation or `aclose` can otherwise close it first."""
+        if client.is_closed:  # cannot happen while the references above hold: say so, not RuntimeError
+            self._check_open()
+            raise UpstreamError("wlidd", f"token {self.name!r}: its HTTP client was closed", code="other")
+        key = id(client)
+        self._uses[key] = self._uses.get(key, 0) + 1
+        try:
+            yield client
+        finally:
+            left = self._uses.pop(key) - 1
+            if left:
+                self._uses[key] = left
+            with anyio.CancelScope(shield=True):
+                await self._close_unused()
+
+    async def _close_unused(self) -> None:
+        """Close the clients nothing refers to (plain, current mTLS, federated) and no call is using."""
+        referenced = [
+            self._plain,
+            self._mtls[1] if self._mtls else None,
+            self._federated[2] if self._federated else None,
+        ]
+        unused = [c for c in self._open if not any(c is r for r in referenced) and id(c) not in self._uses]
+        for client in unused:
+            self._open.remove(client)
+        for client in unused:
+            await client.aclose()
 
     async def fetch(self, now: dt.datetime) -> Token:
+        _report()
+        self._check_open()
         if self.config.flow == "entra-sts":
             return await self._entra_sts(now)
         if self.config.flow == "x509-sts":
@@ -114,8 +235,9 @@ class Flow:
         entra = self.config.entra
         assert entra is not None
         if entra.cert is not None and entra.key is not None:
-            try:
-                return parse_private_key(entra.key.read_bytes()), parse_chain(entra.cert.read_bytes())[0]
+            try:  # regular files only: a FIFO would block the event loop (preflight.read_regular_file)
+                key = parse_private_key(read_regular_file(entra.key, MAX_FILE_BYTES))
+                return key, parse_chain(read_regular_file(entra.cert, MAX_FILE_BYTES))[0]
             except OSError as exc:
                 raise UpstreamError(
                     "entra", f"cannot read entra.cert/entra.key: {exc.strerror}", code="signer", retryable=False
@@ -140,9 +262,10 @@ class Flow:
         )
 
     def needs_federated(self, now: dt.datetime) -> bool:
-        """True when an ID token needs a new STS exchange first: generateIdToken is called with the
-        federated token, and the last one is missing or within `skew` of its expiry. The caller renews it
-        through the token source's refresh (single-flight, min_interval, counted), never from here."""
+        """True when a mint (an ID token, a scoped token) needs a new STS exchange first: generateIdToken
+        and generateAccessToken are called with the federated token, and the last one is missing or within
+        `skew` of its expiry (or of the end of the certificate it is bound to). The caller renews it through
+        the token source's refresh (single-flight, min_interval, counted), never from here."""
         if self.config.flow == "gce-metadata" or self.config.impersonate is None:
             return False
         federated = self._federated
@@ -150,37 +273,82 @@ class Flow:
 
     async def fetch_id_token(self, audience: str, now: dt.datetime) -> str:
         """One upstream call for an ID token for `audience`: the metadata server's identity endpoint, or
-        IAM generateIdToken with the federated token of the last exchange. UpstreamError with code
-        id_token_unsupported when this flow cannot mint one, or no_federated_token when `needs_federated`
-        (the caller must refresh first: this method makes exactly one upstream call, never a chain)."""
+        IAM generateIdToken with the federated token of the last exchange, over the client it was obtained
+        over. UpstreamError with code id_token_unsupported when this flow cannot mint one, or
+        no_federated_token when `needs_federated` (the caller must refresh first: this method makes exactly
+        one upstream call, never a chain)."""
+        _report()
+        self._check_open()
         if self.config.flow == "gce-metadata":
             meta = self.config.metadata_config()
-            return await fetch_metadata_identity(self.plain, meta.url, account=meta.account, audience=audience)
+            async with self._using(self.plain) as client:
+                return await fetch_metadata_identity(client, meta.url, account=meta.account, audience=audience)
         imp = self.config.impersonate
         if imp is None:
             unsupported = self.id_token_unsupported()
             assert unsupported is not None
             raise unsupported
-        federated = self._federated
-        if federated is None or self.needs_federated(now):
-            raise UpstreamError(
-                "wlidd", "no current federated token to mint an ID token with", code="no_federated_token"
+        bearer, client = self._federated_for("an ID token", now)
+        async with self._using(client):
+            return await generate_id_token(
+                client,
+                self.config.impersonate_base(),
+                service_account=imp.service_account,
+                bearer=bearer,
+                audience=audience,
             )
-        return await generate_id_token(
-            federated[2],
-            self.config.impersonate_base(),
-            service_account=imp.service_account,
-            bearer=federated[0],
-            audience=audience,
-        )
 
-    async def _impersonate(
-        self, client: httpx.AsyncClient, federated: str, expires_in: float, now: dt.datetime
-    ) -> tuple[str, dt.datetime]:
-        self._federated = (federated, now + dt.timedelta(seconds=expires_in), client)
+    async def fetch_scoped_token(self, scopes: Sequence[str], now: dt.datetime) -> tuple[str, dt.datetime]:
+        """One IAM generateAccessToken call for exactly `scopes` (with `impersonate.lifetime` and
+        `delegates`), made with the federated token of the last exchange over its client: (accessToken,
+        expiry on the local clock). UpstreamError `wlidd_other` (permanent) when this source impersonates
+        no service account, `wlidd_no_federated_token` when `needs_federated` (refresh first)."""
+        _report()
+        self._check_open()
         imp = self.config.impersonate
         if imp is None:
-            return federated, now + dt.timedelta(seconds=expires_in)
+            raise UpstreamError(
+                "wlidd",
+                f"token {self.name!r} impersonates no service account, so it mints no token with other scopes",
+                code="other",
+                retryable=False,
+            )
+        bearer, client = self._federated_for("a scoped token", now)
+        async with self._using(client):
+            return await generate_access_token(
+                client,
+                self.config.impersonate_base(),
+                service_account=imp.service_account,
+                bearer=bearer,
+                scope=scopes,
+                lifetime=imp.lifetime,
+                delegates=imp.delegates,
+                sent_at=now,
+            )
+
+    def _federated_for(self, what: str, now: dt.datetime) -> tuple[str, httpx.AsyncClient]:
+        federated = self._federated
+        if federated is None or self.needs_federated(now):
+            raise UpstreamError("wlidd", f"no current federated token to mint {what} with", code="no_federated_token")
+        return federated[0], federated[2]
+
+    async def _impersonate(
+        self,
+        client: httpx.AsyncClient,
+        federated: str,
+        expires_in: float,
+        now: dt.datetime,
+        not_after: dt.datetime | None = None,
+    ) -> tuple[str, dt.datetime]:
+        """The source's token from the federated one: generateAccessToken when impersonating, else the
+        federated token itself. The federated token is kept for mints (with `client`), its expiry bounded
+        by `not_after`, the end of the certificate it is bound to (x509-sts)."""
+        expiry = now + dt.timedelta(seconds=expires_in)
+        self._federated = (federated, min(expiry, not_after) if not_after else expiry, client)
+        await self._close_unused()  # the previous federated token's client, if nothing else holds it
+        imp = self.config.impersonate
+        if imp is None:
+            return federated, expiry
         return await generate_access_token(
             client,
             self.config.impersonate_base(),
@@ -196,37 +364,39 @@ class Flow:
         entra, sts = self.config.entra, self.config.sts
         assert entra is not None and sts is not None
         key, cert = self._entra_signer(now)
-        entra_token, _ = await fetch_entra_token(self.plain, entra, key=key, cert=cert, now=now)
-        federated, expires_in = await exchange(
-            self.plain,
-            self.config.sts_url(),
-            audience=sts.audience,
-            scope=sts.scope,
-            subject_token=entra_token,
-            subject_token_type=JWT_TOKEN_TYPE,
-        )
-        value, expire_time = await self._impersonate(self.plain, federated, expires_in, now)
+        async with self._using(self.plain) as client:
+            entra_token, _ = await fetch_entra_token(client, entra, key=key, cert=cert, now=now)
+            federated, expires_in = await exchange(
+                client,
+                self.config.sts_url(),
+                audience=sts.audience,
+                scope=sts.scope,
+                subject_token=entra_token,
+                subject_token_type=JWT_TOKEN_TYPE,
+            )
+            value, expire_time = await self._impersonate(client, federated, expires_in, now)
         return Token(value, expire_time, now, self.name)
 
     async def _x509_sts(self, now: dt.datetime) -> Token:
         sts = self.config.sts
         assert sts is not None
         state = _require_identity(self.current_identity, self.config.identity, now)
-        client = await self.mtls(state)
         svid = state.identity.svid
-        federated, expires_in = await exchange(
-            client,
-            self.config.sts_url(),
-            audience=sts.audience,
-            scope=sts.scope,
-            subject_token=mtls_subject_token(svid.chain),
-            subject_token_type=MTLS_TOKEN_TYPE,
-        )
-        value, expire_time = await self._impersonate(client, federated, expires_in, now)
+        async with self._using(await self.mtls(state)) as client:
+            federated, expires_in = await exchange(
+                client,
+                self.config.sts_url(),
+                audience=sts.audience,
+                scope=sts.scope,
+                subject_token=mtls_subject_token(svid.chain),
+                subject_token_type=MTLS_TOKEN_TYPE,
+            )
+            value, expire_time = await self._impersonate(client, federated, expires_in, now, svid.not_after)
         # A certificate-bound token must not outlive the certificate it was obtained with.
         return Token(value, min(expire_time, svid.not_after), now, self.name, identity_version=state.version)
 
     async def _metadata(self, now: dt.datetime) -> Token:
         meta = self.config.metadata_config()
-        value, expires_in = await fetch_metadata_token(self.plain, meta.url, account=meta.account, scopes=meta.scopes)
+        async with self._using(self.plain) as client:
+            value, expires_in = await fetch_metadata_token(client, meta.url, account=meta.account, scopes=meta.scopes)
         return Token(value, now + dt.timedelta(seconds=expires_in), now, self.name)

@@ -7,15 +7,25 @@
   backoff (at least Retry-After), bounded by what remains of the last good token.
 - `min_interval` between upstream calls and a random `start_delay` protect a fleet's shared quota;
   `on_demand` sources fetch on first request and stop refreshing after `idle` without requests.
-- Every upstream call, access-token chains and ID-token mints alike, goes through `_pace`: spaced by
-  `min_interval`, counted in `upstream_calls` and wlidd_token_upstream_calls.
+- Every upstream call, access-token chains and ID-token and scoped mints alike, goes through `_paced`:
+  spaced by `min_interval` in arrival order, counted in `upstream_calls` and wlidd_token_upstream_calls
+  when something was sent (a ca_file that cannot be loaded sends nothing: wlidd.tokens.flows.attempt).
+  A mint waiting for its turn re-checks the backoff when the turn comes and whenever a failure sets one:
+  held, it gives its turn up and answers from the last error, nothing sent and nothing charged.
 - ID tokens (any audience a caller names): one mint per audience at a time, a bounded LRU cache, a
   per-caller token bucket and a cap on new audiences per minute for mints (cache hits are free); the
   STS exchange they need is renewed through `refresh` (single-flight, same backoff), never by the flow
   itself. Mints back off like refreshes: after a transient failure no audience is minted until the
   backoff (at least Retry-After) passes, then one mint probes the upstream while the others wait for
   its outcome; an audience refused permanently is answered from its error for `backoff_max` (bounded
-  LRU). Until then callers get the last error, and the upstream is not asked.
+  LRU). Until then callers get the last error, and the upstream is not asked; an error answered from a
+  backoff carries `retry_after`, the seconds until the next attempt (the HTTP layer's Retry-After).
+- Cached ID tokens and scoped tokens follow the rule of the source's own token (RefreshPolicy.keep: at
+  least min(300 s, half the lifetime) left when served): below it a request re-mints (single-flight), and
+  only when no fresh one can be had (a failure, a backoff, a rate limit) is the cached one served, while it
+  is above its serving margin.
+- Scoped mints are charged to the caller (uid) and to the source, like ID tokens; a caller refused (rate
+  limit, failure) whose request the source's own token covers gets that token.
 - Permanent errors (`UpstreamError.retryable` false: a 4xx refusal, a bad signing key) back off to
   `backoff_max` at once, still bounded by the last good token; transient ones back off exponentially.
 - x509-sts sources refresh at once when their SVID rotates.
@@ -29,7 +39,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +53,9 @@ from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
 from wlidd.sinks import publish_token
 from wlidd.svid.load import Clock, iso_z, utc_now
-from wlidd.tokens.flows import Flow
+from wlidd.tokens.flows import Attempt, Flow, attempt
 from wlidd.tokens.model import Token
 from wlidd.tokens.providers.expiry import id_token_expiry
-from wlidd.tokens.providers.impersonate import generate_access_token
 from wlidd.tokens.schedule import MAX_RETRY_AFTER, Backoff, RefreshPolicy, after_failure, retry_at, start_delay
 from wlidd.watch import CredentialWatcher
 
@@ -56,8 +65,12 @@ MAX_SLEEP = 30.0  # the wall clock is re-checked at least this often (suspend/re
 
 
 class TokenUnavailable(ApiError):
-    def __init__(self, name: str, message: str) -> None:
+    """503: no token to serve; `retry_after` is the seconds until the next attempt when one is planned
+    (for a Retry-After header), else None."""
+
+    def __init__(self, name: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(503, "token_unavailable", f"token {name!r} is not available: {message}")
+        self.retry_after = retry_after
 
 
 class RateLimited(ApiError):
@@ -115,16 +128,64 @@ class TokenBucket:
         self._fill(now)
         return self.level >= self.capacity
 
+    def give_back(self, now: float) -> None:
+        """Return a token taken for a call that was not made (held by a backoff, nothing sent)."""
+        self._fill(now)
+        self.level = min(self.capacity, self.level + 1)
+
+
+class CallerBuckets:
+    """One TokenBucket per caller (uid), at most `max_callers` of them: when the table is full, full buckets
+    (the same as none) are dropped first, then the least recently used."""
+
+    def __init__(self, burst: int, per_minute: float, max_callers: int) -> None:
+        self.burst, self.rate, self.max_callers = burst, per_minute / 60, max_callers
+        self._buckets: OrderedDict[int, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def bucket(self, caller: int, now: float) -> TokenBucket:
+        bucket = self._buckets.get(caller)
+        if bucket is None:
+            self._prune(now)
+            bucket = self._buckets[caller] = TokenBucket(self.burst, self.rate, now)
+        self._buckets.move_to_end(caller)
+        return bucket
+
+    def _prune(self, now: float) -> None:
+        if len(self._buckets) < self.max_callers:
+            return
+        for uid in [uid for uid, bucket in self._buckets.items() if bucket.full(now)]:
+            del self._buckets[uid]
+        while len(self._buckets) >= self.max_callers:
+            self._buckets.popitem(last=False)
+
+
+def _refund(buckets: list[TokenBucket], now: float) -> None:
+    for bucket in buckets:
+        bucket.give_back(now)
+
+
+def _held(error: UpstreamError, until: dt.datetime, now: dt.datetime, note: str) -> UpstreamError:
+    """The answer from `error` while a backoff holds until `until`: `note` added, and `retry_after` the
+    seconds until then (at least 1), for the HTTP layer's Retry-After."""
+    answer = error.again(note)
+    answer.retry_after = max(1, math.ceil((until - now).total_seconds()))
+    return answer
+
 
 class _IdFlight:
-    """One ID-token mint in flight; callers asking for the same audience wait for it."""
+    """One ID-token mint in flight; callers asking for the same audience wait for it. `call`: what its
+    upstream call did, once its turn came (None: it never went, so its charge is given back)."""
 
-    __slots__ = ("done", "error", "value")
+    __slots__ = ("call", "done", "error", "value")
 
     def __init__(self) -> None:
         self.done = anyio.Event()
         self.value: str | None = None
         self.error: WlidError | None = None
+        self.call: Attempt | None = None
 
 
 class TokenSource:
@@ -143,6 +204,7 @@ class TokenSource:
         monotonic: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         id_limits: IdTokenLimits | None = None,
+        scoped_limits: ScopedLimits | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -164,14 +226,20 @@ class TokenSource:
         self.last_refresh: dt.datetime | None = None
         self.next_refresh: dt.datetime | None = None
         self.last_request: float | None = None
-        self._last_call: float | None = None
+        self._last_call: float | None = None  # the latest turn handed out (taken or still waited for)
+        self._turn_taken: float | None = None  # the latest turn taken by a call that went
+        self._turns: list[float] = []  # turns handed out and still waited for
+        self._hold_set = anyio.Event()  # set (and replaced) whenever a failure starts a backoff for mints
         self._inflight: anyio.Event | None = None
         self._wake = anyio.Event()
         self._changed = anyio.Event()
         self.id_limits = id_limits or IdTokenLimits()
-        self._id_cache: OrderedDict[str, tuple[str, dt.datetime]] = OrderedDict()  # LRU, at most cache_size
+        self.scoped_limits = scoped_limits or ScopedLimits()
+        self._id_cache: OrderedDict[str, Token] = OrderedDict()  # LRU, at most cache_size; Token.value: the JWT
         self._id_flights: dict[str, _IdFlight] = {}  # audiences being minted; an entry lives as long as its mint
-        self._id_callers: OrderedDict[int, TokenBucket] = OrderedDict()
+        self._id_callers = CallerBuckets(
+            self.id_limits.caller_burst, self.id_limits.caller_per_minute, self.id_limits.max_callers
+        )
         self._id_new_audiences = TokenBucket(
             self.id_limits.new_audiences_burst, self.id_limits.new_audiences_per_minute / 60, self.monotonic()
         )
@@ -227,24 +295,42 @@ class TokenSource:
             token = self.servable()
             if token is not None:
                 return token
-        raise TokenUnavailable(self.name, self.not_servable_reason(self.clock()))
+        now = self.clock()
+        planned = self.next_refresh if self.last_error is not None and self.next_refresh is not None else None
+        wait = _seconds_until(planned, now) if planned is not None and planned > now else None
+        raise TokenUnavailable(self.name, self.not_servable_reason(now), wait)
 
     async def id_token(self, audience: str, *, caller: int | None = None) -> str:
         """An ID token for `audience`, for the local caller `caller` (a uid; None: an internal caller).
 
-        Served from the cache until `skew` before its exp. Otherwise minted: one mint per audience at a
-        time (concurrent callers share it), charged to the caller's token bucket and, for an audience
-        not in the cache, to the source's budget of new audiences; spaced and counted like every
-        upstream call, and backing off like refreshes (answered from the last error meanwhile, free of
-        charge). Raises ApiError 400 (bad audience), RateLimited 429, UpstreamError (the mint failed or
-        is backing off, the STS exchange it needs failed or is backing off, or the flow mints none).
+        Served from the cache while it has more than `policy.keep` left (min(300 s, half its lifetime),
+        the rule of the source's own token). Otherwise minted: one mint per audience at a time (concurrent
+        callers share it), charged to the caller's token bucket and, for an audience not in the cache, to
+        the source's budget of new audiences; spaced and counted like every upstream call, and backing off
+        like refreshes (answered from the last error meanwhile, free of charge). When a cached token is
+        due but no new one can be had (the mint failed, is backing off or is rate-limited), the cached
+        one is served while it is above its serving margin. Raises ApiError 400 (bad audience),
+        RateLimited 429, UpstreamError (the mint failed or is backing off, the STS exchange it needs
+        failed or is backing off, or the flow mints none).
         """
         self._check_audience(audience)
         if (unsupported := self.flow.id_token_unsupported()) is not None:
             raise unsupported
-        cached = self._cached_id_token(audience, self.clock())
-        if cached is not None:
-            return cached
+        cached = self._id_cache.get(audience)
+        if cached is not None and self.policy.fresh(cached, self.clock()):
+            self._id_cache.move_to_end(audience)
+            return cached.value
+        try:
+            return await self._new_id_token(audience, caller)
+        except WlidError:
+            cached = self._id_cache.get(audience)  # due, not expired: better than no token
+            if cached is not None and cached.usable_at(self.clock(), self.config.skew):
+                self._id_cache.move_to_end(audience)
+                return cached.value
+            raise
+
+    async def _new_id_token(self, audience: str, caller: int | None) -> str:
+        """A newly minted ID token for `audience` (or the one minted for it in flight)."""
         flight = self._id_flights.get(audience)
         if flight is not None:  # someone is minting it: share that mint
             await flight.done.wait()
@@ -262,12 +348,12 @@ class TokenSource:
             raise RateLimited(
                 f"token {self.name!r} is already minting {len(self._id_flights)} ID tokens; retry shortly", 1
             )
-        self._charge_id_token(audience, caller)
+        charged = self._charge_id_token(audience, caller)
         flight = self._id_flights[audience] = _IdFlight()
         if self._id_hold is not None:  # the hold has passed: this mint probes the upstream
             self._id_probe = flight
         try:
-            flight.value = await self._mint_id_token(audience)
+            flight.value = await self._mint_id_token(audience, flight)
             return flight.value
         except WlidError as exc:
             flight.error = exc
@@ -276,6 +362,8 @@ class TokenSource:
             self._id_flights.pop(audience, None)
             if self._id_probe is flight:
                 self._id_probe = None
+            if flight.call is None or not flight.call.went_upstream:  # held, or failed before sending
+                _refund(charged, self.monotonic())
             flight.done.set()
 
     def _id_last_error(self, audience: str, now: dt.datetime) -> UpstreamError | None:
@@ -285,12 +373,12 @@ class TokenSource:
         if refused is not None:
             error, until = refused
             if now < until:
-                return error.again(f"refused for this audience; not asked again before {iso_z(until)}")
+                return _held(error, until, now, f"refused for this audience; not asked again before {iso_z(until)}")
             del self._id_refused[audience]
         if self._id_hold is not None:
             error, until = self._id_hold
             if now < until:
-                return error.again(f"ID tokens are backing off; next attempt {iso_z(until)}")
+                return _held(error, until, now, f"ID tokens are backing off; next attempt {iso_z(until)}")
         return None
 
     def _check_audience(self, audience: str) -> None:
@@ -304,24 +392,15 @@ class TokenSource:
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in audience):
             raise ApiError(400, "bad_audience", "audience contains control characters")
 
-    def _cached_id_token(self, audience: str, now: dt.datetime) -> str | None:
-        entry = self._id_cache.get(audience)
-        if entry is None or (entry[1] - now).total_seconds() <= self.config.skew:
-            return None
-        self._id_cache.move_to_end(audience)
-        return entry[0]
-
-    def _charge_id_token(self, audience: str, caller: int | None) -> None:
+    def _charge_id_token(self, audience: str, caller: int | None) -> list[TokenBucket]:
         """Take a mint from the caller's bucket and, for an audience not in the cache, one from the new
-        audiences bucket; RateLimited (nothing taken) when either is empty."""
+        audiences bucket; RateLimited (nothing taken) when either is empty. Returns the buckets taken
+        from (given back when the mint does not go upstream)."""
         limits, now = self.id_limits, self.monotonic()
+        taken: list[TokenBucket] = []
         bucket = None
         if caller is not None:
-            bucket = self._id_callers.get(caller)
-            if bucket is None:
-                self._prune_id_callers(now)
-                bucket = self._id_callers[caller] = TokenBucket(limits.caller_burst, limits.caller_per_minute / 60, now)
-            self._id_callers.move_to_end(caller)
+            bucket = self._id_callers.bucket(caller, now)
             if (wait := bucket.wait(now)) > 0:
                 raise RateLimited(
                     f"uid {caller} asked token {self.name!r} for ID tokens for new audiences faster than "
@@ -338,59 +417,59 @@ class TokenSource:
                     wait,
                 )
             self._id_new_audiences.take(now)
+            taken.append(self._id_new_audiences)
         if bucket is not None:
             bucket.take(now)
+            taken.append(bucket)
+        return taken
 
-    def _prune_id_callers(self, now: float) -> None:
-        """Make room for one more bucket within max_callers: a full bucket is the same as none, so those
-        go first, then the least recently used."""
-        if len(self._id_callers) < self.id_limits.max_callers:
-            return
-        for uid in [uid for uid, bucket in self._id_callers.items() if bucket.full(now)]:
-            del self._id_callers[uid]
-        while len(self._id_callers) >= self.id_limits.max_callers:
-            self._id_callers.popitem(last=False)
-
-    async def _mint_id_token(self, audience: str) -> str:
+    async def _mint_id_token(self, audience: str, flight: _IdFlight) -> str:
         """One upstream ID-token call (after an STS exchange through `refresh` when the flow needs one:
-        single-flight, counted, its token kept as the source's, its failure backing off the source)."""
+        single-flight, counted, its token kept as the source's, its failure backing off the source). Its
+        turn given up, nothing sent, when a backoff holds the audience by then (`_paced`)."""
         if self.flow.needs_federated(self.clock()):
             if not self._may_fetch_now(self.clock()):  # do not bypass the backoff (as `get`)
                 raise self._no_federated_token()
             await self.refresh("id-token")
             if self.flow.needs_federated(self.clock()):  # joined a refresh that failed (it served the last good)
                 raise self._no_federated_token()
-        await self._pace("id_token")
-        try:
+        minter = "metadata" if self.config.flow == "gce-metadata" else "iam"
+        async with self._paced("id_token", lambda: self._id_last_error(audience, self.clock())) as call:
+            flight.call = call
             sent = self.clock()
-            value = await self.flow.fetch_id_token(audience, sent)
-            minted_by = "metadata" if self.config.flow == "gce-metadata" else "iam"
-            expiry = id_token_expiry(value, sent_at=sent, kind=minted_by)  # exp − iat from `sent`: no skew
-        except UpstreamError as exc:
-            self._id_token_failed(audience, exc)
-            raise
-        except (jwt.PyJWTError, KeyError, ValueError, TypeError, OverflowError):
-            minter = "metadata" if self.config.flow == "gce-metadata" else "iam"
-            error = UpstreamError(minter, "the ID token has no readable exp claim", code="bad_response")
-            self._id_token_failed(audience, error)
-            raise error from None
-        except Exception as exc:  # a bug or an unexpected library error: a clear error, no details leaked
-            error = UpstreamError("wlidd", f"unexpected {type(exc).__name__} while minting", code="internal")
-            self._id_token_failed(audience, error)
-            raise error from None
+            try:
+                value = await self.flow.fetch_id_token(audience, sent)
+                expiry = id_token_expiry(value, sent_at=sent, kind=minter)  # exp − iat from `sent`: no skew
+            except UpstreamError as exc:
+                self._id_token_failed(audience, exc)
+                raise
+            except (jwt.PyJWTError, KeyError, ValueError, TypeError, OverflowError):
+                error = UpstreamError(minter, "the ID token has no readable exp claim", code="bad_response")
+                self._id_token_failed(audience, error)
+                raise error from None
+            except Exception as exc:  # a bug or an unexpected library error: a clear error, no details leaked
+                error = UpstreamError("wlidd", f"unexpected {type(exc).__name__} while minting", code="internal")
+                self._id_token_failed(audience, error)
+                raise error from None
         self._id_hold = None
         self._id_backoff.reset()
         self._id_refused.pop(audience, None)
-        self._store_id_token(audience, value, expiry)
+        self._store_id_token(audience, Token(value, expiry, sent, self.name))
         self._log.info("id token fetched", audience=audience, expire_time=iso_z(expiry))
         return value
 
     def _no_federated_token(self) -> WlidError:
-        """Why no ID token can be minted now: the STS exchange it needs failed and backs off (its error)."""
-        note = "the federated token ID tokens need could not be renewed"
-        if self.next_refresh is not None:
-            note += f"; next attempt {iso_z(self.next_refresh)}"
-        return self.last_error.again(note) if self.last_error else TokenUnavailable(self.name, note)
+        """Why no token can be minted now: the STS exchange it needs failed and backs off (its error, with
+        the seconds until the next attempt)."""
+        note = "the federated token that mints need could not be renewed"
+        now, until = self.clock(), self.next_refresh
+        if until is not None:
+            note += f"; next attempt {iso_z(until)}"
+        if self.last_error is None:
+            return TokenUnavailable(self.name, note, _seconds_until(until, now))
+        answer = self.last_error.again(note)
+        answer.retry_after = _seconds_until(until, now)
+        return answer
 
     def _id_token_failed(self, audience: str, exc: UpstreamError) -> None:
         """Back ID tokens off: a transient failure holds every mint for the next backoff step (at least
@@ -407,6 +486,7 @@ class TokenSource:
         else:
             until = now + dt.timedelta(seconds=self._id_backoff.next(self.rng, exc.retry_after))
             self._id_hold = (exc, until)
+        self._signal_hold()
         if self.metrics is not None:
             self.metrics.token_failures.labels(self.name, exc.reason).inc()
         self._log.warning(
@@ -422,12 +502,13 @@ class TokenSource:
         """Seconds before retrying after a permanent error: backoff_max at once (at least Retry-After)."""
         return max(self.backoff.maximum, min(exc.retry_after or 0.0, MAX_RETRY_AFTER))
 
-    def _store_id_token(self, audience: str, value: str, expiry: dt.datetime) -> None:
-        """Into the LRU cache: expired entries out first, then the least recently used beyond cache_size."""
-        now = self.clock()
-        for stale in [a for a, (_, exp) in self._id_cache.items() if (exp - now).total_seconds() <= self.config.skew]:
+    def _store_id_token(self, audience: str, token: Token) -> None:
+        """Into the LRU cache: entries no longer servable out first, then the least recently used beyond
+        cache_size."""
+        now, skew = self.clock(), self.config.skew
+        for stale in [a for a, cached in self._id_cache.items() if not cached.usable_at(now, skew)]:
             del self._id_cache[stale]
-        self._id_cache[audience] = (value, expiry)
+        self._id_cache[audience] = token
         self._id_cache.move_to_end(audience)
         while len(self._id_cache) > self.id_limits.cache_size:
             self._id_cache.popitem(last=False)
@@ -451,24 +532,83 @@ class TokenSource:
             done, self._inflight = self._inflight, None
             done.set()
 
-    async def _pace(self, kind: str) -> None:
-        """The guard in front of every upstream call: `min_interval` seconds after the previous one (each
-        caller reserves its slot before waiting, so concurrent callers queue rather than slip through),
-        then counted in `upstream_calls` and wlidd_token_upstream_calls{kind}."""
+    @contextlib.asynccontextmanager
+    async def _paced(self, kind: str, held: Callable[[], WlidError | None] | None = None) -> AsyncIterator[Attempt]:
+        """The guard around every upstream call: the block runs at its turn (`_take_turn`: `min_interval`
+        after the previous call, in arrival order), and is counted in `upstream_calls` and
+        wlidd_token_upstream_calls{kind} when it sent something (the Attempt it yields says). With `held`
+        (the error to answer while a backoff holds the call, else None), a held call raises that error
+        instead of running: its turn given up, nothing sent, nothing counted."""
+        await self._take_turn(held)
+        with attempt() as call:
+            try:
+                yield call
+            finally:
+                if call.went_upstream:
+                    self.upstream_calls += 1
+                    if self.metrics is not None:
+                        self.metrics.token_upstream_calls.labels(self.name, kind).inc()
+
+    async def _take_turn(self, held: Callable[[], WlidError | None] | None) -> None:
+        """Wait for this call's turn: `min_interval` seconds after the turn handed out before it (each
+        caller takes its turn before waiting, so concurrent callers queue rather than slip through).
+        `held` is asked on arrival, whenever a failure starts a backoff meanwhile (`_signal_hold`) and
+        when the turn comes: its error is raised, and the turn given back (the turns after it are not
+        moved, but a new caller queues after the last turn still waited for, not after this one)."""
+        if held is not None and (error := held()) is not None:
+            raise error
         now = self.monotonic()
-        slot = now if self._last_call is None else max(now, self._last_call + self.config.min_interval)
-        self._last_call = slot
-        if slot > now:
-            await self._sleep(slot - now)
-        self.upstream_calls += 1
-        if self.metrics is not None:
-            self.metrics.token_upstream_calls.labels(self.name, kind).inc()
+        turn = now if self._last_call is None else max(now, self._last_call + self.config.min_interval)
+        self._last_call = turn
+        self._turns.append(turn)
+        went = False
+        try:
+            while (wait := turn - self.monotonic()) > 0:
+                if held is None:
+                    await self._sleep(wait)
+                    break
+                if not await self._sleep_unless_held(wait):
+                    break  # slept its time (an injected sleep need not move the monotonic clock)
+                if (error := held()) is not None:
+                    raise error
+            if held is not None and (error := held()) is not None:
+                raise error
+            went = True
+        finally:
+            self._turns.remove(turn)
+            if went:
+                self._turn_taken = turn if self._turn_taken is None else max(self._turn_taken, turn)
+            else:
+                handed = [t for t in (*self._turns, self._turn_taken) if t is not None]
+                self._last_call = max(handed) if handed else None
+
+    async def _sleep_unless_held(self, seconds: float) -> bool:
+        """Sleep `seconds`, or until a failure starts a backoff (`_signal_hold`): True when woken by one."""
+        event, woken = self._hold_set, False
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                nonlocal woken
+                await event.wait()
+                woken = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            await self._sleep(seconds)
+            tg.cancel_scope.cancel()
+        return woken
+
+    def _signal_hold(self) -> None:
+        """Wake the calls waiting for their turn: a backoff may hold them now."""
+        event, self._hold_set = self._hold_set, anyio.Event()
+        event.set()
 
     async def _refresh(self, reason: str) -> Token:
-        await self._pace("token")
         now = self.clock()
         try:
-            token = await self.flow.fetch(now)
+            async with self._paced("token"):
+                now = self.clock()
+                token = await self.flow.fetch(now)
         except UpstreamError as exc:
             self._failed(exc, now, reason)
             raise
@@ -619,65 +759,91 @@ class TokenSource:
     # untouched by it.
     _scoped: ScopedTokens | None = None
 
-    async def scoped_token(self, scopes: tuple[str, ...]) -> Token:
-        """An access token with exactly `scopes`: IAM generateAccessToken for the impersonated service
-        account, with `impersonate.lifetime` and `delegates` (least privilege for a caller that names its
-        scopes). The guards of every upstream call: spaced and counted by `_pace` (kind "scoped_token");
-        the federated token it is minted with comes from the source's own refresh (single-flight, its
-        backoff), never a chain of its own; one mint per scope set at a time; the tokens of the last
-        `ScopedLimits.cache_size` scope sets served until `skew` before expiry (LRU); a budget of mints per
-        minute; after a failure its error is the answer until the backoff passes (a transient one: for every
-        set, at least Retry-After; a permanent one: for its set, `backoff_max`).
+    async def scoped_token(self, scopes: tuple[str, ...], *, caller: int | None = None, covered: bool = False) -> Token:
+        """An access token with exactly `scopes` for the local caller `caller` (a uid; None: an internal
+        caller): IAM generateAccessToken for the impersonated service account, with `impersonate.lifetime`
+        and `delegates` (least privilege for a caller that names its scopes).
+
+        The guards of every upstream call: spaced and counted by `_paced` (kind "scoped_token"); the
+        federated token it is minted with comes from the source's own refresh (single-flight, its backoff),
+        never a chain of its own; one mint per scope set at a time; the tokens of the last
+        `ScopedLimits.cache_size` scope sets served while they have more than `policy.keep` left (the rule
+        of the source's own token; below it a request re-mints, and the cached token is served while it is
+        above its serving margin only when no new one can be had); mints charged to the caller's bucket and
+        to the source's (`ScopedLimits`); after a failure its error is the answer until the backoff passes
+        (a transient one: for every set, at least Retry-After; a permanent one: for its set, `backoff_max`),
+        and mints waiting for their turn then give it up.
+
+        `covered`: the source's own token covers every scope asked for (the caller may have it by asking
+        without scopes), so when no scoped token can be had (a rate limit, a failure, a backoff) that token
+        is the answer instead of the error.
 
         Raises RateLimited 429, TokenUnavailable 503 (the exchange it needs is backing off), UpstreamError
         (the mint failed or is backing off; the source impersonates no service account)."""
         state = self._scoped
         if state is None:
-            state = self._scoped = ScopedTokens(ScopedLimits(), self.config, self.monotonic())
-        key, now = frozenset(scopes), self.clock()
+            state = self._scoped = ScopedTokens(self.scoped_limits, self.config, self.monotonic())
+        key = frozenset(scopes)
         cached = state.cache.get(key)
-        if cached is not None and cached.usable_at(now, self.config.skew):
+        if cached is not None and self.policy.fresh(cached, self.clock()):
             state.cache.move_to_end(key)
             return cached
+        try:
+            return await self._new_scoped_token(state, key, caller)
+        except WlidError as exc:
+            cached = state.cache.get(key)  # due, not expired: better than no token
+            if cached is not None and cached.usable_at(self.clock(), self.config.skew):
+                state.cache.move_to_end(key)
+                return cached
+            if not covered:
+                raise
+            try:
+                token = await self.get()
+            except WlidError:
+                raise exc from None
+            log.limited(
+                "info",
+                "scoped token not minted; serving the token, whose scopes cover the request",
+                key={"source": self.name, "reason": exc.reason, "uid": caller},
+                detail=exc.message,
+            )
+            return token
+
+    async def _new_scoped_token(self, state: ScopedTokens, key: frozenset[str], caller: int | None) -> Token:
+        """A newly minted token for the scope set `key` (or the one minted for it in flight)."""
         flight = state.flights.get(key)
         if flight is not None:  # someone is minting this set: share that mint
             await flight.done.wait()
             if flight.value is not None:
                 return flight.value
             raise flight.error or TokenUnavailable(self.name, "the scoped token fetch was cancelled")
-        if (last := state.last_error(key, now)) is not None:
+        if (last := state.last_error(key, self.clock())) is not None:
             raise last
         if len(state.flights) >= state.limits.max_inflight:
             raise RateLimited(
                 f"token {self.name!r} is already minting {len(state.flights)} scoped tokens; retry shortly", 1
             )
-        if (wait := state.mints.wait(self.monotonic())) > 0:
-            raise RateLimited(
-                f"token {self.name!r} minted tokens for scope sets faster than {state.limits.mints_per_minute:g} per "
-                f"minute (burst {state.limits.mints_burst}); sets already minted are still served; retry in "
-                f"{math.ceil(wait)}s",
-                wait,
-            )
-        state.mints.take(self.monotonic())
+        charged = state.charge(self.name, caller, self.monotonic())
         flight = state.flights[key] = _ScopedFlight()
         try:
-            flight.value = await self._mint_scoped(tuple(sorted(key)))
+            flight.value = await self._mint_scoped(state, key, flight)
             state.succeeded(key, flight.value, self.clock())
             return flight.value
         except WlidError as exc:
             flight.error = exc
-            if isinstance(exc, UpstreamError):
-                state.failed(key, exc, self.clock(), self.rng)
             raise
         finally:
             state.flights.pop(key, None)
+            if flight.call is None or not flight.call.went_upstream:  # held, or failed before sending
+                _refund(charged, self.monotonic())
             flight.done.set()
 
-    async def _mint_scoped(self, scopes: tuple[str, ...]) -> Token:
-        """One IAM generateAccessToken call for `scopes` (after the source's own refresh when the federated
-        token it needs is missing or within `skew` of its expiry)."""
-        imp = self.config.impersonate
-        if imp is None:
+    async def _mint_scoped(self, state: ScopedTokens, key: frozenset[str], flight: _ScopedFlight) -> Token:
+        """One IAM generateAccessToken call for the scope set `key` (after the source's own refresh when the
+        federated token it needs is missing or within `skew` of its expiry). Its turn given up, nothing
+        sent, when a backoff holds the set by then (`_paced`)."""
+        scopes = tuple(sorted(key))
+        if self.config.impersonate is None:
             raise UpstreamError(
                 "wlidd",
                 f"token {self.name!r} impersonates no service account, so it mints no token with other scopes",
@@ -686,67 +852,72 @@ class TokenSource:
             )
         if self.flow.needs_federated(self.clock()):
             if not self._may_fetch_now(self.clock()):  # do not bypass the backoff (as `get`)
-                raise TokenUnavailable(self.name, self.not_servable_reason(self.clock()))
+                raise self._no_federated_token()
             await self.refresh("scoped-token")
-        federated = self.flow._federated  # (token, expiry, client) of the source's last exchange
-        if federated is None:
-            raise UpstreamError(
-                "wlidd", "no current federated token to mint a scoped token with", code="no_federated_token"
-            )
-        await self._pace("scoped_token")
-        sent = self.clock()
-        try:
-            value, expiry = await generate_access_token(
-                federated[2],
-                self.config.impersonate_base(),
-                service_account=imp.service_account,
-                bearer=federated[0],
-                scope=scopes,
-                lifetime=imp.lifetime,
-                delegates=imp.delegates,
-                sent_at=sent,
-            )
-        except UpstreamError as exc:
-            self._scoped_failed(exc)
-            raise
-        except Exception as exc:  # a bug or an unexpected library error: a clear error, no details leaked
-            error = UpstreamError("wlidd", f"unexpected {type(exc).__name__} while minting", code="internal")
-            self._scoped_failed(error)
-            raise error from None
+            if self.flow.needs_federated(self.clock()):  # joined a refresh that failed (it served the last good)
+                raise self._no_federated_token()
+        async with self._paced("scoped_token", lambda: state.last_error(key, self.clock())) as call:
+            flight.call = call
+            sent = self.clock()
+            try:
+                value, expiry = await self.flow.fetch_scoped_token(scopes, sent)
+            except UpstreamError as exc:
+                self._scoped_failed(state, key, exc)
+                raise
+            except Exception as exc:  # a bug or an unexpected library error: a clear error, no details leaked
+                error = UpstreamError("wlidd", f"unexpected {type(exc).__name__} while minting", code="internal")
+                self._scoped_failed(state, key, error)
+                raise error from None
         self._log.info("scoped token minted", scopes=list(scopes), expire_time=iso_z(expiry))
         return Token(value, expiry, sent, self.name)
 
-    def _scoped_failed(self, exc: UpstreamError) -> None:
+    def _scoped_failed(self, state: ScopedTokens, key: frozenset[str], exc: UpstreamError) -> None:
+        state.failed(key, exc, self.clock(), self.rng)
+        self._signal_hold()
         if self.metrics is not None:
             self.metrics.token_failures.labels(self.name, exc.reason).inc()
         self._log.warning("scoped token mint failed", reason=exc.reason, detail=exc.message)
 
 
+def _seconds_until(when: dt.datetime | None, now: dt.datetime) -> float | None:
+    """Whole seconds from `now` until `when` (at least 1), or None when nothing is planned."""
+    if when is None:
+        return None
+    return max(1, math.ceil((when - now).total_seconds()))
+
+
 @dataclass(frozen=True)
 class ScopedLimits:
-    """Bounds on the tokens a source mints for scope sets callers name (TokenSource.scoped_token)."""
+    """Bounds on the tokens a source mints for scope sets callers name (TokenSource.scoped_token). Rates are
+    per minute; a mint is an upstream call for a scope set whose token is not cached (or is due)."""
 
     cache_size: int = 32  # scope sets whose token is kept (least recently used dropped first)
     max_inflight: int = 8  # scope sets being minted at once
-    mints_burst: int = 10  # mints, all callers together …
-    mints_per_minute: float = 10.0  # … and afterwards per minute
+    caller_burst: int = 10  # mints one caller (uid) may make at once …
+    caller_per_minute: float = 10.0  # … and afterwards per minute
+    mints_burst: int = 30  # mints, all callers together (the source's cap: about one cache's worth) …
+    mints_per_minute: float = 30.0  # … and afterwards per minute
+    max_callers: int = 4096  # per-caller buckets kept (full ones are dropped first)
     refused_sets: int = 32  # scope sets refused permanently, kept with their error (oldest dropped first)
 
 
 class _ScopedFlight:
-    """One scoped-token mint in flight; callers asking for the same scope set wait for it."""
+    """One scoped-token mint in flight; callers asking for the same scope set wait for it. `call`: what its
+    upstream call did, once its turn came (None: it never went, so its charge is given back)."""
 
-    __slots__ = ("done", "error", "value")
+    __slots__ = ("call", "done", "error", "value")
 
     def __init__(self) -> None:
         self.done = anyio.Event()
         self.value: Token | None = None
         self.error: WlidError | None = None
+        self.call: Attempt | None = None
 
 
 class ScopedTokens:
-    """One source's scoped tokens: the LRU of tokens per scope set, the mints in flight, the budget of
-    mints, and the backoff after failures (a transient failure holds every set, a permanent one its own)."""
+    """One source's scoped tokens: the LRU of tokens per scope set, the mints in flight, the budgets of
+    mints (per caller and for the source), and the backoff after failures (a transient failure holds every
+    set, a permanent one its own)."""
 
     def __init__(self, limits: ScopedLimits, config: TokenConfig, monotonic_now: float) -> None:
         self.limits = limits
@@ -756,6 +927,33 @@ class ScopedTokens:
         self.hold: tuple[UpstreamError, dt.datetime] | None = None  # the last transient failure, until when
         self.backoff = Backoff(config.backoff_min, config.backoff_max)
         self.mints = TokenBucket(limits.mints_burst, limits.mints_per_minute / 60, monotonic_now)
+        self.callers = CallerBuckets(limits.caller_burst, limits.caller_per_minute, limits.max_callers)
+
+    def charge(self, name: str, caller: int | None, now: float) -> list[TokenBucket]:
+        """Take a mint from the caller's bucket and the source's; RateLimited (nothing taken) when either
+        is empty. Returns the buckets taken from (given back when the mint does not go upstream)."""
+        limits = self.limits
+        bucket = self.callers.bucket(caller, now) if caller is not None else None
+        if bucket is not None and (wait := bucket.wait(now)) > 0:
+            raise RateLimited(
+                f"uid {caller} asked token {name!r} for tokens for new scope sets faster than "
+                f"{limits.caller_per_minute:g} per minute (burst {limits.caller_burst}); sets already minted "
+                f"are still served; retry in {math.ceil(wait)}s",
+                wait,
+            )
+        if (wait := self.mints.wait(now)) > 0:
+            raise RateLimited(
+                f"token {name!r} minted tokens for scope sets faster than {limits.mints_per_minute:g} per "
+                f"minute (all callers together, burst {limits.mints_burst}); sets already minted are still "
+                f"served; retry in {math.ceil(wait)}s",
+                wait,
+            )
+        self.mints.take(now)
+        taken = [self.mints]
+        if bucket is not None:
+            bucket.take(now)
+            taken.append(bucket)
+        return taken
 
     def last_error(self, key: frozenset[str], now: dt.datetime) -> UpstreamError | None:
         """The answer while scoped tokens back off (None: a mint may go upstream)."""
@@ -763,10 +961,11 @@ class ScopedTokens:
         if refused is not None:
             error, until = refused
             if now < until:
-                return error.again(f"refused for these scopes; not asked again before {iso_z(until)}")
+                return _held(error, until, now, f"refused for these scopes; not asked again before {iso_z(until)}")
             del self.refused[key]
         if self.hold is not None and now < self.hold[1]:
-            return self.hold[0].again(f"scoped tokens are backing off; next attempt {iso_z(self.hold[1])}")
+            error, until = self.hold
+            return _held(error, until, now, f"scoped tokens are backing off; next attempt {iso_z(until)}")
         return None
 
     def succeeded(self, key: frozenset[str], token: Token, now: dt.datetime) -> None:

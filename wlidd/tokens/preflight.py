@@ -4,6 +4,10 @@ A token source reads `ca_file` (the CA certificates it verifies STS, IAM and Ent
 entra-sts with its own signer, `entra.cert` and `entra.key` only when it first calls its upstream: a
 missing or damaged file would otherwise pass `wlidd check` and fail at every refresh. Each problem is
 one line naming the config key and the path; nothing here is secret (a key's content never appears).
+
+Only regular files are read (`read_regular_file`): a FIFO, a device or a socket configured as one of these
+files would block open() or read() forever (the daemon's event loop at its first fetch, `wlidd check`
+before it), so it is refused as "is not a regular file" without waiting for a writer.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wlidd.config import Config
 from wlidd.errors import SvidError
-from wlidd.svid.parse import MAX_FILE_BYTES, parse_chain, parse_private_key
+from wlidd.svid.load import NotRegularFile, read_regular_file
+from wlidd.svid.parse import parse_chain, parse_private_key
 
 
 def token_problems(config: Config) -> list[str]:
@@ -32,12 +37,13 @@ def token_problems(config: Config) -> list[str]:
 
 
 def _read(path: Path) -> bytes:
-    """At most MAX_FILE_BYTES + 1 bytes of `path`; OSError as the kernel says."""
-    with path.open("rb") as handle:
-        return handle.read(MAX_FILE_BYTES + 1)
+    """At most MAX_FILE_BYTES + 1 bytes of `path`, a regular file; OSError as the kernel says."""
+    return read_regular_file(path)
 
 
 def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, NotRegularFile):
+        return exc.strerror or "is not a regular file"
     if isinstance(exc, FileNotFoundError):
         return "does not exist"
     if isinstance(exc, PermissionError):

@@ -15,6 +15,10 @@ retry_at(...)                   the next attempt after a failure, bounded so tha
                                 last good token gets at least one more try before it stops being served
 start_delay(rng, spread)        a random delay before a source's first fetch (fleet boot storms)
 
+keep(token), fresh(token, now)  the same rule for tokens a source caches for callers (ID tokens, scoped
+                                tokens), which it re-mints on request instead of on a schedule: a
+                                cached token is served as is while more than min(keep_left, L/2)
+                                (never less than its serving margin) is left, and re-minted below that
 What follows for a token of lifetime L refreshed in time (defaults; proof in tests/test_schedule.py):
   - it is replaced while at least min(keep_left, L/2) seconds are left: ≥ 300 s for every L ≥ 600 s;
   - steady-state refreshes are at least min(refresh_at − jitter, 1/2) × L apart (L/2 by default);
@@ -54,6 +58,16 @@ class RefreshPolicy:
         """Seconds before expiry by which the refresh is due: the serving margin or 10 % of the lifetime,
         whichever is more — so a failed refresh has time for retries while the token is still served."""
         return max(token.serve_margin(self.skew), 0.1 * token.lifetime)
+
+    def keep(self, token: Token) -> float:
+        """Seconds left below which a cached token (an ID token, a scoped token) is replaced before it is
+        served again: `keep_left` (300 s), or half the lifetime when that is less (MIN_REFRESH_FRACTION),
+        as `next_refresh` keeps a source's own token; never less than the serving margin."""
+        return max(min(self.keep_left, MIN_REFRESH_FRACTION * token.lifetime), token.serve_margin(self.skew))
+
+    def fresh(self, token: Token, now: dt.datetime) -> bool:
+        """True when a cached token may be served without trying for a new one first (`keep`)."""
+        return token.seconds_left(now) > self.keep(token)
 
     def short_lifetime(self, token: Token) -> bool:
         """True when the lifetime is too short for the configured `skew` (≤ 4 × skew), so the serving
