@@ -418,3 +418,24 @@ async def test_stopping_the_daemon_answers_held_waits_at_once(
             d.stop()
             answer = await _exchange(stream, b"")
     assert answer.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in answer and answer.endswith(b"p")
+
+
+async def test_a_held_wait_whose_client_sent_a_byte_then_left_is_released(
+    tmp_path: Path,
+    files: FileSet,
+    upstreams: Upstreams,
+) -> None:
+    """A client that sent one more byte (the start of a pipelined request) and then closed kept its hold, and
+    its connection slot, until timeout_sec (a tester found it: CLOSE-WAIT sockets counted for an hour)."""
+    d = _daemon(tmp_path, files, upstreams)
+    async with in_background(d.run, d.stop):
+        assert d.metadata_port is not None
+        stream = await anyio.connect_tcp("127.0.0.1", d.metadata_port)
+        await stream.send(_wait_request(timeout_sec=MAX_WAIT_SECONDS))
+        await until(lambda: api(d).held == 1, "the wait was never held")
+        await stream.send(b"G")  # the first byte of a pipelined request: the watcher stops here
+        await anyio.sleep(0.2)  # let the watcher read it (no observable state for "read one chunk")
+        await stream.aclose()
+        loop = next(loop for loop in d.accept_loops if loop.name == "metadata")
+        await until(lambda: api(d).held == 0, "the wait was held after its client left", limit=15)
+        await until(lambda: loop.counter.total == 0, "the connection is still counted", limit=5)

@@ -565,9 +565,10 @@ class HttpServer:
 
     async def _dispatch_held(self, connection: _Connection, request: Request) -> tuple[Response | None, bytes]:
         """Handle a request the handler may hold, watching the connection meanwhile: (the answer, or None
-        when the client closed the connection first; bytes the client sent meanwhile). After the first
-        bytes (a pipelined request) the connection is not watched any more: the hold still ends at the
-        handler's own deadline."""
+        when the client closed the connection first; bytes the client sent meanwhile). The connection is
+        watched for its close until the answer, pipelined bytes included (a client that sent one byte and
+        left kept its hold, and its slot, until `timeout_sec`); more than HELD_PIPELINE_LIMIT bytes sent
+        meanwhile end the hold like a close (no client needs to queue that much behind a wait)."""
         answered: list[Response] = []
         received = bytearray()
         async with anyio.create_task_group() as tg:
@@ -577,13 +578,16 @@ class HttpServer:
                 tg.cancel_scope.cancel()
 
             async def watch() -> None:
-                try:
-                    data = await connection.stream.receive(65536)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    data = b""
-                if not data:
-                    tg.cancel_scope.cancel()  # gone: the handler is cancelled, nothing is sent
-                received.extend(data)
+                while True:
+                    try:
+                        data = await connection.stream.receive(65536)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        data = b""
+                    received.extend(data)
+                    if not data or len(received) > HELD_PIPELINE_LIMIT:
+                        answered.clear()
+                        tg.cancel_scope.cancel()  # gone: the handler is cancelled, nothing is sent
+                        return
 
             tg.start_soon(answer)
             tg.start_soon(watch)
@@ -620,6 +624,7 @@ class HttpServer:
             return Response.error(500, "internal_error", "internal error; see the daemon log")
 
 
+HELD_PIPELINE_LIMIT = 16 * 1024  # bytes a client may pipeline behind a held request (one request head's cap)
 _ABSOLUTE_FORM = re.compile(r"(?i:https?)://(?P<authority>[^/?#]*)(?P<rest>[^#]*)")
 _SIMPLE_REQUEST_LINE = re.compile(rb"(GET|HEAD) (/[!-~]*) HTTP/1\.1")
 _SIMPLE_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[!-~](?:[ -~\t]*[!-~])?)?)[ \t]*")
