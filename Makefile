@@ -81,7 +81,7 @@ install:
 	install -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/wlidd/README.md
 	install -m 0644 etc/wlidd.toml $(DESTDIR)$(PREFIX)/share/doc/wlidd/wlidd.toml.example
 	install -m 0644 etc/certificate_config.json $(DESTDIR)$(PREFIX)/share/doc/wlidd/certificate_config.json.example
-	test -e $(DESTDIR)$(SYSCONFDIR)/wlidd/wlidd.toml || install -m 0640 etc/wlidd.toml $(DESTDIR)$(SYSCONFDIR)/wlidd/wlidd.toml
+	test -e $(DESTDIR)$(SYSCONFDIR)/wlidd/wlidd.toml || install -m 0644 etc/wlidd.toml $(DESTDIR)$(SYSCONFDIR)/wlidd/wlidd.toml
 
 # Regenerate the checked-in protobuf modules of the SPIFFE Workload API from workload.proto.
 proto: venv

@@ -185,3 +185,16 @@ layout = "spiffe-helper"
     with pytest.raises(ConfigError) as info:
         load_config(path, {})
     assert "identities.a.sinks[1].dir" in info.value.message
+
+
+def test_a_config_the_service_user_cannot_read_is_named_with_owner_mode_and_the_fix(shared_dir: Path) -> None:
+    from wlidd.config import unreadable_by_service
+
+    path = shared_dir / "wlidd.toml"
+    path.write_text("")
+    path.chmod(0o640)  # root:root 0640, as `make install` used to install it
+    reason = unreadable_by_service(path, user="nobody")
+    assert reason is not None and "mode 0640" in reason and "root:root" in reason and "chmod 0644" in reason
+    path.chmod(0o644)
+    assert unreadable_by_service(path, user="nobody") is None
+    assert unreadable_by_service(path, user="no-such-user-x") is None  # no service user: nothing to judge

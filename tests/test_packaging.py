@@ -106,5 +106,5 @@ def test_make_install_lays_out_a_working_venv_units_and_config(tmp_path: Path) -
     installed = destdir / "etc" / "wlidd" / "wlidd.toml"
     assert (
         installed.read_text() == (ROOT / "etc" / "wlidd.toml").read_text()
-        and oct(installed.stat().st_mode)[-3:] == "640"
+        and oct(installed.stat().st_mode)[-3:] == "644"  # the unit runs as User=wlidd: it must read it
     )

@@ -1,17 +1,20 @@
 """Command line: ``wlidd run | check | status | demo``.
 
-Every failure a user can cause prints one clear message (no traceback) and exits non-zero:
-2 for configuration errors, 1 for anything else.
+Every failure a user can cause prints one clear message (no traceback) and exits non-zero with one
+of the codes in `ExitCode` (listed by `wlidd --help`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import enum
 import json
 import os
+import shutil
 import sys
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,53 @@ from wlidd.config import DEFAULT_CONFIG_PATH, Config, UnixListenerConfig, config
 from wlidd.errors import SvidError, WlidError
 from wlidd.logs import configure_logging
 from wlidd.svid.load import CredentialSource, iso_z, load_identity
+
+
+class ExitCode(enum.IntEnum):
+    """Every exit status of `wlidd`, the one table `--help` and the README list (EXIT_CODE_MEANING).
+    WlidError subclasses carry theirs as the `exit_code` hint (ConfigError 2, ListenerError 3);
+    `exit_code_for` maps an error to its code."""
+
+    OK = 0
+    FAILURE = 1
+    CONFIG = 2
+    LISTENER = 3
+    NO_ACCESS = 4
+    INTERRUPTED = 130
+
+
+EXIT_CODE_MEANING: dict[ExitCode, str] = {
+    ExitCode.OK: "success; `run` stopped by SIGTERM/SIGINT",
+    ExitCode.FAILURE: "a check failed, an identity or token is not valid or servable, the daemon refused a"
+    " request or is not running (no socket, nothing listening), a required token could not be had at start",
+    ExitCode.CONFIG: "bad command line or configuration (unknown key, bad value, missing config file)",
+    ExitCode.LISTENER: "a listener could not be set up: socket in use by a running daemon, path not a socket,"
+    " unknown socket owner or group, address taken",
+    ExitCode.NO_ACCESS: "permission denied on the daemon's socket (the message names its owner, group, mode)",
+    ExitCode.INTERRUPTED: "interrupted by Ctrl-C (SIGINT) outside `run`",
+}
+
+
+def exit_codes_help() -> str:
+    """The `--help` epilog: one line per ExitCode."""
+    lines = ["exit codes:"]
+    for code in ExitCode:
+        head = f"  {int(code):<4} {code.name.lower():<12} "
+        lines.append(textwrap.fill(EXIT_CODE_MEANING[code], 79, initial_indent=head, subsequent_indent=" " * len(head)))
+    return "\n".join(lines)
+
+
+def exit_code_for(error: WlidError) -> ExitCode:
+    """The exit code for a WlidError: NO_ACCESS when the daemon's socket refused this caller, else the
+    error's own `exit_code` hint (FAILURE if that is not an ExitCode)."""
+    from wlidd.client import ClientError
+
+    if isinstance(error, ClientError) and error.reason == "permission_denied":
+        return ExitCode.NO_ACCESS
+    try:
+        return ExitCode(error.exit_code)
+    except ValueError:
+        return ExitCode.FAILURE
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -38,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config.identities and not config.tokens:
         raise WlidError("nothing to serve: add an [identities.<name>] or a [tokens.<name>] table to the config")
     anyio.run(Daemon(config, config_path=path).run)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -49,6 +99,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     for warning in ownership_warnings(config):
         print(f"warning: {warning}")
+    from wlidd.config import unreadable_by_service
+
+    if (unreadable := unreadable_by_service(config_path_from(args.config, os.environ))) is not None:
+        print(f"warning: {unreadable}")
     from wlidd.tokens.preflight import token_problems
 
     token_lines = token_problems(config)
@@ -57,7 +111,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"FAIL {problem}")
     if not config.identities and not config.tokens:
         print("problem: nothing configured ([identities.<name>] or [tokens.<name>])")
-        return 1
+        return ExitCode.FAILURE
     for name in sorted(config.tokens):
         if not any(problem.startswith(f"tokens.{name}.") for problem in token_lines):
             print(f"ok   token {name}: {config.tokens[name].flow}, its files readable")
@@ -81,7 +135,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"     warning: {note}")
 
     anyio.run(check_all)
-    return 1 if failures else 0
+    return ExitCode.FAILURE if failures else ExitCode.OK
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
@@ -115,7 +169,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(json.dumps(document, indent=2))
     else:
         print(token.access_token)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_creds(args: argparse.Namespace) -> int:
@@ -127,7 +181,7 @@ def cmd_creds(args: argparse.Namespace) -> int:
 
     if args.include_federated_domains and args.layout != "spiffe-helper":
         print("wlidd creds: --include-federated-domains is for --layout spiffe-helper", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     with Client(_socket_path(args)) as client:
         creds = client.get_credentials(args.identity)
     out = Path(os.path.abspath(args.out))
@@ -135,7 +189,7 @@ def cmd_creds(args: argparse.Namespace) -> int:
         trust_domain = parse_spiffe_id(creds.spiffe_id).trust_domain
     except SvidError as exc:
         print(f"wlidd creds: the daemon handed out an unusable SPIFFE ID: {exc.message}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILURE
     material = Material(
         key_pem=creds.key_pem.encode(),
         chain_pem=creds.chain_pem.encode(),
@@ -149,11 +203,11 @@ def cmd_creds(args: argparse.Namespace) -> int:
     except OSError as exc:  # a refused (unsafe) directory or a plain I/O error: say which, no traceback
         detail = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
         print(f"wlidd creds: cannot write to {out}: {detail}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILURE
     names = ", ".join(f.name for f in files)
     what = "written to" if written else "already in"
     print(f"{creds.spiffe_id} serial {creds.serial} (expires {creds.not_after.isoformat()}) {what} {out}: {names}")
-    return 0
+    return ExitCode.OK
 
 
 def render_status(document: dict[str, Any]) -> str:
@@ -200,7 +254,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(document, indent=2))
     else:
         print(render_status(document))
-    return 0 if document["daemon"]["state"] == "running" else 1
+    return ExitCode.OK if document["daemon"]["state"] == "running" else ExitCode.FAILURE
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -208,12 +262,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="wlidd-demo-"))
     configure_logging("info", "console")
-    anyio.run(run_demo, base, args.rotate_every, args.ttl, args.duration, not args.no_tokens)
+    try:
+        # One SIGINT/SIGTERM ends the demo normally (exit 0); a second one during teardown lands here.
+        anyio.run(run_demo, base, args.rotate_every, args.ttl, args.duration, not args.no_tokens)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if not args.dir:  # a scratch folder holds the CA's and the SVIDs' private keys: never leave it behind
+            shutil.rmtree(base, ignore_errors=True)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wlidd", description="Workload identity daemon for Linux nodes.")
+    parser = argparse.ArgumentParser(
+        prog="wlidd",
+        description="Workload identity daemon for Linux nodes.",
+        epilog=exit_codes_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"wlidd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -256,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     creds.add_argument("--socket", help="the daemon's Unix socket (default: from the config)")
     creds.set_defaults(func=cmd_creds)
     demo = sub.add_parser("demo", help="run the daemon on a local CA rotating GCE-style credentials")
-    demo.add_argument("--dir", help="work directory (default: a new temp dir)")
+    demo.add_argument(
+        "--dir", help="work directory, kept on exit (default: a new temp dir, removed on exit: it holds private keys)"
+    )
     demo.add_argument("--rotate-every", type=float, default=30.0, help="seconds between rotations (default 30)")
     demo.add_argument("--ttl", type=float, default=120.0, help="SVID lifetime in seconds (default 120)")
     demo.add_argument(
@@ -281,12 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     except BaseException as exc:
         errors = _wlid_errors(exc)
         if not errors:
             raise
         for error in errors:
             print(f"wlidd: error: {error.message}", file=sys.stderr)
-        return errors[0].exit_code
+        return exit_code_for(errors[0])
     return code

@@ -10,7 +10,12 @@ Errors are ClientError with the daemon's status, stable code and message (never 
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import grp
 import os
+import pwd
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -28,7 +33,8 @@ def default_socket() -> Path:
 
 
 class ClientError(WlidError):
-    """The daemon refused or could not answer; `status` 0 means it could not be reached."""
+    """The daemon refused or could not answer; `status` 0 means it could not be reached, and then `reason`
+    is `not_running`, `permission_denied` or `unreachable` (see `_unreachable`)."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message, reason=code)
@@ -92,7 +98,75 @@ def _credentials(document: dict[str, Any]) -> Credentials:
     )
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError under an httpx error (httpx wraps httpcore's, which wraps the socket's), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _name(lookup: Callable[[int], Any], number: int) -> str:
+    try:
+        return str(lookup(number)[0])
+    except (KeyError, OverflowError):
+        return str(number)
+
+
+def access_denied_message(path: Path) -> str:
+    """Why this process may not connect to the Unix socket at `path` (connect(2) gave EACCES or EPERM),
+    naming owner, group and mode of what shuts it out: the first directory on the way it may not search,
+    else the socket itself. Connecting needs search (x) on every directory and write (w) on the socket
+    (unix(7), "Pathname socket ownership and permissions")."""
+    path = Path(os.path.abspath(path))
+    uid = os.geteuid()
+    you = f"you (uid {uid} {_name(pwd.getpwuid, uid)})"
+    for directory in reversed(path.parents):
+        if not os.access(directory, os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            return f"permission denied: {_owned(directory)}; {you} may not search it"
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"permission denied: {path}: {exc.strerror}"
+    group = _name(grp.getgrgid, st.st_gid)
+    if uid == st.st_uid:
+        why = "own it but its mode gives the owner no write access"
+    elif st.st_gid in {os.getegid(), *os.getgroups()}:
+        why = f"are in group {group} but its mode gives the group no write access"
+    else:
+        why = f"are not its owner nor in group {group}, and its mode gives others no write access"
+    return f"permission denied: {_owned(path, st)}; {you} {why}"
+
+
+def _owned(path: Path, st: os.stat_result | None = None) -> str:
+    """`<path> is owned by <user>:<group> mode 0NNN` (numbers where no name is known)."""
+    if st is None:
+        try:
+            st = os.stat(path)
+        except OSError as exc:  # gone or hidden meanwhile: say so rather than fail while explaining a failure
+            return f"{path}: {exc.strerror}"
+    owner, group = _name(pwd.getpwuid, st.st_uid), _name(grp.getgrgid, st.st_gid)
+    return f"{path} is owned by {owner}:{group} mode {stat.S_IMODE(st.st_mode):04o}"
+
+
 def _unreachable(path: Path, exc: Exception) -> ClientError:
+    """The ClientError for a request that got no answer. `reason` tells the cases apart: `not_running`
+    (no socket at the path, or nothing listens on it), `permission_denied` (the socket's or a directory's
+    mode shuts the caller out: the message names owner, group and mode), else `unreachable`."""
+    error = _os_error(exc)
+    number = error.errno if error is not None else None
+    if number in (errno.EACCES, errno.EPERM):
+        return ClientError(0, "permission_denied", f"cannot reach wlidd at {path}: {access_denied_message(path)}")
+    if number == errno.ENOENT:
+        return ClientError(0, "not_running", f"cannot reach wlidd at {path}: no such socket (is the daemon running?)")
+    if number == errno.ECONNREFUSED:
+        return ClientError(
+            0, "not_running", f"cannot reach wlidd at {path}: nothing listens on it (is the daemon running?)"
+        )
     return ClientError(0, "unreachable", f"cannot reach wlidd at {path}: {exc} (is the daemon running?)")
 
 

@@ -675,3 +675,65 @@ def read_certificate_config(path: Path) -> tuple[Path, Path]:
             raise ConfigError(f"{path}: cert_configs.workload.{key}: missing or not a string")
         paths.append(Path(os.path.expanduser(value)))
     return paths[0], paths[1]
+
+
+SERVICE_USER = "wlidd"  # the shipped unit's User=
+
+
+def unreadable_by_service(path: Path, user: str = SERVICE_USER) -> str | None:
+    """Why the service user could not read the config file at `path` (the shipped unit runs as
+    `User=wlidd`), or None when it could, or when that user does not exist on this host. Judged from
+    the mode bits and ownership of the file and of every directory on the way (execute to traverse),
+    with the user's groups from the group database; POSIX ACLs are not consulted (a warning may then
+    be too cautious, never silent about the mode)."""
+    import grp
+    import pwd
+    import stat as stat_module
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    groups = set(os.getgrouplist(user, entry.pw_gid))
+    if entry.pw_uid == 0:
+        return None
+
+    def allowed(st: os.stat_result, bits: int) -> bool:
+        if st.st_uid == entry.pw_uid:
+            shift = 6
+        elif st.st_gid in groups:
+            shift = 3
+        else:
+            shift = 0
+        return (stat_module.S_IMODE(st.st_mode) >> shift) & bits == bits
+
+    def owners(st: os.stat_result) -> str:
+        def name(lookup: Any, ident: int) -> str:
+            try:
+                return str(lookup(ident)[0])
+            except KeyError:
+                return str(ident)
+
+        return f"{name(pwd.getpwuid, st.st_uid)}:{name(grp.getgrgid, st.st_gid)}"
+
+    absolute = Path(os.path.abspath(path))
+    for directory in reversed(absolute.parents):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return None
+        if not allowed(st, 0o1):
+            mode = stat_module.S_IMODE(st.st_mode)
+            return f"directory {directory} ({owners(st)}, mode {mode:04o}) cannot be traversed by user {user}"
+    try:
+        st = os.stat(absolute)
+    except OSError:
+        return None
+    if not allowed(st, 0o4):
+        mode = stat_module.S_IMODE(st.st_mode)
+        return (
+            f"{absolute} ({owners(st)}, mode {mode:04o}) is not readable by user {user}, whom the shipped unit"
+            f" runs as (User={user}): the daemon would exit 2 at every start; it holds no secrets:"
+            f" chmod 0644 {absolute}"
+        )
+    return None

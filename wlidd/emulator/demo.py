@@ -6,10 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskStatus
 
 from wlidd.config import load_config
 from wlidd.daemon import Daemon
@@ -125,6 +127,29 @@ def _token_line(daemon: Daemon) -> str:
 
 
 async def run_demo(base: Path, rotate_every: float, ttl: float, duration: float, tokens: bool = True) -> None:
+    """Run the demo in `base` until `duration` seconds (0: no limit) have passed or one SIGINT/SIGTERM.
+
+    One signal ends everything: the inner daemon handles it once it is running (its handler replaces
+    the demo's) and returns from `Daemon.run`, which cancels the rotation loop and the emulated
+    upstreams; a signal before the daemon is running is caught by the demo's own handler. Returns
+    normally in both cases. `base` is left in place: removing it is the caller's choice (`cmd_demo`).
+    """
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(_stop_on_signal, outer.cancel_scope)
+        await _run_demo(base, rotate_every, ttl, duration, tokens)
+        outer.cancel_scope.cancel()
+    _say("demo stopped")
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    """Cancel `scope` on the first SIGINT or SIGTERM (until the daemon installs its own handler)."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _signum in signals:
+            scope.cancel()
+            return
+
+
+async def _run_demo(base: Path, rotate_every: float, ttl: float, duration: float, tokens: bool) -> None:
     base.mkdir(parents=True, exist_ok=True)
     secrets = base / "secrets"
     ca = CertificateAuthority(DEMO_TRUST_DOMAIN)
@@ -144,7 +169,14 @@ async def run_demo(base: Path, rotate_every: float, ttl: float, duration: float,
         config_path = write_demo_config(base, secrets, upstreams)
         daemon = Daemon(load_config(config_path))
         sock = shlex.quote(str(daemon.socket_path))
-        await tg.start(daemon.run)
+
+        async def serve(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            await daemon.run(task_status=task_status)
+            # The daemon returns once stopped (a signal, or stop() below): end the rotation loop (which
+            # would otherwise wait for a rotation nobody publishes) and the upstreams with it.
+            tg.cancel_scope.cancel()
+
+        await tg.start(serve)
         token_help = (
             f"""
   curl --unix-socket {sock} http://localhost/v1/token/gcp      # Entra ID -> STS -> impersonation
@@ -185,4 +217,3 @@ first SVID serial {first}"""
         daemon.stop()
         if upstreams is not None:
             upstreams.stop()
-    _say("demo stopped")
