@@ -43,7 +43,7 @@ def run_as_nobody(*args: str, groups: tuple[int, ...] = ()) -> subprocess.Comple
     return as_nobody(sys.executable, "-m", "wlidd", *args, groups=groups)
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def nobody_can_run_this_tree() -> None:
     """The tests that drop to nobody need this tree (not an installed copy) readable by that user."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
@@ -138,7 +138,9 @@ async def test_the_async_client_tells_not_running_apart(tmp_path: Path) -> None:
 
 
 @needs_root
-def test_a_socket_the_caller_may_not_use_names_owner_group_and_mode(open_dir: Path) -> None:
+def test_a_socket_the_caller_may_not_use_names_owner_group_and_mode(
+    open_dir: Path, nobody_can_run_this_tree: None
+) -> None:
     sock_path = open_dir / "wlidd.sock"
     with listening_socket(sock_path, 0o600):
         result = run_as_nobody("status", "--socket", str(sock_path))
@@ -152,7 +154,9 @@ def test_a_socket_the_caller_may_not_use_names_owner_group_and_mode(open_dir: Pa
 
 
 @needs_root
-def test_a_member_of_the_socket_group_is_told_the_mode_shuts_the_group_out(open_dir: Path) -> None:
+def test_a_member_of_the_socket_group_is_told_the_mode_shuts_the_group_out(
+    open_dir: Path, nobody_can_run_this_tree: None
+) -> None:
     group = next((g for g in grp.getgrall() if g.gr_gid not in (0, NOBODY)), None)
     if group is None:
         pytest.skip("no group other than root and nogroup")
@@ -165,7 +169,7 @@ def test_a_member_of_the_socket_group_is_told_the_mode_shuts_the_group_out(open_
 
 
 @needs_root
-def test_a_directory_the_caller_may_not_search_is_named(open_dir: Path) -> None:
+def test_a_directory_the_caller_may_not_search_is_named(open_dir: Path, nobody_can_run_this_tree: None) -> None:
     private = open_dir / "private"
     private.mkdir(mode=0o700)
     sock_path = private / "wlidd.sock"
