@@ -310,8 +310,12 @@ class CredentialWatcher:
         """The directories to watch now: each real directory the source needs (CredentialSource.watch_dirs)
         that exists, and for one that does not, its nearest existing ancestor — its creation, or a
         directory moved into place (`mv new certs`), shows there as an event."""
+        return self._plan_for(self._watch_dirs())
+
+    @staticmethod
+    def _plan_for(needed: list[Path]) -> list[str]:
         plan: list[str] = []
-        for directory in self._watch_dirs():
+        for directory in needed:
             probe = directory
             while not probe.is_dir() and probe != probe.parent:
                 probe = probe.parent
@@ -346,15 +350,15 @@ class CredentialWatcher:
 
         first = True
         while not self._closed:
-            plan = await anyio.to_thread.run_sync(self._watch_plan)
+            needed = await anyio.to_thread.run_sync(self._watch_dirs)
+            plan = await anyio.to_thread.run_sync(self._plan_for, needed)
             if not first:
                 self.request_reload("watch-changed")
             first = False
             stop = self._watch_stop = anyio.Event()
             self._watching = plan
-            needed = {str(d) for d in await anyio.to_thread.run_sync(self._watch_dirs)}
             async with anyio.create_task_group() as tg:
-                if not needed <= set(plan):
+                if not {str(d) for d in needed} <= set(plan):  # a needed directory is missing
                     tg.start_soon(self._recheck_while_missing, stop)
                 try:
                     async for _ in directory_changes(plan, self.source.config.debounce, stop, ready):

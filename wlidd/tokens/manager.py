@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 import jwt
@@ -175,15 +175,19 @@ def _held(error: UpstreamError, until: dt.datetime, now: dt.datetime, note: str)
     return answer
 
 
-class _IdFlight:
-    """One ID-token mint in flight; callers asking for the same audience wait for it. `call`: what its
-    upstream call did, once its turn came (None: it never went, so its charge is given back)."""
+T = TypeVar("T")
+
+
+class _Flight(Generic[T]):
+    """One mint in flight (an ID token for an audience, a scoped token for a scope set); callers asking for
+    the same one wait for it. `call`: what its upstream call did, once its turn came (None: it never went,
+    so its charge is given back)."""
 
     __slots__ = ("call", "done", "error", "value")
 
     def __init__(self) -> None:
         self.done = anyio.Event()
-        self.value: str | None = None
+        self.value: T | None = None
         self.error: WlidError | None = None
         self.call: Attempt | None = None
 
@@ -236,7 +240,7 @@ class TokenSource:
         self.id_limits = id_limits or IdTokenLimits()
         self.scoped_limits = scoped_limits or ScopedLimits()
         self._id_cache: OrderedDict[str, Token] = OrderedDict()  # LRU, at most cache_size; Token.value: the JWT
-        self._id_flights: dict[str, _IdFlight] = {}  # audiences being minted; an entry lives as long as its mint
+        self._id_flights: dict[str, _Flight[str]] = {}  # audiences being minted; an entry lives as long as its mint
         self._id_callers = CallerBuckets(
             self.id_limits.caller_burst, self.id_limits.caller_per_minute, self.id_limits.max_callers
         )
@@ -247,7 +251,7 @@ class TokenSource:
         # one probe mint goes first); a permanent refusal holds its audience for backoff_max.
         self._id_backoff = Backoff(config.backoff_min, config.backoff_max)
         self._id_hold: tuple[UpstreamError, dt.datetime] | None = None  # (last transient error, next attempt)
-        self._id_probe: _IdFlight | None = None  # the mint retrying the upstream after a hold passed
+        self._id_probe: _Flight[str] | None = None  # the mint retrying the upstream after a hold passed
         self._id_refused: OrderedDict[str, tuple[UpstreamError, dt.datetime]] = OrderedDict()  # LRU, bounded
         self._log = log.bind(source=name, flow=config.flow)
 
@@ -349,7 +353,7 @@ class TokenSource:
                 f"token {self.name!r} is already minting {len(self._id_flights)} ID tokens; retry shortly", 1
             )
         charged = self._charge_id_token(audience, caller)
-        flight = self._id_flights[audience] = _IdFlight()
+        flight = self._id_flights[audience] = _Flight[str]()
         if self._id_hold is not None:  # the hold has passed: this mint probes the upstream
             self._id_probe = flight
         try:
@@ -423,7 +427,7 @@ class TokenSource:
             taken.append(bucket)
         return taken
 
-    async def _mint_id_token(self, audience: str, flight: _IdFlight) -> str:
+    async def _mint_id_token(self, audience: str, flight: _Flight[str]) -> str:
         """One upstream ID-token call (after an STS exchange through `refresh` when the flow needs one:
         single-flight, counted, its token kept as the source's, its failure backing off the source). Its
         turn given up, nothing sent, when a backoff holds the audience by then (`_paced`)."""
@@ -824,7 +828,7 @@ class TokenSource:
                 f"token {self.name!r} is already minting {len(state.flights)} scoped tokens; retry shortly", 1
             )
         charged = state.charge(self.name, caller, self.monotonic())
-        flight = state.flights[key] = _ScopedFlight()
+        flight = state.flights[key] = _Flight[Token]()
         try:
             flight.value = await self._mint_scoped(state, key, flight)
             state.succeeded(key, flight.value, self.clock())
@@ -838,7 +842,7 @@ class TokenSource:
                 _refund(charged, self.monotonic())
             flight.done.set()
 
-    async def _mint_scoped(self, state: ScopedTokens, key: frozenset[str], flight: _ScopedFlight) -> Token:
+    async def _mint_scoped(self, state: ScopedTokens, key: frozenset[str], flight: _Flight[Token]) -> Token:
         """One IAM generateAccessToken call for the scope set `key` (after the source's own refresh when the
         federated token it needs is missing or within `skew` of its expiry). Its turn given up, nothing
         sent, when a backoff holds the set by then (`_paced`)."""
@@ -901,19 +905,6 @@ class ScopedLimits:
     refused_sets: int = 32  # scope sets refused permanently, kept with their error (oldest dropped first)
 
 
-class _ScopedFlight:
-    """One scoped-token mint in flight; callers asking for the same scope set wait for it. `call`: what its
-    upstream call did, once its turn came (None: it never went, so its charge is given back)."""
-
-    __slots__ = ("call", "done", "error", "value")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.value: Token | None = None
-        self.error: WlidError | None = None
-        self.call: Attempt | None = None
-
-
 class ScopedTokens:
     """One source's scoped tokens: the LRU of tokens per scope set, the mints in flight, the budgets of
     mints (per caller and for the source), and the backoff after failures (a transient failure holds every
@@ -922,7 +913,7 @@ class ScopedTokens:
     def __init__(self, limits: ScopedLimits, config: TokenConfig, monotonic_now: float) -> None:
         self.limits = limits
         self.cache: OrderedDict[frozenset[str], Token] = OrderedDict()
-        self.flights: dict[frozenset[str], _ScopedFlight] = {}
+        self.flights: dict[frozenset[str], _Flight[Token]] = {}
         self.refused: OrderedDict[frozenset[str], tuple[UpstreamError, dt.datetime]] = OrderedDict()
         self.hold: tuple[UpstreamError, dt.datetime] | None = None  # the last transient failure, until when
         self.backoff = Backoff(config.backoff_min, config.backoff_max)
