@@ -18,8 +18,8 @@ demo: venv
 	$(VENV)/bin/wlidd demo $(DEMO_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check wlidd tests bench fuzz
-	$(VENV)/bin/ruff format --check wlidd tests bench fuzz
+	$(VENV)/bin/ruff check wlidd tests bench fuzz contrib
+	$(VENV)/bin/ruff format --check wlidd tests bench fuzz contrib
 	$(VENV)/bin/mypy --strict wlidd
 
 pytest: venv
@@ -61,19 +61,26 @@ clean:
 	rm -rf $(VENV) .fuzz .mypy_cache .pytest_cache .ruff_cache *.egg-info
 
 # make install [PREFIX=/opt/wlidd] [DESTDIR=] [SYSCONFDIR=/etc] [UNITDIR=/etc/systemd/system]
+#              [INSTALL_PYTHON=/usr/bin/python3] [ALLOW_HIDDEN_PYTHON=1]
 # wlidd in its own virtualenv under PREFIX, the systemd units, and the example config (never overwritten).
+# The virtualenv links to its interpreter, so it is built on the system one (PYTHON=... on the command
+# line also picks it); one the unit cannot see (ProtectHome= hides /home, /root; PrivateTmp= /tmp) is
+# refused unless ALLOW_HIDDEN_PYTHON=1. Nothing installed names DESTDIR or this checkout: scripts and
+# pyvenv.cfg name PREFIX, bytecode is compiled for PREFIX (packaging/venv_tool.py, which checks it).
 PREFIX     ?= /opt/wlidd
 SYSCONFDIR ?= /etc
 UNITDIR    ?= /etc/systemd/system
+INSTALL_PYTHON ?= $(if $(filter command line,$(origin PYTHON)),$(PYTHON),/usr/bin/python3)
+VENV_STAGE  = $(abspath $(DESTDIR)$(PREFIX))
 
 install:
-	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
-	$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet --upgrade pip
-	$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet .
-	# a staged (DESTDIR) venv must name its final location in its scripts
-	if [ -n "$(DESTDIR)" ]; then for f in $(DESTDIR)$(PREFIX)/bin/*; do \
-		if [ ! -L "$$f" ] && grep -qI "$(DESTDIR)" "$$f"; then sed -i "s|$(DESTDIR)$(PREFIX)|$(PREFIX)|g" "$$f"; fi; \
-	done; fi
+	$(INSTALL_PYTHON) packaging/venv_tool.py check-interpreter --unit systemd/wlidd.service \
+		$(if $(ALLOW_HIDDEN_PYTHON),--allow-hidden)
+	$(INSTALL_PYTHON) packaging/venv_tool.py prepare $(VENV_STAGE)
+	$(INSTALL_PYTHON) -m venv --clear $(VENV_STAGE)
+	PYTHONDONTWRITEBYTECODE=1 $(VENV_STAGE)/bin/python -m pip install --quiet --no-compile --upgrade pip
+	PYTHONDONTWRITEBYTECODE=1 $(VENV_STAGE)/bin/python -m pip install --quiet --no-compile .
+	$(INSTALL_PYTHON) packaging/venv_tool.py finish $(VENV_STAGE) $(PREFIX) --forbid $(CURDIR)
 	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/share/doc/wlidd $(DESTDIR)$(SYSCONFDIR)/wlidd
 	sed "s|/opt/wlidd|$(PREFIX)|g; s|/etc/wlidd/|$(SYSCONFDIR)/wlidd/|g" systemd/wlidd.service > $(DESTDIR)$(UNITDIR)/wlidd.service
 	install -m 0644 systemd/wlidd.socket $(DESTDIR)$(UNITDIR)/wlidd.socket
@@ -83,6 +90,43 @@ install:
 	install -m 0644 etc/certificate_config.json $(DESTDIR)$(PREFIX)/share/doc/wlidd/certificate_config.json.example
 	test -e $(DESTDIR)$(SYSCONFDIR)/wlidd/wlidd.toml || install -m 0644 etc/wlidd.toml $(DESTDIR)$(SYSCONFDIR)/wlidd/wlidd.toml
 
+# make deb [DEB_PYTHON=/usr/bin/python3]: build/deb/wlidd_<version>_<arch>.deb, wlidd in its own virtualenv in
+# /opt/wlidd (dh-virtualenv, debian/), built on DEB_PYTHON in a clean copy of the sources under DEB_DIR.
+# Needs: apt-get install dh-virtualenv debhelper dpkg-dev build-essential python3-venv (and PyPI).
+DEB_PYTHON ?= /usr/bin/python3
+DEB_DIR    ?= build/deb
+
+.PHONY: deb
+deb:
+	@for tool in dpkg-buildpackage dpkg-parsechangelog dh dh_virtualenv; do command -v $$tool >/dev/null || { \
+		echo "make deb needs $$tool: apt-get install dh-virtualenv debhelper dpkg-dev build-essential python3-venv" >&2; \
+		exit 2; }; done
+	@version=$$(sed -n 's/^__version__ = "\(.*\)"$$/\1/p' wlidd/__init__.py); \
+	project=$$(sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml); \
+	changelog=$$(dpkg-parsechangelog -l debian/changelog -S Version); \
+	if [ "$$version" != "$$project" ] || [ "$$version" != "$$changelog" ]; then \
+		echo "versions differ: wlidd/__init__.py $$version, pyproject.toml $$project, debian/changelog $$changelog;" \
+			"add a debian/changelog entry for the new version" >&2; exit 2; fi
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/wlidd
+	tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md wlidd etc systemd debian packaging \
+		| tar -x -C $(DEB_DIR)/wlidd
+	cd $(DEB_DIR)/wlidd && WLIDD_DEB_PYTHON=$(DEB_PYTHON) dpkg-buildpackage -b -us -uc
+	@ls -l $(DEB_DIR)/*.deb
+
 # Regenerate the checked-in protobuf modules of the SPIFFE Workload API from workload.proto.
 proto: venv
 	cd wlidd/workload_api && ../../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. workload.proto
+
+# make image [IMAGE=wlidd:<version>] [CONTAINER=docker|podman] [IMAGE_BUILD_ARGS='--build-arg RUNTIME_IMAGE=…']
+# Needs its two base images (debian:bookworm-slim, gcr.io/distroless/python3-debian12:nonroot) or mirrors of
+# them, and PyPI for the dependencies. The context is the repository; the allowlist beside the Containerfile
+# lets only pyproject.toml, README.md and wlidd/ in (podman reads it through --ignorefile).
+IMAGE_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE         ?= wlidd:$(IMAGE_VERSION)
+CONTAINER     ?= docker
+
+.PHONY: image
+image:
+	$(CONTAINER) build -f contrib/container/Containerfile -t $(IMAGE) \
+		$(if $(findstring podman,$(CONTAINER)),--ignorefile contrib/container/Containerfile.dockerignore) \
+		$(IMAGE_BUILD_ARGS) .

@@ -53,7 +53,9 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[str], timeout: float = 20
         if path.exists():
             try:
                 with httpx.Client(transport=httpx.HTTPTransport(uds=str(path))) as client:
-                    if client.get("http://wlidd/v1/health").status_code in (200, 503):
+                    health = client.get("http://wlidd/v1/health")
+                    # the socket answers while the daemon starts ("starting"): wait for READY's state
+                    if health.status_code in (200, 503) and health.json().get("status") != "starting":
                         return
             except httpx.HTTPError:
                 pass

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import anyio.from_thread
 import h11
+import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -85,6 +86,17 @@ class Node:
         return self.client.wrap_socket(raw) if surface == "mtls" else raw
 
 
+def _ready(sock: Path) -> bool:
+    """Whether the daemon on `sock` is past its start (its /v1/status no longer says "starting")."""
+    if not sock.exists():  # (httpx leaves a socket unclosed when the path is missing)
+        return False
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=5) as client:
+            return bool(client.get("http://wlidd/v1/status").json()["daemon"]["state"] != "starting")
+    except httpx.HTTPError:
+        return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,7 +158,7 @@ tokens = {{ users = ["root"], spiffe_ids = ["spiffe://{TD}/ns/fuzz/**"] }}
         daemon = subprocess.Popen([sys.executable, "-m", "wlidd", "run", "--config", str(config)], stderr=log)
         try:
             deadline = time.monotonic() + 30
-            while not node.socket_path.exists():
+            while not _ready(node.socket_path):  # the socket answers while starting: wait for READY's state
                 assert daemon.poll() is None, (base / "wlidd.log").read_text()
                 assert time.monotonic() < deadline, "the daemon never listened"
                 time.sleep(0.05)

@@ -255,7 +255,8 @@ class DaemonProcess:
             assert time.monotonic() < deadline, "the daemon never served both sockets"
             if self.workload.exists() and self.socket.exists():
                 with contextlib.suppress(httpx.HTTPError):
-                    if self.status()["identities"]:
+                    status = self.status()  # the socket answers while starting: wait for READY's state
+                    if status["identities"] and status["daemon"]["state"] != "starting":
                         return
             time.sleep(0.05)
 

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -82,22 +81,50 @@ def test_the_example_certificate_config_is_valid() -> None:
     assert cert.name == "cert.pem" and key.name == "key.pem"
 
 
-def test_make_install_lays_out_a_working_venv_units_and_config(tmp_path: Path) -> None:
+SYSTEM_PYTHON = "/usr/bin/python3"  # what `make install` builds on by default
+
+
+def _system_python_has_venv() -> bool:
+    probe = [SYSTEM_PYTHON, "-c", "import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))"]
+    return Path(SYSTEM_PYTHON).exists() and subprocess.run(probe, capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.skipif(
+    not _system_python_has_venv(), reason="needs /usr/bin/python3 >= 3.11 with venv (apt-get install python3-venv)"
+)
+def test_make_install_lays_out_a_relocatable_venv_on_the_system_python_units_and_config(tmp_path: Path) -> None:
+    """Staged with DESTDIR, no installed file names DESTDIR or this checkout (scripts, pyvenv.cfg,
+    bytecode, RECORD: every file read as bytes), and the venv's interpreter is the system one, which
+    the unit's ProtectHome=yes / PrivateTmp=yes leave visible."""
     destdir = tmp_path / "root"
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "INSTALL_PYTHON", "ALLOW_HIDDEN_PYTHON")}
     result = subprocess.run(
-        ["make", "-s", "install", f"DESTDIR={destdir}", "PREFIX=/opt/wlidd", f"PYTHON={sys.executable}"],
+        ["make", "-s", "install", f"DESTDIR={destdir}", "PREFIX=/opt/wlidd"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        env={**environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
         check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     prefix = destdir / "opt" / "wlidd"
+    naming_the_build = [
+        str(path)
+        for path in destdir.rglob("*")
+        if (path.is_symlink() and str(destdir) in os.readlink(path))
+        or (path.is_file() and not path.is_symlink() and (str(destdir).encode() in path.read_bytes()))
+        or (path.is_file() and not path.is_symlink() and str(ROOT).encode() in path.read_bytes())
+    ]
+    assert not naming_the_build, naming_the_build[:10]
+    assert any(prefix.rglob("wlidd/__pycache__/cli.cpython-*.pyc"))  # bytecode shipped, compiled for /opt/wlidd
+    interpreter = os.path.realpath(prefix / "bin" / "python")
+    hidden = ("/root/", "/home/", "/run/user/", "/tmp/", "/var/tmp/")
+    assert interpreter.startswith("/usr/") and not any(h in interpreter + "/" for h in hidden), interpreter
+    assert "home = /usr/bin" in (prefix / "pyvenv.cfg").read_text()
     assert (prefix / "bin" / "wlidd").read_text().startswith("#!/opt/wlidd/bin/python")
     version = subprocess.run(
-        [prefix / "bin" / "python", "-m", "wlidd", "--version"], capture_output=True, text=True, check=True
+        [prefix / "bin" / "python", prefix / "bin" / "wlidd", "--version"], capture_output=True, text=True, check=True
     )
     assert version.stdout.startswith("wlidd ")
     service = (destdir / "etc" / "systemd" / "system" / "wlidd.service").read_text()

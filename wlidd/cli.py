@@ -42,14 +42,15 @@ class ExitCode(enum.IntEnum):
 
 
 EXIT_CODE_MEANING: dict[ExitCode, str] = {
-    ExitCode.OK: "success; `run` stopped by SIGTERM/SIGINT",
+    ExitCode.OK: "success; `run` stopped by SIGTERM/SIGINT; `run --oneshot` did everything",
     ExitCode.FAILURE: "a check failed, an identity or token is not valid or servable, the daemon refused a"
-    " request or is not running (no socket, nothing listening), a required token could not be had at start",
+    " request or is not running (no socket, nothing listening), a required token could not be had at start,"
+    " `run --oneshot` could not load an identity, fetch a token or write a sink",
     ExitCode.CONFIG: "bad command line or configuration (unknown key, bad value, missing config file)",
     ExitCode.LISTENER: "a listener could not be set up: socket in use by a running daemon, path not a socket,"
     " unknown socket owner or group, address taken",
     ExitCode.NO_ACCESS: "permission denied on the daemon's socket (the message names its owner, group, mode)",
-    ExitCode.INTERRUPTED: "interrupted by Ctrl-C (SIGINT) outside `run`",
+    ExitCode.INTERRUPTED: "interrupted by Ctrl-C (SIGINT) outside `run`, or during `run --oneshot`",
 }
 
 
@@ -87,12 +88,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level or config.daemon.log_level, config.daemon.log_format)
     if not config.identities and not config.tokens:
         raise WlidError("nothing to serve: add an [identities.<name>] or a [tokens.<name>] table to the config")
+    if args.oneshot:
+        from wlidd.oneshot import run_oneshot
+
+        result = anyio.run(run_oneshot, config)
+        return ExitCode.OK if result.ok else ExitCode.FAILURE
     anyio.run(Daemon(config, config_path=path).run)
     return ExitCode.OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
+    if args.print:
+        from wlidd.config_toml import config_toml
+
+        print(config_toml(config, source=str(config_path_from(args.config, os.environ))), end="")
+        return ExitCode.OK
     configure_logging("error", "console")
     failures = 0
     from wlidd.sinks import ownership_warnings, sink_problems
@@ -103,6 +114,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     if (unreadable := unreadable_by_service(config_path_from(args.config, os.environ))) is not None:
         print(f"warning: {unreadable}")
+    from wlidd.api.authz import policy_warnings
+
+    for warning in policy_warnings(config.policy):
+        print(f"warning: {warning}")
     from wlidd.tokens.preflight import token_problems
 
     token_lines = token_problems(config)
@@ -213,6 +228,11 @@ def cmd_creds(args: argparse.Namespace) -> int:
 def render_status(document: dict[str, Any]) -> str:
     daemon = document["daemon"]
     lines = [f"wlidd {daemon['version']} pid {daemon['pid']}: {daemon['state']}, up {daemon['uptime_seconds']}s"]
+    if daemon["state"] == "starting":  # the accept loops run before the first loads: say what is awaited
+        waiting = daemon.get("waiting_for") or {}
+        parts = [f"identity {name} (first load)" for name in waiting.get("identities", ())]
+        parts += [f"token {name} (required at start)" for name in waiting.get("tokens", ())]
+        lines.append("starting: waiting for " + (", ".join(parts) or "the last steps before READY"))
     header = f"{'IDENTITY':<14} {'VALID':<6} {'LEFT':>8}  {'SERIAL':<12} {'SPIFFE ID'}"
     lines.append(header)
     for name, ident in document["identities"].items():
@@ -245,6 +265,8 @@ def render_status(document: dict[str, Any]) -> str:
                 err = token["last_error"]
                 kind = " (permanent: retried every backoff_max)" if err.get("permanent") else ""
                 lines.append(f"{'':<14} last error {err['at']}: {err['reason']}{kind}: {err['message']}")
+    for place, problem in (document.get("sink_problems") or {}).items():
+        lines.append(f"SINK {place} ({problem['kind']} {problem['owner']}): last write failed: {problem['error']}")
     return "\n".join(lines)
 
 
@@ -289,8 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_config(sub.add_parser("run", help="run the daemon"))
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--oneshot",
+        action="store_true",
+        help="load every identity, fetch every token, write every sink and run its hooks once, then exit:"
+        " 0 when all was done, 1 naming each failure (for ExecStartPre=, init containers, cron; no listeners,"
+        " no sd_notify)",
+    )
     run.set_defaults(func=cmd_run)
     check = with_config(sub.add_parser("check", help="validate the config and the current credential files"))
+    check.add_argument(
+        "--print",
+        action="store_true",
+        help="print the effective config as TOML (defaults filled in, WLIDD_* applied, ~ expanded, secrets"
+        " shown as <redacted>) and exit; credential files are not read",
+    )
     check.set_defaults(func=cmd_check)
     status = with_config(sub.add_parser("status", help="ask the running daemon how fresh every credential is"))
     status.add_argument("--socket", help="the daemon's Unix socket (default: from the config)")
@@ -321,7 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     creds.add_argument("--socket", help="the daemon's Unix socket (default: from the config)")
     creds.set_defaults(func=cmd_creds)
-    demo = sub.add_parser("demo", help="run the daemon on a local CA rotating GCE-style credentials")
+    demo = sub.add_parser(
+        "demo",
+        help="run the daemon on a local CA rotating GCE-style credentials, on every listener, and print"
+        " commands to try against it",
+        description="A local CA rotates GCE-style SVIDs; emulated Entra ID, STS, IAM and GCE metadata upstreams"
+        " feed three token sources; the real daemon serves them on the Unix socket, the SPIFFE Workload API,"
+        " mTLS (for a demo client SVID), the GCE metadata API and the metrics listener (free loopback ports)."
+        " Prints copy-paste commands with absolute paths for each, then a line per rotation.",
+    )
     demo.add_argument(
         "--dir", help="work directory, kept on exit (default: a new temp dir, removed on exit: it holds private keys)"
     )
@@ -330,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)"
     )
-    demo.add_argument("--no-tokens", action="store_true", help="identities only: no emulated upstreams, no tokens")
+    demo.add_argument(
+        "--no-tokens",
+        action="store_true",
+        help="identities only: no emulated upstreams, no tokens, no metadata listener",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -475,11 +475,30 @@ class WorkloadApiListenerConfig(_Strict):
     first_byte_timeout: Duration = 5.0  # from accept to the HTTP/2 preface
 
 
+class MetricsListenerConfig(_Strict):
+    """A plain-HTTP listener for Prometheus: GET /metrics and GET /v1/health only, nothing secret, no caller
+    authorization. Any address may be given (a pod's scraper is not on loopback); the daemon warns when it
+    is not a loopback one."""
+
+    address: str = "127.0.0.1:9464"
+    max_connections: int = Field(default=64, ge=1)  # a scraper holds one connection, a health probe one per probe
+    max_connections_per_caller: int = Field(default=16, ge=1)  # per uid on loopback, per remote address otherwise
+    first_byte_timeout: Duration = 5.0  # from accept to the first request byte
+    request_timeout: Duration = 10.0
+    idle_timeout: Duration = 60.0
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricsListenerConfig:
+        split_address(self.address)
+        return self
+
+
 class ListenersConfig(_Strict):
     unix: UnixListenerConfig = Field(default_factory=UnixListenerConfig)
     metadata: MetadataListenerConfig | None = None
     mtls: MtlsListenerConfig | None = None
     workload_api: WorkloadApiListenerConfig | None = None
+    metrics: MetricsListenerConfig | None = None
 
 
 class AccessRule(_Strict):

@@ -1,9 +1,14 @@
 """The daemon: watchers, token sources, listeners, signals and systemd in one anyio task group.
 
 Start: every listener's socket bound first (or taken from socket activation), so a socket another
-daemon holds fails the start before any sink is written or hook run; then every identity's first load
-(its sinks brought up to date), every token source started (required ones obtained), the accept loops
-— then READY=1 and `task_status.started()`. SIGHUP: RELOADING=1, the config re-read (log level, policy,
+daemon holds fails the start before any sink is written or hook run; then the accept loops (each logs
+"listener started" with its address or path), so the daemon answers while it starts: /v1/status says
+"starting" and what it waits for, /v1/health 503; then every identity's first load (its sinks brought up
+to date), every token source started (one with an identity once that identity's first load was tried),
+the required ones obtained — then READY=1 and `task_status.started()`. Until then a request that needs
+an identity still loading gets the answer of an absent identity, while a token source needing none
+(gce-metadata) is served at once. A stop during the start ends it: listeners close, no READY=1 is sent,
+and SIGHUP waits for the start to finish. SIGHUP: RELOADING=1, the config re-read (log level, policy,
 sinks and token sources live; an invalid file refused whole), every identity re-read, every sink
 brought up to date (wlidd.sinks.ensure_credentials, ensure_token: only what is missing or stale is
 written), READY=1; the same check runs every reload_interval. SIGTERM/SIGINT: STOPPING=1, listeners
@@ -18,6 +23,7 @@ in /v1/health, STATUS= and the metrics instead.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import resource
 import signal
@@ -35,7 +41,7 @@ from wlidd.api.authz import Policy, parse_matcher
 from wlidd.api.listeners import ListenerError, bind_unix_socket
 from wlidd.api.metadata import FLAVOR, MetadataApi
 from wlidd.api.mtls import MtlsGate, QuietTLSListener
-from wlidd.api.routes import Api
+from wlidd.api.routes import Api, MetricsRoutes
 from wlidd.api.server import (
     TOO_MANY_CONNECTIONS,
     Handler,
@@ -48,6 +54,7 @@ from wlidd.api.server import (
 from wlidd.config import (
     Config,
     MetadataListenerConfig,
+    MetricsListenerConfig,
     MtlsListenerConfig,
     TokenConfig,
     UnixListenerConfig,
@@ -55,10 +62,10 @@ from wlidd.config import (
     load_config,
     split_address,
 )
-from wlidd.errors import ConfigError
+from wlidd.errors import ConfigError, WlidError
 from wlidd.logs import configure_logging, get_logger, repeat_limiter
 from wlidd.metrics import Metrics
-from wlidd.sinks import ensure_credentials, ensure_token, follow_credentials
+from wlidd.sinks import ensure_credentials, ensure_token, failing_sinks, follow_credentials
 from wlidd.svid.load import Clock, CredentialSource, utc_now
 from wlidd.systemd import Notifier, listen_fds, watchdog_period
 from wlidd.tlsctx import HotServerContext
@@ -70,6 +77,10 @@ if TYPE_CHECKING:  # imported only with a Workload API listener: grpclib, h2 and
     from wlidd.workload_api.server import WorkloadApi
 
 log = get_logger("wlidd.daemon")
+
+_HttpLimits = UnixListenerConfig | MtlsListenerConfig | MetadataListenerConfig | MetricsListenerConfig
+
+_UNIX_LISTENERS = frozenset({"unix", "workload_api"})  # the rest listen on TCP
 
 DRAIN_TIMEOUT = 10.0  # seconds in-flight requests get to finish on stop
 STATUS_INTERVAL = 10.0  # how often the STATUS= line is recomputed
@@ -119,7 +130,12 @@ class Daemon:
         metadata = config.listeners.metadata
         if metadata is not None:
             api = MetadataApi(metadata, self.tokens[metadata.token], self.policy, clock)
+            api.held_back = self.held_back
             self.metadata_server = self._http_server(api, "metadata", metadata)
+        self.metrics_server: HttpServer | None = None
+        self.metrics_port: int | None = None
+        if config.listeners.metrics is not None:
+            self.metrics_server = self._http_server(MetricsRoutes(self.api), "metrics", config.listeners.metrics)
         self._request_counters: dict[tuple[str, str, int], Any] = {}
         self._stopping = anyio.Event()
         self._environ: Mapping[str, str] = os.environ if environ is None else environ
@@ -134,11 +150,21 @@ class Daemon:
         self._tcp_listeners: list[anyio.abc.Listener[Any]] = []  # keep anyio's wrappers of our TCP sockets
         self._bound: dict[str, list[socket.socket]] = {}  # listener name → sockets bound, accept loops not yet started
         self.api.extra_status["listeners"] = self.listener_status
+        self.api.extra_status["sink_problems"] = self.sink_problems
         self.api.liveness_problems = self.liveness_problems
+        self.api.starting = self.waiting_for
+        self.api.held_back = self.held_back
+        # The lifecycle: "starting" (accept loops run, first loads and required tokens awaited), "ready"
+        # (READY=1 sent), "stopping" (STOPPING=1 sent). RELOADING=1/READY=1 are only sent while "ready".
+        self.lifecycle = "starting"
+        self._loading: set[str] = set(self.watchers)  # identities whose first load has not ended yet
+        self._awaiting: set[str] = {n for n, t in self.tokens.items() if t.config.require_at_start}
+        self._progress = anyio.Event()  # set when the start moved on (the STATUS= line is recomputed)
+        self._last_status = ""  # the STATUS= text sent last
+        self._reload_pending = False  # a SIGHUP came while starting: it runs once READY=1 was sent
+        self._addresses: dict[str, str] = {}  # listener name → where it accepts ("127.0.0.1:9464", a path)
 
-    def _http_server(
-        self, handler: Handler, name: str, limits: UnixListenerConfig | MtlsListenerConfig | MetadataListenerConfig
-    ) -> HttpServer:
+    def _http_server(self, handler: Handler, name: str, limits: _HttpLimits) -> HttpServer:
         template: Callable[[str], str] = getattr(handler, "route_template", lambda _path: "other")
         return HttpServer(
             handler,
@@ -165,14 +191,18 @@ class Daemon:
         counter.inc()
 
     def stop(self) -> None:
+        """Stop gracefully (listeners close, in-flight requests get `drain_timeout`); while starting, the
+        start is cancelled first and no READY=1 is sent."""
         self._stopping.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped (signal or `stop()`); returns normally on a graceful stop.
 
-        READY=1 is sent only once credentials were loaded, required tokens obtained and every listener
-        bound; STOPPING=1 when stopping; listeners stop accepting first, in-flight requests get
-        `drain_timeout` to finish.
+        The accept loops run from right after binding (`lifecycle` "starting": see the module docstring).
+        READY=1 and `task_status.started()` come only once every identity's first load was tried, required
+        tokens obtained and every listener bound; a stop before that sends neither (a caller awaiting
+        `tg.start(run)` then gets anyio's "exited without calling started"). STOPPING=1 when stopping;
+        listeners stop accepting first, in-flight requests get `drain_timeout` to finish.
         """
         log.info(
             "starting",
@@ -189,29 +219,24 @@ class Daemon:
             await self._bind_listeners(activated)
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
-                async with anyio.create_task_group() as starting:  # every identity's first load at once
-                    for watcher in self.watchers.values():
-                        starting.start_soon(tg.start, watcher.run)
-                for watcher in self.watchers.values():
-                    tg.start_soon(follow_credentials, watcher)
-                    tg.start_soon(self._keep_credential_sinks, watcher)
-                tg.start_soon(self._keep_token_sinks)
-                for source in list(self.tokens.values()):
-                    await tg.start(self._run_source, source)
-                for source in self.tokens.values():
-                    if source.config.require_at_start:
-                        self.notifier.status(f"waiting for token {source.name!r}")
-                        await source.wait_until_servable(source.config.require_timeout)
-                await self._start_listeners(tg)
+                await self._start_listeners(tg)  # answer from now on: /v1/status says "starting"
                 tg.start_soon(self._signals)
                 if (period := watchdog_period(self._environ)) is not None:
                     tg.start_soon(self._watchdog, period)
                 tg.start_soon(self._status_line)
-                invalid = [name for name, w in self.watchers.items() if not w.is_valid(self.clock())]
-                log.info("ready", socket=str(self.socket_path), invalid_identities=invalid)
-                self.notifier.ready(self.summary())
-                task_status.started()
+                tg.start_soon(self._keep_token_sinks)
+                if await self._start(tg):
+                    self.lifecycle = "ready"
+                    invalid = [name for name, w in self.watchers.items() if not w.is_valid(self.clock())]
+                    log.info("ready", socket=str(self.socket_path), invalid_identities=invalid)
+                    self._last_status = self.summary()
+                    self.notifier.ready(self._last_status)
+                    self._progressed()
+                    task_status.started()
+                    if self._reload_pending:
+                        tg.start_soon(self.reload)
                 await self._stopping.wait()
+                self.lifecycle = "stopping"
                 log.info("stopping")
                 self.notifier.stopping()
                 with anyio.CancelScope(shield=True):
@@ -246,8 +271,85 @@ class Daemon:
             repeat_limiter().flush(everything=True)
         log.info("stopped")
 
+    async def _start(self, tg: anyio.abc.TaskGroup) -> bool:
+        """Everything between the accept loops and READY=1: every identity's first load at once (each then
+        follows its sinks), every token source started — one without an identity at once, one with an
+        identity once that identity's first load was tried (its first fetch needs the SVID) — and the
+        required ones obtained (WlidError after their require_timeout). False when a stop came first:
+        the start is cancelled, and what it started is left to the stop path."""
+        try:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as starting:
+
+                    async def cancel_on_stop() -> None:
+                        await self._stopping.wait()
+                        scope.cancel()
+
+                    starting.start_soon(cancel_on_stop)
+                    async with anyio.create_task_group() as loads:
+                        for source in list(self.tokens.values()):
+                            if source.config.identity is None:
+                                loads.start_soon(self._start_source, tg, source)
+                        for watcher in self.watchers.values():
+                            loads.start_soon(self._first_load, tg, watcher)
+                    starting.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # a required token not had: raise it as the sequential start did
+            failed = group.subgroup(lambda exc: isinstance(exc, WlidError))
+            while isinstance(failed, BaseExceptionGroup):
+                failed = failed.exceptions[0]
+            if failed is None:
+                raise
+            raise failed from None
+        return not self._stopping.is_set()
+
+    async def _first_load(self, tg: anyio.abc.TaskGroup, watcher: CredentialWatcher) -> None:
+        """One identity's first load (retries included), then its sinks and the token sources that use it."""
+        await tg.start(watcher.run)
+        self._loading.discard(watcher.name)
+        self._progressed()
+        tg.start_soon(follow_credentials, watcher)
+        tg.start_soon(self._keep_credential_sinks, watcher)
+        async with anyio.create_task_group() as sources:
+            for source in list(self.tokens.values()):
+                if source.config.identity == watcher.name:
+                    sources.start_soon(self._start_source, tg, source)
+
+    async def _start_source(self, tg: anyio.abc.TaskGroup, source: TokenSource) -> None:
+        """Start one token source; a required one is waited for (WlidError after its require_timeout)."""
+        await tg.start(self._run_source, source)
+        if source.config.require_at_start:
+            await source.wait_until_servable(source.config.require_timeout)
+        self._awaiting.discard(source.name)
+        self._progressed()
+
+    def _progressed(self) -> None:
+        """The start moved on (or ended): the STATUS= line is recomputed now."""
+        self._progress.set()
+
+    def waiting_for(self) -> dict[str, list[str]] | None:
+        """While starting: {"identities": names whose first load runs, "tokens": required tokens not
+        obtained yet}; None once READY=1 was sent (and while stopping)."""
+        if self.lifecycle != "starting":
+            return None
+        now = self.clock()
+        return {
+            "identities": sorted(self._loading),
+            "tokens": [
+                name for name in self.tokens if name in self._awaiting and self.tokens[name].servable(now) is None
+            ],
+        }
+
+    def held_back(self, source: TokenSource) -> str | None:
+        """Why `source` must not be asked for a token yet: its identity's first load still runs (a fetch now
+        would fail and put the source into backoff); None when it may be asked."""
+        identity = source.config.identity
+        if self.lifecycle == "starting" and identity is not None and identity in self._loading:
+            return f"identity {identity!r} has no valid SVID loaded yet (wlidd is starting: its first load is running)"
+        return None
+
     def _servers(self) -> list[HttpServer]:
-        return [s for s in (self.unix_server, self.mtls_server, self.metadata_server) if s is not None]
+        servers = (self.unix_server, self.mtls_server, self.metadata_server, self.metrics_server)
+        return [s for s in servers if s is not None]
 
     async def _tcp(self, name: str, address: str, activated: dict[str, socket.socket]) -> list[socket.socket]:
         """The listening TCP socket(s) of a listener: the socket-activated one, or bound here."""
@@ -269,7 +371,7 @@ class Daemon:
         name: str,
         sock: socket.socket,
         server: HttpServer,
-        limits: UnixListenerConfig | MtlsListenerConfig | MetadataListenerConfig,
+        limits: _HttpLimits,
         *,
         tls: ssl.SSLContext | None = None,
         refusal_headers: tuple[tuple[str, str], ...] = (),
@@ -311,7 +413,7 @@ class Daemon:
         name: str,
         sock: socket.socket,
         handle: Callable[[socket.socket, CallerKey], Awaitable[None]],
-        limits: UnixListenerConfig | MtlsListenerConfig | MetadataListenerConfig | WorkloadApiListenerConfig,
+        limits: _HttpLimits | WorkloadApiListenerConfig,
         **options: Any,
     ) -> None:
         """Start the accept loop of one listening socket with its listener's connection caps
@@ -354,6 +456,17 @@ class Daemon:
         if self.metadata_server is not None and metadata is not None:
             self._bound["metadata"] = await self._tcp("metadata", metadata.address, activated)
             self.metadata_port = self._bound["metadata"][0].getsockname()[1]
+        metrics = self.config.listeners.metrics
+        if self.metrics_server is not None and metrics is not None:
+            self._bound["metrics"] = await self._tcp("metrics", metrics.address, activated)
+            self.metrics_port = self._bound["metrics"][0].getsockname()[1]
+            public = [where for sock in self._bound["metrics"] if not _is_loopback(where := socket_address(sock))]
+            if public:
+                log.warning(
+                    "the metrics listener is not on a loopback address: whoever reaches it reads /metrics and "
+                    "/v1/health (names, counts, validity and failure reasons; never a key or a token)",
+                    address=", ".join(public),
+                )
         workload = self.config.listeners.workload_api
         if workload is not None:
             inherited_workload = activated.pop("workload_api", None)
@@ -369,17 +482,21 @@ class Daemon:
     async def _start_listeners(self, tg: anyio.abc.TaskGroup) -> None:
         """Start the accept loops of the sockets _bind_listeners bound."""
         unix = self.config.listeners.unix
-        for sock in self._bound.pop("unix", []):
+        for sock in self._started("unix"):
             await self._listen(tg, "unix", sock, self.unix_server, unix)
         mtls = self.config.listeners.mtls
         if self.mtls_server is not None and mtls is not None:
             hot = HotServerContext(self.watchers[mtls.identity].current_tls)
-            for tcp in self._bound.pop("mtls", []):
+            for tcp in self._started("mtls"):
                 await self._listen(tg, "mtls", tcp, self.mtls_server, mtls, tls=hot.context)
         metadata = self.config.listeners.metadata
         if self.metadata_server is not None and metadata is not None:
-            for tcp in self._bound.pop("metadata", []):
+            for tcp in self._started("metadata"):
                 await self._listen(tg, "metadata", tcp, self.metadata_server, metadata, refusal_headers=FLAVOR)
+        metrics = self.config.listeners.metrics
+        if self.metrics_server is not None and metrics is not None:
+            for tcp in self._started("metrics"):
+                await self._listen(tg, "metrics", tcp, self.metrics_server, metrics)
         workload = self.config.listeners.workload_api
         if workload is not None:
             from wlidd.workload_api.server import WorkloadApi, build_server, serve_accepted
@@ -393,12 +510,27 @@ class Daemon:
                 with contextlib.suppress(OSError):  # the peer went away before its transport was set up
                     await serve_accepted(server, conn, first_byte_timeout=first_byte)
 
-            for sock in self._bound.pop("workload_api", []):
+            for sock in self._started("workload_api"):
                 await self._accept(tg, "workload_api", sock, handle, workload)
-            log.info("SPIFFE Workload API listening", path=str(workload.path))
+        for name, where in self._addresses.items():  # one line per listener, once all of them accept
+            log.info("listener started", listener=name, **{"path" if name in _UNIX_LISTENERS else "address": where})
+
+    def _started(self, name: str) -> list[socket.socket]:
+        """The bound sockets of listener `name`, taken out of `_bound` (their accept loops start now); where
+        they accept is kept for the "listener started" line and /v1/status."""
+        socks = self._bound.pop(name, [])
+        if socks:
+            self._addresses[name] = ", ".join(socket_address(sock) for sock in socks)
+        return socks
 
     def summary(self) -> str:
-        """One line for systemctl status: how many identities and tokens are valid, and what is not."""
+        """One line for systemctl status: how many identities and tokens are valid, and what is not; while
+        starting, what the start waits for."""
+        waiting = self.waiting_for()
+        if waiting is not None:
+            parts = [f"identity {n} (first load)" for n in waiting["identities"]]
+            parts += [f"token {n} (required at start)" for n in waiting["tokens"]]
+            return "starting: waiting for " + ", ".join(parts) if parts else "starting"
         now = self.clock()
         bad = [f"identity {n}" for n, w in self.watchers.items() if not w.is_valid(now)]
         bad += [f"token {n}" for n, t in self.tokens.items() if t.servable(now) is None and not t.config.on_demand]
@@ -414,6 +546,16 @@ class Daemon:
             if not loop.alive
         }
 
+    def sink_problems(self) -> dict[str, Any]:
+        """`/v1/status` `sink_problems`: {place: {kind, owner, error}} for this daemon's sinks whose last
+        write failed (their files keep the last good content)."""
+        owners = {("identity", name) for name in self.watchers} | {("token", name) for name in self.tokens}
+        return {
+            problem.place: {"kind": problem.kind, "owner": problem.owner, "error": problem.error}
+            for problem in failing_sinks().now()
+            if (problem.kind, problem.owner) in owners
+        }
+
     def listener_status(self) -> dict[str, Any]:
         """Each listener's accept loop for /v1/status (several sockets of one listener are summed)."""
         document: dict[str, Any] = {}
@@ -421,7 +563,7 @@ class Daemon:
             status = loop.status()
             known = document.get(loop.name)
             if known is None:
-                document[loop.name] = status
+                document[loop.name] = {"address": self._addresses.get(loop.name), **status}
             else:
                 known["alive"] = known["alive"] and status["alive"]
                 for key in ("open", "callers", "accepted", "refused"):
@@ -433,7 +575,8 @@ class Daemon:
         upstream connections and watches."""
         listeners = self.config.listeners
         caps = [listeners.unix.max_connections]
-        caps += [cfg.max_connections for cfg in (listeners.mtls, listeners.metadata, listeners.workload_api) if cfg]
+        optional = (listeners.mtls, listeners.metadata, listeners.workload_api, listeners.metrics)
+        caps += [cfg.max_connections for cfg in optional if cfg]
         return sum(caps) + 256
 
     async def _watchdog(self, period: float) -> None:
@@ -473,14 +616,15 @@ class Daemon:
     async def _status_line(self) -> None:
         """STATUS= when the summary changes (checked every STATUS_INTERVAL seconds), and the summaries of
         repeated log lines whose window is over."""
-        last = ""
         while True:
+            self._progress = anyio.Event()
             line = self.summary()
-            if line != last:
+            if line != self._last_status:
                 self.notifier.status(line)
-                last = line
+                self._last_status = line
             repeat_limiter().flush()
-            await anyio.sleep(STATUS_INTERVAL)
+            with anyio.move_on_after(STATUS_INTERVAL):  # or at once when the start moves on
+                await self._progress.wait()
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
@@ -497,7 +641,18 @@ class Daemon:
         A new config that does not validate is refused with its reason and the old one kept.
         Safe to change live: log level and format, [policy], sinks of identities and tokens. Anything
         else is reported as needing a restart.
+
+        RELOADING=1/READY=1 belong to a ready daemon: a reload asked for while starting runs once READY=1
+        was sent (the first loads read the files anyway); one asked for while stopping is ignored.
         """
+        if self.lifecycle == "starting":
+            self._reload_pending = True
+            log.info("SIGHUP while starting: the reload runs once the start is over")
+            return
+        if self.lifecycle == "stopping":
+            log.info("SIGHUP while stopping: ignored")
+            return
+        self._reload_pending = False
         self.notifier.reloading()
         log.info("SIGHUP: reloading")
         if self.config_path is not None:
@@ -516,23 +671,38 @@ class Daemon:
                 self._task_group.start_soon(ensure_credentials, watcher)
             for source in self.tokens.values():
                 self._task_group.start_soon(ensure_token, source, self.clock)
-        self.notifier.ready(self.summary())
+        if self.lifecycle == "ready":  # never READY=1 after STOPPING=1 (a stop during the reload)
+            self._last_status = self.summary()
+            self.notifier.ready(self._last_status)
 
     async def _apply(self, new: Config) -> None:
+        """Apply a re-read config: the live parts now, the rest reported as needing a restart.
+
+        Each part that changed logs one line ("logging reloaded", "policy reloaded", "sinks reloaded",
+        "token source (re)started" / "removed", "these changes take effect only after a restart"); a
+        reload that changed nothing logs only "config unchanged". The policy is resolved again on every
+        reload (a user or group named in it may have been created since) and counts as changed only
+        when the resolution differs; names still unknown are logged at warning again (once per reload).
+        """
         old = self.config
         restart: list[str] = []
-        if new.daemon != old.daemon:
+        changed = False
+        if (new.daemon.log_level, new.daemon.log_format) != (old.daemon.log_level, old.daemon.log_format):
             configure_logging(new.daemon.log_level, new.daemon.log_format)
-            if new.daemon.runtime_dir != old.daemon.runtime_dir:
-                restart.append("daemon.runtime_dir")
-        if new.policy != old.policy:
-            self.policy = Policy.from_config(new.policy)
+            log.info("logging reloaded", log_level=new.daemon.log_level, log_format=new.daemon.log_format)
+            changed = True
+        if new.daemon.runtime_dir != old.daemon.runtime_dir:
+            restart.append("daemon.runtime_dir")
+        policy = await anyio.to_thread.run_sync(Policy.from_config, new.policy)  # NSS lookups may block
+        if policy != self.policy:
+            self.policy = policy
             self.api.policy = self.policy
             if self.metadata_server is not None and isinstance(self.metadata_server.handler, MetadataApi):
                 self.metadata_server.handler.policy = self.policy
+            if self.workload_api is not None:
+                self.workload_api.set_policy(self.policy)  # every open stream re-checks its caller now
             log.info("policy reloaded")
-        if self.workload_api is not None:
-            self.workload_api.set_policy(self.policy)  # every open stream re-checks its caller now
+            changed = True
         keep_ids = dict(old.identities)
         for name in sorted(set(old.identities) | set(new.identities)):
             before, after = old.identities.get(name), new.identities.get(name)
@@ -544,6 +714,7 @@ class Daemon:
                 self.watchers[name].source = CredentialSource(name, after, dict(self._environ))
                 keep_ids[name] = after
                 log.info("sinks reloaded", section=f"identities.{name}")  # reload() brings them up to date now
+                changed = True
         keep_tokens = dict(old.tokens)
         pinned = old.listeners.metadata.token if old.listeners.metadata is not None else None
         for name in list(dict.fromkeys([*old.tokens, *new.tokens])):
@@ -562,8 +733,10 @@ class Daemon:
                 self.tokens[name].config = wanted
                 keep_tokens[name] = wanted
                 log.info("sinks reloaded", section=f"tokens.{name}")  # reload() brings them up to date now
+                changed = True
             else:
                 await self._replace_source(name, wanted)
+                changed = True
                 if wanted is None:
                     keep_tokens.pop(name, None)
                 else:
@@ -572,9 +745,12 @@ class Daemon:
             restart.append("listeners")
         if restart:
             log.warning("these changes take effect only after a restart", sections=restart)
+        elif not changed:
+            log.info("config unchanged")
         # What runs now: the new live parts, and the old version of everything that needs a restart.
+        daemon = new.daemon.model_copy(update={"runtime_dir": old.daemon.runtime_dir})
         self.config = old.model_copy(
-            update={"daemon": new.daemon, "policy": new.policy, "identities": keep_ids, "tokens": keep_tokens}
+            update={"daemon": daemon, "policy": new.policy, "identities": keep_ids, "tokens": keep_tokens}
         )
 
     def _new_source(self, name: str, token_config: TokenConfig) -> TokenSource:
@@ -607,6 +783,7 @@ class Daemon:
             log.info("token source removed", source=name)
             return
         source = self._new_source(name, token_config)
+        source.first_trigger = "config"  # its first fetch is logged as the reload's
         assert self._task_group is not None
         await self._task_group.start(self._run_source, source)
         self.tokens[name] = source
@@ -617,6 +794,26 @@ class Daemon:
         ):
             self.metadata_server.handler.source = source
         log.info("token source (re)started", source=name, flow=token_config.flow)
+
+
+def socket_address(sock: socket.socket) -> str:
+    """Where a listening socket accepts: "127.0.0.1:9464", "[::1]:9464", or a Unix socket's path."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return name.decode(errors="replace").replace("\0", "@", 1) if isinstance(name, bytes) else str(name)
+    host, port = str(name[0]), int(name[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether "host:port" (as socket_address writes it) is a loopback address (IPv4-mapped ones too)."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def raise_open_files_limit(needed: int) -> int:

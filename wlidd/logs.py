@@ -1,6 +1,7 @@
 """Structured logs (structlog) with secret redaction.
 
-JSON when stderr is not a TTY (or when asked), a console format otherwise. Redaction is a pure
+JSON when stderr is not a TTY (or when asked), a console format otherwise, coloured only on a
+terminal (NO_COLOR and FORCE_COLOR respected: `use_colors`). Redaction is a pure
 processor: values under secret-looking keys are replaced, and PEM private keys or JWT-shaped strings
 anywhere in a value are masked. Tracebacks never include local variables.
 """
@@ -8,6 +9,7 @@ anywhere in a value are masked. Tracebacks never include local variables.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -233,11 +235,36 @@ def reset_logging() -> None:
     use_repeat_limiter(RepeatLimiter())
 
 
+def use_colors(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether console lines written to `stream` get ANSI colours: never when NO_COLOR is set and not
+    empty (https://no-color.org), always when FORCE_COLOR is set and not empty (https://force-color.org),
+    never when TERM is "dumb", else only when `stream` is a terminal. NO_COLOR wins over FORCE_COLOR,
+    the order of structlog's own defaults and of CPython's `_colorize.can_colorize`."""
+    env = os.environ if environ is None else environ
+    if env.get("NO_COLOR", ""):
+        return False
+    if env.get("FORCE_COLOR", ""):
+        return True
+    if env.get("TERM") == "dumb":
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def configure_logging(
-    level: str = "info", fmt: str = "auto", stream: TextIO | None = None, *, journald: bool | None = None
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    *,
+    journald: bool | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> None:
     """Configure structlog once for the process. Under journald (stderr is the journal stream), lines
-    carry no timestamp (the journal adds its own) and start with their syslog priority."""
+    carry no timestamp (the journal adds its own) and start with their syslog priority. The console
+    format is coloured only as `use_colors(stream, environ)` says (never under journald), so a pipe,
+    a file or a log collector gets no escape codes."""
     out = stream or sys.stderr
     if journald is None:
         from wlidd.systemd import journald_stderr
@@ -251,7 +278,9 @@ def configure_logging(
     if use_json:
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(sort_keys=False)]
     else:
-        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback, colors=not journald)
+        renderer = structlog.dev.ConsoleRenderer(
+            exception_formatter=structlog.dev.plain_traceback, colors=not journald and use_colors(out, environ)
+        )
         processors.append(renderer)
     if journald:
         processors.append(journald_priority)

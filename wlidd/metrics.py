@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 
@@ -137,6 +137,9 @@ class Metrics:
         )
 
         self.registry.register(_SuppressedLines())
+        self.registry.register(_FailingSinks())
+        # process_start_time_seconds (restart loops), CPU, RSS and open descriptors of this process
+        ProcessCollector(registry=self.registry)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -156,4 +159,26 @@ class _SuppressedLines(Collector):
         )
         for event, count in sorted(repeat_limiter().suppressed.items()):
             family.add_metric([event], count)
+        yield family
+
+
+class _FailingSinks(Collector):
+    """wlidd_sink_write_failing{kind,owner}: how many of an identity's or token source's sinks failed their
+    last write (wlidd.sinks.failing_sinks; owners come from the config, a bounded set). A series goes
+    away once every sink of its owner is written again."""
+
+    def collect(self) -> Iterator[Metric]:
+        from wlidd.sinks import failing_sinks
+
+        family = GaugeMetricFamily(
+            "wlidd_sink_write_failing",
+            "Sinks whose last write failed (their files keep the last good content), by kind (identity,"
+            " token) and owner; see /v1/status sink_problems for the places and errors.",
+            labels=["kind", "owner"],
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for problem in failing_sinks().now():
+            counts[problem.kind, problem.owner] = counts.get((problem.kind, problem.owner), 0) + 1
+        for (kind, owner), count in sorted(counts.items()):
+            family.add_metric([kind, owner], count)
         yield family

@@ -499,6 +499,7 @@ async def ensure_token(source: TokenHolder, clock: Callable[[], dt.datetime]) ->
     reads the token only once it holds the lock, so the newest token is what stays on disk. The sinks
     written."""
     async with _lock(_token_locks, source.name):
+        _failing.keep_only("token", source.name, [str(sink.path) for sink in source.config.sinks])
         token = source.servable()
         if token is None or not source.config.sinks:
             return ()
@@ -515,12 +516,15 @@ async def _publish_token(
             readers = resolve_readers(sink.readers)
             data = render_token(token, sink.format, now)
             if only_stale and await anyio.to_thread.run_sync(_token_file_is, sink, data, uid, gid, readers):
+                _failing.solved(str(sink.path))
                 continue
             write = functools.partial(write_atomic, sink.path, data, sink.mode, uid, gid, readers=readers)
             await anyio.to_thread.run_sync(write)
         except (OSError, KeyError) as exc:  # KeyError: an owner, group or reader that does not exist
             log.error("token sink write failed", source=source, path=str(sink.path), error=_reason(exc))
+            _failing.failed(SinkProblem("token", source, str(sink.path), _reason(exc)))
             continue
+        _failing.solved(str(sink.path))
         written.append(sink)
     async with anyio.create_task_group() as tg:
         for sink in written:
@@ -941,7 +945,9 @@ async def publish_credentials(
             changed = await anyio.to_thread.run_sync(write_credentials, sink, state)
         except (OSError, KeyError, ValueError) as exc:
             log.error("credential sink write failed", identity=state.name, dir=str(sink.dir), error=_reason(exc))
+            _failing.failed(SinkProblem("identity", state.name, str(sink.dir), _reason(exc)))
             continue
+        _failing.solved(str(sink.dir))
         if changed:
             log.info(
                 "credential sink written", identity=state.name, dir=str(sink.dir), serial=state.identity.svid.serial
@@ -1867,6 +1873,63 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
+@dataclass(frozen=True)
+class SinkProblem:
+    """A sink whose last write failed: `kind` "identity" or "token", `owner` the identity's or token
+    source's name, `place` the sink's dir or path, `error` as logged (no secret: strerror and a path, or
+    an unknown user's or group's name)."""
+
+    kind: str
+    owner: str
+    place: str
+    error: str
+
+
+class FailingSinks:
+    """The sinks whose last write failed, one entry per place, gone once that sink is written or found
+    current, or no longer configured (`keep_only`). Bounded: at most MAX_FAILING_SINKS entries (sinks come
+    from the config, not from callers). Read by `/v1/status`, the metric `wlidd_sink_write_failing` and
+    `wlidd run --oneshot`."""
+
+    MAX_FAILING_SINKS = 1024
+
+    def __init__(self) -> None:
+        self._by_place: dict[str, SinkProblem] = {}
+        self._lock = threading.Lock()
+
+    def failed(self, problem: SinkProblem) -> None:
+        with self._lock:
+            self._by_place.pop(problem.place, None)
+            if len(self._by_place) >= self.MAX_FAILING_SINKS:
+                self._by_place.pop(next(iter(self._by_place)))
+            self._by_place[problem.place] = problem
+
+    def solved(self, place: str) -> None:
+        with self._lock:
+            self._by_place.pop(place, None)
+
+    def keep_only(self, kind: str, owner: str, places: Sequence[str]) -> None:
+        """Forget the owner's problems at places it no longer has (a reload removed or moved a sink)."""
+        with self._lock:
+            for place, problem in list(self._by_place.items()):
+                if problem.kind == kind and problem.owner == owner and place not in places:
+                    del self._by_place[place]
+
+    def now(self) -> list[SinkProblem]:
+        """Every failing sink, by kind, owner and place."""
+        with self._lock:
+            return sorted(self._by_place.values(), key=lambda p: (p.kind, p.owner, p.place))
+
+
+_failing = FailingSinks()
+
+
+def failing_sinks() -> FailingSinks:
+    """The process's record of failing sinks (sinks are written by module functions shared by every daemon
+    of the process, as the repeat limiter of the logs)."""
+    return _failing
+
+
 async def follow_credentials(watcher: CredentialWatcher) -> None:
     """Bring the identity's sinks (as configured now: a reload may change them) up to date on every new state,
     the first one included (start)."""
@@ -1882,6 +1945,7 @@ async def ensure_credentials(watcher: CredentialWatcher) -> tuple[CredentialSink
     tmpfs, a deleted file). Serialized per identity; the state is read once the lock is held, so the
     newest one is what stays on disk. The sinks written; failures are logged, never raised."""
     async with _lock(_credential_locks, watcher.name):
+        _failing.keep_only("identity", watcher.name, [str(sink.dir) for sink in watcher.source.config.sinks])
         state = watcher.current
         if state is None or not watcher.source.config.sinks:
             return ()

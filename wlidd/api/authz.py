@@ -182,6 +182,7 @@ class Rule:
     text: str
     matchers: tuple[Matcher, ...] = ()
     per_name: str = ""  # "policy.token.<name>" / "policy.identity.<name>" for a per-name rule, else ""
+    unknown: tuple[tuple[str, str], ...] = ()  # ("user" | "group", name): names this host did not know
 
     def check(self, caller: Caller, what: str) -> str | None:
         if caller.uid in self.uids or caller.groups & self.gids:
@@ -224,18 +225,19 @@ def group_id(value: str | int) -> int | None:
 
 
 def resolve_rule(rule: AccessRule, where: str) -> Rule:
-    """Names to ids. A name that does not exist on this host is left out, with a warning once. `where`
-    is the rule's place in the config; "policy.token.<name>" and "policy.identity.<name>" make it a
-    per-name rule (see Rule.check_spiffe)."""
-    uids, gids = set(), set()
+    """Names to ids. A name that does not exist on this host is left out and kept in `Rule.unknown`
+    (Policy.from_config logs each at warning, `wlidd check` prints them: `policy_warnings`). `where` is
+    the rule's place in the config; "policy.token.<name>" and "policy.identity.<name>" make it a
+    per-name rule (see Rule.check_spiffe). No logging here: resolving is pure but for the NSS lookups."""
+    uids, gids, unknown = set(), set(), []
     for user in rule.users:
         if (uid := user_id(user)) is None:
-            log.warning("policy names a user that does not exist; ignored", policy=where, user=str(user))
+            unknown.append(("user", str(user)))
         else:
             uids.add(uid)
     for group in rule.groups:
         if (gid := group_id(group)) is None:
-            log.info("policy names a group that does not exist; ignored", policy=where, group=str(group))
+            unknown.append(("group", str(group)))
         else:
             gids.add(gid)
     parts = [
@@ -245,11 +247,16 @@ def resolve_rule(rule: AccessRule, where: str) -> Rule:
     matchers = tuple(parse_matcher(p) for p in rule.spiffe_ids)
     per_name = where if where.startswith(("policy.token.", "policy.identity.")) else ""
     text = "; ".join(p for p in parts if p) or "nobody"
-    return Rule(frozenset(uids), frozenset(gids), text, matchers, per_name)
+    return Rule(frozenset(uids), frozenset(gids), text, matchers, per_name, tuple(unknown))
 
 
 class Policy:
-    """The resolved [policy]: a rule per token and per identity's credentials."""
+    """The resolved [policy]: a rule per token and per identity's credentials.
+
+    Resolved once at start and at every reload (names may have been created or removed on the host
+    since), never per request. Two policies are equal when they would decide every request alike and
+    name the same unknown names: the daemon compares them to log "policy reloaded" only on a change.
+    """
 
     def __init__(
         self, tokens: dict[str, Rule], credentials: dict[str, Rule], default_token: Rule, default_credentials: Rule
@@ -260,7 +267,17 @@ class Policy:
         self._default_credentials = default_credentials
 
     @classmethod
-    def from_config(cls, policy: object) -> Policy:
+    def from_config(cls, policy: object, *, log_unknown: bool = True) -> Policy:
+        """Resolve a PolicyConfig; each user or group name this host does not know is logged at warning
+        (once per call: per start or reload, bounded by the config's size), unless `log_unknown` is False."""
+        resolved = cls._resolve(policy)
+        if log_unknown:
+            for where, kind, name in resolved.unknown_names():
+                log.warning(f"policy names a {kind} that does not exist; ignored", policy=where, **{kind: name})
+        return resolved
+
+    @classmethod
+    def _resolve(cls, policy: object) -> Policy:
         from wlidd.config import PolicyConfig
 
         assert isinstance(policy, PolicyConfig)
@@ -271,11 +288,45 @@ class Policy:
             resolve_rule(policy.credentials, "policy.credentials"),
         )
 
+    def _rules(self) -> list[tuple[str, Rule]]:
+        """(where in the config, rule) for every rule, in config order: defaults first."""
+        return [
+            ("policy.tokens", self._default_token),
+            ("policy.credentials", self._default_credentials),
+            *((f"policy.token.{name}", rule) for name, rule in self._tokens.items()),
+            *((f"policy.identity.{name}", rule) for name, rule in self._credentials.items()),
+        ]
+
+    def unknown_names(self) -> list[tuple[str, str, str]]:
+        """(where, "user" | "group", name) for every name a rule gives that this host did not know."""
+        return [(where, kind, name) for where, rule in self._rules() for kind, name in rule.unknown]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return (self._tokens, self._credentials, self._default_token, self._default_credentials) == (
+            other._tokens,
+            other._credentials,
+            other._default_token,
+            other._default_credentials,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable holder: equality only
+
     def token(self, name: str) -> Rule:
         return self._tokens.get(name, self._default_token)
 
     def credentials(self, identity: str) -> Rule:
         return self._credentials.get(identity, self._default_credentials)
+
+
+def policy_warnings(policy: object) -> list[str]:
+    """`wlidd check`'s warnings for a PolicyConfig: one line per user or group name that does not exist
+    on this host (the rule ignores it, as the daemon does, which logs the same at warning)."""
+    return [
+        f"{where}: {kind} {name!r} does not exist on this host; the rule ignores it (create it, then reload)"
+        for where, kind, name in Policy.from_config(policy, log_unknown=False).unknown_names()
+    ]
 
 
 _K = TypeVar("_K")

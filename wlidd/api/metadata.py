@@ -72,7 +72,7 @@ import enum
 import hashlib
 import math
 import re
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
@@ -85,7 +85,7 @@ from wlidd.config import MetadataListenerConfig
 from wlidd.errors import ApiError, UpstreamError
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.svid.load import Clock
-from wlidd.tokens.manager import RateLimited, TokenSource
+from wlidd.tokens.manager import RateLimited, TokenSource, TokenUnavailable
 
 audit = get_logger("wlidd.audit")
 log = get_logger("wlidd.api")
@@ -416,6 +416,9 @@ class MetadataApi:
         self._holds: dict[int | None, int] = {}  # held wait_for_change requests per caller uid
         self.max_holds = max(1, config.max_connections // 2)
         self.max_holds_per_caller = max(1, config.max_connections_per_caller // 2)
+        # Set by the daemon while it starts: why the source must not be asked yet (its identity's first load
+        # still runs), else None. Token and ID-token requests then get the answer of an absent identity.
+        self.held_back: Callable[[TokenSource], str | None] | None = None
 
     @property
     def source(self) -> TokenSource:
@@ -605,6 +608,8 @@ class MetadataApi:
             caller = await self._authorize(request)
         except ApiError as exc:
             return _text(exc.http_status, exc.message)
+        if (waiting := self._held_back(source)) is not None:
+            return _text(503, waiting)
         try:
             token = (
                 await source.scoped_token(asked, caller=caller.owner.uid, covered=not missing)
@@ -632,6 +637,11 @@ class MetadataApi:
             {"access_token": token.value, "expires_in": max(0, int(token.seconds_left(now))), "token_type": "Bearer"},
         )
 
+    def _held_back(self, source: TokenSource) -> str | None:
+        """The 503 text while `source` must not be asked yet (the daemon starts), else None."""
+        reason = self.held_back(source) if self.held_back is not None else None
+        return None if reason is None else TokenUnavailable(source.name, reason).message
+
     def _not_covered(self, missing: list[str], granted: Sequence[str]) -> str:
         names = ", ".join(missing)
         how = (
@@ -657,6 +667,8 @@ class MetadataApi:
             return _text(400, "audience is required: .../identity?audience=<aud>")
         try:
             caller = await self._authorize(request)
+            if (waiting := self._held_back(self.source)) is not None:
+                return _text(503, waiting)
             token = await self.source.id_token(audience, caller=caller.owner.uid)
             await self._verify_peer(request, caller.owner)  # still held by the same process?
         except RateLimited as exc:

@@ -16,7 +16,7 @@ from wlidd.errors import ApiError
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.metrics import Metrics
 from wlidd.svid.load import Clock, iso_z
-from wlidd.tokens.manager import TokenSource
+from wlidd.tokens.manager import TokenSource, TokenUnavailable
 from wlidd.watch import CredentialWatcher, describe_source
 
 Route = Callable[[Request, dict[str, str]], Awaitable[Response]]
@@ -102,6 +102,12 @@ class Api:
     policy: Policy | None = None
     extra_status: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     liveness_problems: Callable[[], dict[str, str]] | None = None  # {"listener/<name>": why}: dead accept loops
+    # While the daemon starts (accept loops run before the first loads): what it still waits for,
+    # {"identities": [names whose first load runs], "tokens": [required tokens not obtained yet]}; None once
+    # READY=1 was sent. `held_back(source)`: why a token source must not be asked yet (its identity's first
+    # load still runs), else None.
+    starting: Callable[[], dict[str, list[str]] | None] | None = None
+    held_back: Callable[[TokenSource], str | None] | None = None
 
     def __post_init__(self) -> None:
         self._callers = CallerCache()
@@ -133,21 +139,8 @@ class Api:
     async def __call__(self, request: Request) -> Response:
         for pattern, route in self._routes:
             match = pattern.match(request.path)
-            if match is None:
-                continue
-            if request.method not in ("GET", "HEAD"):
-                return Response.error(
-                    405,
-                    "method_not_allowed",
-                    f"{request.method} is not allowed on {request.path}; use GET",
-                    headers=(("allow", "GET, HEAD"),),
-                )
-            response = await route(request, match.groupdict())
-            return (
-                Response(response.status, b"", response.content_type, response.headers)
-                if request.method == "HEAD"
-                else response
-            )
+            if match is not None:
+                return await _answer(route, request, match.groupdict())
         return Response.error(404, "not_found", f"no route {request.path}")
 
     def _watcher(self, name: str) -> CredentialWatcher | Response:
@@ -157,16 +150,23 @@ class Api:
             return Response.error(404, "unknown_identity", f"no identity named {name!r} (configured: {known})")
         return watcher
 
+    def _waiting_for(self) -> dict[str, list[str]] | None:
+        return self.starting() if self.starting is not None else None
+
     async def status(self, request: Request, _: dict[str, str]) -> Response:
+        """The daemon's state ("starting" until READY=1, then "running" or "degraded": a required identity
+        or token not valid), what a start still waits for, every identity and token, the listeners."""
         now = self.clock()
         identities = {name: identity_status(w, now) for name, w in sorted(self.watchers.items())}
         tokens = {name: source.status(now) for name, source in self.tokens.items()}
         healthy = all(doc["valid"] for doc in [*identities.values(), *tokens.values()] if doc["required"])
+        waiting = self._waiting_for()
         return Response.json(
             200,
             {
                 "daemon": {
-                    "state": "running" if healthy else "degraded",
+                    "state": "starting" if waiting is not None else "running" if healthy else "degraded",
+                    "waiting_for": waiting or {"identities": [], "tokens": []},
                     "version": __version__,
                     "pid": os.getpid(),
                     "started_at": iso_z(self.started_at),
@@ -195,6 +195,9 @@ class Api:
         )
         if self.liveness_problems is not None:
             problems.update(self.liveness_problems())
+        waiting = self._waiting_for()
+        if waiting is not None:  # not READY yet: never "ok", even if what is loaded so far is good
+            return Response.json(503, {"status": "starting", "waiting_for": waiting, "problems": problems})
         if problems:
             return Response.json(503, {"status": "unhealthy", "problems": problems})
         return Response.json(200, {"status": "ok"})
@@ -283,6 +286,8 @@ class Api:
             known = ", ".join(self.tokens) or "none"
             return Response.error(404, "unknown_token", f"no token named {name!r} (configured: {known})")
         caller = await self._authorize(request, self._policy().token(name), f"token {name!r}", spiffe_default=True)
+        if self.held_back is not None and (reason := self.held_back(source)) is not None:
+            raise TokenUnavailable(name, reason)  # the answer of an absent identity, without an upstream attempt
         token = await source.get()
         handout_audit(
             self._audited,
@@ -376,3 +381,43 @@ class Api:
         for name, source in self.tokens.items():
             self.metrics.token_valid.labels(name).set(1 if source.servable(now) is not None else 0)
         return Response(200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _answer(route: Route, request: Request, params: dict[str, str]) -> Response:
+    """`route`'s answer to a GET (HEAD: the same without the body); 405 naming GET for other methods."""
+    if request.method not in ("GET", "HEAD"):
+        return Response.error(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.path}; use GET",
+            headers=(("allow", "GET, HEAD"),),
+        )
+    response = await route(request, params)
+    if request.method == "HEAD":
+        return Response(response.status, b"", response.content_type, response.headers)
+    return response
+
+
+@dataclass
+class MetricsRoutes:
+    """The metrics listener's routes: GET /metrics (the Prometheus text exposition) and GET /v1/health,
+    the Unix socket's own handlers of the same `api`; every other path 404. Both answers are public (names
+    of identities, tokens and listeners, counts, validity, the reasons of a failing health), so no caller
+    is authorized; the listener only caps connections (per listener and per caller) and times them out."""
+
+    api: Api
+
+    def __post_init__(self) -> None:
+        self._routes: dict[str, Route] = {"/metrics": self.api.prometheus, "/v1/health": self.api.health}
+
+    def route_template(self, path: str) -> str:
+        """The path itself for the two routes, else "other" (a fixed set of metrics labels)."""
+        return path if path in self._routes else "other"
+
+    async def __call__(self, request: Request) -> Response:
+        route = self._routes.get(request.path)
+        if route is None:
+            return Response.error(
+                404, "not_found", f"no route {request.path} (this listener serves /metrics, /v1/health)"
+            )
+        return await _answer(route, request, {})

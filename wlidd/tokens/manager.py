@@ -29,6 +29,9 @@
 - Permanent errors (`UpstreamError.retryable` false: a 4xx refusal, a bad signing key) back off to
   `backoff_max` at once, still bounded by the last good token; transient ones back off exponentially.
 - x509-sts sources refresh at once when their SVID rotates.
+- Every fetch names its trigger (wlidd.tokens.schedule.TRIGGERS) in its log line: the loop fires with
+  the trigger that planned its next attempt (`_next_trigger`), so a refresh the SVID's rotation asked for
+  says `svid_rotated`, a retry after a failure `retry`, and only the planned one `scheduled`.
 """
 
 from __future__ import annotations
@@ -254,6 +257,8 @@ class TokenSource:
         self._id_probe: _Flight[str] | None = None  # the mint retrying the upstream after a hold passed
         self._id_refused: OrderedDict[str, tuple[UpstreamError, dt.datetime]] = OrderedDict()  # LRU, bounded
         self._log = log.bind(source=name, flow=config.flow)
+        self.first_trigger = "start"  # the first fetch's trigger: "config" for a source a reload (re)started
+        self._next_trigger: str | None = None  # why the loop's next attempt (next_refresh) fires; None: first
 
     # ---- serving ---------------------------------------------------------------------------
     def servable(self, now: dt.datetime | None = None) -> Token | None:
@@ -295,7 +300,7 @@ class TokenSource:
             # After failures, callers do not bypass the backoff: they get the reason instead.
             self._wake.set()
             with contextlib.suppress(UpstreamError):
-                await self.refresh("request")
+                await self.refresh("cold")
             token = self.servable()
             if token is not None:
                 return token
@@ -434,7 +439,7 @@ class TokenSource:
         if self.flow.needs_federated(self.clock()):
             if not self._may_fetch_now(self.clock()):  # do not bypass the backoff (as `get`)
                 raise self._no_federated_token()
-            await self.refresh("id-token")
+            await self.refresh("id_token")
             if self.flow.needs_federated(self.clock()):  # joined a refresh that failed (it served the last good)
                 raise self._no_federated_token()
         minter = "metadata" if self.config.flow == "gce-metadata" else "iam"
@@ -626,6 +631,7 @@ class TokenSource:
 
     def _failed(self, exc: UpstreamError, now: dt.datetime, reason: str) -> None:
         self.failures += 1
+        self._next_trigger = "retry"
         self.last_error, self.last_error_at = exc, now
         if exc.permanent:  # trying again soon cannot help: backoff_max at once, bounded by the last good token
             self.next_refresh = retry_at(now, self._permanent_delay(exc), self.current, self.config.skew)
@@ -654,6 +660,7 @@ class TokenSource:
         self.backoff.reset()
         self.last_refresh = token.issued_at
         self.next_refresh = self.policy.next_refresh(token, self.rng, first=first)
+        self._next_trigger = "scheduled"
         if self.policy.short_lifetime(token) and not self._warned_short:
             self._warned_short = True
             self._log.warning(
@@ -687,9 +694,11 @@ class TokenSource:
         raise WlidError(f"token {self.name!r} could not be obtained within {timeout:g}s: {detail}")
 
     def trigger(self, reason: str) -> None:
-        """Refresh as soon as possible (e.g. the SVID the token depends on rotated)."""
+        """Refresh as soon as possible (e.g. "svid_rotated": the SVID the token depends on rotated); the
+        refresh is logged with `reason` as its trigger."""
         self._log.info("refresh requested", trigger=reason)
         self.next_refresh = self.clock()
+        self._next_trigger = reason
         self._wake.set()
 
     async def _nap(self, seconds: float) -> None:
@@ -720,7 +729,7 @@ class TokenSource:
                 due = self.next_refresh or now
                 if now >= due:
                     with contextlib.suppress(UpstreamError):
-                        await self.refresh("scheduled")
+                        await self.refresh(self._next_trigger or self.first_trigger)
                     continue
                 await self._nap((due - now).total_seconds())
 
@@ -728,7 +737,7 @@ class TokenSource:
         async for state in watcher.changes():
             token = self.current
             if token is not None and token.identity_version is not None and token.identity_version < state.version:
-                self.trigger("svid-rotated")
+                self.trigger("svid_rotated")
 
     def status(self, now: dt.datetime) -> dict[str, Any]:
         token = self.current
@@ -857,7 +866,7 @@ class TokenSource:
         if self.flow.needs_federated(self.clock()):
             if not self._may_fetch_now(self.clock()):  # do not bypass the backoff (as `get`)
                 raise self._no_federated_token()
-            await self.refresh("scoped-token")
+            await self.refresh("scoped_token")
             if self.flow.needs_federated(self.clock()):  # joined a refresh that failed (it served the last good)
                 raise self._no_federated_token()
         async with self._paced("scoped_token", lambda: state.last_error(key, self.clock())) as call:

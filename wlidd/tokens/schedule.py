@@ -14,6 +14,8 @@ Backoff.next(rng, retry_after)  full-jitter exponential: uniform(min, min(max, m
 retry_at(...)                   the next attempt after a failure, bounded so that a still-valid
                                 last good token gets at least one more try before it stops being served
 start_delay(rng, spread)        a random delay before a source's first fetch (fleet boot storms)
+TRIGGERS                        why a source fetches: the `trigger` of its "token refreshed" and
+                                "token refresh failed" log lines
 
 keep(token), fresh(token, now)  the same rule for tokens a source caches for callers (ID tokens, scoped
                                 tokens), which it re-mints on request instead of on a schedule: a
@@ -44,6 +46,22 @@ MAX_RETRY_AFTER = 3600.0
 FIRST_REFRESH_FLOOR = 0.1  # the earliest first refresh, as a fraction of the lifetime
 CLIENT_REFRESH_THRESHOLD = 300.0  # seconds: Node's eager refresh threshold, the strictest client's
 MIN_REFRESH_FRACTION = 0.5  # the margins never pull a refresh earlier than this share of the lifetime
+
+# Why a token source fetches its own token (TokenSource.refresh's `reason`, logged as `trigger`). The
+# refresh loop fires with the trigger that planned its next attempt: "start" (or "config") for the first
+# fetch, "scheduled" after a success, "retry" after a failure, or the reason a `TokenSource.trigger`
+# call gave ("svid_rotated"); callers fetch with "cold", "id_token" or "scoped_token". A caller that
+# joins a fetch in flight adds no line: the line names what started the upstream call.
+TRIGGERS: dict[str, str] = {
+    "start": "the source's first fetch after the daemon started (after start_delay)",
+    "config": "the first fetch of a source a config reload added or changed",
+    "scheduled": "the planned refresh: next_refresh after the last success",
+    "retry": "the next attempt after a failed fetch (backoff, at least Retry-After)",
+    "svid_rotated": "the SVID an x509-sts token is bound to rotated: refreshed at once",
+    "cold": "a caller found no servable token (none fetched yet, or an on-demand source woken from idle)",
+    "id_token": "an ID-token mint needed the federated token, which was missing or near its expiry",
+    "scoped_token": "a scoped-token mint needed the federated token, which was missing or near its expiry",
+}
 
 
 @dataclass(frozen=True)
