@@ -151,6 +151,7 @@ class Daemon:
         self._bound: dict[str, list[socket.socket]] = {}  # listener name → sockets bound, accept loops not yet started
         self.api.extra_status["listeners"] = self.listener_status
         self.api.extra_status["sink_problems"] = self.sink_problems
+        self.metrics.failing_sinks.source = lambda: [(p["kind"], p["owner"]) for p in self.sink_problems().values()]
         self.api.liveness_problems = self.liveness_problems
         self.api.starting = self.waiting_for
         self.api.held_back = self.held_back

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import collections
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -137,7 +138,8 @@ class Metrics:
         )
 
         self.registry.register(_SuppressedLines())
-        self.registry.register(_FailingSinks())
+        self.failing_sinks = _FailingSinks()  # the daemon gives it its source of failing sinks
+        self.registry.register(self.failing_sinks)
         # process_start_time_seconds (restart loops), CPU, RSS and open descriptors of this process
         ProcessCollector(registry=self.registry)
 
@@ -164,21 +166,20 @@ class _SuppressedLines(Collector):
 
 class _FailingSinks(Collector):
     """wlidd_sink_write_failing{kind,owner}: how many of an identity's or token source's sinks failed their
-    last write (wlidd.sinks.failing_sinks; owners come from the config, a bounded set). A series goes
-    away once every sink of its owner is written again."""
+    last write; `source` returns (kind, owner) pairs, one per failing sink (the daemon sets it to its
+    record of failing sinks: owners come from the config, a bounded set). A series goes away once every
+    sink of its owner is written again."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, str]]] = tuple
 
     def collect(self) -> Iterator[Metric]:
-        from wlidd.sinks import failing_sinks
-
         family = GaugeMetricFamily(
             "wlidd_sink_write_failing",
             "Sinks whose last write failed (their files keep the last good content), by kind (identity,"
             " token) and owner; see /v1/status sink_problems for the places and errors.",
             labels=["kind", "owner"],
         )
-        counts: dict[tuple[str, str], int] = {}
-        for problem in failing_sinks().now():
-            counts[problem.kind, problem.owner] = counts.get((problem.kind, problem.owner), 0) + 1
-        for (kind, owner), count in sorted(counts.items()):
+        for (kind, owner), count in sorted(collections.Counter(self.source()).items()):
             family.add_metric([kind, owner], count)
         yield family
