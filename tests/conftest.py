@@ -1,10 +1,17 @@
-"""Shared fixtures: a clean environment per test, CAs, and identity files in a tmp dir."""
+"""Shared fixtures and helpers: a clean environment per test, CAs, identity files in a tmp dir, the
+upstream emulator (`upstreams`), services in the background, and waits on observable state.
+
+One async runner: pytest-asyncio (asyncio_mode = auto). The one raw asyncio task of the suite is the
+one `in_background` makes (see there); sync tests that need an event loop (Hypothesis examples, module
+fixtures shared by them) use anyio's blocking portal.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,11 +22,20 @@ import pytest
 from wlidd.config import IdentityConfig
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.produced import find_leak
+from wlidd.emulator.upstreams import Upstreams
 from wlidd.logs import reset_logging
 from wlidd.svid.load import CredentialSource
 
 TD = "example.org"
 FUZZ_SCALE = int(os.environ.get("FUZZ_SCALE", "1"))  # `make fuzz` multiplies the example budgets
+
+# What the upstream emulator of the token tests knows (token_emulator): the Workload Identity providers
+# (an Entra one trusting APP_URI, an X.509 one), the Entra app's client ID and the service account.
+AUDIENCE = "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/pool/providers/entra"
+X509_AUDIENCE = "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/pool/providers/x509"
+APP_URI = "api://wlidd-test"
+CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+SA = "app@demo-project.iam.gserviceaccount.com"
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -125,8 +141,13 @@ def files(tmp_path: Path) -> Iterator[FileSet]:
 
 @asynccontextmanager
 async def in_background(run: Callable[..., Awaitable[None]], stop: Callable[[], None]) -> AsyncIterator[None]:
-    """Start an anyio service (`run(task_status=…)`) in its own task, so fixtures may set up and tear down in
-    different tasks; stop it with `stop()` and wait for it to finish."""
+    """Start an anyio service (`run(task_status=…)`) in its own task; stop it with `stop()` on exit and
+    wait (30 s at most) for it to finish; a failure to start is raised here.
+
+    The task is a raw asyncio task, the only one in the suite, on purpose: pytest-asyncio runs an async
+    fixture's setup and its teardown in different tasks, and an anyio task group (its cancel scope) must be
+    left in the task that entered it, so a service that outlives a fixture's `yield` needs a task of its
+    own. Tests use it too, for the stop-on-exit."""
     started = asyncio.Event()
     failure: list[BaseException] = []
 
@@ -149,6 +170,48 @@ async def in_background(run: Callable[..., Awaitable[None]], stop: Callable[[], 
     finally:
         stop()
         await asyncio.wait_for(task, 30)
+
+
+def token_emulator(tmp_path: Path, ca: CertificateAuthority) -> Upstreams:
+    """The upstream emulator (Entra, STS, IAM, the metadata server) every flow of the tests talks to, not
+    yet running: it trusts `ca`'s SVIDs on mTLS and knows AUDIENCE, X509_AUDIENCE and SA. Start it with
+    `in_background(emulator.run, emulator.stop)`, or use the `upstreams` fixture."""
+    emulator = Upstreams(tmp_path / "emulator", spiffe_bundle_pem=ca.bundle_pem, seed=1, service_accounts=[SA])
+    emulator.register_oidc_provider(AUDIENCE, allowed_audiences=[APP_URI])
+    emulator.register_x509_provider(X509_AUDIENCE)
+    return emulator
+
+
+@pytest.fixture
+async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
+    """The token emulator (`token_emulator`), serving on loopback for the test."""
+    emulator = token_emulator(tmp_path, ca)
+    async with in_background(emulator.run, emulator.stop):
+        yield emulator
+
+
+POLL = 0.01  # seconds between two looks at the state a wait is for
+
+
+async def wait_until(condition: Callable[[], object], timeout: float = 15, what: str = "") -> None:
+    """Return once `condition()` is true, looking every POLL seconds; TimeoutError (naming `what`) after
+    `timeout` seconds. For waits on state the test can observe; never a fixed sleep."""
+    try:
+        with anyio.fail_after(timeout):
+            while not condition():
+                await anyio.sleep(POLL)
+    except TimeoutError:
+        raise TimeoutError(f"waited {timeout} s in vain{': ' + what if what else ''}") from None
+
+
+def poll_until(condition: Callable[[], object], timeout: float = 10, what: str | Callable[[], str] = "") -> None:
+    """`wait_until` for sync tests (a daemon in another process): AssertionError naming `what` (or what it
+    returns, called at the time) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s in vain: {what() if callable(what) else what}")
+        time.sleep(POLL * 5)
 
 
 def as_user(uid: int, work: Callable[[], str], *, groups: Iterable[int] = ()) -> str:

@@ -1,4 +1,5 @@
-"""The Unix socket API over a real socket: routes, errors, limits and peer credentials."""
+"""The Unix socket API: its routes' answers asked directly (a Request in, a Response out, no socket), then
+over a real socket: errors, limits and peer credentials."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest_asyncio
 
 from tests.conftest import FileSet, in_background
 from wlidd.api.listeners import ListenerError, bind_unix_socket
-from wlidd.api.server import Request, Response
+from wlidd.api.server import Peer, Request, Response
 from wlidd.config import Config, IdentityConfig
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
@@ -40,6 +41,72 @@ async def daemon(tmp_path: Path, files: FileSet, ca: CertificateAuthority) -> As
 
 def client(d: Daemon) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(d.socket_path)), base_url="http://wlidd")
+
+
+# ---- the routes, without a socket ---------------------------------------------------------------------------
+# The daemon is built (its wiring: the Api the Unix listener serves) but not run; its identities are loaded by
+# a reload, and each request goes straight to the handler as the HTTP server would hand it over.
+
+
+@pytest_asyncio.fixture
+async def offline(tmp_path: Path, files: FileSet, ca: CertificateAuthority) -> AsyncIterator[Daemon]:
+    """The `daemon` fixture's daemon, not running: "default" loaded, "spare" never."""
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    missing = files.config(cert=tmp_path / "nope.pem", key=tmp_path / "nope.key", mismatch_retries=1, required=False)
+    d = Daemon(make_config(tmp_path, {"default": files.config(), "spare": missing}))
+    assert await d.watchers["default"].reload("test")
+    yield d
+    for watcher in d.watchers.values():
+        watcher.close()
+
+
+def request(method: str, path: str) -> Request:
+    """A request from this process over the Unix socket, as the HTTP server hands it to the handler."""
+    return Request(method, path, {}, (), b"", Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()), "unix")
+
+
+def document(response: Response) -> dict[str, object]:
+    loaded: dict[str, object] = json.loads(response.body)
+    return loaded
+
+
+async def test_unknown_path_is_404_json(offline: Daemon) -> None:
+    response = await offline.api(request("GET", "/v2/whatever"))
+    assert (response.status, response.content_type) == (404, "application/json")
+    assert document(response)["error"] == "not_found"
+
+
+async def test_other_methods_are_405_with_allow(offline: Daemon) -> None:
+    response = await offline.api(request("POST", "/v1/status"))
+    assert response.status == 405
+    assert ("allow", "GET, HEAD") in response.headers
+    assert document(response)["error"] == "method_not_allowed"
+
+
+async def test_ready_per_identity(offline: Daemon) -> None:
+    assert (await offline.api(request("GET", "/v1/ready/default"))).status == 200
+    spare = await offline.api(request("GET", "/v1/ready/spare"))
+    assert spare.status == 503 and document(spare) == {
+        "ready": False,
+        "name": "spare",
+        "reason": "no valid SVID loaded yet",
+    }
+    unknown = await offline.api(request("GET", "/v1/ready/nope"))
+    assert unknown.status == 404 and document(unknown)["error"] == "unknown_identity"
+
+
+async def test_head_answers_as_get_without_the_body(offline: Daemon) -> None:
+    get = await offline.api(request("GET", "/v1/identity/default"))
+    head = await offline.api(request("HEAD", "/v1/identity/default"))
+    assert (head.status, head.content_type, head.body) == (get.status, get.content_type, b"")
+    assert get.status == 200 and get.body
+
+
+async def test_a_route_with_a_name_matches_one_whole_path_segment(offline: Daemon) -> None:
+    """/v1/identity/{name}: not an empty name, not a name with a slash, not a path that only starts there."""
+    for path in ("/v1/identity/", "/v1/identity/default/extra", "/v1/identityx/default", "/v1/status/"):
+        response = await offline.api(request("GET", path))
+        assert (response.status, document(response)["error"]) == (404, "not_found"), path
 
 
 async def test_status_reports_every_identity_with_freshness(daemon: Daemon, ca: CertificateAuthority) -> None:
@@ -97,29 +164,6 @@ async def test_health_is_503_with_the_reason_when_a_required_identity_is_missing
     assert "identity/default" in response.json()["problems"]
     assert ready.status_code == 503 and ready.json()["ready"] is False
     assert identity.status_code == 503 and identity.json()["error"] == "identity_unavailable"
-
-
-async def test_ready_per_identity(daemon: Daemon) -> None:
-    async with client(daemon) as c:
-        assert (await c.get("/v1/ready/default")).status_code == 200
-        assert (await c.get("/v1/ready/spare")).status_code == 503
-        unknown = await c.get("/v1/ready/nope")
-    assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_identity"
-
-
-async def test_unknown_path_is_404_json(daemon: Daemon) -> None:
-    async with client(daemon) as c:
-        response = await c.get("/v2/whatever")
-    assert response.status_code == 404
-    assert response.json()["error"] == "not_found"
-
-
-async def test_other_methods_are_405_with_allow(daemon: Daemon) -> None:
-    async with client(daemon) as c:
-        response = await c.post("/v1/status", content=b"{}")
-    assert response.status_code == 405
-    assert response.headers["allow"] == "GET, HEAD"
-    assert response.json()["error"] == "method_not_allowed"
 
 
 async def test_metrics_exposes_reload_counters(daemon: Daemon) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,6 @@ def request_as(uid: int, gid: int, sock: str, path: str) -> tuple[int, dict[str,
     assert uid == gid
     status, body = request_as_user(uid, sock, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     return status, json.loads(body)
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path) -> AsyncIterator[Upstreams]:
-    emulator = Upstreams(tmp_path / "emulator", seed=2)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 def config(shared_dir: Path, files: FileSet, upstreams: Upstreams, policy: dict[str, Any] | None = None) -> Config:

@@ -9,18 +9,13 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tests.conftest import wait_until
 from wlidd.dirwatch import _watchfiles_changes, directory_changes
 
 
 async def _count(changes: AsyncIterator[None], seen: list[int]) -> None:
     async for _ in changes:
         seen.append(1)
-
-
-async def _until(predicate: object, timeout: float = 5) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():  # type: ignore[operator]
-            await anyio.sleep(0.01)
 
 
 async def test_a_rename_into_a_watched_directory_is_one_coalesced_change(tmp_path: Path) -> None:
@@ -31,7 +26,7 @@ async def test_a_rename_into_a_watched_directory_is_one_coalesced_change(tmp_pat
         for name in ("chain.pem", "key.pem", "bundle.pem"):  # one rotation: a burst of events
             (tmp_path / f".{name}.tmp").write_text("x")
             os.replace(tmp_path / f".{name}.tmp", tmp_path / name)
-        await _until(lambda: seen)
+        await wait_until(lambda: seen)
         await anyio.sleep(0.2)
         assert len(seen) == 1
         stop.set()
@@ -48,7 +43,7 @@ async def test_a_symlink_swap_is_seen_and_stop_ends_the_stream(tmp_path: Path) -
             await anyio.sleep(0.05)
             (tmp_path / ".tmp-link").symlink_to("b")
             os.replace(tmp_path / ".tmp-link", tmp_path / "current")
-            await _until(lambda: seen)
+            await wait_until(lambda: seen)
             stop.set()  # the task group only ends if the stream returns
 
 
@@ -76,5 +71,5 @@ async def test_the_watchfiles_fallback_reports_changes_too(tmp_path: Path) -> No
         tg.start_soon(_count, _watchfiles_changes([str(tmp_path)], 0.05, stop), seen)
         await anyio.sleep(0.3)
         (tmp_path / "chain.pem").write_text("x")
-        await _until(lambda: seen)
+        await wait_until(lambda: seen)
         stop.set()

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import FUZZ_SCALE, TD, FileSet
+from tests.conftest import FUZZ_SCALE, TD, FileSet, poll_until
 from wlidd.api.server import parse_simple_request
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.produced import find_leak
@@ -224,6 +224,16 @@ def assert_proper_answers(answer: bytes, *, first_is_head: bool = False) -> list
     return statuses
 
 
+def open_connections(node: Node, surface: str) -> float:
+    """The daemon's count of open connections on `surface`'s listener (wlidd_connections_open), read on the
+    Unix socket, less the connection that reads it."""
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(node.socket_path)), timeout=5) as client:
+        text = client.get("http://wlidd/metrics").text
+    match = re.search(rf'^wlidd_connections_open{{listener="{surface}"}} (\S+)$', text, re.M)
+    assert match is not None, f"no wlidd_connections_open for {surface}"
+    return float(match.group(1)) - (1 if surface == "unix" else 0)
+
+
 def assert_still_serving(node: Node, surface: str) -> None:
     probe = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n"
     if surface == "metadata":
@@ -352,7 +362,7 @@ def test_a_connection_flood_beyond_the_limit_is_refused_and_then_recovers(node: 
     finally:
         for s in flood:
             s.close()
-    time.sleep(0.6)
+    poll_until(lambda: open_connections(node, surface) == 0, 10, f"the flood's connections to {surface} were let go")
     assert_still_serving(node, surface)
 
 

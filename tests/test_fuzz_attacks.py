@@ -18,7 +18,6 @@ hands out private keys and the metadata listener ID tokens.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import encodings.idna  # noqa: F401  (loaded before the agent drops to nobody: getaddrinfo may want it)
 import json
@@ -386,6 +385,7 @@ class AttackNode:
     agent: Agent
     started: float  # time.monotonic() before the daemon started: its rate limits count from no earlier
     log: Path
+    portal: anyio.from_thread.BlockingPortal  # the event loop of the emulator, and of the gRPC client
     mints: list[str] = field(default_factory=list)  # audiences the emulator minted an ID token for
     requests: int = 0  # connections `get` made to the Unix API
 
@@ -515,7 +515,7 @@ async def _fetch_svid(path: str) -> str:
 
 def fetch_svid(node: AttackNode) -> str:
     """A legit client (grpclib, as root): the SPIFFE ID of the first SVID the Workload API pushes."""
-    return asyncio.run(_fetch_svid(node.workload))
+    return node.portal.call(_fetch_svid, node.workload)
 
 
 def assert_root_is_served(node: AttackNode, listener: str) -> None:
@@ -622,6 +622,7 @@ tokens = {{ users = ["root", "nobody"], spiffe_ids = ["spiffe://{TD}/ns/fuzz/**"
                 agent,
                 started,
                 log_path,
+                portal,
                 mints,
             )
             try:

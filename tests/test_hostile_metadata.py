@@ -21,8 +21,8 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import FileSet, as_user, in_background
-from tests.test_tokens import APP_URI, CLIENT_ID, _source, entra_token_config, metadata_token_config, token_emulator
+from tests.conftest import APP_URI, CLIENT_ID, FileSet, as_user, in_background
+from tests.test_tokens import _source, entra_token_config, metadata_token_config
 from wlidd.api import peers
 from wlidd.api.authz import Policy
 from wlidd.api.metadata import MetadataApi
@@ -42,13 +42,6 @@ EMAIL = "app@demo-project.iam.gserviceaccount.com"
 IDENTITY = "/computeMetadata/v1/instance/service-accounts/default/identity"
 TOKEN = "/computeMetadata/v1/instance/service-accounts/default/token"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (another uid's sockets, mount namespaces)")
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path) -> AsyncIterator[Upstreams]:
-    emulator = Upstreams(tmp_path / "emulator", seed=5)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 def metadata_daemon_config(tmp_path: Path, files: FileSet, upstreams: Upstreams) -> Config:
@@ -493,26 +486,24 @@ async def test_the_per_caller_rate_limit_table_stays_bounded(
 
 
 async def test_an_on_demand_entra_sts_id_token_goes_through_single_flight_min_interval_and_counts(
-    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
 ) -> None:
-    emulator = token_emulator(tmp_path, ca)
     svid = ca.issue_svid("/ns/prod/sa/entra-client", key_kind="rsa2048")
-    emulator.register_app(CLIENT_ID, APP_URI, svid.leaf)
+    upstreams.register_app(CLIENT_ID, APP_URI, svid.leaf)
     files.put(svid, ca.bundle_pem)
     clock = FakeClock()
     metrics = Metrics()
-    async with in_background(emulator.run, emulator.stop):
-        config = entra_token_config(emulator, on_demand=True, min_interval=5)
-        source, watcher = _source(config, files, monotonic=clock, sleep=clock.sleep, metrics=metrics)
-        try:
-            await watcher.reload("start")
-            async with anyio.create_task_group() as tg:
-                for audience in ("https://a.example", "https://b.example", "https://c.example", "https://a.example"):
-                    tg.start_soon(source.id_token, audience)
-        finally:
-            await source.flow.aclose()
+    config = entra_token_config(upstreams, on_demand=True, min_interval=5)
+    source, watcher = _source(config, files, monotonic=clock, sleep=clock.sleep, metrics=metrics)
+    try:
+        await watcher.reload("start")
+        async with anyio.create_task_group() as tg:
+            for audience in ("https://a.example", "https://b.example", "https://c.example", "https://a.example"):
+                tg.start_soon(source.id_token, audience)
+    finally:
+        await source.flow.aclose()
     # one Entra→STS→IAM chain shared by all (single-flight), then one generateIdToken per audience
-    assert emulator.calls["entra"] == 1 and emulator.calls["sts"] == 1 and emulator.calls["iam"] == 1 + 3
+    assert upstreams.calls["entra"] == 1 and upstreams.calls["sts"] == 1 and upstreams.calls["iam"] == 1 + 3
     assert source.upstream_calls == 4
     assert sorted(clock.slept) == [5.0, 10.0, 15.0]  # each call min_interval after the one before
     for kind, count in (("token", 1), ("id_token", 3)):

@@ -12,7 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,6 @@ WEB = "spiffe://example.org/ns/prod/sa/web"  # allowed by the listener (ALLOW in
 NOBODY = 65534
 BURST = 3
 WINDOW = 60.0
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path) -> AsyncIterator[Upstreams]:
-    emulator = Upstreams(tmp_path / "emulator", seed=13)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 class Clock:

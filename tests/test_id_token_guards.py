@@ -8,14 +8,13 @@ from __future__ import annotations
 import datetime as dt
 import random
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from tests.conftest import FileSet, in_background
-from tests.test_tokens import metadata_token_config, token_emulator, x509_token_config
+from tests.conftest import FileSet
+from tests.test_tokens import metadata_token_config, x509_token_config
 from wlidd.config import IdentityConfig, TokenConfig
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
@@ -39,13 +38,6 @@ class Wall:
 
     def advance(self, seconds: float) -> None:
         self.now += dt.timedelta(seconds=seconds)
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
-    emulator = token_emulator(tmp_path, ca)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 @pytest.fixture

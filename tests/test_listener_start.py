@@ -29,11 +29,12 @@ import pytest
 from tests.conftest import FileSet, in_background
 from tests.test_systemd import NotifySocket
 from tests.test_systemd import start as start_process
-from tests.test_tokens import metadata_token_config, token_emulator, x509_token_config
+from tests.test_tokens import metadata_token_config, x509_token_config
 from wlidd.cli import fetch_status, render_status
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
+from wlidd.emulator.upstreams import Upstreams
 from wlidd.logs import configure_logging, reset_logging
 
 EMAIL = "app@demo-project.iam.gserviceaccount.com"
@@ -306,27 +307,25 @@ def test_the_metrics_listener_takes_a_socket_activated_fd_named_metrics(
 
 
 async def test_every_listener_logs_one_start_line_with_its_address_or_path(
-    tmp_path: Path, files: FileSet, ca: CertificateAuthority, json_logs: io.StringIO
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams, json_logs: io.StringIO
 ) -> None:
     files.put(ca.issue_svid(), ca.bundle_pem)
-    emulator = token_emulator(tmp_path, ca)
-    async with in_background(emulator.run, emulator.stop):
-        cfg = Config.model_validate(
-            {
-                "identities": {"default": files.config()},
-                "tokens": {"gcp": metadata_token_config(emulator)},
-                "listeners": {
-                    "unix": {"path": str(tmp_path / "wlidd.sock")},
-                    "mtls": {"address": "127.0.0.1:0", "identity": "default", "allow": ["spiffe://example.org/**"]},
-                    "metadata": {"address": "127.0.0.1:0", "token": "gcp", "email": EMAIL},
-                    "workload_api": {"path": str(tmp_path / "workload.sock")},
-                    "metrics": {"address": "127.0.0.1:0"},
-                },
-            }
-        )
-        d = Daemon(cfg)
-        async with in_background(d.run, d.stop):
-            pass
+    cfg = Config.model_validate(
+        {
+            "identities": {"default": files.config()},
+            "tokens": {"gcp": metadata_token_config(upstreams)},
+            "listeners": {
+                "unix": {"path": str(tmp_path / "wlidd.sock")},
+                "mtls": {"address": "127.0.0.1:0", "identity": "default", "allow": ["spiffe://example.org/**"]},
+                "metadata": {"address": "127.0.0.1:0", "token": "gcp", "email": EMAIL},
+                "workload_api": {"path": str(tmp_path / "workload.sock")},
+                "metrics": {"address": "127.0.0.1:0"},
+            },
+        }
+    )
+    d = Daemon(cfg)
+    async with in_background(d.run, d.stop):
+        pass
     lines = {line["listener"]: line for line in events(json_logs, "listener started")}
     assert len(events(json_logs, "listener started")) == 5
     assert lines["unix"]["path"] == str(tmp_path / "wlidd.sock")
@@ -373,47 +372,45 @@ async def test_wlidd_status_says_starting_and_what_it_waits_for(tmp_path: Path, 
 
 
 async def test_a_gce_metadata_token_is_served_while_an_identity_is_still_loading(
-    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
 ) -> None:
-    emulator = token_emulator(tmp_path, ca)
-    async with in_background(emulator.run, emulator.stop):
-        cfg = Config.model_validate(
-            {
-                "identities": {"default": slow_identity(files)},
-                "tokens": {
-                    "mds": metadata_token_config(emulator, require_at_start=True),
-                    "x509": x509_token_config(emulator),  # needs the identity still loading
-                },
-                "listeners": {
-                    "unix": {"path": str(tmp_path / "wlidd.sock")},
-                    "metadata": {"address": "127.0.0.1:0", "token": "mds", "email": EMAIL},
-                },
-            }
-        )
-        d = Daemon(cfg)
-        async with running(d):
-            await wait_for_state(d, "starting")
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.metadata_port}") as m, unix_client(d) as c:
-                token = await m.get(
-                    "/computeMetadata/v1/instance/service-accounts/default/token", headers={"Metadata-Flavor": "Google"}
-                )
-                local = await c.get("/v1/token/mds")
-                bound = await c.get("/v1/token/x509")
-                status = (await c.get("/v1/status")).json()
-            assert token.status_code == 200 and token.json()["token_type"] == "Bearer"
-            assert local.status_code == 200
-            # the same answer as an absent identity, and no upstream attempt (no failure, no backoff)
-            assert bound.status_code == 503 and bound.json()["error"] == "token_unavailable"
-            assert "identity 'default' has no valid SVID loaded yet" in bound.json()["message"]
-            assert d.tokens["x509"].failures == 0 and d.tokens["x509"].upstream_calls == 0
-            assert status["daemon"]["state"] == "starting"
-            assert status["daemon"]["waiting_for"] == {"identities": ["default"], "tokens": []}  # mds was had
-            files.put(ca.issue_svid(), ca.bundle_pem)
-            await wait_for_state(d, "running")
-            async with unix_client(d) as c:
-                with anyio.fail_after(10):
-                    while (bound := await c.get("/v1/token/x509")).status_code != 200:
-                        await anyio.sleep(0.02)
+    cfg = Config.model_validate(
+        {
+            "identities": {"default": slow_identity(files)},
+            "tokens": {
+                "mds": metadata_token_config(upstreams, require_at_start=True),
+                "x509": x509_token_config(upstreams),  # needs the identity still loading
+            },
+            "listeners": {
+                "unix": {"path": str(tmp_path / "wlidd.sock")},
+                "metadata": {"address": "127.0.0.1:0", "token": "mds", "email": EMAIL},
+            },
+        }
+    )
+    d = Daemon(cfg)
+    async with running(d):
+        await wait_for_state(d, "starting")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.metadata_port}") as m, unix_client(d) as c:
+            token = await m.get(
+                "/computeMetadata/v1/instance/service-accounts/default/token", headers={"Metadata-Flavor": "Google"}
+            )
+            local = await c.get("/v1/token/mds")
+            bound = await c.get("/v1/token/x509")
+            status = (await c.get("/v1/status")).json()
+        assert token.status_code == 200 and token.json()["token_type"] == "Bearer"
+        assert local.status_code == 200
+        # the same answer as an absent identity, and no upstream attempt (no failure, no backoff)
+        assert bound.status_code == 503 and bound.json()["error"] == "token_unavailable"
+        assert "identity 'default' has no valid SVID loaded yet" in bound.json()["message"]
+        assert d.tokens["x509"].failures == 0 and d.tokens["x509"].upstream_calls == 0
+        assert status["daemon"]["state"] == "starting"
+        assert status["daemon"]["waiting_for"] == {"identities": ["default"], "tokens": []}  # mds was had
+        files.put(ca.issue_svid(), ca.bundle_pem)
+        await wait_for_state(d, "running")
+        async with unix_client(d) as c:
+            with anyio.fail_after(10):
+                while (bound := await c.get("/v1/token/x509")).status_code != 200:
+                    await anyio.sleep(0.02)
 
 
 async def test_ready_is_sent_only_once_the_first_loads_are_over(

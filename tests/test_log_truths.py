@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import FileSet, in_background
+from tests.conftest import FileSet, in_background, wait_until
 from tests.test_cli import write_config as cli_config
-from tests.test_tokens import metadata_token_config, token_emulator, x509_token_config
+from tests.test_tokens import metadata_token_config, x509_token_config
 from wlidd import cli
 from wlidd.api import authz
 from wlidd.api.authz import Policy
@@ -60,13 +60,6 @@ def lines() -> Iterator[Lines]:
     configure_logging("info", "json", out, journald=False)
     yield lambda: [json.loads(line) for line in out.getvalue().splitlines()]
     reset_logging()
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
-    emulator = token_emulator(tmp_path, ca)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 def toml(value: Any) -> str:
@@ -124,13 +117,6 @@ def events(lines: list[dict[str, Any]], *names: str) -> list[str]:
 def unknown_warnings(lines: list[dict[str, Any]], **field: str) -> list[dict[str, Any]]:
     """The lines about a policy name that does not exist, for the one field given (user= or group=)."""
     return [line for line in lines if "does not exist" in line["event"] and field.items() <= line.items()]
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 15) -> None:
-    """Wait until `condition()` holds, polling the event loop (no fixed sleep decides anything)."""
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.01)
 
 
 # ---- 1: policy names that do not exist -----------------------------------------------------------------
@@ -273,10 +259,10 @@ async def test_a_refresh_for_a_rotated_svid_over_mtls_sts_says_svid_rotated(
     files.put(first, ca.bundle_pem)
     d = daemon(write(tmp_path / "wlidd.toml", files, tokens={"gcp": x509_token_config(upstreams)}))
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: d.tokens["gcp"].current is not None)
+        await wait_until(lambda: d.tokens["gcp"].current is not None)
         second = ca.issue_svid("/ns/prod/sa/x509")
         files.put(second)
-        await wait_for(lambda: len(upstreams.mtls_leaves) >= 2 and len(refreshes(lines(), "gcp")) >= 2)
+        await wait_until(lambda: len(upstreams.mtls_leaves) >= 2 and len(refreshes(lines(), "gcp")) >= 2)
     assert upstreams.mtls_leaves[:2] == [first.leaf.serial_number, second.leaf.serial_number]
     assert refreshes(lines(), "gcp") == ["start", "svid_rotated"]
     requested = [line for line in lines() if line["event"] == "refresh requested"]
@@ -312,12 +298,12 @@ async def test_the_loop_names_each_refresh_start_scheduled_or_retry(upstreams: U
         assert source.next_refresh is not None
         wall.past(source.next_refresh)
         source._wake.set()  # the loop naps on real time: tell it the injected clock moved
-        await wait_for(lambda: len(refreshes(lines(), "mds")) >= count)
+        await wait_until(lambda: len(refreshes(lines(), "mds")) >= count)
 
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(source.run)
-            await wait_for(lambda: len(refreshes(lines(), "mds")) >= 1)
+            await wait_until(lambda: len(refreshes(lines(), "mds")) >= 1)
             upstreams.inject("metadata", Fault(status=503, count=1))
             await step(2)  # the planned refresh fails
             await step(3)  # its retry succeeds
@@ -371,9 +357,9 @@ async def test_a_source_a_reload_restarted_names_its_first_fetch_config(
     path = write(tmp_path / "wlidd.toml", files, tokens={"mds": metadata_token_config(upstreams)})
     d = daemon(path)
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: len(refreshes(lines(), "mds")) >= 1)
+        await wait_until(lambda: len(refreshes(lines(), "mds")) >= 1)
         write(path, files, tokens={"mds": metadata_token_config(upstreams, min_interval=0.5)})
         await d.reload()
-        await wait_for(lambda: len(refreshes(lines(), "mds")) >= 2)
+        await wait_until(lambda: len(refreshes(lines(), "mds")) >= 2)
     assert refreshes(lines(), "mds") == ["start", "config"]
     assert "token source (re)started" in events(lines(), *RELOAD_LINES)

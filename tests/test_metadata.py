@@ -26,13 +26,6 @@ EMAIL = "app@demo-project.iam.gserviceaccount.com"
 
 
 @pytest.fixture
-async def upstreams(tmp_path: Path) -> AsyncIterator[Upstreams]:
-    emulator = Upstreams(tmp_path / "emulator", seed=3)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
-
-
-@pytest.fixture
 async def daemon(
     tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
 ) -> AsyncIterator[Daemon]:

@@ -32,30 +32,30 @@ ACCOUNT = {"aliases": ["default"], "email": EMAIL, "scopes": [CLOUD_PLATFORM]}
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path, files: FileSet, ca: CertificateAuthority) -> AsyncIterator[Daemon]:
-    upstreams = Upstreams(tmp_path / "emulator", seed=3)
-    async with in_background(upstreams.run, upstreams.stop):
-        files.put(ca.issue_svid(), ca.bundle_pem)
-        token = metadata_token_config(upstreams, metadata={"url": upstreams.metadata_url, "scopes": [CLOUD_PLATFORM]})
-        config = Config.model_validate(
-            {
-                "identities": {"default": files.config()},
-                "tokens": {"gcp": token},
-                "listeners": {
-                    "unix": {"path": str(tmp_path / "wlidd.sock")},
-                    "metadata": {
-                        "address": "127.0.0.1:0",
-                        "token": "gcp",
-                        "email": EMAIL,
-                        "project_id": "demo-project",
-                        "numeric_project_id": "123456789",
-                    },
+async def daemon(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
+) -> AsyncIterator[Daemon]:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    token = metadata_token_config(upstreams, metadata={"url": upstreams.metadata_url, "scopes": [CLOUD_PLATFORM]})
+    config = Config.model_validate(
+        {
+            "identities": {"default": files.config()},
+            "tokens": {"gcp": token},
+            "listeners": {
+                "unix": {"path": str(tmp_path / "wlidd.sock")},
+                "metadata": {
+                    "address": "127.0.0.1:0",
+                    "token": "gcp",
+                    "email": EMAIL,
+                    "project_id": "demo-project",
+                    "numeric_project_id": "123456789",
                 },
-            }
-        )
-        d = Daemon(config)
-        async with in_background(d.run, d.stop):
-            yield d
+            },
+        }
+    )
+    d = Daemon(config)
+    async with in_background(d.run, d.stop):
+        yield d
 
 
 @pytest.fixture

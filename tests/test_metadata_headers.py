@@ -158,11 +158,10 @@ def _daemon(tmp_path: Path, files: FileSet, upstreams: Upstreams, **listener: An
 
 
 @pytest.fixture
-async def upstreams(tmp_path: Path, files: FileSet, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
+def upstreams(upstreams: Upstreams, files: FileSet, ca: CertificateAuthority) -> Upstreams:
+    """The shared emulator (conftest), and a valid identity in `files` for every daemon here."""
     files.put(ca.issue_svid(), ca.bundle_pem)
-    emulator = Upstreams(tmp_path / "emulator", seed=3)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
+    return upstreams
 
 
 async def test_every_error_class_on_the_metadata_listener_carries_the_flavor(

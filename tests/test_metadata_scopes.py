@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import FileSet, in_background
-from tests.test_tokens import metadata_token_config, token_emulator, x509_token_config
+from tests.test_tokens import metadata_token_config, x509_token_config
 from wlidd.api.metadata import (
     CLOUD_PLATFORM,
     MAX_SCOPES,
@@ -167,14 +167,14 @@ def test_asked_scopes_are_split_at_commas_and_spaces_each_once() -> None:
 
 # ---- a source that cannot mint: the coverage rule ------------------------------------------------
 @pytest.fixture
-async def metadata_daemon(tmp_path: Path, files: FileSet, ca: CertificateAuthority) -> AsyncIterator[Daemon]:
-    upstreams = Upstreams(tmp_path / "emulator", seed=3)
-    async with in_background(upstreams.run, upstreams.stop):
-        files.put(ca.issue_svid(), ca.bundle_pem)
-        token = metadata_token_config(upstreams, metadata={"url": upstreams.metadata_url, "scopes": [CLOUD_PLATFORM]})
-        d = Daemon(_config(tmp_path, files, token))
-        async with in_background(d.run, d.stop):
-            yield d
+async def metadata_daemon(
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
+) -> AsyncIterator[Daemon]:
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    token = metadata_token_config(upstreams, metadata={"url": upstreams.metadata_url, "scopes": [CLOUD_PLATFORM]})
+    d = Daemon(_config(tmp_path, files, token))
+    async with in_background(d.run, d.stop):
+        yield d
 
 
 def _config(tmp_path: Path, files: FileSet, token: dict[str, Any]) -> Config:
@@ -284,17 +284,15 @@ class Iam:
 
 @pytest.fixture
 async def impersonating(
-    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
 ) -> AsyncIterator[tuple[Daemon, Upstreams, Iam]]:
-    upstreams = token_emulator(tmp_path, ca)
     iam = Iam(upstreams)
-    async with in_background(upstreams.run, upstreams.stop):
-        files.put(ca.issue_svid(), ca.bundle_pem)
-        d = Daemon(_config(tmp_path, files, x509_token_config(upstreams)))
-        async with in_background(d.run, d.stop):
-            async with _client(d) as c:  # the source's own token first
-                assert (await c.get(TOKEN)).status_code == 200
-            yield d, upstreams, iam
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    d = Daemon(_config(tmp_path, files, x509_token_config(upstreams)))
+    async with in_background(d.run, d.stop):
+        async with _client(d) as c:  # the source's own token first
+            assert (await c.get(TOKEN)).status_code == 200
+        yield d, upstreams, iam
 
 
 async def test_an_impersonating_source_mints_exactly_the_scopes_asked_for(

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.clients.harness import client_env, metadata_daemon, run_client, unavailable
-from tests.conftest import FileSet, in_background
+from tests.conftest import FileSet, in_background, wait_until
 from tests.test_tokens import metadata_token_config
 from wlidd.api.metadata import MAX_WAIT_SECONDS, MetadataApi, etag
 from wlidd.config import Config, TokenConfig
@@ -43,14 +43,6 @@ EMAIL = "app@demo-project.iam.gserviceaccount.com"
 def api(daemon: Daemon) -> MetadataApi:
     assert daemon.metadata_server is not None and isinstance(daemon.metadata_server.handler, MetadataApi)
     return daemon.metadata_server.handler
-
-
-async def until(condition: Callable[[], bool], what: str, limit: float = 10) -> None:
-    """Wait until `condition()` holds (observable state), at most `limit` seconds."""
-    with anyio.fail_after(limit):
-        while not condition():
-            await anyio.sleep(0.01)
-    assert condition(), what
 
 
 def requests_answered(daemon: Daemon, route: str) -> float:
@@ -108,7 +100,7 @@ async def test_a_wait_with_the_current_etag_is_held_until_timeout_sec_then_answe
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(wait)
-        await until(lambda: api(daemon).held == 1 or bool(answered), "the wait was never held")
+        await wait_until(lambda: api(daemon).held == 1 or bool(answered), what="the wait was never held")
         assert not answered, "a wait with the current ETag was answered at once"
     assert answered[0].status_code == 200
     assert (answered[0].text, answered[0].headers["etag"]) == (first.text, first.headers["etag"])
@@ -127,10 +119,11 @@ async def test_a_held_wait_answers_the_new_value_when_a_reload_changes_it(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(wait)
-        await until(lambda: api(daemon).held == 1, "the wait was never held")
+        await wait_until(lambda: api(daemon).held == 1, what="the wait was never held")
         config = daemon.tokens["gcp"].config.model_dump()
         config["metadata"]["scopes"] = [CLOUD_PLATFORM, "https://www.googleapis.com/auth/userinfo.email"]
-        await daemon._replace_source("gcp", TokenConfig.model_validate(config))  # what a SIGHUP reload does
+        tokens = {**daemon.config.tokens, "gcp": TokenConfig.model_validate(config)}
+        await daemon._apply(daemon.config.model_copy(update={"tokens": tokens}))  # what a SIGHUP reload does
     assert answered[0].status_code == 200
     assert answered[0].text == CLOUD_PLATFORM + "\nhttps://www.googleapis.com/auth/userinfo.email\n"
     assert answered[0].headers["etag"] == etag(answered[0].content) != first.headers["etag"]
@@ -149,7 +142,7 @@ async def test_a_wait_without_last_etag_is_held_and_one_with_another_etag_is_ans
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(wait)
-        await until(lambda: api(daemon).held == 1 or bool(held), "the wait was never held")
+        await wait_until(lambda: api(daemon).held == 1 or bool(held), what="the wait was never held")
         assert not held, "a wait without last_etag was answered at once"
     assert (held[0].status_code, held[0].text) == (200, current.text)
     for stale in ("NONE", "0"):
@@ -230,7 +223,7 @@ async def test_go_metadata_subscribe_makes_a_request_per_change_not_a_spin(
     changes) and the listener answers one request (the held wait is dropped when the program exits)."""
     facts = await run_client([str(go_subscriber), "project/project-id", "3"], client_env(daemon, tmp_path / "home"))
     assert facts == {"calls": 1, "value": "demo-project"}, facts
-    await until(lambda: api(daemon).held == 0, "the held wait outlived its client")
+    await wait_until(lambda: api(daemon).held == 0, what="the held wait outlived its client")
     assert requests_answered(daemon, PROJECT_ID) == 1
 
 
@@ -300,11 +293,10 @@ def _daemon(tmp_path: Path, files: FileSet, upstreams: Upstreams, **listener: An
 
 
 @pytest.fixture
-async def upstreams(tmp_path: Path, files: FileSet, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
+def upstreams(upstreams: Upstreams, files: FileSet, ca: CertificateAuthority) -> Upstreams:
+    """The shared emulator (conftest), and a valid identity in `files` for every daemon here."""
     files.put(ca.issue_svid(), ca.bundle_pem)
-    emulator = Upstreams(tmp_path / "emulator", seed=3)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
+    return upstreams
 
 
 async def _exchange(stream: anyio.abc.ByteStream, data: bytes, answers: int = 1) -> bytes:
@@ -347,7 +339,7 @@ async def test_a_held_wait_outlives_the_idle_and_request_deadlines(
         assert d.metadata_port is not None
         async with await anyio.connect_tcp("127.0.0.1", d.metadata_port) as stream:
             await stream.send(_wait_request(timeout_sec=2))  # held ten times the idle and request deadlines
-            await until(lambda: api(d).held == 1, "the wait was never held")
+            await wait_until(lambda: api(d).held == 1, what="the wait was never held")
             answer = await _exchange(stream, b"")
     assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\np")
 
@@ -360,7 +352,7 @@ async def test_a_request_pipelined_behind_a_held_wait_is_answered_after_it(
         assert d.metadata_port is not None
         async with await anyio.connect_tcp("127.0.0.1", d.metadata_port) as stream:
             await stream.send(_wait_request(timeout_sec=1))
-            await until(lambda: api(d).held == 1, "the wait was never held")
+            await wait_until(lambda: api(d).held == 1, what="the wait was never held")
             second = f"GET {V1}project/numeric-project-id HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n\r\n"
             answers = await _exchange(stream, second.encode(), answers=2)
     first, _, rest = answers.partition(b"HTTP/1.1 200 OK")[2].partition(b"HTTP/1.1 200 OK")
@@ -377,14 +369,14 @@ async def test_held_waits_are_capped_per_caller_and_the_rest_get_503_with_retry_
         try:
             for stream in held:
                 await stream.send(_wait_request())
-            await until(lambda: api(d).held == 2, "the waits were never held")
+            await wait_until(lambda: api(d).held == 2, what="the waits were never held")
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.metadata_port}", headers=FLAVOR) as c:
                 over = await c.get(PROJECT_ID, params={"wait_for_change": "true"})
                 plain = await c.get(PROJECT_ID)
         finally:
             for stream in held:
                 await stream.aclose()
-        await until(lambda: api(d).held == 0, "the waits outlived their clients")
+        await wait_until(lambda: api(d).held == 0, what="the waits outlived their clients")
     assert over.status_code == 503 and over.headers["retry-after"] == "5"
     assert over.headers["metadata-flavor"] == "Google" and "too many wait_for_change requests held" in over.text
     assert plain.status_code == 200  # the caller keeps room for ordinary requests
@@ -398,11 +390,11 @@ async def test_a_held_wait_is_dropped_when_its_client_goes_away(
         assert d.metadata_port is not None
         stream = await anyio.connect_tcp("127.0.0.1", d.metadata_port)
         await stream.send(_wait_request(timeout_sec=MAX_WAIT_SECONDS))
-        await until(lambda: api(d).held == 1, "the wait was never held")
+        await wait_until(lambda: api(d).held == 1, what="the wait was never held")
         await stream.aclose()
-        await until(lambda: api(d).held == 0, "the wait was held after its client left")
+        await wait_until(lambda: api(d).held == 0, what="the wait was held after its client left")
         loop = next(loop for loop in d.accept_loops if loop.name == "metadata")
-        await until(lambda: loop.counter.total == 0, "the connection is still counted")
+        await wait_until(lambda: loop.counter.total == 0, what="the connection is still counted")
 
 
 async def test_stopping_the_daemon_answers_held_waits_at_once(
@@ -414,7 +406,7 @@ async def test_stopping_the_daemon_answers_held_waits_at_once(
         assert d.metadata_port is not None
         async with await anyio.connect_tcp("127.0.0.1", d.metadata_port) as stream:
             await stream.send(_wait_request(timeout_sec=MAX_WAIT_SECONDS))
-            await until(lambda: api(d).held == 1, "the wait was never held")
+            await wait_until(lambda: api(d).held == 1, what="the wait was never held")
             d.stop()
             answer = await _exchange(stream, b"")
     assert answer.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in answer and answer.endswith(b"p")
@@ -432,10 +424,10 @@ async def test_a_held_wait_whose_client_sent_a_byte_then_left_is_released(
         assert d.metadata_port is not None
         stream = await anyio.connect_tcp("127.0.0.1", d.metadata_port)
         await stream.send(_wait_request(timeout_sec=MAX_WAIT_SECONDS))
-        await until(lambda: api(d).held == 1, "the wait was never held")
+        await wait_until(lambda: api(d).held == 1, what="the wait was never held")
         await stream.send(b"G")  # the first byte of a pipelined request: the watcher stops here
         await anyio.sleep(0.2)  # let the watcher read it (no observable state for "read one chunk")
         await stream.aclose()
         loop = next(loop for loop in d.accept_loops if loop.name == "metadata")
-        await until(lambda: api(d).held == 0, "the wait was held after its client left", limit=15)
-        await until(lambda: loop.counter.total == 0, "the connection is still counted", limit=5)
+        await wait_until(lambda: api(d).held == 0, 15, "the wait was held after its client left")
+        await wait_until(lambda: loop.counter.total == 0, 5, "the connection is still counted")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import ssl
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,14 +17,13 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import TD, FileSet, in_background
 from tests.test_tokens import metadata_token_config
-from wlidd.api.authz import parse_matcher
 from wlidd.api.mtls import MtlsGate
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.upstreams import Upstreams
 from wlidd.svid.load import CredentialFiles, build_identity
-from wlidd.svid.spiffeid import parse_spiffe_id
+from wlidd.svid.spiffeid import parse_matcher, parse_spiffe_id
 from wlidd.tlsctx import TlsContexts, build_client_context
 from wlidd.watch import IdentityState
 
@@ -35,13 +33,6 @@ ALLOW = ["spiffe://example.org/ns/prod/**", "spiffe://other.org/ns/partner/sa/*"
 def client_context(svid: IssuedSvid, trust: bytes) -> ssl.SSLContext:
     files = CredentialFiles("client", svid.chain_pem, svid.key_pem, own_bundle=trust)
     return build_client_context(build_identity(files, dt.datetime.now(dt.UTC)))
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path) -> AsyncIterator[Upstreams]:
-    emulator = Upstreams(tmp_path / "emulator", seed=4)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 def make_daemon(

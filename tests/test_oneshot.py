@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +16,14 @@ import pytest
 import structlog
 import tomli_w
 
-from tests.conftest import FileSet, in_background
-from tests.test_tokens import metadata_token_config, token_emulator, x509_token_config
+from tests.conftest import FileSet
+from tests.test_tokens import metadata_token_config, x509_token_config
 from wlidd.config import Config
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.oneshot import OneshotResult, run_oneshot
 
 HANG_GUARD = 60  # seconds: a run that is still going by then hangs (the runs here take well under a second)
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
-    emulator = token_emulator(tmp_path, ca)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 def identity(files: FileSet, **overrides: Any) -> dict[str, Any]:

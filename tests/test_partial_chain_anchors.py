@@ -25,16 +25,16 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from tests.conftest import TD, FileSet, in_background
-from tests.test_tokens import client, daemon_config, token_emulator, wait_for_token, x509_token_config
+from tests.conftest import TD, FileSet, in_background, token_emulator
+from tests.test_tokens import client, daemon_config, wait_for_token, x509_token_config
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid, cert_pem
 from wlidd.emulator.upstreams import Upstreams
 from wlidd.errors import SvidError
 from wlidd.logs import configure_logging, reset_logging
-from wlidd.svid.load import CredentialFiles, Identity, build_identity
-from wlidd.svid.model import BundleSet, TrustBundle
+from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.svid.model import BundleSet, Identity, TrustBundle
 from wlidd.svid.parse import parse_bundle
 from wlidd.tlsctx import HotServerContext, TlsContexts, build_client_context
 

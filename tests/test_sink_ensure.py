@@ -12,17 +12,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import anyio
-import pytest
-
-from tests.conftest import FileSet, in_background
+from tests.conftest import FileSet, in_background, wait_until
 from tests.test_cli import WLIDD, status, wait_for_socket
 from tests.test_hostile_sinks import identity_state, sink
-from tests.test_tokens import metadata_token_config, token_emulator
+from tests.test_tokens import metadata_token_config
 from wlidd import sinks
 from wlidd.config import Config, SinkConfig, load_config
 from wlidd.daemon import Daemon
@@ -35,12 +30,6 @@ APPEND = "import sys; open(sys.argv[1], 'a').write('ran\\n')"  # an on_change th
 
 def runs(marker: Path) -> int:
     return len(marker.read_text().splitlines()) if marker.exists() else 0
-
-
-async def wait_for(predicate: Any, timeout: float = 10) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.02)
 
 
 def config_file(path: Path, files: FileSet, socket: Path, sinks: str = "", extra: str = "") -> Path:
@@ -66,11 +55,11 @@ async def test_a_wiped_sink_directory_is_written_again_on_sighup_and_its_hook_ru
     path = config_file(tmp_path / "wlidd.toml", files, tmp_path / "wlidd.sock", sink_table(out, marker))
     d = Daemon(load_config(path, {}), config_path=path, environ={})
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: runs(marker) == 1 and (out / "key.pem").exists())
+        await wait_until(lambda: runs(marker) == 1 and (out / "key.pem").exists())
         version = d.watchers["default"].current.version  # type: ignore[union-attr]
         shutil.rmtree(tmp_path / "run")
         await d.reload()
-        await wait_for(lambda: runs(marker) == 2)
+        await wait_until(lambda: runs(marker) == 2)
         assert (out / "key.pem").read_bytes() == files.key.read_bytes()
         assert d.watchers["default"].current.version == version  # type: ignore[union-attr]  # no rotation
 
@@ -85,7 +74,7 @@ async def test_a_sink_added_to_the_config_is_written_on_sighup_without_a_rotatio
     async with in_background(d.run, d.stop):
         config_file(path, files, tmp_path / "wlidd.sock", sink_table(out, marker))
         await d.reload()
-        await wait_for(lambda: runs(marker) == 1)
+        await wait_until(lambda: runs(marker) == 1)
         assert (out / "cert.pem").read_bytes() == files.cert.read_bytes()
 
 
@@ -104,11 +93,11 @@ async def test_a_deleted_file_is_written_again_by_the_periodic_check(
     )
     d = Daemon(config, sink_check_interval=0.05)
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: all((out / name).exists() for name in ("key.pem", "cert.pem", "bundle.pem")))
+        await wait_until(lambda: all((out / name).exists() for name in ("key.pem", "cert.pem", "bundle.pem")))
         (out / "cert.pem").unlink()
-        await wait_for(lambda: (out / "cert.pem").exists())
+        await wait_until(lambda: (out / "cert.pem").exists())
         shutil.rmtree(out / os.readlink(out / "..data"))  # the files themselves, behind the links
-        await wait_for(lambda: (out / "cert.pem").exists())
+        await wait_until(lambda: (out / "cert.pem").exists())
         assert (out / "cert.pem").read_bytes() == files.cert.read_bytes()
 
 
@@ -133,13 +122,6 @@ async def test_a_sink_that_is_current_is_only_checked_and_its_hook_does_not_run(
 # ---- token sinks ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
-    emulator = token_emulator(tmp_path, ca)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
-
-
 async def test_a_deleted_token_file_is_written_again_from_the_current_token_on_sighup(
     tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
 ) -> None:
@@ -154,11 +136,11 @@ async def test_a_deleted_token_file_is_written_again_from_the_current_token_on_s
     )
     d = Daemon(config)
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: runs(marker) == 1)
+        await wait_until(lambda: runs(marker) == 1)
         written, calls = token_file.read_bytes(), d.tokens["vm"].upstream_calls
         shutil.rmtree(tmp_path / "tokens")
         await d.reload()
-        await wait_for(lambda: runs(marker) == 2)
+        await wait_until(lambda: runs(marker) == 2)
         assert token_file.read_bytes() == written and d.tokens["vm"].upstream_calls == calls  # the same token
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import FileSet, in_background
-from tests.test_sink_ensure import config_file, wait_for
+from tests.conftest import FileSet, in_background, wait_until
+from tests.test_sink_ensure import config_file
 from wlidd.cli import render_status
 from wlidd.config import load_config
 from wlidd.daemon import Daemon
@@ -38,7 +38,7 @@ async def test_a_failing_sink_is_in_status_and_metrics_until_it_is_written_again
         return d.metrics.registry.get_sample_value("wlidd_sink_write_failing", {"kind": "identity", "owner": "default"})
 
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: failing() == 1)
+        await wait_until(lambda: failing() == 1)
         document = await status_of(socket)
         problem = document["sink_problems"][str(out)]  # type: ignore[index]
         assert problem["kind"] == "identity" and problem["owner"] == "default"
@@ -47,7 +47,7 @@ async def test_a_failing_sink_is_in_status_and_metrics_until_it_is_written_again
 
         blocker.unlink()  # the operator fixes it; the next check writes the sink
         await d.reload()
-        await wait_for(lambda: (out / "key.pem").exists() and failing() is None)
+        await wait_until(lambda: (out / "key.pem").exists() and failing() is None)
         assert (await status_of(socket))["sink_problems"] == {}
 
 
@@ -62,8 +62,8 @@ async def test_a_sink_removed_by_a_reload_is_no_longer_reported(
     path = config_file(tmp_path / "wlidd.toml", files, socket, sink)
     d = Daemon(load_config(path, {}), config_path=path, environ={})
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: bool(d.sink_problems()))
+        await wait_until(lambda: bool(d.sink_problems()))
         config_file(path, files, socket)  # the sink is gone from the config
         await d.reload()
-        await wait_for(lambda: not d.sink_problems())
+        await wait_until(lambda: not d.sink_problems())
         assert (await status_of(socket))["sink_problems"] == {}

@@ -8,15 +8,13 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
-from tests.conftest import FileSet, in_background
-from tests.test_tokens import metadata_token_config, token_emulator
+from tests.conftest import FileSet, in_background, wait_until
+from tests.test_tokens import metadata_token_config
 from wlidd.config import Config, CredentialSinkConfig
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, cert_pem
@@ -34,12 +32,6 @@ def daemon(tmp_path: Path, files: FileSet, sinks: list[dict[str, Any]], **identi
     )
 
 
-async def wait_for(predicate: Any, timeout: float = 10) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.02)
-
-
 async def test_files_layout_is_read_by_google_auths_certificate_config_reader_and_follows_rotation(
     tmp_path: Path, files: FileSet, ca: CertificateAuthority
 ) -> None:
@@ -50,7 +42,7 @@ async def test_files_layout_is_read_by_google_auths_certificate_config_reader_an
     out = tmp_path / "out"
     d = daemon(tmp_path, files, [{"dir": str(out)}])
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: (out / "certificate_config.json").exists())
+        await wait_until(lambda: (out / "certificate_config.json").exists())
         cert, key = _mtls_helper._get_workload_cert_and_key(str(out / "certificate_config.json"))
         assert cert == first.chain_pem and key == first.key_pem
         assert stat.S_IMODE(os.stat(out / "key.pem").st_mode) == 0o600
@@ -58,7 +50,7 @@ async def test_files_layout_is_read_by_google_auths_certificate_config_reader_an
         assert (out / "bundle.pem").read_bytes() == ca.bundle_pem
         second = ca.issue_svid()
         files.put(second)
-        await wait_for(lambda: (out / "cert.pem").read_bytes() == second.chain_pem)
+        await wait_until(lambda: (out / "cert.pem").read_bytes() == second.chain_pem)
         cert, key = _mtls_helper._get_workload_cert_and_key(str(out / "certificate_config.json"))
         assert cert == second.chain_pem and key == second.key_pem
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -76,7 +68,7 @@ async def test_spiffe_fs_layout_has_key_and_chain_in_one_file_and_a_trust_bundle
     out = tmp_path / "spiffe"
     d = daemon(tmp_path, files, [{"dir": str(out), "layout": "spiffe-fs"}], bundles={"other.org": other})
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: (out / "other.org.spiffe-trust-bundle.pem").exists())
+        await wait_until(lambda: (out / "other.org.spiffe-trust-bundle.pem").exists())
     combined = (out / "credential-bundle.private-key.pem").read_bytes()
     assert combined.startswith(b"-----BEGIN PRIVATE KEY-----") and combined.endswith(svid.chain_pem)
     assert stat.S_IMODE(os.stat(out / "credential-bundle.private-key.pem").st_mode) == 0o600
@@ -131,7 +123,7 @@ async def test_after_a_rotation_the_command_runs_and_the_pid_file_process_is_sig
     d = daemon(tmp_path, files, sinks)
     try:
         async with in_background(d.run, d.stop):
-            await wait_for(lambda: marker.exists() and got_signal.exists())
+            await wait_until(lambda: marker.exists() and got_signal.exists())
     finally:
         app.kill()
         app.communicate(timeout=10)
@@ -180,19 +172,12 @@ async def test_a_reader_removed_by_a_reload_loses_the_key_at_once_not_at_the_nex
     write(f"readers = {{ users = [{READER}] }}")
     d = Daemon(load_config(path, {}), config_path=path, environ={})
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: (out / "key.pem").exists() and acl_users(out / "key.pem") == [READER])
+        await wait_until(lambda: (out / "key.pem").exists() and acl_users(out / "key.pem") == [READER])
         version = d.watchers["default"].current.version  # type: ignore[union-attr]
         write("")
         await d.reload()
-        await wait_for(lambda: acl_users(out / "key.pem") == [], timeout=5)
+        await wait_until(lambda: acl_users(out / "key.pem") == [], timeout=5)
         assert d.watchers["default"].current.version == version  # type: ignore[union-attr]  # no rotation
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
-    emulator = token_emulator(tmp_path, ca)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 async def test_a_token_sink_changed_by_a_reload_is_rewritten_from_the_current_token_at_once(
@@ -212,9 +197,9 @@ async def test_a_token_sink_changed_by_a_reload_is_rewritten_from_the_current_to
     write(f"readers = {{ users = [{READER}] }}")
     d = Daemon(load_config(path, {}), config_path=path, environ={})
     async with in_background(d.run, d.stop):
-        await wait_for(lambda: token_file.exists() and acl_users(token_file) == [READER])
+        await wait_until(lambda: token_file.exists() and acl_users(token_file) == [READER])
         calls = d.tokens["vm"].upstream_calls
         write("")
         await d.reload()
-        await wait_for(lambda: acl_users(token_file) == [], timeout=5)
+        await wait_until(lambda: acl_users(token_file) == [], timeout=5)
         assert d.tokens["vm"].upstream_calls == calls  # the current token, not a new one

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import FileSet
+from tests.conftest import FileSet, poll_until
 from tests.test_cli import write_config as cli_config
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.systemd import Notifier, listen_fds, watchdog_period
@@ -113,10 +113,7 @@ def test_watchdog_keeps_pinging_while_degraded(
         notify.read_until("WATCHDOG", "1", timeout=5)  # pinging while healthy
         status = notify.read_until("STATUS", timeout=20)  # the SVID expires: status turns degraded …
         assert status["STATUS"].startswith("degraded"), status
-        deadline = time.monotonic() + 20
-        while health(tmp_path / "wlidd.sock") != 503:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        poll_until(lambda: health(tmp_path / "wlidd.sock") == 503, 20, "/v1/health turned 503")
         notify.messages.clear()
         notify.read_until("WATCHDOG", "1", timeout=2)  # … and the pings go on
     finally:
@@ -146,18 +143,19 @@ def test_socket_activation_takes_the_passed_socket(tmp_path: Path, files: FileSe
         stderr=subprocess.PIPE,
         text=True,
     )
+
+    def answers() -> bool:
+        try:
+            return health(activated) == 200
+        except httpx.HTTPError:
+            return False
+
+    def never_answered() -> str:
+        proc.kill()
+        return "the activated socket never answered: " + proc.communicate()[1][-2000:]
+
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if health(activated) == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError("the activated socket never answered: " + proc.communicate()[1][-2000:])
-            time.sleep(0.05)
+        poll_until(answers, 20, never_answered)
         assert not (tmp_path / "wlidd.sock").exists()  # the configured path was not bound
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=20)
@@ -176,12 +174,12 @@ def test_notifier_speaks_the_datagram_protocol_including_abstract_sockets() -> N
     server.bind(b"\0" + name.encode())
     try:
         notifier = Notifier({"NOTIFY_SOCKET": "@" + name})
-        notifier.ready("serving")
+        notifier.send(READY=1, STATUS="serving")
         assert server.recv(4096) == b"READY=1\nSTATUS=serving"
         notifier.close()
     finally:
         server.close()
-    Notifier({}).ready("nobody listens")  # without NOTIFY_SOCKET: a no-op, never an error
+    Notifier({}).send(READY=1, STATUS="nobody listens")  # without NOTIFY_SOCKET: a no-op, never an error
 
 
 def test_watchdog_period_and_listen_fds_follow_the_pid_rules() -> None:

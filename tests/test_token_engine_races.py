@@ -35,7 +35,7 @@ import pytest
 
 from tests.clients.harness import metadata_daemon
 from tests.conftest import FileSet, in_background
-from tests.test_tokens import entra_token_config, metadata_token_config, token_emulator, x509_token_config
+from tests.test_tokens import entra_token_config, metadata_token_config, x509_token_config
 from wlidd.config import Config, IdentityConfig, TokenConfig
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
@@ -73,13 +73,6 @@ class Wall:
 
     def advance(self, seconds: float) -> None:
         self.now += dt.timedelta(seconds=seconds)
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
-    emulator = token_emulator(tmp_path, ca)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 Build = Callable[..., Awaitable[tuple[TokenSource, CredentialWatcher]]]
@@ -484,46 +477,44 @@ async def test_a_failed_scoped_mint_gives_the_sources_token_when_it_covers_the_r
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 async def test_one_user_spending_its_scoped_mint_budget_does_not_deny_another_users_request(
-    tmp_path: Path, files: FileSet, ca: CertificateAuthority
+    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
 ) -> None:
     """Through the metadata API: uid 65534 asks for 12 new scope sets the token does not cover and is
     refused after its burst; root then asks for datastore. Seen live: root's Node client failed with "token
     'gcp' minted tokens for scope sets faster than 10 per minute"."""
-    upstreams = token_emulator(tmp_path, ca)
-    async with in_background(upstreams.run, upstreams.stop):
-        files.put(ca.issue_svid(), ca.bundle_pem)
-        config = Config.model_validate(
-            {
-                "identities": {"default": files.config()},
-                "tokens": {"gcp": x509_token_config(upstreams)},
-                "policy": {"tokens": {"users": ["root", 65534]}},
-                "listeners": {
-                    "unix": {"path": str(tmp_path / "wlidd.sock")},
-                    "metadata": {"address": "127.0.0.1:0", "token": "gcp", "project_id": "demo-project"},
-                },
-            }
+    files.put(ca.issue_svid(), ca.bundle_pem)
+    config = Config.model_validate(
+        {
+            "identities": {"default": files.config()},
+            "tokens": {"gcp": x509_token_config(upstreams)},
+            "policy": {"tokens": {"users": ["root", 65534]}},
+            "listeners": {
+                "unix": {"path": str(tmp_path / "wlidd.sock")},
+                "metadata": {"address": "127.0.0.1:0", "token": "gcp", "project_id": "demo-project"},
+            },
+        }
+    )
+    d = Daemon(config)
+    async with in_background(d.run, d.stop):
+        await d.tokens["gcp"].get()
+        url = f"http://127.0.0.1:{d.metadata_port}{TOKEN}?scopes={GMAIL}nobody"
+        program = (
+            "import sys, urllib.request, urllib.error\n"
+            "codes = []\n"
+            "for i in range(12):\n"
+            f"    r = urllib.request.Request('{url}' + str(i), headers={{'Metadata-Flavor': 'Google'}})\n"
+            "    try: codes.append(urllib.request.urlopen(r).status)\n"
+            "    except urllib.error.HTTPError as e: codes.append(e.code)\n"
+            "print(codes)\n"
         )
-        d = Daemon(config)
-        async with in_background(d.run, d.stop):
-            await d.tokens["gcp"].get()
-            url = f"http://127.0.0.1:{d.metadata_port}{TOKEN}?scopes={GMAIL}nobody"
-            program = (
-                "import sys, urllib.request, urllib.error\n"
-                "codes = []\n"
-                "for i in range(12):\n"
-                f"    r = urllib.request.Request('{url}' + str(i), headers={{'Metadata-Flavor': 'Google'}})\n"
-                "    try: codes.append(urllib.request.urlopen(r).status)\n"
-                "    except urllib.error.HTTPError as e: codes.append(e.code)\n"
-                "print(codes)\n"
-            )
-            nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c"]
-            result = await anyio.run_process([*nobody, program], check=False)
-            assert b"429" in result.stdout, result.stdout  # uid 65534's budget is spent
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.metadata_port}", headers=FLAVOR) as c:
-                root = await c.get(TOKEN, params={"scopes": AUTH + "datastore"})
-                root_uncovered = await c.get(TOKEN, params={"scopes": GMAIL + "root"})
-            assert root.status_code == 200, root.text
-            assert root_uncovered.status_code == 200, root_uncovered.text  # minted: root's own budget
+        nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c"]
+        result = await anyio.run_process([*nobody, program], check=False)
+        assert b"429" in result.stdout, result.stdout  # uid 65534's budget is spent
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.metadata_port}", headers=FLAVOR) as c:
+            root = await c.get(TOKEN, params={"scopes": AUTH + "datastore"})
+            root_uncovered = await c.get(TOKEN, params={"scopes": GMAIL + "root"})
+        assert root.status_code == 200, root.text
+        assert root_uncovered.status_code == 200, root_uncovered.text  # minted: root's own budget
 
 
 # ---- 6: files that are not regular files; nothing sent, nothing counted --------------------------------

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,17 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import FileSet, in_background
+from tests.conftest import SA, FileSet, in_background
 from tests.test_tokens import (
-    SA,
     _source,
     client,
     daemon_config,
     metadata_token_config,
-    token_emulator,
     wait_for_token,
     x509_token_config,
 )
 from wlidd import sinks
+from wlidd.clock import iso_z
 from wlidd.config import SinkConfig, TokenConfig
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
@@ -55,13 +53,6 @@ def seconds(value: float) -> dt.timedelta:
 
 def http_date(when: dt.datetime) -> str:
     return email.utils.format_datetime(when, usegmt=True)
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
-    emulator = token_emulator(tmp_path, ca)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 # ---- item 5: the bounds, pure ------------------------------------------------------------------------
@@ -302,7 +293,7 @@ async def test_a_json_token_file_from_an_older_wlidd_is_rewritten_without_expire
     token = Token("opaque-" + "t" * 30, now + seconds(3600), now, "gcp")
     path = tmp_path / "gcp.json"
     old_format = {"access_token": token.value, "token_type": "Bearer", "expires_in": 3599}
-    path.write_text(json.dumps(old_format | {"expire_time": sinks.iso_z(token.expire_time)}) + "\n")
+    path.write_text(json.dumps(old_format | {"expire_time": iso_z(token.expire_time)}) + "\n")
     os.chmod(path, 0o600)
     token_sink = SinkConfig.model_validate(
         {"path": str(path), "format": "json", "on_change": [sys.executable, "-c", ""]}

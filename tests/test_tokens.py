@@ -17,7 +17,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import TD, FileSet, in_background
+from tests.conftest import APP_URI, AUDIENCE, CLIENT_ID, SA, TD, X509_AUDIENCE, FileSet, in_background, wait_until
 from wlidd.config import Config, TokenConfig
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid, new_key
@@ -27,27 +27,6 @@ from wlidd.logs import configure_logging, reset_logging
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
 from wlidd.tokens.providers.entra import build_assertion
-
-AUDIENCE = "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/pool/providers/entra"
-X509_AUDIENCE = "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/pool/providers/x509"
-APP_URI = "api://wlidd-test"
-CLIENT_ID = "11111111-2222-3333-4444-555555555555"
-SA = "app@demo-project.iam.gserviceaccount.com"
-
-
-def token_emulator(tmp_path: Path, ca: CertificateAuthority) -> Upstreams:
-    """The emulator every flow of these tests talks to (not yet running)."""
-    emulator = Upstreams(tmp_path / "emulator", spiffe_bundle_pem=ca.bundle_pem, seed=1, service_accounts=[SA])
-    emulator.register_oidc_provider(AUDIENCE, allowed_audiences=[APP_URI])
-    emulator.register_x509_provider(X509_AUDIENCE)
-    return emulator
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
-    emulator = token_emulator(tmp_path, ca)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 @pytest.fixture
@@ -176,9 +155,7 @@ async def test_entra_with_an_ec_identity_key_fails_clearly(
     files.put(ca.issue_svid(), ca.bundle_pem)
     d = Daemon(daemon_config(tmp_path, files, {"gcp": entra_token_config(upstreams)}))
     async with in_background(d.run, d.stop), client(d) as c:
-        with anyio.fail_after(10):
-            while d.tokens["gcp"].failures == 0:
-                await anyio.sleep(0.02)
+        await wait_until(lambda: d.tokens["gcp"].failures > 0, what="the first failure")
         response = await c.get("/v1/token/gcp")
     assert response.status_code == 503 and response.json()["error"] == "token_unavailable"
     assert "need an RSA key" in response.json()["message"] and upstreams.calls["entra"] == 0
@@ -436,7 +413,10 @@ async def test_on_demand_token_is_not_fetched_until_asked(
     files.put(ca.issue_svid(), ca.bundle_pem)
     d = Daemon(daemon_config(tmp_path, files, {"mds": metadata_token_config(upstreams, on_demand=True)}))
     async with in_background(d.run, d.stop), client(d) as c:
-        await anyio.sleep(0.3)
+        # Serving, and no fetch made or planned (the refresh loop of an idle on-demand source only naps:
+        # test_on_demand_source_stops_refreshing_when_idle watches it do so).
+        status = (await c.get("/v1/status")).json()["tokens"]["mds"]
+        assert (status["upstream_calls"], status["next_refresh"]) == (0, None)
         assert upstreams.calls["metadata"] == 0
         assert (await c.get("/v1/token/mds")).status_code == 200
     assert upstreams.calls["metadata"] == 1
@@ -493,9 +473,7 @@ async def test_token_sink_is_written_atomically_with_its_mode_and_runs_on_change
     d = Daemon(daemon_config(tmp_path, files, {"mds": metadata_token_config(upstreams, sinks=sinks)}))
     async with in_background(d.run, d.stop), client(d) as c:
         document = await wait_for_token(c, "mds")
-        with anyio.fail_after(5):
-            while not marker.exists():
-                await anyio.sleep(0.02)
+        await wait_until(marker.exists, 5, "the on_change hook ran")
     text = tmp_path / "out" / "gcp.token"
     assert text.read_text() == document["access_token"]
     assert stat.S_IMODE(os.stat(text).st_mode) == 0o600
@@ -577,22 +555,30 @@ async def test_min_interval_spaces_upstream_calls(
 
 async def test_on_demand_source_stops_refreshing_when_idle(files: FileSet, upstreams: Upstreams) -> None:
     ticks = [0.0]
+    naps: list[float] = []  # the monotonic time at each nap of the refresh loop
+
+    async def nap(seconds: float) -> None:
+        naps.append(ticks[0])
+        await anyio.sleep(seconds)
+
     config = TokenConfig.model_validate(metadata_token_config(upstreams, on_demand=True, idle=60))
-    source = TokenSource("mds", config, Flow("mds", config), monotonic=lambda: ticks[0])
+    source = TokenSource("mds", config, Flow("mds", config), monotonic=lambda: ticks[0], sleep=nap)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(source.run)
+            await wait_until(lambda: naps, 5, "the first nap of the loop")
+            assert upstreams.calls["metadata"] == 0  # not fetched until asked
             await source.get()  # first request: fetched on demand
             assert upstreams.calls["metadata"] == 1
             ticks[0] = 61.0  # no request for longer than `idle`
             source.trigger("test")  # even a due refresh is skipped while idle
-            await anyio.sleep(0.2)
+            # Every nap that starts from here on starts after the trigger: the loop took it, and fetched (it
+            # must not) or not before it slept again.
+            await wait_until(lambda: 61.0 in naps, 5, "the loop went back to sleep after the trigger")
             assert upstreams.calls["metadata"] == 1
             await source.get()  # still valid: served from memory, and marks the source active again
             source.trigger("test")
-            with anyio.fail_after(5):
-                while upstreams.calls["metadata"] < 2:
-                    await anyio.sleep(0.01)
+            await wait_until(lambda: upstreams.calls["metadata"] >= 2, 5, "the refresh of an active source")
             tg.cancel_scope.cancel()
     finally:
         await source.flow.aclose()
@@ -662,8 +648,8 @@ async def test_a_graceful_stop_lets_the_request_in_flight_finish(
             results.append(await c.get("/v1/token/mds"))
 
         tg.start_soon(ask)
-        await anyio.sleep(0.3)  # the request is in flight
-        d.stop()
+        await wait_until(lambda: upstreams.calls["metadata"] == 1, what="the request reached the upstream")
+        d.stop()  # the request is in flight: the upstream answers in 0.8 s
     assert len(results) == 1 and results[0].status_code == 200
     assert results[0].json()["access_token"].startswith("ya29.mds-")
     assert results[0].headers["connection"] == "close"  # stopping: no keep-alive

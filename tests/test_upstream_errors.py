@@ -7,8 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,17 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import FUZZ_SCALE, in_background
+from tests.conftest import FUZZ_SCALE, X509_AUDIENCE
 from tests.test_id_token_guards import Wall
 from tests.test_id_token_guards import build as build
 from tests.test_tokens import (
-    X509_AUDIENCE,
     entra_token_config,
     metadata_token_config,
-    token_emulator,
     x509_token_config,
 )
-from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.errors import UpstreamError
 from wlidd.logs import configure_logging, reset_logging
@@ -37,13 +33,6 @@ from wlidd.tokens.providers.http import error_from_response, request_json
 
 KINDS = ("entra", "sts", "iam", "metadata")
 REASON = re.compile(r"^[a-z0-9_]{1,48}$")
-
-
-@pytest.fixture
-async def upstreams(tmp_path: Path, ca: CertificateAuthority) -> AsyncIterator[Upstreams]:
-    emulator = token_emulator(tmp_path, ca)
-    async with in_background(emulator.run, emulator.stop):
-        yield emulator
 
 
 def _response(status: int, body: Any = None, *, raw: bytes | None = None) -> httpx.Response:

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import pytest
 from anyio.streams.tls import TLSListener, TLSStream
 from cryptography import x509
 
-from tests.conftest import TD, FileSet
+from tests.conftest import TD, FileSet, wait_until
 from wlidd.config import IdentityConfig
 from wlidd.emulator.ca import CertificateAuthority, cert_pem, spiffe_bundle
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
@@ -29,12 +29,6 @@ from wlidd.watch import CredentialWatcher, IdentityState
 async def changed(watcher: CredentialWatcher, after_version: int, timeout: float = 10.0) -> IdentityState:
     with anyio.fail_after(timeout):
         return await watcher.wait_for_change(after_version)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.01)
 
 
 @asynccontextmanager

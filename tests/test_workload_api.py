@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.conftest import FileSet, in_background
+from tests.conftest import FileSet, in_background, wait_until
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, spiffe_bundle
@@ -94,6 +94,16 @@ def endpoint(d: Daemon) -> str:
     return f"unix://{d.config.listeners.workload_api.path}"
 
 
+async def read_lines(process: anyio.abc.Process, lines: list[str]) -> None:
+    """Append each line the child prints to `lines`, as it comes."""
+    assert process.stdout is not None
+    buffer = b""
+    async for chunk in process.stdout:
+        buffer += chunk
+        *done, buffer = buffer.split(b"\n")
+        lines.extend(line.decode() for line in done)
+
+
 async def run(code: str, *args: str) -> str:
     result = await anyio.run_process([sys.executable, "-c", code, *args], check=False)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
@@ -130,29 +140,16 @@ async def test_a_stream_gets_the_new_svid_within_a_second_of_a_gce_symlink_swap(
     lines: list[str] = []
     async with in_background(d.run, d.stop):
         process = await anyio.open_process([sys.executable, "-c", STREAM, endpoint(d), "15"])
-
-        async def read() -> None:
-            assert process.stdout is not None
-            buffer = b""
-            async for chunk in process.stdout:
-                buffer += chunk
-                *done, buffer = buffer.split(b"\n")
-                lines.extend(line.decode() for line in done)
-
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(read)
-                with anyio.fail_after(15):
-                    while f"serial {first.leaf.serial_number:x}" not in lines:
-                        await anyio.sleep(0.02)
+                tg.start_soon(read_lines, process, lines)
+                await wait_until(lambda: f"serial {first.leaf.serial_number:x}" in lines, what="the first push")
                 new = ca.issue_svid()
                 new_dir = writer.new_contents_dir()
                 writer.write_files(new_dir, gce_files(new.chain_pem, new.key_pem, ca_pem=ca.bundle_pem))
                 started = time.monotonic()
                 writer.swap_to(new_dir)  # unlink the live link, rename the temp link over it, rm -rf the old dir
-                with anyio.fail_after(10):
-                    while f"serial {new.leaf.serial_number:x}" not in lines:
-                        await anyio.sleep(0.01)
+                await wait_until(lambda: f"serial {new.leaf.serial_number:x}" in lines, 10, "the rotation's push")
                 assert time.monotonic() - started < 1.0
                 tg.cancel_scope.cancel()
         finally:
@@ -190,21 +187,32 @@ async def test_jwt_methods_are_unimplemented_with_a_clear_message(daemon: Daemon
 
 
 async def test_an_invalid_rotation_pushes_nothing(daemon: Daemon, files: FileSet, ca: CertificateAuthority) -> None:
-    process = await anyio.open_process([sys.executable, "-c", STREAM, endpoint(daemon), "8"])
+    """The stream's client sees the first SVID, then the next valid one, and nothing between them for the
+    refused set: the valid rotation after it is the barrier (a stream's pushes arrive in order)."""
+    process = await anyio.open_process([sys.executable, "-c", STREAM, endpoint(daemon), "15"])
+    lines: list[str] = []
+    watcher = daemon.watchers["default"]
+    first = watcher.current.identity.svid.serial  # type: ignore[union-attr]
     try:
-        watcher = daemon.watchers["default"]
-        with anyio.fail_after(10):
-            while daemon.workload_api is None or daemon.workload_api.pushes < 1:
-                await anyio.sleep(0.02)
-        files.write("chain.pem", ca.issue_svid().chain_pem[:100])  # a torn chain: refused
-        with anyio.fail_after(10):
-            while watcher.stats.rejections < 1:
-                await anyio.sleep(0.02)
-        await anyio.sleep(0.5)
-        assert daemon.workload_api.pushes == 1 and watcher.current is not None and watcher.current.version == 1
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_lines, process, lines)
+            await wait_until(lambda: lines, 10, "the first push")
+            files.write("chain.pem", ca.issue_svid().chain_pem[:100])  # a torn chain: refused
+            await wait_until(lambda: watcher.stats.rejections >= 1, 10, "the refusal")
+            assert watcher.current is not None and watcher.current.version == 1  # still the first set
+            new = ca.issue_svid()
+            files.put(new)
+            await wait_until(
+                lambda: any(line.startswith("serial " + format(new.leaf.serial_number, "x")) for line in lines),
+                10,
+                "the next valid push",
+            )
+            tg.cancel_scope.cancel()
     finally:
         process.kill()
         await process.aclose()
+    assert lines == [f"serial {first}", f"serial {new.leaf.serial_number:x}"]
+    assert daemon.workload_api is not None and daemon.workload_api.pushes == 2
 
 
 def test_our_proto_is_the_one_py_spiffe_speaks() -> None:
@@ -295,9 +303,7 @@ async def test_fifty_streaming_clients_all_get_the_rotation_and_status_counts_th
             assert "wlidd_workload_api_streams 50.0" in metrics
             new = ca.issue_svid()
             files.put(new)
-            with anyio.fail_after(15):
-                while len(seen.get(format(new.leaf.serial_number, "x"), ())) < 50:
-                    await anyio.sleep(0.05)
+            await wait_until(lambda: len(seen.get(format(new.leaf.serial_number, "x"), ())) == 50, what="50 pushes")
             tg.cancel_scope.cancel()
     finally:
         process.kill()

@@ -22,10 +22,11 @@ from typing import Any
 import anyio
 
 from wlidd import __version__
+from wlidd.clock import iso_z
 from wlidd.config import DEFAULT_CONFIG_PATH, Config, UnixListenerConfig, config_path_from, load_config
 from wlidd.errors import SvidError, WlidError
 from wlidd.logs import configure_logging
-from wlidd.svid.load import CredentialSource, iso_z, load_identity
+from wlidd.svid.load import CredentialSource, load_identity
 
 
 class ExitCode(enum.IntEnum):

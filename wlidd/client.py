@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import grp
 import os
-import pwd
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from wlidd.accounts import group_name, owner_names, user_name
 from wlidd.errors import WlidError
 
 DEFAULT_SOCKET = Path("/run/wlidd/wlidd.sock")
@@ -110,13 +108,6 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def _name(lookup: Callable[[int], Any], number: int) -> str:
-    try:
-        return str(lookup(number)[0])
-    except (KeyError, OverflowError):
-        return str(number)
-
-
 def access_denied_message(path: Path) -> str:
     """Why this process may not connect to the Unix socket at `path` (connect(2) gave EACCES or EPERM),
     naming owner, group and mode of what shuts it out: the first directory on the way it may not search,
@@ -124,7 +115,7 @@ def access_denied_message(path: Path) -> str:
     (unix(7), "Pathname socket ownership and permissions")."""
     path = Path(os.path.abspath(path))
     uid = os.geteuid()
-    you = f"you (uid {uid} {_name(pwd.getpwuid, uid)})"
+    you = f"you (uid {uid} {user_name(uid)})"
     for directory in reversed(path.parents):
         if not os.access(directory, os.X_OK, effective_ids=os.access in os.supports_effective_ids):
             return f"permission denied: {_owned(directory)}; {you} may not search it"
@@ -132,7 +123,7 @@ def access_denied_message(path: Path) -> str:
         st = os.stat(path)
     except OSError as exc:
         return f"permission denied: {path}: {exc.strerror}"
-    group = _name(grp.getgrgid, st.st_gid)
+    group = group_name(st.st_gid)
     if uid == st.st_uid:
         why = "own it but its mode gives the owner no write access"
     elif st.st_gid in {os.getegid(), *os.getgroups()}:
@@ -149,8 +140,7 @@ def _owned(path: Path, st: os.stat_result | None = None) -> str:
             st = os.stat(path)
         except OSError as exc:  # gone or hidden meanwhile: say so rather than fail while explaining a failure
             return f"{path}: {exc.strerror}"
-    owner, group = _name(pwd.getpwuid, st.st_uid), _name(grp.getgrgid, st.st_gid)
-    return f"{path} is owned by {owner}:{group} mode {stat.S_IMODE(st.st_mode):04o}"
+    return f"{path} is owned by {owner_names(st)} mode {stat.S_IMODE(st.st_mode):04o}"
 
 
 def _unreachable(path: Path, exc: Exception) -> ClientError:

@@ -23,7 +23,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from wlidd.accounts import account_by_name, member_of, owner_names
 from wlidd.errors import ConfigError
+from wlidd.svid.spiffeid import parse_matcher
 
 DEFAULT_CONFIG_PATH = Path("/etc/wlidd/wlidd.toml")
 DEFAULT_GCE_DIR = Path("/var/run/secrets/workload-spiffe-credentials")
@@ -453,8 +455,6 @@ class MtlsListenerConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> MtlsListenerConfig:
-        from wlidd.api.authz import parse_matcher
-
         split_address(self.address)
         if not self.allow:
             raise ValueError("allow: name at least one SPIFFE ID matcher (exact, spiffe://td, '*' or '**' patterns)")
@@ -511,8 +511,6 @@ class AccessRule(_Strict):
 
     @model_validator(mode="after")
     def _check_matchers(self) -> AccessRule:
-        from wlidd.api.authz import parse_matcher
-
         for pattern in self.spiffe_ids:
             parse_matcher(pattern)
         return self
@@ -705,35 +703,23 @@ def unreadable_by_service(path: Path, user: str = SERVICE_USER) -> str | None:
     the mode bits and ownership of the file and of every directory on the way (execute to traverse),
     with the user's groups from the group database; POSIX ACLs are not consulted (a warning may then
     be too cautious, never silent about the mode)."""
-    import grp
-    import pwd
     import stat as stat_module
 
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
+    account = account_by_name(user)
+    if account is None:
         return None
-    groups = set(os.getgrouplist(user, entry.pw_gid))
-    if entry.pw_uid == 0:
+    groups = member_of(user, account.pw_gid)
+    if account.pw_uid == 0:
         return None
 
     def allowed(st: os.stat_result, bits: int) -> bool:
-        if st.st_uid == entry.pw_uid:
+        if st.st_uid == account.pw_uid:
             shift = 6
         elif st.st_gid in groups:
             shift = 3
         else:
             shift = 0
         return (stat_module.S_IMODE(st.st_mode) >> shift) & bits == bits
-
-    def owners(st: os.stat_result) -> str:
-        def name(lookup: Any, ident: int) -> str:
-            try:
-                return str(lookup(ident)[0])
-            except KeyError:
-                return str(ident)
-
-        return f"{name(pwd.getpwuid, st.st_uid)}:{name(grp.getgrgid, st.st_gid)}"
 
     absolute = Path(os.path.abspath(path))
     for directory in reversed(absolute.parents):
@@ -743,7 +729,7 @@ def unreadable_by_service(path: Path, user: str = SERVICE_USER) -> str | None:
             return None
         if not allowed(st, 0o1):
             mode = stat_module.S_IMODE(st.st_mode)
-            return f"directory {directory} ({owners(st)}, mode {mode:04o}) cannot be traversed by user {user}"
+            return f"directory {directory} ({owner_names(st)}, mode {mode:04o}) cannot be traversed by user {user}"
     try:
         st = os.stat(absolute)
     except OSError:
@@ -751,7 +737,7 @@ def unreadable_by_service(path: Path, user: str = SERVICE_USER) -> str | None:
     if not allowed(st, 0o4):
         mode = stat_module.S_IMODE(st.st_mode)
         return (
-            f"{absolute} ({owners(st)}, mode {mode:04o}) is not readable by user {user}, whom the shipped unit"
+            f"{absolute} ({owner_names(st)}, mode {mode:04o}) is not readable by user {user}, whom the shipped unit"
             f" runs as (User={user}): the daemon would exit 2 at every start; it holds no secrets:"
             f" chmod 0644 {absolute}"
         )

@@ -18,11 +18,18 @@ The watchdog tracks liveness, not credential validity: WATCHDOG=1 while the even
 and every listener's accept loop runs. A daemon that is merely degraded (nothing provisioned yet, an
 upstream down) keeps pinging — a restart would fix nothing and cost the fleet's STS quota — and says so
 in /v1/health, STATUS= and the metrics instead.
+
+Where the decisions live: the lifecycle (starting → ready | degraded ⇄ reloading → stopping) and every
+READY=1, RELOADING=1, STOPPING=1 and STATUS= it sends are a table in wlidd.lifecycle, which refuses READY=1
+after STOPPING=1; what /v1/health, /v1/status, STATUS=, the watchdog and the metrics report is one
+`health(now)` (wlidd.health); what a reload changes (config, policy, token sources) is one Runtime
+published by one assignment (wlidd.runtime). This module wires them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import ipaddress
 import os
 import resource
@@ -37,7 +44,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from wlidd.api.accept import AcceptLoop, CallerKey, Refusal
-from wlidd.api.authz import Policy, parse_matcher
+from wlidd.api.authz import Policy
 from wlidd.api.listeners import ListenerError, bind_unix_socket
 from wlidd.api.metadata import FLAVOR, MetadataApi
 from wlidd.api.mtls import MtlsGate, QuietTLSListener
@@ -51,6 +58,7 @@ from wlidd.api.server import (
     ServerLimits,
     serialize_response,
 )
+from wlidd.clock import Clock, utc_now
 from wlidd.config import (
     Config,
     MetadataListenerConfig,
@@ -63,10 +71,14 @@ from wlidd.config import (
     split_address,
 )
 from wlidd.errors import ConfigError, WlidError
+from wlidd.health import Health, health
+from wlidd.lifecycle import SERVING, Lifecycle, State
 from wlidd.logs import configure_logging, get_logger, repeat_limiter
 from wlidd.metrics import Metrics
-from wlidd.sinks import ensure_credentials, ensure_token, failing_sinks, follow_credentials
-from wlidd.svid.load import Clock, CredentialSource, utc_now
+from wlidd.runtime import Runtime, RuntimeRef
+from wlidd.sinks import ensure_credentials, ensure_token, failing_sinks, follow_credentials, follow_token
+from wlidd.svid.load import CredentialSource
+from wlidd.svid.spiffeid import parse_matcher
 from wlidd.systemd import Notifier, listen_fds, watchdog_period
 from wlidd.tlsctx import HotServerContext
 from wlidd.tokens.flows import Flow
@@ -101,7 +113,6 @@ class Daemon:
     ) -> None:
         """`sink_check_interval`: seconds between the checks that every sink is up to date (None: each
         identity's reload_interval, and TOKEN_SINK_INTERVAL for token sinks)."""
-        self.config = config
         self.sink_check_interval = sink_check_interval
         self.config_path = config_path
         self.clock = clock
@@ -112,10 +123,11 @@ class Daemon:
             for name, cfg in config.identities.items()
         }
         self._source_scopes: dict[str, anyio.CancelScope] = {}
-        self.tokens: dict[str, TokenSource] = {name: self._new_source(name, cfg) for name, cfg in config.tokens.items()}
+        tokens = {name: self._new_source(name, cfg) for name, cfg in config.tokens.items()}
         self.started_at = clock()
-        self.policy = Policy.from_config(config.policy)
-        self.api = Api(self.watchers, self.metrics, clock, self.started_at, self.tokens, self.policy)
+        # What a reload changes (the config, its policy, the token sources): one value, one assignment.
+        self.runtime = RuntimeRef(Runtime.of(config, Policy.from_config(config.policy), tokens))
+        self.api = Api(self.watchers, self.metrics, clock, self.started_at, self.runtime, self.health)
         unix = config.listeners.unix
         self.unix_server = self._http_server(self.api, "unix", unix)
         self.socket_path: Path = unix.path
@@ -141,6 +153,9 @@ class Daemon:
         self._environ: Mapping[str, str] = os.environ if environ is None else environ
         self._activation_environ: MutableMapping[str, str] = os.environ if environ is None else dict(environ)
         self.notifier = Notifier(self._environ)
+        # starting → ready | degraded ⇄ reloading → stopping: the one sender of READY=1, RELOADING=1,
+        # STOPPING=1 and STATUS= (wlidd.lifecycle).
+        self.lifecycle = Lifecycle(self.notifier.send)
         self.drain_timeout = DRAIN_TIMEOUT
         self._task_group: anyio.abc.TaskGroup | None = None
         self._grpc_server: Any = None
@@ -152,21 +167,30 @@ class Daemon:
         self.api.extra_status["listeners"] = self.listener_status
         self.api.extra_status["sink_problems"] = self.sink_problems
         self.metrics.failing_sinks.source = lambda: [(p["kind"], p["owner"]) for p in self.sink_problems().values()]
-        self.api.liveness_problems = self.liveness_problems
-        self.api.starting = self.waiting_for
         self.api.held_back = self.held_back
-        # The lifecycle: "starting" (accept loops run, first loads and required tokens awaited), "ready"
-        # (READY=1 sent), "stopping" (STOPPING=1 sent). RELOADING=1/READY=1 are only sent while "ready".
-        self.lifecycle = "starting"
         self._loading: set[str] = set(self.watchers)  # identities whose first load has not ended yet
         self._awaiting: set[str] = {n for n, t in self.tokens.items() if t.config.require_at_start}
         self._progress = anyio.Event()  # set when the start moved on (the STATUS= line is recomputed)
-        self._last_status = ""  # the STATUS= text sent last
         self._reload_pending = False  # a SIGHUP came while starting: it runs once READY=1 was sent
+        self._reload_lock = anyio.Lock()  # one reload at a time: each is one RELOADING=1 … READY=1
         self._addresses: dict[str, str] = {}  # listener name → where it accepts ("127.0.0.1:9464", a path)
 
+    @property
+    def config(self) -> Config:
+        """The running config (the current runtime's)."""
+        return self.runtime.current.config
+
+    @property
+    def tokens(self) -> Mapping[str, TokenSource]:
+        """The token sources by name (the current runtime's)."""
+        return self.runtime.current.tokens
+
+    @property
+    def policy(self) -> Policy:
+        """The resolved policy (the current runtime's)."""
+        return self.runtime.current.policy
+
     def _http_server(self, handler: Handler, name: str, limits: _HttpLimits) -> HttpServer:
-        template: Callable[[str], str] = getattr(handler, "route_template", lambda _path: "other")
         return HttpServer(
             handler,
             name=name,
@@ -176,13 +200,13 @@ class Daemon:
                 max_connections=limits.max_connections,
                 first_byte_timeout=limits.first_byte_timeout,
             ),
-            on_response=lambda request, response: self._count_response(request, response, template(request.path)),
+            on_response=self._count_response,
         )
 
     def _count_response(self, request: Request, response: Response, route: str) -> None:
         """Count a response by (listener, route template, status). Labels come from fixed sets only: the
-        route is the handler's template for the path ("other" for anything else), never the path itself,
-        so a caller cannot grow the label set (5,000 random paths once made /metrics 167 MB)."""
+        route is the template of the route that answered ("other" when none matched: wlidd.api.server),
+        never the path, so a caller cannot grow the label set (5,000 random paths once made /metrics 167 MB)."""
         key = (request.listener, route, response.status)
         counter = self._request_counters.get(key)
         if counter is None:
@@ -227,19 +251,16 @@ class Daemon:
                 tg.start_soon(self._status_line)
                 tg.start_soon(self._keep_token_sinks)
                 if await self._start(tg):
-                    self.lifecycle = "ready"
                     invalid = [name for name, w in self.watchers.items() if not w.is_valid(self.clock())]
                     log.info("ready", socket=str(self.socket_path), invalid_identities=invalid)
-                    self._last_status = self.summary()
-                    self.notifier.ready(self._last_status)
+                    self._settle()  # READY=1
                     self._progressed()
                     task_status.started()
                     if self._reload_pending:
                         tg.start_soon(self.reload)
                 await self._stopping.wait()
-                self.lifecycle = "stopping"
                 log.info("stopping")
-                self.notifier.stopping()
+                self.lifecycle.move(State.STOPPING, "stopping")
                 with anyio.CancelScope(shield=True):
                     for loop in self.accept_loops:
                         loop.close()  # stop accepting
@@ -327,24 +348,30 @@ class Daemon:
         """The start moved on (or ended): the STATUS= line is recomputed now."""
         self._progress.set()
 
-    def waiting_for(self) -> dict[str, list[str]] | None:
-        """While starting: {"identities": names whose first load runs, "tokens": required tokens not
-        obtained yet}; None once READY=1 was sent (and while stopping)."""
-        if self.lifecycle != "starting":
-            return None
-        now = self.clock()
-        return {
-            "identities": sorted(self._loading),
-            "tokens": [
-                name for name in self.tokens if name in self._awaiting and self.tokens[name].servable(now) is None
-            ],
-        }
+    def health(self, now: dt.datetime | None = None) -> Health:
+        """The daemon's health now (wlidd.health): what /v1/health, /v1/status, STATUS=, the watchdog and
+        the metrics report."""
+        return health(
+            now or self.clock(),
+            self.lifecycle.state,
+            self.watchers,
+            self.tokens,
+            self.accept_loops,
+            loading=self._loading,
+            awaiting=self._awaiting,
+        )
+
+    def _settle(self) -> bool:
+        """End a start or a reload: READY=1 and the STATUS= line, into ready or degraded as health says.
+        False (nothing sent: the lifecycle refuses it) when a stop came first."""
+        now = self.health()
+        return self.lifecycle.move(now.serving, now.serving_line())
 
     def held_back(self, source: TokenSource) -> str | None:
         """Why `source` must not be asked for a token yet: its identity's first load still runs (a fetch now
         would fail and put the source into backoff); None when it may be asked."""
         identity = source.config.identity
-        if self.lifecycle == "starting" and identity is not None and identity in self._loading:
+        if self.lifecycle.state is State.STARTING and identity is not None and identity in self._loading:
             return f"identity {identity!r} has no valid SVID loaded yet (wlidd is starting: its first load is running)"
         return None
 
@@ -525,27 +552,8 @@ class Daemon:
         return socks
 
     def summary(self) -> str:
-        """One line for systemctl status: how many identities and tokens are valid, and what is not; while
-        starting, what the start waits for."""
-        waiting = self.waiting_for()
-        if waiting is not None:
-            parts = [f"identity {n} (first load)" for n in waiting["identities"]]
-            parts += [f"token {n} (required at start)" for n in waiting["tokens"]]
-            return "starting: waiting for " + ", ".join(parts) if parts else "starting"
-        now = self.clock()
-        bad = [f"identity {n}" for n, w in self.watchers.items() if not w.is_valid(now)]
-        bad += [f"token {n}" for n, t in self.tokens.items() if t.servable(now) is None and not t.config.on_demand]
-        bad += [f"listener {loop.name} (accept loop stopped)" for loop in self.accept_loops if not loop.alive]
-        head = f"{len(self.watchers)} identities, {len(self.tokens)} tokens"
-        return f"serving {head}" if not bad else f"degraded ({head}): not valid: {', '.join(bad)}"
-
-    def liveness_problems(self) -> dict[str, str]:
-        """{"listener/<name>": why} for every listener whose accept loop is not running (empty: alive)."""
-        return {
-            f"listener/{loop.name}": f"accept loop stopped: {loop.failure or 'not running'}"
-            for loop in self.accept_loops
-            if not loop.alive
-        }
+        """The STATUS= line now (wlidd.health.Health.status_line)."""
+        return self.health().status_line()
 
     def sink_problems(self) -> dict[str, Any]:
         """`/v1/status` `sink_problems`: {place: {kind, owner, error}} for this daemon's sinks whose last
@@ -588,7 +596,7 @@ class Daemon:
             before = anyio.current_time()
             await anyio.sleep(period)
             lag = anyio.current_time() - before - period
-            dead = self.liveness_problems()
+            dead = self.health().liveness_problems
             if lag < period and not dead:
                 self.notifier.watchdog()
                 if warned:
@@ -615,14 +623,16 @@ class Daemon:
                 await ensure_token(source, self.clock)
 
     async def _status_line(self) -> None:
-        """STATUS= when the summary changes (checked every STATUS_INTERVAL seconds), and the summaries of
-        repeated log lines whose window is over."""
+        """STATUS= when the health's line changes (checked every STATUS_INTERVAL seconds, and at once when
+        the start moves on), a started daemon moving between ready and degraded with it; and the summaries
+        of repeated log lines whose window is over."""
         while True:
             self._progress = anyio.Event()
-            line = self.summary()
-            if line != self._last_status:
-                self.notifier.status(line)
-                self._last_status = line
+            now = self.health()
+            if self.lifecycle.state in SERVING:
+                self.lifecycle.move(now.serving, now.status_line())
+            else:  # starting: what it waits for; reloading: the line so far; stopping: nothing is sent
+                self.lifecycle.status(now.status_line())
             repeat_limiter().flush()
             with anyio.move_on_after(STATUS_INTERVAL):  # or at once when the start moves on
                 await self._progress.wait()
@@ -643,25 +653,32 @@ class Daemon:
         Safe to change live: log level and format, [policy], sinks of identities and tokens. Anything
         else is reported as needing a restart.
 
-        RELOADING=1/READY=1 belong to a ready daemon: a reload asked for while starting runs once READY=1
-        was sent (the first loads read the files anyway); one asked for while stopping is ignored.
+        RELOADING=1 … READY=1 belong to a started daemon (wlidd.lifecycle): a reload asked for while
+        starting runs once READY=1 was sent (the first loads read the files anyway); one asked for while
+        stopping is refused by the lifecycle (logged, nothing sent), and a stop during a reload ends it
+        without READY=1. Reloads run one at a time.
         """
-        if self.lifecycle == "starting":
+        if self.lifecycle.state is State.STARTING:
             self._reload_pending = True
             log.info("SIGHUP while starting: the reload runs once the start is over")
             return
-        if self.lifecycle == "stopping":
-            log.info("SIGHUP while stopping: ignored")
-            return
-        self._reload_pending = False
-        self.notifier.reloading()
-        log.info("SIGHUP: reloading")
+        async with self._reload_lock:
+            if not self.lifecycle.move(State.RELOADING):
+                log.info("SIGHUP while stopping: ignored")
+                return
+            self._reload_pending = False
+            log.info("SIGHUP: reloading")
+            await self._reload()
+            self._settle()  # READY=1, unless a stop came meanwhile
+
+    async def _reload(self) -> None:
+        """The reload's work (see `reload`), between RELOADING=1 and READY=1."""
         if self.config_path is not None:
             try:
                 new = load_config(self.config_path, dict(self._environ))
             except ConfigError as exc:
                 log.error("reload refused: the new configuration is invalid; the running one stays", detail=exc.message)
-                self.notifier.status("reload refused: " + exc.message.splitlines()[-1].strip())
+                self.lifecycle.status("reload refused: " + exc.message.splitlines()[-1].strip())
                 new = None
             if new is not None:
                 await self._apply(new)
@@ -672,9 +689,6 @@ class Daemon:
                 self._task_group.start_soon(ensure_credentials, watcher)
             for source in self.tokens.values():
                 self._task_group.start_soon(ensure_token, source, self.clock)
-        if self.lifecycle == "ready":  # never READY=1 after STOPPING=1 (a stop during the reload)
-            self._last_status = self.summary()
-            self.notifier.ready(self._last_status)
 
     async def _apply(self, new: Config) -> None:
         """Apply a re-read config: the live parts now, the rest reported as needing a restart.
@@ -684,6 +698,7 @@ class Daemon:
         reload that changed nothing logs only "config unchanged". The policy is resolved again on every
         reload (a user or group named in it may have been created since) and counts as changed only
         when the resolution differs; names still unknown are logged at warning again (once per reload).
+        What changed is published at the end as one Runtime (`_publish`).
         """
         old = self.config
         restart: list[str] = []
@@ -696,14 +711,10 @@ class Daemon:
             restart.append("daemon.runtime_dir")
         policy = await anyio.to_thread.run_sync(Policy.from_config, new.policy)  # NSS lookups may block
         if policy != self.policy:
-            self.policy = policy
-            self.api.policy = self.policy
-            if self.metadata_server is not None and isinstance(self.metadata_server.handler, MetadataApi):
-                self.metadata_server.handler.policy = self.policy
-            if self.workload_api is not None:
-                self.workload_api.set_policy(self.policy)  # every open stream re-checks its caller now
             log.info("policy reloaded")
             changed = True
+        else:
+            policy = self.policy
         keep_ids = dict(old.identities)
         for name in sorted(set(old.identities) | set(new.identities)):
             before, after = old.identities.get(name), new.identities.get(name)
@@ -717,6 +728,7 @@ class Daemon:
                 log.info("sinks reloaded", section=f"identities.{name}")  # reload() brings them up to date now
                 changed = True
         keep_tokens = dict(old.tokens)
+        tokens = dict(self.tokens)
         pinned = old.listeners.metadata.token if old.listeners.metadata is not None else None
         for name in list(dict.fromkeys([*old.tokens, *new.tokens])):
             was, wanted = old.tokens.get(name), new.tokens.get(name)
@@ -731,16 +743,18 @@ class Daemon:
                 and wanted is not None
                 and was.model_dump(exclude={"sinks"}) == wanted.model_dump(exclude={"sinks"})
             ):
-                self.tokens[name].config = wanted
+                tokens[name].config = wanted
                 keep_tokens[name] = wanted
                 log.info("sinks reloaded", section=f"tokens.{name}")  # reload() brings them up to date now
                 changed = True
             else:
-                await self._replace_source(name, wanted)
+                source = await self._replace_source(name, wanted)
                 changed = True
-                if wanted is None:
+                if source is None or wanted is None:
+                    tokens.pop(name, None)
                     keep_tokens.pop(name, None)
                 else:
+                    tokens[name] = source
                     keep_tokens[name] = wanted
         if new.listeners != old.listeners:
             restart.append("listeners")
@@ -750,9 +764,25 @@ class Daemon:
             log.info("config unchanged")
         # What runs now: the new live parts, and the old version of everything that needs a restart.
         daemon = new.daemon.model_copy(update={"runtime_dir": old.daemon.runtime_dir})
-        self.config = old.model_copy(
+        config = old.model_copy(
             update={"daemon": daemon, "policy": new.policy, "identities": keep_ids, "tokens": keep_tokens}
         )
+        self._publish(Runtime.of(config, policy, tokens))
+
+    def _publish(self, runtime: Runtime) -> None:
+        """Make `runtime` current: one assignment for every reader of the reference (the local API). The
+        two servers that keep their own copy are told here: the metadata listener (its policy; its source,
+        which wakes its held waits, when that was replaced) and the Workload API (a new policy: every open
+        stream re-checks its caller now)."""
+        previous = self.runtime.publish(runtime)
+        handler = self.metadata_server.handler if self.metadata_server is not None else None
+        if isinstance(handler, MetadataApi):
+            handler.policy = runtime.policy
+            source = runtime.tokens.get(handler.source.name)
+            if source is not None and source is not handler.source:
+                handler.source = source
+        if self.workload_api is not None and runtime.policy is not previous.policy:
+            self.workload_api.set_policy(runtime.policy)
 
     def _new_source(self, name: str, token_config: TokenConfig) -> TokenSource:
         watcher = self.watchers.get(token_config.identity) if token_config.identity else None
@@ -771,30 +801,26 @@ class Daemon:
     ) -> None:
         with anyio.CancelScope() as scope:
             self._source_scopes[source.name] = scope
-            await source.run(task_status=task_status)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow_token, source, self.clock)  # its sinks follow the tokens it publishes
+                await source.run(task_status=task_status)
 
-    async def _replace_source(self, name: str, token_config: TokenConfig | None) -> None:
-        """Stop a token source (if running) and start its new version (if any), while serving goes on."""
+    async def _replace_source(self, name: str, token_config: TokenConfig | None) -> TokenSource | None:
+        """Stop a token source (if running) and start its new version (if any), while serving goes on; the
+        new source (None when removed), for the caller to publish."""
         old = self.tokens.get(name)
         if old is not None:
             self._source_scopes.pop(name).cancel()
             await old.flow.aclose()
         if token_config is None:
-            self.tokens.pop(name, None)
             log.info("token source removed", source=name)
-            return
+            return None
         source = self._new_source(name, token_config)
         source.first_trigger = "config"  # its first fetch is logged as the reload's
         assert self._task_group is not None
         await self._task_group.start(self._run_source, source)
-        self.tokens[name] = source
-        if (
-            self.metadata_server is not None
-            and isinstance(self.metadata_server.handler, MetadataApi)
-            and self.metadata_server.handler.source.name == name
-        ):
-            self.metadata_server.handler.source = source
         log.info("token source (re)started", source=name, flow=token_config.flow)
+        return source
 
 
 def socket_address(sock: socket.socket) -> str:

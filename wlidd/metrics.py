@@ -136,6 +136,12 @@ class Metrics:
             ["listener"],
             registry=self.registry,
         )
+        self.daemon_state = Gauge(
+            "wlidd_daemon_state",
+            "1 for the daemon's state as /v1/status says it (starting, running, degraded), 0 for the others.",
+            ["state"],
+            registry=self.registry,
+        )
 
         self.registry.register(_SuppressedLines())
         self.failing_sinks = _FailingSinks()  # the daemon gives it its source of failing sinks

@@ -11,7 +11,8 @@ nothing is resolved or logged about callers), and then
    (`wlidd.sinks.ensure_credentials`: a sink already current is left alone, its hooks not run);
 2. every token is fetched once, all at once (`TokenSource.refresh`: one attempt, each HTTP request bounded
    by the source's `timeout`; no backoff, no Retry-After wait, no start_delay); each one fetched has its
-   sinks written and their on_change run (`wlidd.sinks.publish_token`, called by `refresh`).
+   sinks written and their on_change run (`wlidd.sinks.publish_token`, called here once `refresh` returned:
+   a token source publishes tokens and writes no file itself; the daemon's follower task is not run).
 
 Nothing is retried past that, so a run is bounded in time whatever the upstreams answer. One failure does
 not stop the others; the result names each one (`Failure`): `identity X: <reason>: <detail>`, `token Y:
@@ -34,12 +35,12 @@ from dataclasses import dataclass
 
 import anyio
 
+from wlidd.clock import Clock, utc_now
 from wlidd.config import AccessRule, Config, ListenersConfig, PolicyConfig
 from wlidd.daemon import Daemon
 from wlidd.errors import UpstreamError
 from wlidd.logs import get_logger
-from wlidd.sinks import ensure_credentials, failing_sinks
-from wlidd.svid.load import Clock, utc_now
+from wlidd.sinks import ensure_credentials, failing_sinks, publish_token
 from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher
 
@@ -120,11 +121,12 @@ async def run_oneshot(
 
     async def fetch(source: TokenSource) -> None:
         try:
-            await source.refresh("oneshot")
+            token = await source.refresh("oneshot")
         except UpstreamError as exc:
             failures.append(Failure(f"token {source.name}", f"{exc.reason}: {exc.message}"))
             return
         fetched.append(source.name)
+        await publish_token(source.config.sinks, token, clock(), source.name)
 
     try:
         async with anyio.create_task_group() as tg:

@@ -18,8 +18,8 @@ draft: credential-bundle.private-key.pem, <trust domain>.spiffe-trust-bundle.pem
 writes through the same code.
 
 The daemon may run as root while the directories it writes into are reachable by other users, so every
-path is walked from / one component at a time (openat with O_NOFOLLOW): each directory on the way
-must belong to root or to the daemon's own user and must not be writable by anyone else (a sticky,
+path is walked from / one component at a time (openat with O_NOFOLLOW, `wlidd.safedir`): each directory on
+the way must belong to root or to the daemon's own user and must not be writable by anyone else (a sticky,
 world-writable directory such as /tmp is accepted: others cannot move what root or the daemon put there,
 but any user may hold a name there first, which is reported as such). A symbolic link is followed only
 when it, too, belongs to root or the daemon's user. Files are then created (O_EXCL) and renamed relative
@@ -66,10 +66,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from wlidd import posix_acl
-from wlidd.api.authz import group_id, user_id
+from wlidd.accounts import group_id, user_id
+from wlidd.clock import iso_z
 from wlidd.config import Config, CredentialSinkConfig, SinkConfig, SinkReaders, TokenConfig
 from wlidd.logs import REDACTED, get_logger, scrub
-from wlidd.svid.load import iso_z
+from wlidd.safedir import OPEN_DIR, SinkRefused, open_dir, trusted_uids
 from wlidd.tokens.model import Token
 from wlidd.watch import CredentialWatcher, IdentityState
 
@@ -78,16 +79,9 @@ log = get_logger("wlidd.sinks")
 COMMAND_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}  # all an on_change command gets
 OUTPUT_LIMIT = 64 * 1024  # bytes of a command's output (stdout and stderr together) kept; the rest is discarded
 LOGGED_TAIL = 400  # characters of that output logged when the command fails
-MAX_SYMLINKS = 40  # links followed in one path walk, as the kernel's ELOOP limit
 _SWEPT_LIMIT = 4096  # (directory, name) pairs remembered as swept of stale temp files
 _CAP_CHOWN, _CAP_FOWNER = 0, 3  # capability numbers (linux/capability.h)
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _swept: set[tuple[int, int, str]] = set()
-
-
-class SinkRefused(OSError):
-    """A sink path, pid file or signal target that could let another user steer the daemon's writes or
-    signals; the message names the reason. An OSError, so every caller's error handling covers it."""
 
 
 @dataclass(frozen=True)
@@ -110,134 +104,6 @@ class CommandResult:
     output: bytes = b""
     output_bytes: int = 0
     timed_out: bool = False
-
-
-# ---- walking to a directory without following anyone else's links ---------------------------------
-
-
-def _trusted_uids() -> frozenset[int]:
-    return frozenset({0, os.geteuid()})
-
-
-def _check_owner(st: os.stat_result, shown: str, what: str, *, sticky_parent: bool = False) -> None:
-    if st.st_uid not in _trusted_uids():
-        held = " in a sticky directory: another user holds the name" if sticky_parent else ""
-        raise SinkRefused(
-            f"{what} {shown} belongs to uid {st.st_uid}{held}; every directory on the way must belong to root"
-            f" or to wlidd's user (uid {os.geteuid()}), or its owner could swap in a link and steer the write"
-        )
-
-
-def _check_dir(st: os.stat_result, shown: str, *, sticky_parent: bool = False) -> None:
-    """Refuse a directory that someone other than root or the daemon's user could change."""
-    _check_owner(st, shown, "directory", sticky_parent=sticky_parent)
-    writable = st.st_mode & 0o022
-    if writable and not st.st_mode & stat.S_ISVTX:
-        group = "its group (or a user or group its ACL names)"
-        who = f"{group} and others" if writable == 0o022 else group if writable & 0o020 else "others"
-        raise SinkRefused(
-            f"directory {shown} (mode {stat.S_IMODE(st.st_mode):04o}) is writable by {who} without the sticky bit:"
-            " they could replace the files or links in it; remove the group/other write bit"
-        )
-
-
-def open_dir(path: Path, *, create: bool) -> int:
-    """A descriptor (O_DIRECTORY, close-on-exec; the caller closes it) for `path`, reached from / one
-    component at a time with O_NOFOLLOW, each directory checked (`_check_dir`) on the descriptor that
-    was opened. Links owned by root or the daemon's user are followed (at most MAX_SYMLINKS), others
-    refused. With `create`, missing directories are made, mode 0755 whatever the umask (the files'
-    own modes and ACLs decide who reads them).
-
-    Raises SinkRefused for a path another user could steer, FileNotFoundError (without `create`),
-    NotADirectoryError, or another OSError from the kernel.
-    """
-    todo = list(reversed(Path(os.path.abspath(path)).parts[1:]))  # a stack: next component last
-    resolved: list[str] = []
-    links = 0
-    fd = _open_root()
-    try:
-        while todo:
-            name = todo.pop()
-            if name in ("", "."):
-                continue
-            if name == "..":
-                if resolved:
-                    resolved.pop()
-                    os.close(fd)
-                    fd = -1
-                    fd = _reopen(resolved)
-                continue
-            shown = "/" + "/".join([*resolved, name])
-            created = False
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                if not create:
-                    raise FileNotFoundError(errno.ENOENT, "no such directory", shown) from None
-                try:
-                    os.mkdir(name, 0o700, dir_fd=fd)
-                    created = True
-                except FileExistsError:
-                    pass  # made meanwhile: checked below like any other
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            sticky_parent = bool(os.fstat(fd).st_mode & stat.S_ISVTX)
-            if stat.S_ISLNK(st.st_mode):
-                _check_owner(st, shown, "symbolic link", sticky_parent=sticky_parent)
-                links += 1
-                if links > MAX_SYMLINKS:
-                    raise SinkRefused(f"more than {MAX_SYMLINKS} symbolic links on the way to {path}")
-                target = os.readlink(name, dir_fd=fd)
-                if target.startswith("/"):
-                    os.close(fd)
-                    fd = -1
-                    fd = _open_root()
-                    resolved = []
-                todo.extend(reversed(target.split("/")))
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise NotADirectoryError(errno.ENOTDIR, "not a directory", shown)
-            child = os.open(name, _OPEN_DIR, dir_fd=fd)
-            try:
-                opened = os.fstat(child)
-                if created and opened.st_uid == os.geteuid():
-                    os.fchmod(child, 0o755)
-                    opened = os.fstat(child)
-                _check_dir(opened, shown, sticky_parent=sticky_parent)
-            except BaseException:
-                os.close(child)
-                raise
-            os.close(fd)
-            fd, resolved = child, [*resolved, name]
-        return fd
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        raise
-
-
-def _open_root() -> int:
-    fd = os.open("/", _OPEN_DIR)
-    try:
-        _check_dir(os.fstat(fd), "/")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _reopen(components: list[str]) -> int:
-    """The directory /components..., whose every part was already walked (and checked) once."""
-    fd = _open_root()
-    try:
-        for index, name in enumerate(components):
-            child = os.open(name, _OPEN_DIR, dir_fd=fd)
-            os.close(fd)
-            fd = child
-            _check_dir(os.fstat(fd), "/" + "/".join(components[: index + 1]))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 # ---- writing one file --------------------------------------------------------------------------------
@@ -366,7 +232,7 @@ def _check_target(item: _Staged) -> None:
 def _held_by_other(st: os.stat_result, parent: os.stat_result) -> str:
     """'belongs to uid N in a sticky directory: another user holds the name' when another user owns
     the entry in a sticky directory, else ''."""
-    if st.st_uid in _trusted_uids() or not parent.st_mode & stat.S_ISVTX:
+    if st.st_uid in trusted_uids() or not parent.st_mode & stat.S_ISVTX:
         return ""
     return f"belongs to uid {st.st_uid} in a sticky directory: another user holds the name"
 
@@ -427,7 +293,7 @@ def _sweep_once(dir_fd: int, name: str, shown: str) -> None:
         _swept.clear()
     _swept.add(key)
     pattern = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{6,16}}\.tmp")
-    trusted = _trusted_uids()
+    trusted = trusted_uids()
     removed = foreign = failed = 0
     error = ""
     try:
@@ -490,6 +356,19 @@ async def publish_token(sinks: tuple[SinkConfig, ...], token: Token, now: dt.dat
         await _publish_token(sinks, token, now, source)
 
 
+async def follow_token(source: TokenPublisher, clock: Callable[[], dt.datetime]) -> None:
+    """Write a token source's sinks (as configured now: a reload may change them) with every token it
+    publishes (`source.changes()`: the latest one first, at start), then run the on_change of those written,
+    as `publish_token`. The daemon runs one per source, so the caller that asked for a token has it while its
+    files are written and its hooks run. Serialized with the source's other publications (ensure_token); a
+    token superseded by the time the lock is held is skipped, as the next turn writes the newer one, so the
+    newest token is what stays on disk. Failures are logged, never raised; runs until cancelled."""
+    async for token in source.changes():
+        async with _lock(_token_locks, source.name):
+            if token is source.current:
+                await _publish_token(source.config.sinks, token, clock(), source.name)
+
+
 async def ensure_token(source: TokenHolder, clock: Callable[[], dt.datetime]) -> tuple[SinkConfig, ...]:
     """Bring a token source's sinks, as configured now, up to date with its current token: a file that is
     missing (a wiped tmpfs), holds another token, or has another mode, owner or ACL (a reload changed the
@@ -545,12 +424,21 @@ async def _on_change(argv: Sequence[str], timeout: float, source: str, secret: s
 
 
 class TokenHolder(Protocol):
-    """What republish_token needs of a token source (wlidd.tokens.manager.TokenSource)."""
+    """What ensure_token needs of a token source (wlidd.tokens.manager.TokenSource)."""
 
     name: str
     config: TokenConfig
 
     def servable(self, now: dt.datetime | None = None) -> Token | None: ...
+
+
+class TokenPublisher(TokenHolder, Protocol):
+    """What follow_token needs of a token source (wlidd.tokens.manager.TokenSource): its latest token, and
+    every token it publishes."""
+
+    current: Token | None
+
+    def changes(self) -> AsyncIterator[Token]: ...
 
 
 _LOCKS_LIMIT = 1024  # idle publication locks kept (one per token source or identity: config-bounded)
@@ -1149,7 +1037,7 @@ def _current_generation(dir_fd: int) -> str | None:
     wlidd's plain files) or it leads anywhere else."""
     try:
         st = os.stat(DATA_LINK, dir_fd=dir_fd, follow_symlinks=False)
-        if not stat.S_ISLNK(st.st_mode) or st.st_uid not in _trusted_uids():
+        if not stat.S_ISLNK(st.st_mode) or st.st_uid not in trusted_uids():
             return None
         target = os.readlink(DATA_LINK, dir_fd=dir_fd)
         if not _GENERATION.fullmatch(target):
@@ -1157,7 +1045,7 @@ def _current_generation(dir_fd: int) -> str | None:
         st = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in _trusted_uids():
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in trusted_uids():
         return None
     return target
 
@@ -1167,12 +1055,12 @@ def _generation_holds(dir_fd: int, generation: str, entries: Sequence[_Entry]) -
     one link, the content, the mode, the owner (wlidd's user and the group a new file gets, when -1) and
     the ACL (none without readers) it would be written with."""
     try:
-        gen_fd = os.open(generation, _OPEN_DIR, dir_fd=dir_fd)
+        gen_fd = os.open(generation, OPEN_DIR, dir_fd=dir_fd)
     except OSError:
         return False
     try:
         st = os.fstat(gen_fd)
-        if stat.S_IMODE(st.st_mode) != 0o755 or st.st_uid not in _trusted_uids():
+        if stat.S_IMODE(st.st_mode) != 0o755 or st.st_uid not in trusted_uids():
             return False  # chmod'ed or taken over: readers may no longer reach the files
         if sorted(os.listdir(gen_fd)) != sorted(e.file.name for e in entries):
             return False
@@ -1287,7 +1175,7 @@ def _is_data_link(dir_fd: int, name: str) -> bool:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         return (
             stat.S_ISLNK(st.st_mode)
-            and st.st_uid in _trusted_uids()
+            and st.st_uid in trusted_uids()
             and os.readlink(name, dir_fd=dir_fd) == f"{DATA_LINK}/{name}"
         )
     except OSError:
@@ -1346,7 +1234,7 @@ def _spare_generation(dir_fd: int, current: str | None) -> str | None:
     leading to a `..<time>.<random>` directory of wlidd's user other than `current`; None without one."""
     try:
         st = os.stat(DATA_TMP, dir_fd=dir_fd, follow_symlinks=False)
-        if not stat.S_ISLNK(st.st_mode) or st.st_uid not in _trusted_uids():
+        if not stat.S_ISLNK(st.st_mode) or st.st_uid not in trusted_uids():
             return None
         target = os.readlink(DATA_TMP, dir_fd=dir_fd)
         if target == current or not _GENERATION.fullmatch(target):
@@ -1388,7 +1276,7 @@ def _new_generation_dir(dir_fd: int, directory: Path) -> str:
     else:
         raise FileExistsError(errno.EEXIST, "no free generation name", str(directory))
     try:
-        gen_fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+        gen_fd = os.open(name, OPEN_DIR, dir_fd=dir_fd)
         try:
             if os.fstat(gen_fd).st_uid != os.geteuid():
                 raise SinkRefused(f"{directory / name} is not a directory of wlidd's user")
@@ -1419,7 +1307,7 @@ def _fill_generation(dir_fd: int, directory: Path, name: str, entries: Sequence[
     """Write `entries` into the generation directory `name` (made by _new_generation_dir; emptied first),
     each file written and fsynced as _write_new_file does, then the directory fsynced. Nothing here changes
     the directory's own attributes unless they changed since (no event in the sink directory)."""
-    gen_fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+    gen_fd = os.open(name, OPEN_DIR, dir_fd=dir_fd)
     try:
         st = os.fstat(gen_fd)
         if st.st_uid != os.geteuid():
@@ -1522,7 +1410,7 @@ def _adopt_plain_files(dir_fd: int, directory: Path, names: Sequence[str]) -> st
             continue
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid not in _trusted_uids() or st.st_size > ADOPT_LIMIT:
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in trusted_uids() or st.st_size > ADOPT_LIMIT:
                 continue
             data = b""
             while len(data) <= ADOPT_LIMIT and (chunk := os.read(fd, 65536)):
@@ -1558,7 +1446,7 @@ def _adopt_plain_files(dir_fd: int, directory: Path, names: Sequence[str]) -> st
 
 def _generation_names(dir_fd: int, generation: str) -> list[str]:
     try:
-        gen_fd = os.open(generation, _OPEN_DIR, dir_fd=dir_fd)
+        gen_fd = os.open(generation, OPEN_DIR, dir_fd=dir_fd)
     except OSError:
         return []
     try:
@@ -1573,7 +1461,7 @@ def _empty_generation(dir_fd: int, name: str) -> bool:
     if _current_generation(dir_fd) == name:
         return False
     try:
-        gen_fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+        gen_fd = os.open(name, OPEN_DIR, dir_fd=dir_fd)
     except OSError:
         return False
     try:
@@ -1595,13 +1483,13 @@ def _remove_generation(dir_fd: int, name: str) -> bool:
     if _current_generation(dir_fd) == name:
         return False
     try:
-        gen_fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+        gen_fd = os.open(name, OPEN_DIR, dir_fd=dir_fd)
     except FileNotFoundError:
         return True
     except OSError:
         return False
     try:
-        if os.fstat(gen_fd).st_uid not in _trusted_uids():
+        if os.fstat(gen_fd).st_uid not in trusted_uids():
             return False
         for entry in os.listdir(gen_fd):
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
@@ -1642,7 +1530,7 @@ def _sweep_generations(dir_fd: int, current: str | None, spare: str | None, show
         except OSError:
             failed += 1
             continue
-        if st.st_uid not in _trusted_uids():
+        if st.st_uid not in trusted_uids():
             foreign += 1
         elif stat.S_ISDIR(st.st_mode):
             if _remove_generation(dir_fd, name):
@@ -1686,7 +1574,7 @@ def allowed_target_uids(sink: CredentialSinkConfig) -> frozenset[int]:
     uids = set(resolve_readers(sink.readers).users)
     if sink.owner is not None:
         uids.add(_ids(sink)[0])
-    return frozenset(uids) if uids else _trusted_uids()
+    return frozenset(uids) if uids else trusted_uids()
 
 
 def read_pid_file(path: Path) -> int:
@@ -1714,7 +1602,7 @@ def read_pid_file(path: Path) -> int:
                 f"pid file {path} has {st.st_nlink} hard links: another name for it may be writable by someone"
                 " else (with fs.protected_hardlinks=0 any user can link to it); a pid file has one name"
             )
-        if st.st_uid not in _trusted_uids():
+        if st.st_uid not in trusted_uids():
             raise SinkRefused(
                 f"pid file {path} belongs to uid {st.st_uid}: only a pid file of root or wlidd's user"
                 f" (uid {os.geteuid()}) is trusted, or its owner could aim the signal at any process"

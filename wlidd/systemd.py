@@ -1,7 +1,9 @@
 """The systemd protocols (SPECS.md §6): sd_notify, the watchdog, socket activation, journald detection.
 
 Our own few lines (the PyPI packages are stale or need C builds):
-  notify(...)       one datagram per message to $NOTIFY_SOCKET ('@' = abstract namespace); send errors ignored
+  Notifier.send()   one datagram per message to $NOTIFY_SOCKET ('@' = abstract namespace); send errors ignored.
+                    READY=1, RELOADING=1, STOPPING=1 and STATUS= are the lifecycle's to send (wlidd.lifecycle:
+                    a table of the allowed transitions); WATCHDOG=1 is the watchdog's (`watchdog()`)
   watchdog_period() half of $WATCHDOG_USEC when $WATCHDOG_PID is unset or ours, else None
   listen_fds()      {name: socket} from $LISTEN_FDS/$LISTEN_FDNAMES when $LISTEN_PID is ours (fds from 3);
                     the variables are removed after use so children do not inherit them
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Mapping, MutableMapping
 
 SD_LISTEN_FDS_START = 3
@@ -42,18 +43,6 @@ class Notifier:
             self._socket.sendto(message, self.address)
         except OSError:
             pass  # sd_notify(3): failures to notify are not the service's failures
-
-    def ready(self, status: str) -> None:
-        self.send(READY=1, STATUS=status)
-
-    def reloading(self) -> None:
-        self.send(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
-
-    def stopping(self) -> None:
-        self.send(STOPPING=1, STATUS="stopping")
-
-    def status(self, text: str) -> None:
-        self.send(STATUS=" ".join(text.split()))
 
     def watchdog(self) -> None:
         self.send(WATCHDOG=1)

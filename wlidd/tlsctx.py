@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wlidd.svid.load import Identity
+from wlidd.svid.model import Identity
 
 
 def _no_pass_phrase() -> bytes:

@@ -23,11 +23,13 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
+from wlidd.clock import Clock, utc_now
 from wlidd.dirwatch import directory_changes
 from wlidd.errors import SvidError
 from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
-from wlidd.svid.load import RESOURCE_ERRNOS, Clock, CredentialSource, Identity, load_identity, utc_now
+from wlidd.svid.load import RESOURCE_ERRNOS, CredentialSource, load_identity
+from wlidd.svid.model import Identity
 from wlidd.tlsctx import TlsContexts
 
 log = get_logger("wlidd.watch")

@@ -6,17 +6,15 @@ and SO_PEERGROUPS (the supplementary groups), both as they were when the caller 
 stripped of its groups (setgroups) has none, one given a group by systemd SupplementaryGroups= has it.
 Only where the kernel offers nothing (a loopback TCP peer on the metadata listener, or a kernel older
 than Linux 4.13 without SO_PEERGROUPS) do the groups come from the uid's passwd and group entries
-(os.getgrouplist, NSS). A rule names users and groups by name or number; matchers return None
-(allowed) or a reason that names the caller and what was refused, never a secret (go-spiffe
-spiffeid/match.go shape).
+(`wlidd.accounts`, over NSS). A rule names users and groups by name or number, and mTLS callers by
+SPIFFE ID matchers (`wlidd.svid.spiffeid`); its checks return None (allowed) or a reason that names the
+caller and what was refused, never a secret (go-spiffe spiffeid/match.go shape).
 """
 
 from __future__ import annotations
 
 import errno
-import grp
 import os
-import pwd
 import socket
 import struct
 import time
@@ -27,11 +25,11 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from wlidd.config import AccessRule
-from wlidd.errors import SvidError
+from wlidd.accounts import account_by_uid, group_id, member_of, user_id, user_name
+from wlidd.config import AccessRule, PolicyConfig
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.svid.model import SpiffeId
-from wlidd.svid.spiffeid import parse_spiffe_id, parse_trust_domain
+from wlidd.svid.spiffeid import Matcher, match_any, parse_matcher
 
 log = get_logger("wlidd.authz")
 audit = get_logger("wlidd.audit")
@@ -108,69 +106,13 @@ def unix_caller(pid: int | None, uid: int, gid: int | None, groups: frozenset[in
     group stands in. The user name is looked up in every case, for messages and audit lines only."""
     if groups is not None:
         assert gid is not None, "kernel groups come with the kernel's gid"
-        try:
-            user = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            user = str(uid)
-        return Caller(uid=uid, gid=gid, pid=pid, groups=groups | {gid}, user=user)
-    try:
-        entry = pwd.getpwuid(uid)
-        user = entry.pw_name
-        gid = entry.pw_gid if gid is None else gid
-        groups = frozenset(os.getgrouplist(user, gid)) | {gid}
-    except KeyError:
+        return Caller(uid=uid, gid=gid, pid=pid, groups=groups | {gid}, user=user_name(uid))
+    account = account_by_uid(uid)
+    if account is None:
         gid = uid if gid is None else gid
-        user, groups = str(uid), frozenset({gid})
-    return Caller(uid=uid, gid=gid, pid=pid, groups=groups, user=user)
-
-
-@dataclass(frozen=True)
-class Matcher:
-    """A SPIFFE ID matcher: an exact ID, a trust domain (spiffe://td: any member), or a path pattern
-    in which '*' is exactly one segment and a final '**' is one or more segments."""
-
-    trust_domain: str
-    segments: tuple[str, ...] | None  # None: any member of the trust domain
-    text: str
-
-    def matches(self, spiffe_id: SpiffeId) -> bool:
-        if spiffe_id.trust_domain != self.trust_domain:
-            return False
-        if self.segments is None:
-            return True
-        parts = spiffe_id.path[1:].split("/") if spiffe_id.path else []
-        pattern = self.segments
-        if pattern and pattern[-1] == "**":
-            head = pattern[:-1]
-            return len(parts) > len(head) and all(p == "*" or p == s for p, s in zip(head, parts, strict=False))
-        return len(parts) == len(pattern) and all(p == "*" or p == s for p, s in zip(pattern, parts, strict=True))
-
-
-def parse_matcher(pattern: str) -> Matcher:
-    """Parse a matcher, or ValueError saying what is wrong with it."""
-    if not pattern.startswith("spiffe://"):
-        raise ValueError(f"{pattern!r} is not a SPIFFE ID matcher (must start with spiffe://)")
-    trust_domain, slash, path = pattern.removeprefix("spiffe://").partition("/")
-    try:
-        parse_trust_domain(trust_domain)
-    except SvidError as exc:
-        raise ValueError(f"{pattern!r}: {exc.message}") from None
-    if not slash:
-        return Matcher(trust_domain, None, pattern)
-    segments = tuple(path.split("/"))
-    for index, segment in enumerate(segments):
-        if segment == "**" and index != len(segments) - 1:
-            raise ValueError(f"{pattern!r}: '**' may only be the last segment")
-        if segment not in ("*", "**"):
-            try:
-                parse_spiffe_id(f"spiffe://{trust_domain}/{segment}")
-            except SvidError as exc:
-                raise ValueError(f"{pattern!r}: {exc.message}") from None
-    return Matcher(trust_domain, segments, pattern)
-
-
-def match_any(spiffe_id: SpiffeId, matchers: tuple[Matcher, ...]) -> bool:
-    return any(m.matches(spiffe_id) for m in matchers)
+        return Caller(uid=uid, gid=gid, pid=pid, groups=frozenset({gid}), user=str(uid))
+    gid = account.pw_gid if gid is None else gid
+    return Caller(uid=uid, gid=gid, pid=pid, groups=member_of(account.pw_name, gid), user=account.pw_name)
 
 
 @dataclass(frozen=True)
@@ -202,26 +144,6 @@ class Rule:
         if match_any(spiffe_id, self.matchers):
             return None
         return f"{spiffe_id} may not have {what} (allowed: {', '.join(m.text for m in self.matchers)})"
-
-
-def user_id(value: str | int) -> int | None:
-    """A uid from a number or a user name; None for a name this host does not know."""
-    if isinstance(value, int) or value.isdigit():
-        return int(value)
-    try:
-        return pwd.getpwnam(value).pw_uid
-    except KeyError:
-        return None
-
-
-def group_id(value: str | int) -> int | None:
-    """A gid from a number or a group name; None for a name this host does not know."""
-    if isinstance(value, int) or value.isdigit():
-        return int(value)
-    try:
-        return grp.getgrnam(value).gr_gid
-    except KeyError:
-        return None
 
 
 def resolve_rule(rule: AccessRule, where: str) -> Rule:
@@ -267,7 +189,7 @@ class Policy:
         self._default_credentials = default_credentials
 
     @classmethod
-    def from_config(cls, policy: object, *, log_unknown: bool = True) -> Policy:
+    def from_config(cls, policy: PolicyConfig, *, log_unknown: bool = True) -> Policy:
         """Resolve a PolicyConfig; each user or group name this host does not know is logged at warning
         (once per call: per start or reload, bounded by the config's size), unless `log_unknown` is False."""
         resolved = cls._resolve(policy)
@@ -277,10 +199,7 @@ class Policy:
         return resolved
 
     @classmethod
-    def _resolve(cls, policy: object) -> Policy:
-        from wlidd.config import PolicyConfig
-
-        assert isinstance(policy, PolicyConfig)
+    def _resolve(cls, policy: PolicyConfig) -> Policy:
         return cls(
             {name: resolve_rule(rule, f"policy.token.{name}") for name, rule in policy.token.items()},
             {name: resolve_rule(rule, f"policy.identity.{name}") for name, rule in policy.identity.items()},
@@ -320,7 +239,7 @@ class Policy:
         return self._credentials.get(identity, self._default_credentials)
 
 
-def policy_warnings(policy: object) -> list[str]:
+def policy_warnings(policy: PolicyConfig) -> list[str]:
     """`wlidd check`'s warnings for a PolicyConfig: one line per user or group name that does not exist
     on this host (the rule ignores it, as the daemon does, which logs the same at warning)."""
     return [

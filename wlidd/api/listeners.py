@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import grp
 import os
-import pwd
 import socket
 import stat
 from pathlib import Path
 
+from wlidd.accounts import group_named, user_id
 from wlidd.errors import WlidError
-from wlidd.sinks import open_dir
+from wlidd.safedir import open_dir
 
 
 class ListenerError(WlidError):
@@ -29,26 +28,22 @@ def bind_unix_socket(
     backlog: int = socket.SOMAXCONN,
     owner: str | None = None,
 ) -> socket.socket:
-    """Bind a listening Unix socket at `path` with `mode`/`group`/`owner`, replacing only a stale socket.
+    """Bind a listening Unix socket at `path` with `mode`/`group`/`owner` (the owner by name or number, the
+    group by name), replacing only a stale socket.
 
     Every directory on the way must be one only root or the daemon's user can change (the sinks' rule,
-    `wlidd.sinks.open_dir`: else another user could move the socket aside and put theirs in its place,
+    `wlidd.safedir.open_dir`: else another user could move the socket aside and put theirs in its place,
     or swap its name for a link before a chmod); missing ones are made. The socket file is born 0600
     (umask) and then given its mode and owner through an O_PATH descriptor opened without following
     links (`_set_mode_and_owner`). So it is never reachable with a wider mode than configured, and no
     link steers a chmod or chown. Raises ListenerError naming the path and the reason.
     """
-    gid = uid = None
-    if owner is not None:
-        try:
-            uid = int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
-        except KeyError:
-            raise ListenerError(f"listeners.unix.owner: user {owner!r} does not exist") from None
-    if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ListenerError(f"listeners.unix.group: group {group!r} does not exist") from None
+    uid = None if owner is None else user_id(owner)
+    if owner is not None and uid is None:
+        raise ListenerError(f"listeners.unix.owner: user {owner!r} does not exist")
+    gid = None if group is None else group_named(group)
+    if group is not None and gid is None:
+        raise ListenerError(f"listeners.unix.group: group {group!r} does not exist")
     try:  # every directory on the way: only root or our own user may change it (else refused)
         os.close(open_dir(path.parent, create=True))
     except OSError as exc:

@@ -81,10 +81,10 @@ import anyio
 from wlidd.api.authz import Caller, CallerCache, Policy, handout_audit
 from wlidd.api.peers import PeerRefused, TcpOwner, run_lookup, verify_tcp_peer
 from wlidd.api.server import Request, Response
+from wlidd.clock import Clock
 from wlidd.config import MetadataListenerConfig
 from wlidd.errors import ApiError, UpstreamError
 from wlidd.logs import AuditOnce, get_logger
-from wlidd.svid.load import Clock
 from wlidd.tokens.manager import RateLimited, TokenSource, TokenUnavailable
 
 audit = get_logger("wlidd.audit")

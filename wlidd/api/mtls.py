@@ -18,11 +18,11 @@ from anyio.streams.tls import TLSListener
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from wlidd.api.authz import Matcher, match_any
 from wlidd.api.server import Handler, Request, Response
 from wlidd.errors import SvidError
 from wlidd.logs import get_logger
 from wlidd.svid.model import SpiffeId
+from wlidd.svid.spiffeid import Matcher, match_any
 from wlidd.svid.validate import check_leaf
 from wlidd.watch import CredentialWatcher
 
@@ -77,10 +77,14 @@ class MtlsGate:
         # (identity version, leaf, anchor) → verdict: a new state (new bundles) decides afresh
         self._known: dict[tuple[int, bytes, bytes], SpiffeId | str] = {}
 
-    def route_template(self, path: str) -> str:
-        """The wrapped API's route template for `path` (a fixed set of metrics labels), else "other"."""
-        template = getattr(self.api, "route_template", None)
-        return str(template(path)) if template is not None else "other"
+    def route(self, request: Request) -> tuple[str, Handler]:
+        """The wrapped API's route for `request` — its template is the metrics label (wlidd.api.server) —
+        answered through this gate; "other" and the gate itself when the API does not route."""
+        route = getattr(self.api, "route", None)
+        if route is None:
+            return "other", self
+        template, handler = route(request)
+        return str(template), lambda request: self._admit(request, handler)
 
     def identify(self, leaf_der: bytes, anchor_der: bytes) -> SpiffeId | str:
         """The peer's SPIFFE ID, or why it is refused."""
@@ -110,6 +114,10 @@ class MtlsGate:
         return result
 
     async def __call__(self, request: Request) -> Response:
+        return await self._admit(request, self.api)
+
+    async def _admit(self, request: Request, handler: Handler) -> Response:
+        """`handler`'s answer to an admitted peer (its SPIFFE ID on the request), else 403 with the reason."""
         peer = request.peer
         if peer.certificate is None or not peer.verified_chain:
             return Response.error(403, "forbidden", "a client certificate is required")
@@ -124,4 +132,4 @@ class MtlsGate:
             key = {"listener": "mtls", "spiffe_id": str(identity)}
             audit.limited("warning", "access denied", key=key, route=request.path, detail=reason)
             return Response.error(403, "forbidden", reason)
-        return await self.api(dataclasses.replace(request, peer=dataclasses.replace(peer, spiffe_id=str(identity))))
+        return await handler(dataclasses.replace(request, peer=dataclasses.replace(peer, spiffe_id=str(identity))))

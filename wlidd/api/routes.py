@@ -1,25 +1,31 @@
-"""The /v1 routes: plain async Request -> Response functions over the published identity states."""
+"""The /v1 routes: plain async Request -> Response functions over the published identity states.
+
+The route table (`Api.router`, `MetricsRoutes.router`) is a list of path templates; the template a request
+matched is its metrics label (wlidd.api.server). The daemon's health — /v1/health, /v1/status's daemon
+state, the identity and token gauges of /metrics — is one `Health` value (wlidd.health) per request; the
+policy and the token sources are read from the one published `Runtime` (wlidd.runtime) per request.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from wlidd import __version__
 from wlidd.api.authz import Caller, CallerCache, Policy, Rule, caller_fields, handout_audit
-from wlidd.api.server import Request, Response
+from wlidd.api.server import OTHER_ROUTE, Endpoint, Handler, Request, Response, Router
+from wlidd.clock import Clock, iso_z
 from wlidd.errors import ApiError
+from wlidd.health import DAEMON_STATES, Health, identity_problem
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.metrics import Metrics
-from wlidd.svid.load import Clock, iso_z
+from wlidd.runtime import RuntimeRef
 from wlidd.tokens.manager import TokenSource, TokenUnavailable
 from wlidd.watch import CredentialWatcher, describe_source
 
-Route = Callable[[Request, dict[str, str]], Awaitable[Response]]
 audit = get_logger("wlidd.audit")
 
 
@@ -80,68 +86,55 @@ def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, A
     return document
 
 
-def _not_ready_reason(watcher: CredentialWatcher, now: dt.datetime) -> str | None:
-    state = watcher.current
-    if state is None:
-        last = watcher.stats.last_error
-        return f"no valid SVID loaded yet{': ' + last if last else ''}"
-    if not state.identity.svid.is_valid_at(now):
-        return f"SVID {state.identity.svid.serial} is outside its validity window (not_after {iso_z(state.identity.svid.not_after)})"
-    return None
-
-
 @dataclass
 class Api:
-    """The route table of the local API, bound to the daemon's live state."""
+    """The route table of the local API, bound to the daemon's live state: the identities' watchers, the
+    published `runtime` (policy, token sources) and `health` (the one health decision, wlidd.health)."""
 
     watchers: Mapping[str, CredentialWatcher]
     metrics: Metrics
     clock: Clock
     started_at: dt.datetime
-    tokens: Mapping[str, TokenSource] = field(default_factory=dict)
-    policy: Policy | None = None
+    runtime: RuntimeRef
+    health: Callable[[dt.datetime], Health]
     extra_status: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
-    liveness_problems: Callable[[], dict[str, str]] | None = None  # {"listener/<name>": why}: dead accept loops
-    # While the daemon starts (accept loops run before the first loads): what it still waits for,
-    # {"identities": [names whose first load runs], "tokens": [required tokens not obtained yet]}; None once
-    # READY=1 was sent. `held_back(source)`: why a token source must not be asked yet (its identity's first
-    # load still runs), else None.
-    starting: Callable[[], dict[str, list[str]] | None] | None = None
+    # While the daemon starts: why a token source must not be asked yet (its identity's first load still
+    # runs), else None.
     held_back: Callable[[TokenSource], str | None] | None = None
 
     def __post_init__(self) -> None:
         self._callers = CallerCache()
         self._token_bodies: dict[str, tuple[tuple[str, int], Response]] = {}
         self._audited = AuditOnce()  # (caller, what) → the token expiry or certificate serial last audited
-        self._routes: list[tuple[re.Pattern[str], Route]] = [
-            (re.compile(r"^/v1/status$"), self.status),
-            (re.compile(r"^/v1/health$"), self.health),
-            (re.compile(r"^/v1/identity/(?P<name>[^/]+)$"), self.identity),
-            (re.compile(r"^/v1/credentials/(?P<name>[^/]+)$"), self.credentials),
-            (re.compile(r"^/v1/ready/(?P<name>[^/]+)$"), self.ready),
-            (re.compile(r"^/v1/token/(?P<name>[^/]+)$"), self.token),
-            (re.compile(r"^/get_wif_token$"), self.wif_token),
-            (re.compile(r"^/metrics$"), self.prometheus),
-        ]
-        # The metrics label of each route: its pattern with {name} for the variable part (a fixed set).
-        self._templates = [
-            pattern.pattern.strip("^$").replace("(?P<name>[^/]+)", "{name}") for pattern, _ in self._routes
-        ]
+        self.router = Router(
+            [
+                ("/v1/status", self.status),
+                ("/v1/health", self.health_route),
+                ("/v1/identity/{name}", self.identity),
+                ("/v1/credentials/{name}", self.credentials),
+                ("/v1/ready/{name}", self.ready),
+                ("/v1/token/{name}", self.token),
+                ("/get_wif_token", self.wif_token),
+                ("/metrics", self.prometheus),
+            ]
+        )
 
-    def route_template(self, path: str) -> str:
-        """The route template a path falls under ("/v1/token/{name}"), or "other": a fixed set of labels
-        for the request metrics, whatever paths callers send."""
-        for (pattern, _), template in zip(self._routes, self._templates, strict=True):
-            if pattern.match(path) is not None:
-                return template
-        return "other"
+    @property
+    def tokens(self) -> Mapping[str, TokenSource]:
+        """The token sources of the current runtime."""
+        return self.runtime.current.tokens
+
+    @property
+    def policy(self) -> Policy:
+        """The policy of the current runtime."""
+        return self.runtime.current.policy
+
+    def route(self, request: Request) -> tuple[str, Handler]:
+        """(the matched route's template — the metrics label —, the handler answering `request`)."""
+        return routed(self.router, request, f"no route {request.path}")
 
     async def __call__(self, request: Request) -> Response:
-        for pattern, route in self._routes:
-            match = pattern.match(request.path)
-            if match is not None:
-                return await _answer(route, request, match.groupdict())
-        return Response.error(404, "not_found", f"no route {request.path}")
+        return await self.route(request)[1](request)
 
     def _watcher(self, name: str) -> CredentialWatcher | Response:
         watcher = self.watchers.get(name)
@@ -150,23 +143,19 @@ class Api:
             return Response.error(404, "unknown_identity", f"no identity named {name!r} (configured: {known})")
         return watcher
 
-    def _waiting_for(self) -> dict[str, list[str]] | None:
-        return self.starting() if self.starting is not None else None
-
     async def status(self, request: Request, _: dict[str, str]) -> Response:
-        """The daemon's state ("starting" until READY=1, then "running" or "degraded": a required identity
-        or token not valid), what a start still waits for, every identity and token, the listeners."""
+        """The daemon's state ("starting" until READY=1, then "running" or "degraded": wlidd.health), what a
+        start still waits for, every identity and token, the listeners."""
         now = self.clock()
+        health = self.health(now)
         identities = {name: identity_status(w, now) for name, w in sorted(self.watchers.items())}
         tokens = {name: source.status(now) for name, source in self.tokens.items()}
-        healthy = all(doc["valid"] for doc in [*identities.values(), *tokens.values()] if doc["required"])
-        waiting = self._waiting_for()
         return Response.json(
             200,
             {
                 "daemon": {
-                    "state": "starting" if waiting is not None else "running" if healthy else "degraded",
-                    "waiting_for": waiting or {"identities": [], "tokens": []},
+                    "state": health.state,
+                    "waiting_for": health.waiting_for or {"identities": [], "tokens": []},
                     "version": __version__,
                     "pid": os.getpid(),
                     "started_at": iso_z(self.started_at),
@@ -179,28 +168,10 @@ class Api:
             },
         )
 
-    async def health(self, request: Request, _: dict[str, str]) -> Response:
-        now = self.clock()
-        problems = {
-            f"identity/{name}": reason
-            for name, watcher in sorted(self.watchers.items())
-            if watcher.source.config.required and (reason := _not_ready_reason(watcher, now)) is not None
-        }
-        problems.update(
-            {
-                f"token/{name}": source.not_servable_reason(now)
-                for name, source in self.tokens.items()
-                if source.config.require_at_start and source.servable(now) is None
-            }
-        )
-        if self.liveness_problems is not None:
-            problems.update(self.liveness_problems())
-        waiting = self._waiting_for()
-        if waiting is not None:  # not READY yet: never "ok", even if what is loaded so far is good
-            return Response.json(503, {"status": "starting", "waiting_for": waiting, "problems": problems})
-        if problems:
-            return Response.json(503, {"status": "unhealthy", "problems": problems})
-        return Response.json(200, {"status": "ok"})
+    async def health_route(self, request: Request, _: dict[str, str]) -> Response:
+        """/v1/health: wlidd.health.Health.answer."""
+        status, document = self.health(self.clock()).answer()
+        return Response.json(status, document)
 
     async def ready(self, request: Request, params: dict[str, str]) -> Response:
         source = self.tokens.get(params["name"])
@@ -214,7 +185,7 @@ class Api:
         watcher = self._watcher(params["name"])
         if isinstance(watcher, Response):
             return watcher
-        reason = _not_ready_reason(watcher, self.clock())
+        reason = identity_problem(watcher, self.clock())
         if reason is not None:
             return Response.json(503, {"ready": False, "name": watcher.name, "reason": reason})
         return Response.json(200, {"ready": True, "name": watcher.name})
@@ -225,7 +196,7 @@ class Api:
             return watcher
         state = watcher.current
         if state is None:
-            return Response.error(503, "identity_unavailable", _not_ready_reason(watcher, self.clock()) or "not loaded")
+            return Response.error(503, "identity_unavailable", identity_problem(watcher, self.clock()) or "not loaded")
         svid = state.identity.svid
         return Response.json(
             200,
@@ -272,20 +243,14 @@ class Api:
             raise ApiError(403, "forbidden", reason)
         return caller
 
-    def _policy(self) -> Policy:
-        if self.policy is None:
-            from wlidd.config import PolicyConfig
-
-            self.policy = Policy.from_config(PolicyConfig())
-        return self.policy
-
     async def _serve_token(self, name: str, request: Request) -> tuple[dt.datetime, str, dt.datetime] | Response:
         """(expire_time, value, now) of the token `name` for this caller, or the error to answer."""
-        source = self.tokens.get(name)
+        runtime = self.runtime.current  # the source and the rule of one config, whatever a reload does meanwhile
+        source = runtime.tokens.get(name)
         if source is None:
-            known = ", ".join(self.tokens) or "none"
+            known = ", ".join(runtime.tokens) or "none"
             return Response.error(404, "unknown_token", f"no token named {name!r} (configured: {known})")
-        caller = await self._authorize(request, self._policy().token(name), f"token {name!r}", spiffe_default=True)
+        caller = await self._authorize(request, runtime.policy.token(name), f"token {name!r}", spiffe_default=True)
         if self.held_back is not None and (reason := self.held_back(source)) is not None:
             raise TokenUnavailable(name, reason)  # the answer of an absent identity, without an upstream attempt
         token = await source.get()
@@ -307,14 +272,14 @@ class Api:
             return watcher
         caller = await self._authorize(
             request,
-            self._policy().credentials(watcher.name),
+            self.policy.credentials(watcher.name),
             f"the credentials of {watcher.name!r}",
             spiffe_default=False,
         )
         state = watcher.current
         now = self.clock()
         if state is None or not state.identity.svid.is_valid_at(now):
-            return Response.error(503, "identity_unavailable", _not_ready_reason(watcher, now) or "not loaded")
+            return Response.error(503, "identity_unavailable", identity_problem(watcher, now) or "not loaded")
         svid = state.identity.svid
         handout_audit(
             self._audited,
@@ -375,15 +340,32 @@ class Api:
         return Response.text(200, served[1])
 
     async def prometheus(self, request: Request, _: dict[str, str]) -> Response:
-        now = self.clock()
-        for name, watcher in self.watchers.items():
-            self.metrics.identity_valid.labels(name).set(1 if watcher.is_valid(now) else 0)
-        for name, source in self.tokens.items():
-            self.metrics.token_valid.labels(name).set(1 if source.servable(now) is not None else 0)
+        """The Prometheus exposition, its health gauges set from one Health first."""
+        health = self.health(self.clock())
+        for name, problem in health.identities.items():
+            self.metrics.identity_valid.labels(name).set(0 if problem else 1)
+        for name, problem in health.tokens.items():
+            self.metrics.token_valid.labels(name).set(0 if problem else 1)
+        for state in DAEMON_STATES:
+            self.metrics.daemon_state.labels(state).set(1 if state == health.state else 0)
         return Response(200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
 
 
-async def _answer(route: Route, request: Request, params: dict[str, str]) -> Response:
+def routed(router: Router, request: Request, not_found: str) -> tuple[str, Handler]:
+    """`request`'s route in `router`: (its template, the handler answering with it through `_answer`), or
+    ("other", a 404 naming `not_found`)."""
+    found = router.match(request.path)
+    if found is None:
+        return OTHER_ROUTE, lambda _request: _not_found(not_found)
+    template, endpoint, params = found
+    return template, lambda request: _answer(endpoint, request, params)
+
+
+async def _not_found(message: str) -> Response:
+    return Response.error(404, "not_found", message)
+
+
+async def _answer(route: Endpoint, request: Request, params: dict[str, str]) -> Response:
     """`route`'s answer to a GET (HEAD: the same without the body); 405 naming GET for other methods."""
     if request.method not in ("GET", "HEAD"):
         return Response.error(
@@ -408,16 +390,11 @@ class MetricsRoutes:
     api: Api
 
     def __post_init__(self) -> None:
-        self._routes: dict[str, Route] = {"/metrics": self.api.prometheus, "/v1/health": self.api.health}
+        self.router = Router([("/metrics", self.api.prometheus), ("/v1/health", self.api.health_route)])
 
-    def route_template(self, path: str) -> str:
-        """The path itself for the two routes, else "other" (a fixed set of metrics labels)."""
-        return path if path in self._routes else "other"
+    def route(self, request: Request) -> tuple[str, Handler]:
+        """(the matched route's template — the metrics label —, the handler answering `request`)."""
+        return routed(self.router, request, f"no route {request.path} (this listener serves /metrics, /v1/health)")
 
     async def __call__(self, request: Request) -> Response:
-        route = self._routes.get(request.path)
-        if route is None:
-            return Response.error(
-                404, "not_found", f"no route {request.path} (this listener serves /metrics, /v1/health)"
-            )
-        return await _answer(route, request, {})
+        return await self.route(request)[1](request)

@@ -22,6 +22,12 @@ are kept for after the answer. A held request is "busy": no idle or request dead
 it is never shed. `close()` calls the handler's `release_holds()` (if it has one), so held requests are
 answered at once when the server stops rather than cut at the drain deadline.
 
+Routing and the metrics label: a handler that routes has a `route(request) -> (template, handler)`
+method (`Router` matches a table of path templates such as "/v1/token/{name}"); the server asks it once
+per request, answers with the handler it returns, and hands the template to `on_response` as the
+request's route label ("other" when no route matched), so a label is always a template of the table,
+never the path. A handler without `route` is labelled by its `route_template(path)`, else "other".
+
 Every answer of a server, this layer's own (400, 408, 413, 431, 500, 503, 505) included, carries the
 handler's `response_headers` (if it has that attribute) unless the answer sets that header itself: the
 metadata API's `Metadata-Flavor: Google`, which the real metadata server puts on every response and
@@ -111,6 +117,34 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+Endpoint = Callable[[Request, dict[str, str]], Awaitable[Response]]  # a route's function: request, path params
+OTHER_ROUTE = "other"  # the route label of a request no route matched
+
+
+class Router:
+    """A route table: (template, endpoint) rows, matched in order against the whole path. A template is a
+    path whose `{name}` segments match one non-empty segment ("/v1/token/{name}"); the matched row's
+    template is the request's metrics label, so the label set is the table's templates plus "other"."""
+
+    def __init__(self, routes: Iterable[tuple[str, Endpoint]]) -> None:
+        self.routes = tuple(routes)
+        self.templates = frozenset(template for template, _ in self.routes)
+        self._patterns = [(_template_pattern(template), template, endpoint) for template, endpoint in self.routes]
+
+    def match(self, path: str) -> tuple[str, Endpoint, dict[str, str]] | None:
+        """(template, endpoint, {name: segment}) of the first route matching `path`, else None."""
+        for pattern, template, endpoint in self._patterns:
+            found = pattern.fullmatch(path)
+            if found is not None:
+                return template, endpoint, found.groupdict()
+        return None
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """The regex of a route template: literal text, each `{name}` one non-empty path segment."""
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+)" for i, p in enumerate(parts)))
+
 
 _REASONS = {
     400: "bad_request",
@@ -277,10 +311,13 @@ class HttpServer:
         *,
         name: str,
         limits: ServerLimits | None = None,
-        on_response: Callable[[Request, Response], None] | None = None,
+        on_response: Callable[[Request, Response, str], None] | None = None,
     ) -> None:
+        """`on_response(request, response, route)` after every answer a handler gave; `route` is the label
+        of the route that answered (module docstring)."""
         self.handler = handler
         self.name = name
+        self._route: Callable[[Request], tuple[str, Handler]] = getattr(handler, "route", None) or _labelled(handler)
         # Put on every answer, this layer's own included (module docstring).
         self.headers: tuple[tuple[str, str], ...] = tuple(getattr(handler, "response_headers", ()))
         # Long polls (module docstring): which requests the handler may hold, and how to end the holds.
@@ -527,16 +564,17 @@ class HttpServer:
                 request = self._request(event.method, event.target, event.headers, body, peer)
                 close = conn.their_state is h11.MUST_CLOSE or not _keep_alive(event)
                 pending = conn.trailing_data[0]
+            route, handler = self._route(request)
             if self._holds is not None and self._holds(request):
-                answered, meanwhile = await self._dispatch_held(connection, request)
+                answered, meanwhile = await self._dispatch_held(connection, request, handler)
                 pending += meanwhile
                 if answered is None:
                     return  # the client went away while its request was held
             else:
-                answered = await self._dispatch(request)
+                answered = await self._dispatch(request, handler)
             response = with_headers(answered, self.headers)
             if self.on_response is not None:
-                self.on_response(request, response)
+                self.on_response(request, response, route)
             close = close or self._closing
             connection.requests += 1
             # A client that never reads (pipelining without reading answers) would hold this send, and
@@ -563,7 +601,9 @@ class HttpServer:
             connection.phase, connection.deadline = "request", time.monotonic() + self.limits.request_timeout
         return data
 
-    async def _dispatch_held(self, connection: _Connection, request: Request) -> tuple[Response | None, bytes]:
+    async def _dispatch_held(
+        self, connection: _Connection, request: Request, handler: Handler
+    ) -> tuple[Response | None, bytes]:
         """Handle a request the handler may hold, watching the connection meanwhile: (the answer, or None
         when the client closed the connection first; bytes the client sent meanwhile). The connection is
         watched for its close until the answer, pipelined bytes included (a client that sent one byte and
@@ -574,7 +614,7 @@ class HttpServer:
         async with anyio.create_task_group() as tg:
 
             async def answer() -> None:
-                answered.append(await self._dispatch(request))
+                answered.append(await self._dispatch(request, handler))
                 tg.cancel_scope.cancel()
 
             async def watch() -> None:
@@ -614,14 +654,22 @@ class HttpServer:
             listener=self.name,
         )
 
-    async def _dispatch(self, request: Request) -> Response:
+    async def _dispatch(self, request: Request, handler: Handler) -> Response:
         try:
-            return await self.handler(request)
+            return await handler(request)
         except ApiError as exc:
             return Response.error(exc.http_status, exc.reason, exc.message)
         except Exception as exc:  # a handler bug must not kill the connection loop or leak details
             log.error("request handler failed", path=request.path, error_type=type(exc).__name__)
             return Response.error(500, "internal_error", "internal error; see the daemon log")
+
+
+def _labelled(handler: Handler) -> Callable[[Request], tuple[str, Handler]]:
+    """The `route` of a handler that does not route: its `route_template(path)` as the label, else "other"."""
+    template: Callable[[str], str] | None = getattr(handler, "route_template", None)
+    if template is None:
+        return lambda _request: (OTHER_ROUTE, handler)
+    return lambda request: (template(request.path), handler)
 
 
 HELD_PIPELINE_LIMIT = 16 * 1024  # bytes a client may pipeline behind a held request (one request head's cap)

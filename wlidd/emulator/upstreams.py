@@ -15,6 +15,10 @@ metadata server: real HTTPS servers on loopback that check what the real service
 Error bodies have each service's shape (Entra AADSTS codes, OAuth error/error_description, Google
 AIP-193). Faults can be injected per endpoint: error rate, status/body, Retry-After, latency, hangs.
 Codes the real services document are used where known; the rest are the emulator's own.
+
+Each listener's checks are one `Request -> Response` function (`handler`): the socket servers of `run` call
+it, and so does `mock_transport`, an httpx.MockTransport that answers without sockets (the TLS layer
+aside: see there).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import anyio
+import httpx
 import jwt
 from anyio.abc import TaskStatus
 from anyio.streams.tls import TLSListener
@@ -44,7 +49,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from wlidd.api.server import HttpServer, Request, Response, ServerLimits
+from wlidd.api.server import Handler, HttpServer, Peer, Request, Response, ServerLimits
 from wlidd.emulator.ca import CertificateAuthority, cert_pem, issue_server_cert, key_pem
 from wlidd.emulator.produced import remember
 
@@ -55,6 +60,9 @@ TYPE_ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
 TYPE_MTLS = "urn:ietf:params:oauth:token-type:mtls"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ENDPOINTS = ("entra", "sts", "sts_mtls", "iam", "metadata", "iam_id_token", "metadata_identity")
+# The listeners (`Upstreams.handler`) and the names their requests carry: Entra ID, STS and IAM over TLS;
+# STS and IAM over mTLS (client certificates verified against the SPIFFE bundle); the metadata server.
+LISTENERS = {"https": "emulator", "mtls": "emulator-mtls", "metadata": "emulator-metadata"}
 # iam_id_token / metadata_identity: faults for the ID-token calls alone (generateIdToken, .../identity),
 # checked after those of iam / metadata; `calls` counts them under these names too.
 
@@ -227,11 +235,53 @@ class Upstreams:
             context.load_verify_locations(cadata=client_bundle.decode())
         return context
 
+    def handler(self, listener: str) -> Handler:
+        """The checks behind `listener` ("https", "mtls" or "metadata": LISTENERS), as one Request -> Response
+        function: what the socket servers of `run` call, and `mock_transport` without sockets."""
+        handlers: dict[str, Handler] = {"https": self._https, "mtls": self._mtls, "metadata": self._metadata}
+        return handlers[listener]
+
+    def mock_transport(self, client_certificate: bytes | None = None) -> httpx.MockTransport:
+        """An httpx transport answering with the emulator's own checks (`handler`), without sockets: a request
+        goes to the listener whose port its URL names (`https_port`, `mtls_port`, `metadata_port`: give them
+        distinct values when the emulator is not run), converted to the Request the socket server would make.
+
+        No TLS happens, so the TLS layer's part is done here or not at all: `client_certificate` (a leaf, DER)
+        is the mTLS listener's peer certificate, as its handshake would record the certificate a client
+        presents (the STS mTLS check compares the subject token's leaf with it); a request to the mTLS port
+        without one fails as its handshake would (httpx.ConnectError). Not emulated: the server certificate
+        check against the client's ca_file, TLS 1.3 as the minimum, and the verification of the client's
+        chain against the SPIFFE bundle."""
+
+        async def answer(request: httpx.Request) -> httpx.Response:
+            port = request.url.port or (443 if request.url.scheme == "https" else 80)
+            ports = {self.https_port: "https", self.mtls_port: "mtls", self.metadata_port: "metadata"}
+            listener = ports.get(port)
+            if listener is None:
+                raise httpx.ConnectError(f"the emulator listens on no port {port}", request=request)
+            if listener == "mtls" and client_certificate is None:
+                raise httpx.ConnectError("the mTLS listener requires a client certificate", request=request)
+            query = request.url.query.decode("latin-1")
+            checked = Request(
+                method=request.method,
+                path=request.url.path or "/",
+                query=parse_qs(query, keep_blank_values=True) if query else {},
+                headers=tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.headers.raw),
+                body=await request.aread(),
+                peer=Peer(address="127.0.0.1", certificate=client_certificate if listener == "mtls" else None),
+                listener=LISTENERS[listener],
+            )
+            response = await self.handler(listener)(checked)
+            headers = [("content-type", response.content_type), *response.headers]
+            return httpx.Response(response.status, headers=headers, content=response.body)
+
+        return httpx.MockTransport(answer)
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         limits = ServerLimits(request_timeout=30, idle_timeout=30)
-        https = HttpServer(self._https, name="emulator", limits=limits)
-        mtls = HttpServer(self._mtls, name="emulator-mtls", limits=limits)
-        metadata = HttpServer(self._metadata, name="emulator-metadata", limits=limits)
+        https = HttpServer(self.handler("https"), name=LISTENERS["https"], limits=limits)
+        mtls = HttpServer(self.handler("mtls"), name=LISTENERS["mtls"], limits=limits)
+        metadata = HttpServer(self.handler("metadata"), name=LISTENERS["metadata"], limits=limits)
         tcp_https = await anyio.create_tcp_listener(local_host="127.0.0.1")
         tcp_mtls = await anyio.create_tcp_listener(local_host="127.0.0.1")
         tcp_metadata = await anyio.create_tcp_listener(local_host="127.0.0.1")

@@ -21,13 +21,13 @@ import stat
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import overload
 
 import anyio.to_thread
 
+from wlidd.clock import Clock, utc_now
 from wlidd.config import IdentityConfig, read_certificate_config
 from wlidd.errors import ConfigError, RetryableSvidError, SvidError
-from wlidd.svid.model import BundleSet, Svid, TrustBundle
+from wlidd.svid.model import BundleProblem, BundleSet, Identity, TrustBundle
 from wlidd.svid.parse import (
     MAX_FILE_BYTES,
     parse_bundle,
@@ -304,38 +304,7 @@ class CredentialSource:
         )
 
 
-@dataclass(frozen=True)
-class BundleProblem:
-    """A federated trust domain whose bundle could not be read or parsed in this set.
-
-    `kept` tells whether the last good copy of its bundle is still used (False: none was ever loaded,
-    so the domain is left out until its bundle is readable)."""
-
-    trust_domain: str
-    reason: str
-    message: str
-    kept: bool
-
-
 MAX_BUNDLE_PROBLEMS = 64  # federated domains reported per set; the rest are counted in the last entry's message
-
-
-@dataclass(frozen=True)
-class Identity:
-    """A validated identity: the Svid, the bundles of every configured trust domain, and its origin."""
-
-    svid: Svid
-    bundles: BundleSet
-    fingerprint: str
-    origin: str
-    notes: tuple[str, ...] = ()
-    bundle_problems: tuple[BundleProblem, ...] = ()
-
-    @property
-    def own_bundle(self) -> TrustBundle:
-        bundle = self.bundles.get(self.svid.spiffe_id.trust_domain)
-        assert bundle is not None
-        return bundle
 
 
 def build_identity(
@@ -407,20 +376,6 @@ def build_identity(
 
 
 Sleep = Callable[[float], Awaitable[bool | None]]
-Clock = Callable[[], dt.datetime]
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-@overload
-def iso_z(value: dt.datetime) -> str: ...
-@overload
-def iso_z(value: None) -> None: ...
-def iso_z(value: dt.datetime | None) -> str | None:
-    """RFC 3339 in UTC with a 'Z' suffix, as every wlidd answer and file writes times."""
-    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 async def load_identity(

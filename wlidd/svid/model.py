@@ -1,4 +1,4 @@
-"""Frozen values of identity material: SpiffeId, TrustBundle, BundleSet, Svid."""
+"""Frozen values of identity material: SpiffeId, TrustBundle, BundleSet, Svid, and the Identity built from them."""
 
 from __future__ import annotations
 
@@ -128,3 +128,34 @@ class Svid:
 
     def is_valid_at(self, now: dt.datetime) -> bool:
         return self.not_before <= now < self.not_after
+
+
+@dataclass(frozen=True)
+class BundleProblem:
+    """A federated trust domain whose bundle could not be read or parsed in this set.
+
+    `kept` tells whether the last good copy of its bundle is still used (False: none was ever loaded,
+    so the domain is left out until its bundle is readable)."""
+
+    trust_domain: str
+    reason: str
+    message: str
+    kept: bool
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A validated identity: the Svid, the bundles of every configured trust domain, and its origin."""
+
+    svid: Svid
+    bundles: BundleSet
+    fingerprint: str
+    origin: str
+    notes: tuple[str, ...] = ()
+    bundle_problems: tuple[BundleProblem, ...] = ()
+
+    @property
+    def own_bundle(self) -> TrustBundle:
+        bundle = self.bundles.get(self.svid.spiffe_id.trust_domain)
+        assert bundle is not None
+        return bundle

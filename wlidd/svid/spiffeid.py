@@ -1,8 +1,13 @@
-"""SPIFFE ID parsing (spiffe/spiffe SPIFFE-ID.md), strict like go-spiffe: every refusal names its rule."""
+"""SPIFFE ID parsing (spiffe/spiffe SPIFFE-ID.md), strict like go-spiffe: every refusal names its rule.
+
+Beside the ID, as go-spiffe keeps spiffeid/match.go: the matchers config rules and listeners admit
+SPIFFE IDs with (an exact ID, a whole trust domain, or a path pattern with '*' and a final '**').
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from cryptography import x509
 
@@ -90,3 +95,57 @@ def spiffe_id_from_cert(cert: x509.Certificate) -> SpiffeId:
     if not spiffe_id.path:
         raise SvidError("spiffe_id_no_path", f"leaf SPIFFE ID {uris[0]!r} has no path (that names a trust domain)")
     return spiffe_id
+
+
+# ---- matchers: which SPIFFE IDs a rule admits (go-spiffe spiffeid/match.go, beside the ID) ----
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """A SPIFFE ID matcher: an exact ID, a trust domain (spiffe://td: any member), or a path pattern
+    in which '*' is exactly one segment and a final '**' is one or more segments."""
+
+    trust_domain: str
+    segments: tuple[str, ...] | None  # None: any member of the trust domain
+    text: str
+
+    def matches(self, spiffe_id: SpiffeId) -> bool:
+        if spiffe_id.trust_domain != self.trust_domain:
+            return False
+        if self.segments is None:
+            return True
+        parts = spiffe_id.path[1:].split("/") if spiffe_id.path else []
+        pattern = self.segments
+        if pattern and pattern[-1] == "**":
+            head = pattern[:-1]
+            return len(parts) > len(head) and all(p == "*" or p == s for p, s in zip(head, parts, strict=False))
+        return len(parts) == len(pattern) and all(p == "*" or p == s for p, s in zip(pattern, parts, strict=True))
+
+
+def parse_matcher(pattern: str) -> Matcher:
+    """Parse a matcher, or ValueError saying what is wrong with it (a ValueError, so a config model's
+    validator reports it against the key that holds the pattern)."""
+    if not pattern.startswith("spiffe://"):
+        raise ValueError(f"{pattern!r} is not a SPIFFE ID matcher (must start with spiffe://)")
+    trust_domain, slash, path = pattern.removeprefix("spiffe://").partition("/")
+    try:
+        parse_trust_domain(trust_domain)
+    except SvidError as exc:
+        raise ValueError(f"{pattern!r}: {exc.message}") from None
+    if not slash:
+        return Matcher(trust_domain, None, pattern)
+    segments = tuple(path.split("/"))
+    for index, segment in enumerate(segments):
+        if segment == "**" and index != len(segments) - 1:
+            raise ValueError(f"{pattern!r}: '**' may only be the last segment")
+        if segment not in ("*", "**"):
+            try:
+                parse_spiffe_id(f"spiffe://{trust_domain}/{segment}")
+            except SvidError as exc:
+                raise ValueError(f"{pattern!r}: {exc.message}") from None
+    return Matcher(trust_domain, segments, pattern)
+
+
+def match_any(spiffe_id: SpiffeId, matchers: tuple[Matcher, ...]) -> bool:
+    """True when any of `matchers` admits `spiffe_id` (a listener's `allow`, a rule's `spiffe_ids`: OR'd)."""
+    return any(m.matches(spiffe_id) for m in matchers)

@@ -16,6 +16,15 @@ gets UpstreamError `wlidd_other` saying so, never a closed client's RuntimeError
 Counting: every HTTP request a Flow's clients send is counted in the `attempt()` open in the calling task,
 so a caller counts an upstream call only when something was sent (a ca_file that cannot be loaded, a
 missing SVID or signing key fail before that).
+
+Transports: each client a Flow makes gets its transport from `transports(identity)` (`Transports`): None
+for the plain client, the identity state whose SVID the client presents for an mTLS one. The default
+(`tls_transports`) is httpx's own over TLS, verifying servers against `ca_file` (`upstream_ssl_context`).
+Tests pass one that answers without sockets (wlidd.emulator.upstreams.Upstreams.mock_transport: the
+emulator's own request checks behind an httpx.MockTransport); as such a transport sees no handshake, it
+takes the client certificate from the identity it is made for, the one the handshake would present.
+
+Identities are read through `CurrentIdentity` (wlidd.tokens.model): no import of the watcher above.
 """
 
 from __future__ import annotations
@@ -39,17 +48,28 @@ from wlidd.errors import SvidError, UpstreamError
 from wlidd.svid.load import read_regular_file
 from wlidd.svid.parse import MAX_FILE_BYTES, parse_chain, parse_private_key
 from wlidd.tlsctx import load_identity_into, trust_every_anchor
-from wlidd.tokens.model import Token
+from wlidd.tokens.model import CurrentIdentity, IdentitySnapshot, Token
 from wlidd.tokens.providers.entra import fetch_entra_token
 from wlidd.tokens.providers.impersonate import generate_access_token, generate_id_token
 from wlidd.tokens.providers.metadata import fetch_metadata_identity, fetch_metadata_token
 from wlidd.tokens.providers.sts import JWT_TOKEN_TYPE, MTLS_TOKEN_TYPE, exchange, mtls_subject_token
-from wlidd.watch import IdentityState
 
-CurrentIdentity = Callable[[], IdentityState | None]
+Transports = Callable[[IdentitySnapshot | None], httpx.AsyncBaseTransport]
+"""The transport of one new HTTP client: called with None for the plain client, with the identity state whose
+SVID an mTLS client presents. May raise UpstreamError (`wlidd_ca_file`: nothing is sent then)."""
 
 
-def upstream_ssl_context(ca_file: Path | None, state: IdentityState | None = None) -> ssl.SSLContext:
+def tls_transports(ca_file: Path | None) -> Transports:
+    """The real transports: httpx over TLS, the server verified against `ca_file` (or the system store), the
+    identity's SVID presented when there is one (`upstream_ssl_context`)."""
+
+    def transport(state: IdentitySnapshot | None) -> httpx.AsyncBaseTransport:
+        return httpx.AsyncHTTPTransport(verify=upstream_ssl_context(ca_file, state), trust_env=False)
+
+    return transport
+
+
+def upstream_ssl_context(ca_file: Path | None, state: IdentitySnapshot | None = None) -> ssl.SSLContext:
     """Verify upstream servers against `ca_file` or the system store; with `state`, present its SVID
     (TLS 1.3 only, as required for mTLS with workload credentials).
 
@@ -115,9 +135,9 @@ async def _count_request(request: httpx.Request) -> None:
         current.sent += 1
 
 
-def _client(context: ssl.SSLContext, timeout: float) -> httpx.AsyncClient:
+def _client(transport: httpx.AsyncBaseTransport, timeout: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        verify=context,
+        transport=transport,
         timeout=timeout,
         trust_env=False,
         headers={"User-Agent": "wlidd"},
@@ -125,7 +145,7 @@ def _client(context: ssl.SSLContext, timeout: float) -> httpx.AsyncClient:
     )
 
 
-def _require_identity(current: CurrentIdentity | None, name: str | None, now: dt.datetime) -> IdentityState:
+def _require_identity(current: CurrentIdentity | None, name: str | None, now: dt.datetime) -> IdentitySnapshot:
     state = current() if current is not None else None
     if state is None:
         raise UpstreamError("identity", f"identity {name!r} has no valid SVID loaded", code="unavailable")
@@ -136,11 +156,13 @@ def _require_identity(current: CurrentIdentity | None, name: str | None, now: dt
 
 @dataclass
 class Flow:
-    """One token source's way to a Token; owns its HTTP clients (see the module docstring)."""
+    """One token source's way to a Token; owns its HTTP clients (see the module docstring). `transports`: where
+    its clients' transports come from (default: `tls_transports(config.ca_file)`)."""
 
     name: str
     config: TokenConfig
     current_identity: CurrentIdentity | None = None
+    transports: Transports | None = field(default=None, repr=False)
     _plain: httpx.AsyncClient | None = field(default=None, repr=False)
     _mtls: tuple[int, httpx.AsyncClient] | None = field(default=None, repr=False)
     # The last federated (STS) token, its expiry and the client it was obtained over: generateIdToken and
@@ -161,15 +183,19 @@ class Flow:
         ca_file cannot be loaded, `wlidd_other` after `aclose`."""
         self._check_open()
         if self._plain is None:
-            self._plain = self._keep(_client(upstream_ssl_context(self.config.ca_file), self.config.timeout))
+            self._plain = self._keep(_client(self._transport(None), self.config.timeout))
         return self._plain
 
-    async def mtls(self, state: IdentityState) -> httpx.AsyncClient:
+    def _transport(self, state: IdentitySnapshot | None) -> httpx.AsyncBaseTransport:
+        transports = self.transports or tls_transports(self.config.ca_file)
+        return transports(state)
+
+    async def mtls(self, state: IdentitySnapshot) -> httpx.AsyncClient:
         """A client presenting `state`'s SVID; a new one when the identity rotates. The one it replaces is
         closed once nothing uses it (see the module docstring), not at once."""
         self._check_open()
         if self._mtls is None or self._mtls[0] != state.version:
-            client = _client(upstream_ssl_context(self.config.ca_file, state), self.config.timeout)
+            client = _client(self._transport(state), self.config.timeout)
             self._mtls = (state.version, self._keep(client))
             await self._close_unused()
         return self._mtls[1]

@@ -29,6 +29,13 @@
 - Permanent errors (`UpstreamError.retryable` false: a 4xx refusal, a bad signing key) back off to
   `backoff_max` at once, still bounded by the last good token; transient ones back off exponentially.
 - x509-sts sources refresh at once when their SVID rotates.
+- Publishing: every token obtained is published (`changes()`, as CredentialWatcher.changes publishes identity
+  states); the caller that asked for it has it as soon as it is cached. Nothing here writes a file or runs
+  a command: the daemon runs one task per source that follows `changes()` and writes its sinks
+  (wlidd.sinks.follow_token), so a cold token's first caller never waits for sink writes or on_change hooks.
+- Time: the wall clock (`clock`), the monotonic one (`monotonic`) and every sleep (`sleep`: the refresh
+  loop's naps and the `min_interval` turns) are injected, so a virtual clock drives refreshes and backoffs
+  without waiting.
 - Every fetch names its trigger (wlidd.tokens.schedule.TRIGGERS) in its log line: the loop fires with
   the trigger that planned its next attempt (`_next_trigger`), so a refresh the SVID's rotation asked for
   says `svid_rotated`, a retry after a failure `retry`, and only the planned one `scheduled`.
@@ -50,17 +57,15 @@ import anyio
 import jwt
 from anyio.abc import TaskStatus
 
+from wlidd.clock import Clock, iso_z, utc_now
 from wlidd.config import TokenConfig
 from wlidd.errors import ApiError, UpstreamError, WlidError
 from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
-from wlidd.sinks import publish_token
-from wlidd.svid.load import Clock, iso_z, utc_now
 from wlidd.tokens.flows import Attempt, Flow, attempt
-from wlidd.tokens.model import Token
+from wlidd.tokens.model import IdentityChanges, Token
 from wlidd.tokens.providers.expiry import id_token_expiry
 from wlidd.tokens.schedule import MAX_RETRY_AFTER, Backoff, RefreshPolicy, after_failure, retry_at, start_delay
-from wlidd.watch import CredentialWatcher
 
 log = get_logger("wlidd.tokens")
 
@@ -204,7 +209,7 @@ class TokenSource:
         config: TokenConfig,
         flow: Flow,
         *,
-        watcher: CredentialWatcher | None = None,
+        watcher: IdentityChanges | None = None,
         clock: Clock = utc_now,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
@@ -239,7 +244,8 @@ class TokenSource:
         self._hold_set = anyio.Event()  # set (and replaced) whenever a failure starts a backoff for mints
         self._inflight: anyio.Event | None = None
         self._wake = anyio.Event()
-        self._changed = anyio.Event()
+        self._changed = anyio.Event()  # set (and replaced) whenever a token is published
+        self.published = 0  # tokens published so far (`current` is the latest)
         self.id_limits = id_limits or IdTokenLimits()
         self.scoped_limits = scoped_limits or ScopedLimits()
         self._id_cache: OrderedDict[str, Token] = OrderedDict()  # LRU, at most cache_size; Token.value: the JWT
@@ -593,7 +599,11 @@ class TokenSource:
 
     async def _sleep_unless_held(self, seconds: float) -> bool:
         """Sleep `seconds`, or until a failure starts a backoff (`_signal_hold`): True when woken by one."""
-        event, woken = self._hold_set, False
+        return await self._sleep_or_wake(seconds, self._hold_set)
+
+    async def _sleep_or_wake(self, seconds: float, event: anyio.Event) -> bool:
+        """Sleep `seconds` with the injected `sleep`, or until `event` is set: True when the event ended it."""
+        woken = False
         async with anyio.create_task_group() as tg:
 
             async def watch() -> None:
@@ -626,7 +636,6 @@ class TokenSource:
             self._failed(error, now, reason)
             raise error from None
         self._succeeded(token, reason)
-        await publish_token(self.config.sinks, token, self.clock(), self.name)
         return token
 
     def _failed(self, exc: UpstreamError, now: dt.datetime, reason: str) -> None:
@@ -681,8 +690,21 @@ class TokenSource:
             next_refresh=iso_z(self.next_refresh),
             lifetime=int(token.lifetime),
         )
+        self.published += 1
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
+
+    async def changes(self) -> AsyncIterator[Token]:
+        """The latest token obtained (if any), then every newer one, as each is cached: what sinks follow
+        (wlidd.sinks.follow_token). A slow consumer skips to the latest (as CredentialWatcher.changes)."""
+        seen = 0
+        while True:
+            while self.published <= seen:
+                await self._changed.wait()
+            seen = self.published
+            token = self.current
+            assert token is not None  # set before `published` counts it
+            yield token
 
     async def wait_until_servable(self, timeout: float) -> Token:
         """For require_at_start: the first servable token within `timeout`, else WlidError."""
@@ -702,8 +724,9 @@ class TokenSource:
         self._wake.set()
 
     async def _nap(self, seconds: float) -> None:
-        with anyio.move_on_after(max(0.0, min(seconds, MAX_SLEEP))):
-            await self._wake.wait()
+        """The refresh loop's sleep: `seconds` (at most MAX_SLEEP) on the injected `sleep`, or until `trigger`
+        or a cold request wakes the loop."""
+        await self._sleep_or_wake(max(0.0, min(seconds, MAX_SLEEP)), self._wake)
         self._wake = anyio.Event()
 
     def _idle(self) -> bool:
@@ -733,7 +756,7 @@ class TokenSource:
                     continue
                 await self._nap((due - now).total_seconds())
 
-    async def _follow_rotations(self, watcher: CredentialWatcher) -> None:
+    async def _follow_rotations(self, watcher: IdentityChanges) -> None:
         async for state in watcher.changes():
             token = self.current
             if token is not None and token.identity_version is not None and token.identity_version < state.version:

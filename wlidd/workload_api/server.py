@@ -51,9 +51,9 @@ from h2.errors import ErrorCodes
 from wlidd.api.accept import CallerKey, ConnectionCounter
 from wlidd.api.authz import Caller, CallerCache, Policy, handout_audit
 from wlidd.api.server import Peer, socket_peer
+from wlidd.clock import Clock, iso_z
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.metrics import Metrics
-from wlidd.svid.load import Clock, iso_z
 from wlidd.svid.model import TrustBundle
 from wlidd.watch import CredentialWatcher, IdentityState
 from wlidd.workload_api import workload_pb2 as pb
