@@ -397,15 +397,8 @@ class WorkloadApi:
                     raise GRPCError(Status.UNAVAILABLE, "no valid X.509-SVID is available yet")
                 current = tuple((s.name, s.version) for s in states)
                 if current != sent:
-                    await self._push(stream, render(states), caller, [s.name for s in states], method)
-                    sent = current
-                    self.pushes += 1
-                    now = self.clock()
-                    for state in states:
-                        self.last_push[state.name] = iso_z(now)
-                        if self.metrics is not None:
-                            self.metrics.workload_api_pushes.labels(state.name).inc()
-                            self.metrics.workload_api_last_push.labels(state.name).set(now.timestamp())
+                    # audited before the keys leave: a client that closes as soon as it has them could
+                    # otherwise end the stream (cancelling this task) between the push and its audit line
                     handout_audit(
                         self._audited,
                         "svids pushed",
@@ -415,6 +408,15 @@ class WorkloadApi:
                         route=method,
                         identities=[s.name for s in states],
                     )
+                    await self._push(stream, render(states), caller, [s.name for s in states], method)
+                    sent = current
+                    self.pushes += 1
+                    now = self.clock()
+                    for state in states:
+                        self.last_push[state.name] = iso_z(now)
+                        if self.metrics is not None:
+                            self.metrics.workload_api_pushes.labels(state.name).inc()
+                            self.metrics.workload_api_last_push.labels(state.name).set(now.timestamp())
                 await self._wait_for_change({n: s.version if s else 0 for n, s in seen.items()}, policy_changed)
         finally:
             self.streams -= 1
