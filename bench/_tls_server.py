@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 from anyio.streams.tls import TLSListener
 
-from wlidd.config import IdentityConfig
+from wlidd.config import parse_identity_config
 from wlidd.logs import configure_logging
 from wlidd.svid.load import CredentialSource
 from wlidd.tlsctx import HotServerContext
@@ -21,7 +21,7 @@ from wlidd.watch import CredentialWatcher
 
 async def main(link: Path) -> None:
     configure_logging("warning", "json", sys.stderr)
-    config = IdentityConfig.model_validate({"source": "gce", "dir": link, "mismatch_retry_delay": 0.2})
+    config = parse_identity_config({"source": "gce", "dir": link, "mismatch_retry_delay": 0.2})
     watcher = CredentialWatcher("bench", CredentialSource("bench", config))
     hot = HotServerContext(watcher.current_tls)
 

@@ -40,7 +40,7 @@ from wlidd.emulator.upstreams import Upstreams
 
 SA = "app@demo-project.iam.gserviceaccount.com"
 X509_AUDIENCE = "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/pool/providers/x509"
-NEW_AUDIENCES_BURST, NEW_AUDIENCES_PER_MINUTE = 60, 60.0  # wlidd.tokens.manager.IdTokenLimits defaults
+NEW_AUDIENCES_BURST, NEW_AUDIENCES_PER_MINUTE = 60, 60.0  # wlidd.tokens.limits.IdTokenLimits defaults
 CALLERS = 100
 FIRST_UID = 41000
 

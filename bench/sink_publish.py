@@ -26,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from wlidd.config import CredentialSinkConfig
 from wlidd.emulator.ca import CertificateAuthority
-from wlidd.sinks import Material, credential_files, write_atomic, write_credentials
+from wlidd.sinks.credentials import write_credentials
+from wlidd.sinks.files import write_atomic
+from wlidd.sinks.layouts import Material, credential_files
 from wlidd.svid.load import CredentialFiles, build_identity
 from wlidd.tlsctx import TlsContexts
 from wlidd.watch import IdentityState

@@ -3,7 +3,8 @@
 Two configs: a full node (one identity from files; the Unix, mTLS and Workload API listeners; one
 token source pointing at an upstream that does not answer and is not required at start, so no
 network is on the path) and the smallest useful one (the identity and the Unix socket). Baseline, in the same run: a bare Python process that sends READY=1 as its
-first act (the interpreter's own start). Target: median ≤ 0.5 s.
+first act (the interpreter's own start). Targets: median ≤ 0.5 s for the full node, ≤ 0.3 s for the
+smallest one.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Figure, bench_env, free_port, report, write_node_config
+from _common import Figure, bench_env, free_port, precompile, report, write_minimal_config, write_node_config
 
 BARE = (
     "import os, socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM);"
     " s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])"
 )
+
+
+# Median seconds to READY=1. The smallest node imports only what it needs (no token flows, httpx, PyJWT,
+# gRPC or protobuf: wlidd.daemon wires them in when a configuration names them).
+TARGETS = {"full node": 0.5, "identity + Unix socket": 0.3}
 
 
 def write_config(work: Path) -> Path:
@@ -47,22 +53,13 @@ def time_to_ready(argv: list[str], work: Path) -> float:
             process.wait(10)
 
 
-def minimal_config(work: Path) -> Path:
-    """The smallest useful node: one identity and the Unix socket (no tokens, mTLS or Workload API)."""
-    full = write_config(work / "minimal")
-    text = full.read_text()
-    kept = text[: text.index("[tokens.mds]")] + text[text.index("[listeners.unix]") : text.index("[listeners.mtls]")]
-    full.write_text(kept)
-    return full
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
+    precompile()
     work = Path(tempfile.mkdtemp(prefix="wlidd-bench-"))
-    (work / "minimal").mkdir()
-    configs = {"full node": write_config(work), "identity + Unix socket": minimal_config(work)}
+    configs = {"full node": write_config(work), "identity + Unix socket": write_minimal_config(work / "minimal")}
     times: dict[str, list[float]] = {name: [] for name in configs}
     bare: list[float] = []
     for config in configs.values():
@@ -82,13 +79,14 @@ def main() -> int:
     for name, values in times.items():
         median = statistics.median(values)
         what = "identity, token, Unix, mTLS, Workload API" if name == "full node" else name
+        target = TARGETS[name]
         figures.append(
             Figure(
                 f"start-up to READY=1, no upstream: {what} (median of {args.runs}; max {max(values):.2f} s;"
                 f" bare Python {base:.2f} s, {median / base:.0f}x)",
                 f"{median:.2f} s",
-                "≤ 0.5 s",
-                median <= 0.5,
+                f"≤ {target:g} s",
+                median <= target,
             )
         )
     return report("startup", figures)

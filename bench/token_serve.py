@@ -2,7 +2,10 @@
 
 Both servers run in their own process on the same kind of socket (AF_UNIX stream); one load
 process drives N keep-alive clients against each in turn with the same code, so the ratio compares
-the servers, not the client. Targets: throughput ≥ 0.5× the bare server, p99 ≤ 2 ms at 64 clients.
+the servers, not the client. Targets, as ratios to the bare server measured in the same rounds (a shared
+machine moves absolute times by 2×, the bare server's own p99 at 64 clients between 2 and 4 ms):
+throughput ≥ 0.8× the bare server's at every client count, and p99 at 64 clients ≤ 1.25× the bare
+server's p99.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import time
 from pathlib import Path
 
 import httpx
-from _common import ROOT, Figure, bench_env, percentile, read_response, report, start_daemon, stop_daemon
+from _common import ROOT, Figure, bench_env, percentile, precompile, read_response, report, start_daemon, stop_daemon
 
 REQUEST = b"GET /v1/token/mds HTTP/1.1\r\nHost: wlidd\r\n\r\n"
+THROUGHPUT_TARGET = 0.8  # wlidd's req/s / the bare server's, at every client count
+P99_TARGET = 1.25  # wlidd's p99 / the bare server's p99, at 64 clients
 
 
 async def _client(path: str, deadline: float, latencies: list[float]) -> int:
@@ -141,6 +146,7 @@ def main() -> int:
     )
     parser.add_argument("--clients", default="1,16,64")
     args = parser.parse_args()
+    precompile()
     env = bench_env()
     work = Path(tempfile.mkdtemp(prefix="wlidd-bench-"))
     upstreams = subprocess.Popen(
@@ -199,7 +205,8 @@ max_connections_per_caller = 1024
             ]
             w, b, a = (tuple(statistics.median(r[k][i] for r in rounds) for i in range(3)) for k in range(3))
             ratio = statistics.median(r[0][0] / r[1][0] for r in rounds)
-            rows.append((clients, w, b, a, ratio))
+            p99_ratio = statistics.median(r[0][2] / r[1][2] for r in rounds)
+            rows.append((clients, w, b, a, ratio, p99_ratio))
     finally:
         stop_daemon(daemon)
         for process in servers:
@@ -215,34 +222,35 @@ max_connections_per_caller = 1024
     )
     print(
         f"{'clients':>7}  {'wlidd req/s':>11} {'p50 ms':>7} {'p99 ms':>7}   {'bare req/s':>10} {'p50 ms':>7} {'p99 ms':>7}"
-        f"   {'anyio req/s':>11} {'p99 ms':>7}   {'vs bare':>7} {'vs anyio':>8}"
+        f"   {'anyio req/s':>11} {'p99 ms':>7}   {'vs bare':>7} {'p99 vs bare':>11} {'vs anyio':>8}"
     )
-    for clients, w, b, a, ratio in rows:
+    for clients, w, b, a, ratio, p99_ratio in rows:
         print(
             f"{clients:>7}  {w[0]:>11.0f} {w[1]:>7.3f} {w[2]:>7.3f}   {b[0]:>10.0f} {b[1]:>7.3f} {b[2]:>7.3f}"
-            f"   {a[0]:>11.0f} {a[2]:>7.3f}   {ratio:>7.2f} {w[0] / a[0]:>8.2f}"
+            f"   {a[0]:>11.0f} {a[2]:>7.3f}   {ratio:>7.2f} {p99_ratio:>11.2f} {w[0] / a[0]:>8.2f}"
         )
     print(
-        f"(medians of {args.rounds} interleaved rounds of {args.seconds:g} s per server; 'vs bare' is the median ratio)"
+        f"(medians of {args.rounds} interleaved rounds of {args.seconds:g} s per server; 'vs bare' and 'p99 vs bare'"
+        " are the medians of each round's ratio)"
     )
     worst_ratio = min(row[4] for row in rows)
-    p99_64 = next((w[2] for c, w, *_ in rows if c == 64), None)
-    bare_p99_64 = next((b[2] for c, _, b, *_ in rows if c == 64), None)
     figures = [
         Figure(
             f"cached token req/s over the Unix socket vs bare asyncio (worst of {args.clients} clients)",
             f"{worst_ratio:.2f}x",
-            "≥ 0.5x",
-            worst_ratio >= 0.5,
+            f"≥ {THROUGHPUT_TARGET:g}x",
+            worst_ratio >= THROUGHPUT_TARGET,
         )
     ]
-    if p99_64 is not None:
+    at_64 = next(((w, b, p99_ratio) for c, w, b, _, _, p99_ratio in rows if c == 64), None)
+    if at_64 is not None:
+        w, b, p99_ratio = at_64
         figures.append(
             Figure(
-                f"cached token p99 at 64 keep-alive clients (bare asyncio: {bare_p99_64:.2f} ms)",
-                f"{p99_64:.2f} ms",
-                "≤ 2 ms",
-                p99_64 <= 2,
+                f"cached token p99 at 64 keep-alive clients vs bare asyncio's ({w[2]:.2f} ms vs {b[2]:.2f} ms)",
+                f"{p99_ratio:.2f}x",
+                f"≤ {P99_TARGET:g}x",
+                p99_ratio <= P99_TARGET,
             )
         )
     return report("token_serve", figures)

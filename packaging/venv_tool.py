@@ -278,8 +278,24 @@ def find_mentions(top: Path, needles: Iterable[str]) -> list[str]:
     return hits
 
 
+def readable_by_all(top: Path) -> None:
+    """Make the installed tree readable (and its directories and programs usable) by every user, writable
+    by its owner only, whatever umask it was built under: the service runs as its own user (umask 027,
+    the CIS default, left the venv 0750/0640 root, which the unit's user cannot import from)."""
+    for root, _dirs, files in os.walk(top):
+        os.chmod(root, (os.stat(root).st_mode | 0o755) & 0o7755)  # noqa: S103 (a program tree: readable by all)
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            mode = os.stat(path).st_mode
+            wanted = mode | 0o644 | (0o111 if mode & 0o100 else 0)
+            os.chmod(path, wanted & ~0o022 & 0o7777)
+
+
 def finish(staged: Path, final: str, forbid: list[str]) -> int:
     staged = Path(os.path.abspath(staged))
+    readable_by_all(staged)
     final = os.path.normpath(final)
     spellings = [s for s in dict.fromkeys((str(staged), os.path.realpath(staged))) if s != final]
     for spelling in spellings:  # the path as given and as resolved (a symlinked /tmp, say)

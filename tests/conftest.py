@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from wlidd.config import IdentityConfig
+from wlidd.config import IdentityConfig, parse_identity_config
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.produced import find_leak
 from wlidd.emulator.upstreams import Upstreams
@@ -128,7 +128,7 @@ class FileSet:
             "debounce": 0.02,
         }
         values.update(overrides)
-        return IdentityConfig.model_validate(values)
+        return parse_identity_config(values)
 
     def source(self, **overrides: object) -> CredentialSource:
         return CredentialSource("default", self.config(**overrides))

@@ -19,7 +19,7 @@ import pytest_asyncio
 from tests.conftest import FileSet, in_background
 from wlidd.api.listeners import ListenerError, bind_unix_socket
 from wlidd.api.server import Peer, Request, Response
-from wlidd.config import Config, IdentityConfig
+from wlidd.config import Config, IdentityConfig, parse_identity_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 
@@ -143,7 +143,7 @@ async def test_health_is_ok_when_required_identities_are_valid(daemon: Daemon) -
 
 
 async def test_health_is_503_with_the_reason_when_a_required_identity_is_missing(tmp_path: Path) -> None:
-    cfg = IdentityConfig.model_validate(
+    cfg = parse_identity_config(
         {
             "source": "files",
             "cert": tmp_path / "c",

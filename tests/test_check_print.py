@@ -166,8 +166,8 @@ metadata.url = "http://proxy-user:hunter2-password@127.0.0.1:8080"
 def test_secret_values_never_appear_and_the_config_loads_back_equal_but_for_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A URL's password and on_change arguments holding a bearer token or a JWT are printed as <redacted>
-    (the URL keeps its user and host, so it still validates); the header says so; what loads back equals
+    """A URL's userinfo and on_change arguments holding a bearer token or a JWT are printed as <redacted>
+    (the URL keeps its host, so it still validates); the header says so; what loads back equals
     the config with exactly those values replaced."""
     path = write(tmp_path, SECRETS)
     text = printed(["check", "--print", "--config", str(path)], capsys)
@@ -175,7 +175,7 @@ def test_secret_values_never_appear_and_the_config_loads_back_equal_but_for_them
         assert secret not in text
     assert f'Secrets are shown as "{REDACTED}"' in text
     original = load_config(path, {}).model_dump()
-    original["tokens"]["mds"]["metadata"]["url"] = f"http://proxy-user:{REDACTED}@127.0.0.1:8080"
+    original["tokens"]["mds"]["metadata"]["url"] = f"http://{REDACTED}@127.0.0.1:8080"  # a user may be a token
     on_change = original["identities"]["web"]["sinks"][0]["on_change"]
     original["identities"]["web"]["sinks"][0]["on_change"] = (*on_change[:2], REDACTED, on_change[3], REDACTED)
     assert load_printed(tmp_path, text).model_dump() == original
@@ -223,3 +223,53 @@ def test_every_field_that_may_be_none_defaults_to_none_so_leaving_it_out_prints_
         and not (info.default is None and info.default_factory is None)
     ]
     assert len(seen) > 10 and wrong == []
+
+
+LEAKS = """
+[identities.web]
+source = "files"
+cert = "/etc/wlidd/chain.pem"
+key = "/etc/wlidd/key.pem"
+bundle = "/etc/wlidd/bundle.pem"
+
+[[identities.web.sinks]]
+dir = "{out}/web"
+on_change = ["/usr/bin/curl", "-u", "deploy:hunter2hunter2", "-H", "X-Vault-Token: hvs.CAESIsecretvault",
+  "https://hooks.example/notify?token=s3cr3tQueryValue", "--password=pa55word-value", "api_key=k3yv4lue"]
+
+[tokens.gcp]
+flow = "entra-sts"
+identity = "web"
+entra = {{ tenant_id = "t", client_id = "c", scope = "api://x/.default" }}
+sts = {{ audience = "//iam.googleapis.com/x", url = "https://sts.example/v1/token?key=AIzaSyS3cretApiKey" }}
+impersonate = {{ service_account = "sa@p.iam.gserviceaccount.com", url = "https://ghp_T0kenAsUser@iam.example/v1" }}
+"""
+
+
+def test_secrets_in_urls_and_hook_arguments_are_redacted_wherever_they_sit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a tester: a URL's query (`?key=`), a token given as a URL's user, and hook arguments
+    after `-u` / `-H`, `--password=`, `api_key=` were printed in clear. Names and structure stay."""
+    path = write(tmp_path, LEAKS)
+    text = printed(["check", "--print", "--config", str(path)], capsys)
+    for secret in ("hunter2", "hvs.CAES", "s3cr3tQuery", "pa55word", "k3yv4lue", "AIzaSy", "ghp_T0ken"):
+        assert secret not in text, secret
+    assert "/usr/bin/curl" in text and "https://hooks.example/notify?token=" in text
+    load_printed(tmp_path, text)  # still a valid config
+
+
+def test_a_bad_url_error_does_not_print_its_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, '[tokens.m]\nflow = "gce-metadata"\nmetadata.url = "http://user:TopSecretPw@host:99999"\n')
+    assert main(["check", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "metadata.url" in captured.err and "TopSecretPw" not in captured.out + captured.err
+
+
+def test_a_config_file_name_with_a_newline_keeps_the_header_one_comment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "odd\nname.toml"
+    path.write_text('[tokens.m]\nflow = "gce-metadata"\n')
+    text = printed(["check", "--print", "--config", str(path)], capsys)
+    load_printed(tmp_path, text)

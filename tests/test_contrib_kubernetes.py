@@ -12,16 +12,19 @@ the API server.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from wlidd.api.listeners import bind_unix_socket
 from wlidd.config import load_config, split_address
-from wlidd.daemon import DRAIN_TIMEOUT
+from wlidd.daemon import DRAIN_TIMEOUT, Daemon
 from wlidd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +43,10 @@ CONTAINERFILE = ROOT / "contrib" / "container" / "Containerfile"
 IGNOREFILE = ROOT / "contrib" / "container" / "Containerfile.dockerignore"
 DAEMON = "wlidd"  # the DaemonSet's daemon container
 OLDEST_KUBERNETES = "1.30"  # the oldest Kubernetes release the manifest is checked against
+# Ids other software runs as, so a daemon or client group with one of them shares its rights with
+# whatever pods run as them: root, distroless' "nonroot" (every distroless :nonroot image), nobody/nogroup.
+SHARED_IDS = {0: "root", 65532: "distroless nonroot", 65534: "nobody"}
+LIVE, HEALTH = "/v1/live", "/v1/health"  # the liveness and readiness routes of the metrics listener
 
 Doc = dict[str, Any]
 
@@ -84,6 +92,21 @@ def config_text(docs: list[Doc]) -> str:
 
 def config(docs: list[Doc]) -> Doc:
     return tomllib.loads(config_text(docs))
+
+
+def client_gid(docs: list[Doc]) -> int:
+    """The client group: the one group [policy] gives tokens to."""
+    groups = config(docs)["policy"].get("tokens", {}).get("groups", [])
+    assert len(groups) == 1 and isinstance(groups[0], int), f"[policy] tokens: one client group by number, not {groups}"
+    gid: int = groups[0]
+    return gid
+
+
+def socket_dir_step(docs: list[Doc]) -> tuple[str, int, int, int]:
+    """What the socket-dir step makes of the socket directory: (path, uid, gid, mode) from its arguments."""
+    command = container(docs, "socket-dir")["command"]
+    assert len(command) == 7, f"socket-dir: python -c <script> <dir> <uid> <gid> <octal mode>, not {command}"
+    return command[3], int(command[4]), int(command[5]), int(command[6], 8)
 
 
 def mount_for(docs: list[Doc], path: str, c: Doc) -> tuple[Doc, Doc]:
@@ -237,6 +260,31 @@ def check_runs_as_non_root(docs: list[Doc]) -> None:
     assert (uid, gid) == image_user(containerfile()), "the DaemonSet and the image's USER name different users"
 
 
+def check_dedicated_daemon_and_client_ids(docs: list[Doc]) -> None:
+    daemon = container(docs)
+    uid, gid = effective(docs, daemon, "runAsUser"), effective(docs, daemon, "runAsGroup")
+    clients = client_gid(docs)
+    for what, value in (("runAsUser", uid), ("runAsGroup", gid), ("the client group", clients)):
+        assert value not in SHARED_IDS, (
+            f"{what} {value} is {SHARED_IDS.get(value)}'s: every pod running as it would share the daemon's rights"
+        )
+    assert clients != gid, f"the client group {clients} is the daemon's own group: clients would own its files"
+    assert clients not in pod(docs).get("securityContext", {}).get("supplementalGroups", []), (
+        "the daemon does not need the client group: the socket gets it from its directory"
+    )
+
+
+def check_policy_gives_root_nothing(docs: list[Doc]) -> None:
+    policy = config(docs)["policy"]
+    assert "credentials" in policy, "[policy] credentials unset: wlidd's default gives the key to root"
+    for what in ("tokens", "credentials"):
+        users = policy.get(what, {}).get("users", [])
+        assert 0 not in users and "root" not in users, (
+            f"[policy] {what} names root: every root container mounting the socket directory would get it"
+        )
+    assert policy["credentials"].get("groups", []) == [], "the node's private key goes to no group"
+
+
 def check_only_the_socket_dir_step_runs_as_root(docs: list[Doc]) -> None:
     for c in containers(docs):
         if effective(docs, c, "runAsUser") == 0 or effective(docs, c, "runAsNonRoot") is not True:
@@ -311,10 +359,20 @@ def check_socket_dir_on_the_node(docs: list[Doc]) -> None:
     assert host["path"] == directory, f"hostPath {host['path']} differs from {directory}: clients would look elsewhere"
     assert host.get("type") == "DirectoryOrCreate", "hostPath type DirectoryOrCreate: a new node has no such dir"
     step = container(docs, "socket-dir")
-    uid = effective(docs, container(docs), "runAsUser")
-    gid = effective(docs, container(docs), "runAsGroup")
-    assert step["command"][-3:] == [directory, str(uid), str(gid)], "the socket-dir step must hand it to the daemon"
+    path, uid, gid, mode = socket_dir_step(docs)
+    assert path == directory, f"the socket-dir step prepares {path}, not the socket's directory {directory}"
+    assert uid == effective(docs, container(docs), "runAsUser"), "the socket-dir step must hand it to the daemon"
+    assert gid == client_gid(docs), "the socket directory's group must be the client group (the socket takes it)"
+    assert mode & 0o7022 == stat.S_ISGID, (
+        f"socket directory mode {mode:04o}: set-group-ID (the socket takes the client group), writable by the"
+        " daemon alone (no one else may replace the socket), no set-user-ID or sticky bit"
+    )
     assert mount_for(docs, directory, step)[1] == volume, "the socket-dir step must change the same volume"
+    unix = config(docs)["listeners"]["unix"]
+    assert int(unix.get("mode", "0660"), 8) == 0o660, "the socket: read-write for its owner and group, nothing else"
+    assert "group" not in unix and "owner" not in unix, (
+        "no socket owner or group in the config: the image knows no names for them (the directory gives the group)"
+    )
 
 
 def check_credentials_read_only(docs: list[Doc]) -> None:
@@ -340,10 +398,14 @@ def check_probes_on_the_metrics_listener(docs: list[Doc]) -> None:
         probe = daemon.get(kind)
         assert probe and "httpGet" in probe, f"the daemon needs an httpGet {kind}"
         assert resolve_port(daemon, probe["httpGet"]["port"]) == port, f"{kind} asks port other than {port}"
-    assert daemon["readinessProbe"]["httpGet"]["path"] == "/v1/health", "readiness is /v1/health"
-    assert daemon["livenessProbe"]["httpGet"]["path"] != "/v1/health", (
-        "liveness must not be /v1/health: a degraded daemon (503) would be restarted for nothing (SPECS.md §6)"
-    )
+    assert daemon["readinessProbe"]["httpGet"]["path"] == HEALTH, f"readiness is {HEALTH}"
+    # Liveness is what withholds the systemd watchdog (a dead accept loop: 503; a wedged loop: no answer),
+    # never /v1/health (a degraded daemon would be restarted for nothing, SPECS.md §6), nor /metrics (it
+    # answers 200 while the Unix socket accepts nothing).
+    for kind in ("startupProbe", "livenessProbe"):
+        assert daemon[kind]["httpGet"]["path"] == LIVE, f"{kind} is {LIVE}"
+    liveness = daemon["livenessProbe"]
+    assert liveness.get("timeoutSeconds", 1) < liveness.get("periodSeconds", 10), "a wedged loop times out a probe"
     annotations = the(docs, "DaemonSet")["spec"]["template"]["metadata"].get("annotations", {})
     assert annotations.get("prometheus.io/scrape") == "true", "Prometheus scrape annotation missing"
     assert annotations.get("prometheus.io/port") == str(port), "Prometheus port annotation differs from the listener"
@@ -444,6 +506,12 @@ def check_image_user_is_not_root(parsed: list[Instruction]) -> None:
     assert uid != 0 and gid != 0, f"USER {uid}:{gid}: the image must not run as root"
 
 
+def check_image_user_is_wlidds_own(parsed: list[Instruction]) -> None:
+    uid, gid = image_user(parsed)
+    for value in (uid, gid):
+        assert value not in SHARED_IDS, f"USER {uid}:{gid}: {value} is {SHARED_IDS[value]}'s, shared with other images"
+
+
 def check_base_images_are_arguments(parsed: list[Instruction]) -> None:
     bases = instructions(parsed, "FROM")
     assert len(bases) == 2, "two stages: build, then the runtime"
@@ -523,6 +591,17 @@ def test_service_links_are_off_since_a_wlidd_service_would_break_the_config(tmp_
         load_config(path, {"WLIDD_SERVICE_HOST": "10.0.0.1", "WLIDD_PORT": "tcp://10.0.0.1:9464"})
 
 
+def test_the_daemon_and_its_clients_have_ids_of_their_own() -> None:
+    """Daemon uid/gid and client gid: none of root, distroless nonroot (65532) or nobody; clients not in
+    the daemon's group."""
+    check_dedicated_daemon_and_client_ids(manifest())
+
+
+def test_the_policy_gives_root_neither_tokens_nor_the_key() -> None:
+    """Tokens to the client group only; credentials explicitly to nobody (wlidd's default is root)."""
+    check_policy_gives_root_nothing(manifest())
+
+
 def test_the_socket_dir_is_the_node_dir_of_the_unix_listener() -> None:
     """hostPath /run/wlidd (DirectoryOrCreate) at the same path, the config's socket in it, handed to the daemon."""
     check_socket_dir_on_the_node(manifest())
@@ -534,8 +613,23 @@ def test_the_gce_credentials_are_mounted_read_only_through_their_parent() -> Non
 
 
 def test_the_probes_ask_the_metrics_listener_of_the_config() -> None:
-    """Probes and the scrape annotation use the configured metrics port; readiness is /v1/health."""
+    """Probes and the scrape annotation use the configured metrics port; readiness is /v1/health, startup
+    and liveness /v1/live."""
     check_probes_on_the_metrics_listener(manifest())
+
+
+def test_the_probe_paths_are_routes_of_the_metrics_listener(tmp_path: Path) -> None:
+    """The metrics listener of a daemon built from the ConfigMap's config routes each probe's path (an
+    unknown one would answer 404: a liveness probe would restart every pod)."""
+    path = tmp_path / "wlidd.toml"
+    path.write_text(config_text(manifest()))
+    daemon = Daemon(load_config(path, {}))
+    assert daemon.metrics_server is not None
+    templates = daemon.metrics_server.handler.router.templates  # type: ignore[attr-defined]
+    probes = {
+        container(manifest())[kind]["httpGet"]["path"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
+    assert probes == {LIVE, HEALTH} and probes <= templates, f"{probes} not all routed by {templates}"
 
 
 def test_every_container_has_requests_and_limits() -> None:
@@ -581,21 +675,143 @@ def test_the_config_map_config_loads(tmp_path: Path) -> None:
     loaded = load_config(path, {})
     assert loaded.identities["default"].gce_dir() == Path("/run/secrets/workload-spiffe-credentials")
     assert loaded.listeners.unix.path == Path("/run/wlidd/wlidd.sock") and loaded.listeners.unix.mode == 0o660
-    assert loaded.policy.tokens.users == (0,) and loaded.policy.tokens.groups == (65532,)
+    assert loaded.policy.tokens.users == () and loaded.policy.tokens.groups == (client_gid(manifest()),)
+    assert loaded.policy.credentials.users == () and loaded.policy.credentials.groups == ()  # nobody
     assert loaded.listeners.metrics is not None and loaded.listeners.metrics.address == "0.0.0.0:9464"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="changes a directory's owner: needs root")
-def test_the_socket_dir_step_hands_the_directory_to_the_daemon_user(tmp_path: Path) -> None:
-    """The init step's own command, run on a root-owned 0700 dir, leaves it 65532:65532 mode 0755."""
-    step = container(manifest(), "socket-dir")
-    command = step["command"]
+def _run_socket_dir_step(directory: Path) -> subprocess.CompletedProcess[str]:
+    """The socket-dir step's own command on `directory`, as the init container runs it: uid 0 with
+    CAP_CHOWN alone (setpriv empties the inheritable set and bounds the rest to CHOWN)."""
+    command = container(manifest(), "socket-dir")["command"]
     assert command[0] == "/opt/wlidd/bin/python" and command[1] == "-c"
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None
+    return subprocess.run(
+        [
+            *(setpriv, "--inh-caps=-all", "--bounding-set=-all,+chown"),
+            *(sys.executable, "-c", command[2], str(directory), *command[4:]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+_AS_ROOT_WITH_CHOWN = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="changes owners and drops capabilities: needs root and setpriv (util-linux)",
+)
+
+
+@_AS_ROOT_WITH_CHOWN
+@pytest.mark.parametrize(
+    ("owner", "mode"),
+    [((0, 0), 0o755), ((0, 0), 0o700), ((65532, 65532), 0o755), ((64101, 64102), 0o2755)],
+    ids=["made-by-the-kubelet", "root-0700", "left-by-the-65532-daemon", "left-by-an-earlier-pod"],
+)
+def test_the_socket_dir_step_hands_the_directory_to_the_daemon_with_the_client_group(
+    tmp_path: Path, owner: tuple[int, int], mode: int
+) -> None:
+    """Root with CAP_CHOWN alone turns the directory, new or left by an earlier pod (the hostPath outlives
+    it), into daemon uid : client gid with the manifest's mode (set-group-ID)."""
+    docs = manifest()
     directory = tmp_path / "wlidd"
-    directory.mkdir(mode=0o700)
-    subprocess.run([sys.executable, "-c", command[2], str(directory), *command[4:]], check=True, timeout=60)
+    directory.mkdir()
+    os.chown(directory, *owner)
+    os.chmod(directory, mode)
+    result = _run_socket_dir_step(directory)
+    assert result.returncode == 0, result.stderr
     st = directory.stat()
-    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65532, 65532, 0o755)
+    _, uid, gid, wanted = socket_dir_step(docs)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, wanted)
+    assert (uid, gid) == (effective(docs, container(docs), "runAsUser"), client_gid(docs))
+
+
+@pytest.fixture
+def node_run_dir() -> Iterator[Path]:
+    """A directory every uid can traverse, in a path only root can change (the node's /run): /tmp/<new>,
+    mode 0755. tmp_path's parents are root's 0700 directories, which the daemon's uid could not walk."""
+    base = Path(tempfile.mkdtemp(prefix="wlidd-node-run-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+def _in_child(uid: int, gid: int, groups: list[int], action: Callable[[], None], *, close: tuple[int, ...] = ()) -> int:
+    """Fork a child that closes the descriptors `close`, becomes uid:gid with these supplementary groups (a
+    non-root uid keeps no capability) and runs `action`; returns the child's pid to the parent. The child
+    exits 0 when `action` returned, else with the errno of the OSError it raised (99: another error)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 99
+        try:
+            for fd in close:
+                os.close(fd)
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            action()
+            code = 0
+        except OSError as exc:
+            code = exc.errno or 99
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _exit_code(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@_AS_ROOT_WITH_CHOWN
+def test_only_the_client_group_may_connect_to_the_socket_the_daemon_binds(node_run_dir: Path) -> None:
+    """The socket-dir step's directory, then wlidd's own bind as the daemon's uid and gid (no other group),
+    with the ConfigMap's socket mode: the socket is daemon uid : client gid, mode 0660. A distroless
+    nonroot pod (65532) may not connect; a pod with the client group as a supplementary group may."""
+    docs = manifest()
+    directory = node_run_dir / "wlidd"
+    directory.mkdir(mode=0o755)
+    result = _run_socket_dir_step(directory)
+    assert result.returncode == 0, result.stderr
+    uid, gid = effective(docs, container(docs), "runAsUser"), effective(docs, container(docs), "runAsGroup")
+    clients = client_gid(docs)
+    path = directory / Path(config(docs)["listeners"]["unix"]["path"]).name
+    mode = int(config(docs)["listeners"]["unix"]["mode"], 8)
+    ready_r, ready_w = os.pipe()  # the daemon's child says it listens
+    stop_r, stop_w = os.pipe()  # closed by the test when done: the daemon's child then ends
+
+    def serve() -> None:
+        sock = bind_unix_socket(path, mode=mode)  # wlidd's own bind, with its directory checks
+        os.write(ready_w, b"1")
+        os.read(stop_r, 1)  # EOF once the test closed stop_w (the child closed its own copy)
+        sock.close()
+
+    def connect() -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(path))
+
+    def connects(uid: int, gid: int, groups: list[int]) -> int:
+        return _exit_code(_in_child(uid, gid, groups, connect, close=(ready_r, stop_w)))
+
+    daemon = _in_child(uid, gid, [], serve, close=(ready_r, stop_w))
+    os.close(ready_w)
+    os.close(stop_r)
+    try:
+        assert os.read(ready_r, 1) == b"1", "the daemon's uid could not bind its socket there"
+        st = os.lstat(path)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, clients, 0o660)
+        assert connects(65532, 65532, []) == errno.EACCES, "a distroless nonroot pod could connect"
+        assert connects(1000, 1000, []) == errno.EACCES, "a pod outside the client group could connect"
+        assert connects(1000, 1000, [clients]) == 0, "a pod in the client group could not connect"
+    finally:
+        os.close(stop_w)
+        os.close(ready_r)
+        status = _exit_code(daemon)
+    assert status == 0, f"the daemon's bind failed: errno {status}"
 
 
 def test_the_containerfile_copies_only_files_of_the_repository() -> None:
@@ -611,6 +827,11 @@ def test_the_entrypoint_is_the_venv_daemon_in_exec_form() -> None:
 def test_the_image_user_is_a_non_root_number() -> None:
     """USER uid:gid, numeric and not 0."""
     check_image_user_is_not_root(containerfile())
+
+
+def test_the_image_user_is_wlidds_own() -> None:
+    """USER is neither distroless' shared nonroot (65532) nor nobody."""
+    check_image_user_is_wlidds_own(containerfile())
 
 
 def test_the_base_images_are_build_arguments() -> None:
@@ -705,6 +926,36 @@ MANIFEST_DEFECTS: list[tuple[str, Callable[[list[Doc]], None], Callable[[list[Do
     ("root daemon", _set(f"{_DAEMON_SC}.runAsUser", 0), check_runs_as_non_root),
     ("runAsNonRoot off", _set(f"{_DAEMON_SC}.runAsNonRoot", False), check_runs_as_non_root),
     ("uid not the image's", _set(f"{_DAEMON_SC}.runAsUser", 1000), check_runs_as_non_root),
+    ("distroless nonroot daemon", _set(f"{_DAEMON_SC}.runAsUser", 65532), check_dedicated_daemon_and_client_ids),
+    ("nogroup daemon", _set(f"{_DAEMON_SC}.runAsGroup", 65534), check_dedicated_daemon_and_client_ids),
+    ("daemon gid is the clients'", _set(f"{_DAEMON_SC}.runAsGroup", 64102), check_dedicated_daemon_and_client_ids),
+    (
+        "daemon in the client group",
+        _set(f"{_POD}.securityContext.supplementalGroups", [64102]),
+        check_dedicated_daemon_and_client_ids,
+    ),
+    (
+        "distroless clients",
+        _config("tokens = { groups = [64102] }", "tokens = { groups = [65532] }"),
+        check_dedicated_daemon_and_client_ids,
+    ),
+    (
+        "tokens to root",
+        _config("tokens = { groups = [64102] }", "tokens = { users = [0], groups = [64102] }"),
+        check_policy_gives_root_nothing,
+    ),
+    ("key to root", _config("credentials = {}", "credentials = { users = [0] }"), check_policy_gives_root_nothing),
+    (
+        "key to root by name",
+        _config("credentials = {}", 'credentials = { users = ["root"] }'),
+        check_policy_gives_root_nothing,
+    ),
+    ("key by default", _config("credentials = {}\n", ""), check_policy_gives_root_nothing),
+    (
+        "key to the clients",
+        _config("credentials = {}", "credentials = { groups = [64102] }"),
+        check_policy_gives_root_nothing,
+    ),
     (
         "init adds SYS_ADMIN",
         _set(f"{_INIT_SC}.capabilities.add", ["CHOWN", "SYS_ADMIN"]),
@@ -740,6 +991,27 @@ MANIFEST_DEFECTS: list[tuple[str, Callable[[list[Doc]], None], Callable[[list[Do
         _set("DaemonSet:spec.template.spec.initContainers.0.command.4", "1000"),
         check_socket_dir_on_the_node,
     ),
+    (
+        "socket dir in the daemon's group",
+        _set("DaemonSet:spec.template.spec.initContainers.0.command.5", "64101"),
+        check_socket_dir_on_the_node,
+    ),
+    (
+        "socket dir group-writable",
+        _set("DaemonSet:spec.template.spec.initContainers.0.command.6", "2775"),
+        check_socket_dir_on_the_node,
+    ),
+    (
+        "socket dir without set-group-ID",
+        _set("DaemonSet:spec.template.spec.initContainers.0.command.6", "0755"),
+        check_socket_dir_on_the_node,
+    ),
+    ("socket for everyone", _config('mode = "0660"', 'mode = "0666"'), check_socket_dir_on_the_node),
+    (
+        "socket group by name",
+        _config('mode = "0660"', 'mode = "0660"\n    group = "64102"'),
+        check_socket_dir_on_the_node,
+    ),
     ("credentials writable", _set(f"{_DAEMON}.volumeMounts.2.readOnly", False), check_credentials_read_only),
     ("credentials moved", _set(f"{_DAEMON}.volumeMounts.2.mountPath", "/host/secrets"), check_credentials_read_only),
     ("the symlink mounted", _mount_the_link, check_credentials_read_only),
@@ -754,6 +1026,21 @@ MANIFEST_DEFECTS: list[tuple[str, Callable[[list[Doc]], None], Callable[[list[Do
     (
         "liveness on health",
         _set(f"{_DAEMON}.livenessProbe.httpGet.path", "/v1/health"),
+        check_probes_on_the_metrics_listener,
+    ),
+    (
+        "liveness on metrics",
+        _set(f"{_DAEMON}.livenessProbe.httpGet.path", "/metrics"),
+        check_probes_on_the_metrics_listener,
+    ),
+    (
+        "startup on metrics",
+        _set(f"{_DAEMON}.startupProbe.httpGet.path", "/metrics"),
+        check_probes_on_the_metrics_listener,
+    ),
+    (
+        "liveness never times out",
+        _set(f"{_DAEMON}.livenessProbe.timeoutSeconds", 20),
         check_probes_on_the_metrics_listener,
     ),
     ("no readiness", _set(f"{_DAEMON}.readinessProbe", _DELETE), check_probes_on_the_metrics_listener),
@@ -823,8 +1110,10 @@ CONTAINERFILE_DEFECTS = [
         "COPY --from=build /opt/wlidd /opt/app",
         check_entrypoint_is_the_venv_daemon,
     ),
-    ("root user", "USER 65532:65532", "USER 0:0", check_image_user_is_not_root),
-    ("named user", "USER 65532:65532", "USER nonroot", check_image_user_is_not_root),
+    ("root user", "USER 64101:64101", "USER 0:0", check_image_user_is_not_root),
+    ("named user", "USER 64101:64101", "USER nonroot", check_image_user_is_not_root),
+    ("distroless nonroot user", "USER 64101:64101", "USER 65532:65532", check_image_user_is_wlidds_own),
+    ("nogroup", "USER 64101:64101", "USER 64101:65534", check_image_user_is_wlidds_own),
     ("fixed base", "FROM ${RUNTIME_IMAGE}", "FROM python:3.11-slim", check_base_images_are_arguments),
 ]
 

@@ -30,9 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "contrib" / "prometheus" / "wlidd.rules.yml"
 RULE_TESTS = ROOT / "contrib" / "prometheus" / "wlidd.rules.test.yml"
 GENERATOR = ROOT / "contrib" / "grafana" / "dashboard.py"
+MANIFEST = ROOT / "contrib" / "kubernetes" / "wlidd.yaml"
 DASHBOARD = ROOT / "contrib" / "grafana" / "wlidd.json"
 
 METRIC_NAME = re.compile(r"\bwlidd_[a-z0-9_]*[a-z0-9]")
+JOB_MATCHER = re.compile(r'\bjob\s*(?:=~|!~|!=|=)\s*"')  # a selector naming a scrape job (not `by (job)`)
+UP_MATCHER = re.compile(r'\bup\{(\w+)="([^"]*)"\}')  # up{label="value"}, one equality matcher
 # The sample names each metric type puts on /metrics (prometheus_client's exposition; a counter family
 # `x` is exposed as x_total and x_created, never as plain x).
 SUFFIXES = {
@@ -154,6 +157,28 @@ def test_every_alert_has_a_unit_test_where_it_fires_and_one_where_it_does_not() 
 
 def test_every_rule_reads_only_metrics_wlidd_exposes() -> None:
     assert unknown_metrics(rule["expr"] for rule in load_rules()) == set()
+
+
+def test_no_rule_but_wlidd_down_names_a_scrape_job() -> None:
+    """The DaemonSet is scraped through its prometheus.io/* annotations, in whatever job reads them
+    (usually `kubernetes-pods`): every rule that can reads wlidd's own series instead of a job."""
+    named = [rule["alert"] for rule in alerts() if JOB_MATCHER.search(rule["expr"])]
+    assert named == ["WliddDown"], f"rules selecting a scrape job: {named}"
+
+
+def test_wlidd_down_knows_the_systemd_job_and_the_daemonset_pod_label() -> None:
+    """`up` has no wlidd series to tell a failed wlidd target apart: WliddDown matches job="wlidd" (README
+    "Monitoring") or the DaemonSet pod's app.kubernetes.io/name label as a kubernetes-pods job's
+    `labelmap: __meta_kubernetes_pod_label_(.+)` carries it (the name with each character outside
+    [a-zA-Z0-9_] made `_`, as Kubernetes service discovery does)."""
+    (rule,) = [rule for rule in alerts() if rule["alert"] == "WliddDown"]
+    matchers = set(UP_MATCHER.findall(rule["expr"]))
+    assert ("job", "wlidd") in matchers
+    daemonset = next(doc for doc in yaml.safe_load_all(MANIFEST.read_text()) if doc and doc["kind"] == "DaemonSet")
+    pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    mapped = {re.sub(r"[^a-zA-Z0-9_]", "_", name): value for name, value in pod_labels.items()}
+    assert matchers - {("job", "wlidd")} <= set(mapped.items()), f"{matchers} are not the pod's labels {mapped}"
+    assert len(matchers) == 2, "one matcher for each way wlidd is deployed"
 
 
 @pytest.mark.parametrize("alert", alerts(), ids=lambda rule: rule["alert"])

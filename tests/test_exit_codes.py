@@ -180,3 +180,11 @@ def test_a_directory_the_caller_may_not_search_is_named(open_dir: Path, nobody_c
         f"permission denied: {private} is owned by root:root mode 0700; you (uid {NOBODY} nobody) may not search it"
         in result.stderr
     )
+
+
+@pytest.mark.parametrize("command", [["run"], ["run", "--oneshot"], ["check"]])
+def test_a_config_that_serves_nothing_is_a_config_error_exit_2(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "wlidd.toml"
+    path.write_text(f'[listeners.unix]\npath = "{tmp_path / "wlidd.sock"}"\n')
+    result = run_cli(*command, "--config", str(path))
+    assert result.returncode == 2 and "nothing to serve" in result.stderr + result.stdout

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.conftest import APP_URI, AUDIENCE, CLIENT_ID, FileSet, token_emulator
 from tests.test_tokens import entra_token_config, x509_token_config
-from wlidd.config import TokenConfig
+from wlidd.config import parse_token_config
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.upstreams import Upstreams
 from wlidd.errors import UpstreamError
@@ -80,7 +80,7 @@ def emulator_transports(emulator: Upstreams, presented: bytes | None = None) -> 
 
 
 def entra_flow(emulator: Upstreams, watcher: CredentialWatcher) -> Flow:
-    config = TokenConfig.model_validate(entra_token_config(emulator))
+    config = parse_token_config(entra_token_config(emulator))
     return Flow("gcp", config, lambda: watcher.current, transports=emulator_transports(emulator))
 
 
@@ -127,7 +127,7 @@ async def test_the_x509_sts_chain_binds_the_token_to_the_certificate_the_client_
 ) -> None:
     """STS over mTLS (subject token = the SVID chain, its leaf checked against the presented certificate),
     then IAM over the same client: the token carries the identity version it was obtained with."""
-    config = TokenConfig.model_validate(x509_token_config(emulator))
+    config = parse_token_config(x509_token_config(emulator))
     flow = Flow("gcp", config, lambda: watcher.current, transports=emulator_transports(emulator))
     state = watcher.current
     assert state is not None
@@ -146,7 +146,7 @@ async def test_the_emulator_refuses_a_subject_token_whose_leaf_is_not_the_presen
 ) -> None:
     """The cert-binding check runs behind the mock: a client presenting another certificate than the subject
     token's leaf gets STS's invalid_grant, and no token is issued."""
-    config = TokenConfig.model_validate(x509_token_config(emulator))
+    config = parse_token_config(x509_token_config(emulator))
     other = ca.issue_svid("/ns/prod/sa/other").leaf.public_bytes(Encoding.DER)
     flow = Flow("gcp", config, lambda: watcher.current, transports=emulator_transports(emulator, other))
     try:
@@ -163,7 +163,7 @@ async def test_an_mtls_request_without_a_client_certificate_fails_as_its_handsha
 ) -> None:
     """The mock's stand-in for the mTLS listener's handshake: no client certificate, no connection (the flow's
     `connect` error), and the emulator's checks are never reached."""
-    config = TokenConfig.model_validate(x509_token_config(emulator))
+    config = parse_token_config(x509_token_config(emulator))
 
     def plain_only(state: IdentitySnapshot | None) -> httpx.AsyncBaseTransport:
         return emulator.mock_transport()

@@ -52,7 +52,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import FUZZ_SCALE, TD, FileSet
 from tests.test_fuzz import assert_proper_answers
 from tests.test_hostile_workload_api import RawGrpc
-from wlidd.api.metadata import METADATA_ROUTE_TEMPLATES
+from wlidd.api.metadata_tree import METADATA_ROUTE_TEMPLATES
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.produced import find_leak
 from wlidd.emulator.upstreams import Upstreams

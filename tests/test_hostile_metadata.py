@@ -24,17 +24,18 @@ import pytest
 from tests.conftest import APP_URI, CLIENT_ID, FileSet, as_user, in_background
 from tests.test_tokens import _source, entra_token_config, metadata_token_config
 from wlidd.api import peers
-from wlidd.api.authz import Policy
 from wlidd.api.metadata import MetadataApi
 from wlidd.api.server import Peer, Request
-from wlidd.config import Config, MetadataListenerConfig, PolicyConfig, TokenConfig
+from wlidd.config import Config, MetadataListenerConfig, PolicyConfig, parse_token_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Upstreams
 from wlidd.logs import configure_logging, reset_logging
 from wlidd.metrics import Metrics
+from wlidd.policy import Policy
 from wlidd.tokens.flows import Flow
-from wlidd.tokens.manager import IdTokenLimits, RateLimited, TokenSource
+from wlidd.tokens.limits import IdTokenLimits
+from wlidd.tokens.manager import RateLimited, TokenSource
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -309,7 +310,7 @@ async def make_mds(upstreams: Upstreams) -> AsyncIterator[Callable[..., TokenSou
     made: list[TokenSource] = []
 
     def make(**kwargs: Any) -> TokenSource:
-        config = TokenConfig.model_validate(metadata_token_config(upstreams))
+        config = parse_token_config(metadata_token_config(upstreams))
         made.append(TokenSource("gcp", config, Flow("gcp", config), **kwargs))
         return made[-1]
 

@@ -29,12 +29,16 @@ import pytest
 
 from tests.conftest import FileSet
 from tests.conftest import as_user as conftest_as_user
-from wlidd import posix_acl, sinks
+from wlidd import posix_acl
 from wlidd.config import CredentialSinkConfig, SinkConfig
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.produced import find_leak
 from wlidd.logs import REDACTED, configure_logging, reset_logging
-from wlidd.sinks import COMMAND_ENV, OUTPUT_LIMIT, publish_credentials, publish_token, run_command, write_credentials
+from wlidd.sinks.commands import COMMAND_ENV, OUTPUT_LIMIT, output_tail, run_command
+from wlidd.sinks.credentials import publish_credentials, write_credentials
+from wlidd.sinks.files import write_atomic
+from wlidd.sinks.signals import signal_after_rotation
+from wlidd.sinks.tokens import publish_token
 from wlidd.svid.load import CredentialFiles, build_identity
 from wlidd.tlsctx import TlsContexts
 from wlidd.tokens.model import Token
@@ -235,7 +239,7 @@ def test_the_signal_goes_through_a_pidfd(
     with monkeypatch.context() as patch:
         patch.setattr(os, "kill", no_kill)
         config = sink(tmp_path / "out", signal="SIGUSR1", pid_file=str(tmp_path / "app.pid"))
-        assert sinks.signal_after_rotation(config) == app.pid
+        assert signal_after_rotation(config) == app.pid
     assert app.received() == ["SIGUSR1", "SIGUSR2"]
 
 
@@ -302,7 +306,7 @@ def test_a_link_owned_by_root_in_a_safe_directory_is_followed(tmp_path: Path) ->
     """Like /var/run -> /run: root's links in root's directories are walked (and their targets checked)."""
     (tmp_path / "real").mkdir()
     (tmp_path / "run").symlink_to("real")
-    sinks.write_atomic(tmp_path / "run" / "x" / "f", b"data", 0o640)
+    write_atomic(tmp_path / "run" / "x" / "f", b"data", 0o640)
     st = (tmp_path / "real" / "x" / "f").stat()
     assert (tmp_path / "real" / "x" / "f").read_bytes() == b"data" and stat.S_IMODE(st.st_mode) == 0o640
     assert stat.S_IMODE((tmp_path / "real" / "x").stat().st_mode) == 0o755  # created 0755 whatever the umask
@@ -315,7 +319,7 @@ def test_temp_files_left_by_a_crash_are_removed_at_the_first_write(tmp_path: Pat
     kept = [".key.pem.bak", ".key.pem.bak.0123456789ab.tmp", "notes.tmp"]
     for name in stale + kept:
         (out / name).write_bytes(b"old")
-    sinks.write_atomic(out / "key.pem", b"new")
+    write_atomic(out / "key.pem", b"new")
     assert sorted(p.name for p in out.iterdir()) == sorted([*kept, "key.pem"])
 
 
@@ -660,7 +664,7 @@ def test_an_ordinary_failure_message_is_logged_as_it_is() -> None:
     message = (
         b"FileNotFoundError: [Errno 2] No such file or directory: '/etc/app/app.conf'\nJob for app.service failed.\n"
     )
-    assert sinks.output_tail(message, hide=("ya29.c.secretsecretsecret",)) == message.decode().strip()
+    assert output_tail(message, hide=("ya29.c.secretsecretsecret",)) == message.decode().strip()
 
 
 # ---- sticky, world-writable directories: names any user may hold -------------------------------------
@@ -688,7 +692,7 @@ def test_stale_temp_names_another_user_planted_do_not_block_an_unprivileged_daem
     planted = [f".app.token.{i:012x}.tmp" for i in range(20)] + [".app.token.a8_x0q2z.tmp"]
     plant(APP, lambda: [(sticky_dir / name).write_bytes(b"x") for name in planted])
     target = sticky_dir / "app.token"
-    assert as_user(DAEMON, lambda: (sinks.write_atomic(target, b"new"), "written")[1]) == "written"
+    assert as_user(DAEMON, lambda: (write_atomic(target, b"new"), "written")[1]) == "written"
     assert target.read_bytes() == b"new" and target.stat().st_uid == DAEMON
     assert sorted(p.name for p in sticky_dir.iterdir()) == sorted([*planted, "app.token"])
 
@@ -701,7 +705,7 @@ def test_a_flood_of_stale_temp_names_gives_one_log_line_with_the_counts(sticky_d
     for name in own:
         (sticky_dir / name).write_bytes(b"old")
     plant(APP, lambda: [(sticky_dir / name).write_bytes(b"x") for name in theirs])
-    sinks.write_atomic(sticky_dir / "app.token", b"new")
+    write_atomic(sticky_dir / "app.token", b"new")
     lines = [e for e in events() if "stale" in e["event"] or "temporary" in e["event"]]
     assert [(e["removed"], e["left_to_other_users"]) for e in lines] == [(30, 40)]
     assert sorted(p.name for p in sticky_dir.iterdir()) == sorted([*theirs, "app.token"])
@@ -713,7 +717,7 @@ def test_a_target_name_another_user_holds_in_a_sticky_directory_is_reported_as_s
     target and the cause, not a temp file, and no temp file is left behind."""
     target = sticky_dir / "app.token"
     plant(APP, lambda: target.write_bytes(b"fake"))
-    result = as_user(DAEMON, lambda: (sinks.write_atomic(target, b"new"), "written")[1])
+    result = as_user(DAEMON, lambda: (write_atomic(target, b"new"), "written")[1])
     assert result.startswith("ERROR SinkRefused")
     assert f"{target} belongs to uid {APP} in a sticky directory: another user holds the name" in result
     assert target.read_bytes() == b"fake" and [p.name for p in sticky_dir.iterdir()] == ["app.token"]
@@ -929,8 +933,6 @@ def test_the_dotted_head_of_a_folded_token_goes_with_the_rest_of_it() -> None:
     CI run logged such a head, about 1 fold in 100)."""
     import secrets as random
     import textwrap
-
-    from wlidd.sinks import output_tail
 
     value = "ya29.c.Ab3-" + random.token_urlsafe(120).replace("-", "x")
     out = "\n".join(textwrap.wrap(value, 50)) + "\nreload failed: no such unit\n"

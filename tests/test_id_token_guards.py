@@ -15,13 +15,14 @@ import pytest
 
 from tests.conftest import FileSet
 from tests.test_tokens import metadata_token_config, x509_token_config
-from wlidd.config import IdentityConfig, TokenConfig
+from wlidd.config import parse_identity_config, parse_token_config
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.errors import UpstreamError, WlidError
 from wlidd.svid.load import CredentialSource
 from wlidd.tokens.flows import Flow
-from wlidd.tokens.manager import IdTokenLimits, TokenSource
+from wlidd.tokens.limits import IdTokenLimits
+from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher
 
 AUD = "https://service.example.com"
@@ -47,10 +48,10 @@ async def build(files: FileSet, ca: CertificateAuthority) -> AsyncIterator[Calla
     files.put(ca.issue_svid(), ca.bundle_pem)
 
     async def make(config: dict[str, Any], wall: Wall, **kwargs: Any) -> TokenSource:
-        identity = IdentityConfig.model_validate(files.config().model_dump())
+        identity = parse_identity_config(files.config().model_dump())
         watcher = CredentialWatcher("default", CredentialSource("default", identity))
         await watcher.reload("start")
-        token_config = TokenConfig.model_validate(config)
+        token_config = parse_token_config(config)
         flow = Flow("gcp", token_config, lambda: watcher.current)
         source = TokenSource("gcp", token_config, flow, watcher=watcher, clock=wall, rng=random.Random(3), **kwargs)
         made.append(source)

@@ -39,16 +39,10 @@ bottom   __init__ clock accounts safedir posix_acl errors logs metrics systemd l
 """
 
 # Named in the table before the module exists: each must match no module yet (then it leaves this set).
-PLANNED = frozenset({"policy"})  # rules, callers, decisions out of api/authz.py (issue 17, change 1)
+PLANNED: frozenset[str] = frozenset()
 
 # Imports that still go up, as (importer, imported): each with the change that removes it. Only shrinks.
-KNOWN_UPWARD: frozenset[tuple[str, str]] = frozenset(
-    {
-        # issue 17, change 1: Policy (rules, callers, decisions) moves out of api/authz.py into wlidd.policy,
-        # which the published runtime value then names instead of the API's module.
-        ("wlidd.runtime", "wlidd.api.authz"),
-    }
-)
+KNOWN_UPWARD: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)

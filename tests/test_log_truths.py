@@ -26,13 +26,13 @@ from tests.conftest import FileSet, in_background, wait_until
 from tests.test_cli import write_config as cli_config
 from tests.test_tokens import metadata_token_config, x509_token_config
 from wlidd import cli
-from wlidd.api import authz
-from wlidd.api.authz import Policy
-from wlidd.config import IdentityConfig, PolicyConfig, TokenConfig, load_config
+from wlidd import policy as policies
+from wlidd.config import PolicyConfig, load_config, parse_identity_config, parse_token_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.logs import configure_logging, reset_logging
+from wlidd.policy import Policy
 from wlidd.svid.load import CredentialSource
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
@@ -193,8 +193,8 @@ async def test_a_reload_resolves_policy_names_again_so_a_group_created_after_sta
     d = daemon(path)
     async with in_background(d.run, d.stop):
         assert not d.policy.credentials("default").gids
-        known = authz.group_id
-        monkeypatch.setattr(authz, "group_id", lambda value: 4242 if value == NO_GROUP else known(value))  # groupadd
+        known = policies.group_id
+        monkeypatch.setattr(policies, "group_id", lambda value: 4242 if value == NO_GROUP else known(value))  # groupadd
         await d.reload()
         assert d.policy.credentials("default").gids == {4242}
         assert d.api.policy is d.policy
@@ -289,7 +289,7 @@ class Wall:
 async def test_the_loop_names_each_refresh_start_scheduled_or_retry(upstreams: Upstreams, lines: Lines) -> None:
     """The loop's first fetch is `start`, the planned one after a success `scheduled`, the next attempt
     after a failure `retry` (all three were `scheduled`); a planned refresh that fails is `scheduled`."""
-    config = TokenConfig.model_validate(metadata_token_config(upstreams))
+    config = parse_token_config(metadata_token_config(upstreams))
     wall = Wall()
     source = TokenSource("mds", config, Flow("mds", config, None), clock=wall, rng=random.Random(1))
 
@@ -321,13 +321,13 @@ async def test_callers_name_their_fetches_cold_id_token_and_scoped_token(
     themselves (were `id-token`, `scoped-token`); every trigger logged is one TRIGGERS documents."""
     files.put(ca.issue_svid(), ca.bundle_pem)
     watcher = CredentialWatcher(
-        "default", CredentialSource("default", IdentityConfig.model_validate(files.config().model_dump()))
+        "default", CredentialSource("default", parse_identity_config(files.config().model_dump()))
     )
     await watcher.reload("start")
     made: list[TokenSource] = []
 
     def source(name: str, values: dict[str, Any]) -> TokenSource:
-        config = TokenConfig.model_validate(values)
+        config = parse_token_config(values)
         made.append(TokenSource(name, config, Flow(name, config, lambda: watcher.current), watcher=watcher))
         return made[-1]
 

@@ -203,14 +203,14 @@ async def test_unmodified_google_auth_fetches_an_id_token(daemon: Daemon, tmp_pa
 
 
 async def test_identity_without_a_way_to_mint_id_tokens_is_a_clear_404() -> None:
-    from wlidd.api.authz import Policy
     from wlidd.api.metadata import MetadataApi
     from wlidd.api.server import Peer, Request
-    from wlidd.config import MetadataListenerConfig, PolicyConfig, TokenConfig
+    from wlidd.config import MetadataListenerConfig, PolicyConfig, parse_token_config
+    from wlidd.policy import Policy
     from wlidd.tokens.flows import Flow
     from wlidd.tokens.manager import TokenSource
 
-    config = TokenConfig.model_validate(
+    config = parse_token_config(
         {"flow": "x509-sts", "identity": "default", "sts": {"audience": "//iam.googleapis.com/x"}}
     )
     source = TokenSource("x", config, Flow("x", config))

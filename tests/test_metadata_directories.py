@@ -13,13 +13,14 @@ import pytest
 
 from tests.conftest import FileSet, in_background
 from tests.test_tokens import metadata_token_config
-from wlidd.api.authz import Policy
-from wlidd.api.metadata import METADATA_ROUTE_TEMPLATES, MetadataApi, metadata_route_template
+from wlidd.api.metadata import MetadataApi
+from wlidd.api.metadata_tree import METADATA_ROUTE_TEMPLATES, metadata_route_template
 from wlidd.api.server import Peer, Request
-from wlidd.config import Config, MetadataListenerConfig, PolicyConfig, TokenConfig
+from wlidd.config import Config, MetadataListenerConfig, PolicyConfig, parse_token_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Upstreams
+from wlidd.policy import Policy
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
 
@@ -203,7 +204,7 @@ async def test_values_answer_alt_json_and_ignore_recursive(mds: httpx.AsyncClien
 
 
 async def test_the_identity_entry_is_listed_only_where_id_tokens_can_be_minted() -> None:
-    config = TokenConfig.model_validate(
+    config = parse_token_config(
         {"flow": "x509-sts", "identity": "default", "sts": {"audience": "//iam.googleapis.com/x"}}
     )
     source = TokenSource("x", config, Flow("x", config))

@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import FileSet, in_background
 from tests.test_tokens import metadata_token_config, x509_token_config
-from wlidd.api.metadata import (
+from wlidd.api.metadata_scopes import (
     CLOUD_PLATFORM,
     MAX_SCOPES,
     SIGN_IN_SCOPES,
@@ -34,7 +34,9 @@ from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
-from wlidd.tokens.manager import ScopedLimits, ScopedTokens
+from wlidd.errors import InvalidValue
+from wlidd.tokens.limits import ScopedLimits
+from wlidd.tokens.scoped import ScopedTokens
 
 EMAIL = "app@demo-project.iam.gserviceaccount.com"
 AUTH = "https://www.googleapis.com/auth/"
@@ -157,11 +159,11 @@ def test_sign_in_scopes_are_never_uncovered_and_the_rest_still_is() -> None:
 
 def test_asked_scopes_are_split_at_commas_and_spaces_each_once() -> None:
     assert parse_scopes([f"{READ_ONLY},{DRIVE}", f"{DRIVE} {CLOUD_PLATFORM}", ""]) == (READ_ONLY, DRIVE, CLOUD_PLATFORM)
-    with pytest.raises(ValueError, match=f"at most {MAX_SCOPES}"):
+    with pytest.raises(InvalidValue, match=f"at most {MAX_SCOPES}"):
         parse_scopes([",".join(f"{AUTH}s{i}" for i in range(MAX_SCOPES + 1))])
-    with pytest.raises(ValueError, match="at most 512"):
+    with pytest.raises(InvalidValue, match="at most 512"):
         parse_scopes([AUTH + "x" * 600])
-    with pytest.raises(ValueError, match="printable ASCII"):
+    with pytest.raises(InvalidValue, match="printable ASCII"):
         parse_scopes([AUTH + "caf\u00e9"])
 
 

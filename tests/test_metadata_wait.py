@@ -25,8 +25,10 @@ import pytest
 from tests.clients.harness import client_env, metadata_daemon, run_client, unavailable
 from tests.conftest import FileSet, in_background, wait_until
 from tests.test_tokens import metadata_token_config
-from wlidd.api.metadata import MAX_WAIT_SECONDS, MetadataApi, etag
-from wlidd.config import Config, TokenConfig
+from wlidd.api.metadata import MetadataApi
+from wlidd.api.metadata_tree import etag
+from wlidd.api.metadata_wait import MAX_WAIT_SECONDS
+from wlidd.config import Config, parse_token_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Upstreams
@@ -122,7 +124,7 @@ async def test_a_held_wait_answers_the_new_value_when_a_reload_changes_it(
         await wait_until(lambda: api(daemon).held == 1, what="the wait was never held")
         config = daemon.tokens["gcp"].config.model_dump()
         config["metadata"]["scopes"] = [CLOUD_PLATFORM, "https://www.googleapis.com/auth/userinfo.email"]
-        tokens = {**daemon.config.tokens, "gcp": TokenConfig.model_validate(config)}
+        tokens = {**daemon.config.tokens, "gcp": parse_token_config(config)}
         await daemon._apply(daemon.config.model_copy(update={"tokens": tokens}))  # what a SIGHUP reload does
     assert answered[0].status_code == 200
     assert answered[0].text == CLOUD_PLATFORM + "\nhttps://www.googleapis.com/auth/userinfo.email\n"

@@ -22,6 +22,7 @@ from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.upstreams import Upstreams
+from wlidd.errors import InvalidValue
 from wlidd.svid.load import CredentialFiles, build_identity
 from wlidd.svid.spiffeid import parse_matcher, parse_spiffe_id
 from wlidd.tlsctx import TlsContexts, build_client_context
@@ -79,9 +80,10 @@ def test_spiffe_id_matchers(pattern: str, spiffe_id: str, expected: bool) -> Non
 @pytest.mark.parametrize(
     "bad", ["https://example.org/x", "spiffe://Example.org/x", "spiffe://example.org/**/x", "spiffe://example.org/a b"]
 )
-def test_bad_matchers_are_refused(bad: str) -> None:
-    with pytest.raises(ValueError):
+def test_bad_matchers_are_refused_with_a_stable_reason_not_a_bare_value_error(bad: str) -> None:
+    with pytest.raises(InvalidValue) as refused:
         parse_matcher(bad)
+    assert refused.value.reason == "spiffe_id_matcher" and bad in refused.value.message
 
 
 async def test_allowed_id_is_served_and_another_id_gets_403(

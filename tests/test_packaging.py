@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import typing
 from pathlib import Path
 
 import pytest
@@ -55,17 +56,29 @@ def test_the_socket_unit_matches_the_default_unix_listener() -> None:
 
 
 def _field_names(model: type[BaseModel], seen: set[type[BaseModel]] | None = None) -> set[str]:
-    seen = seen or set()
+    """Every key of `model` and of the models its fields hold, at any depth of their types (a dict of a
+    tagged union of models, as [identities.*] and [tokens.*], included)."""
+    seen = seen if seen is not None else set()
     names: set[str] = set()
     for name, field in model.model_fields.items():
         names.add(name)
-        for candidate in (*getattr(field.annotation, "__args__", ()), field.annotation):
-            inner = [a for a in getattr(candidate, "__args__", ()) if isinstance(a, type)] + [candidate]
-            for kind in inner:
-                if isinstance(kind, type) and issubclass(kind, BaseModel) and kind not in seen:
+        types: list[object] = [field.annotation]
+        while types:
+            kind = types.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                if kind not in seen:
                     seen.add(kind)
                     names |= _field_names(kind, seen)
+            else:
+                types.extend(typing.get_args(kind))
     return names
+
+
+def test_the_option_walk_reaches_the_keys_of_every_identity_source_and_token_flow() -> None:
+    """The check below is only as good as this walk: the keys only one variant has are found."""
+    assert {"dir", "certificate_config", "cert", "entra", "sts", "metadata", "tenant_id", "audience"} <= _field_names(
+        Config
+    )
 
 
 def test_the_example_config_loads_and_names_every_option() -> None:
@@ -135,3 +148,13 @@ def test_make_install_lays_out_a_relocatable_venv_on_the_system_python_units_and
         installed.read_text() == (ROOT / "etc" / "wlidd.toml").read_text()
         and oct(installed.stat().st_mode)[-3:] == "644"  # the unit runs as User=wlidd: it must read it
     )
+
+
+def test_the_shipped_config_gives_the_socket_the_clients_group_the_service_belongs_to() -> None:
+    """Without socket activation (wlidd.socket stopped, or wlidd started by hand) the socket wlidd binds was
+    wlidd:wlidd 0660, and the members of wlidd-clients that the default [policy] allows got exit 4."""
+    config = load_config(ROOT / "etc" / "wlidd.toml", {})
+    group = unit("wlidd.socket")["Socket"]["SocketGroup"]
+    assert config.listeners.unix.group == group
+    assert group in unit("wlidd.service")["Service"]["SupplementaryGroups"].split()  # to chgrp the socket it binds
+    assert group in config.policy.tokens.groups

@@ -57,6 +57,7 @@ def test_each_route_of_the_table_is_labelled_by_its_own_template_and_anything_el
     assert d.api.router.templates == {
         "/v1/status",
         "/v1/health",
+        "/v1/live",
         "/v1/identity/{name}",
         "/v1/credentials/{name}",
         "/v1/ready/{name}",
@@ -71,7 +72,7 @@ def test_each_route_of_the_table_is_labelled_by_its_own_template_and_anything_el
         assert d.api.route(request(path))[0] == "other", path
     assert d.metrics_server is not None
     metrics_routes = d.metrics_server.handler
-    assert metrics_routes.router.templates == {"/metrics", "/v1/health"}  # type: ignore[attr-defined]
+    assert metrics_routes.router.templates == {"/metrics", "/v1/health", "/v1/live"}  # type: ignore[attr-defined]
     assert metrics_routes.route(request("/v1/status"))[0] == "other"  # type: ignore[attr-defined]
 
 

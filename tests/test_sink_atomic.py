@@ -37,10 +37,10 @@ from tests.test_hostile_sinks import (  # noqa: F401  (public_dir, sticky_dir: f
     sink,
 )
 from tests.test_hostile_sinks import sticky_dir as sticky_dir  # a fixture
-from wlidd import sinks
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
-from wlidd.sinks import write_credentials
+from wlidd.sinks.credentials import write_credentials
+from wlidd.sinks.generation_dirs import GENERATION
 
 Pair = tuple[bytes, bytes]  # (key, chain) as read
 # what a Go fsnotify watcher subscribes to (Create, Write, Remove, Rename, Chmod)
@@ -131,7 +131,7 @@ def test_a_generation_is_published_by_renaming_dotdata_and_the_stable_names_are_
     current, spare = os.readlink(out / "..data"), os.readlink(out / "..data_tmp")
     assert current != first and not (out / first).exists()
     for name in (current, spare):
-        assert sinks._GENERATION.fullmatch(name), name
+        assert GENERATION.fullmatch(name), name
         assert stat.S_IMODE(os.lstat(out / name).st_mode) == 0o755
     assert list((out / spare).iterdir()) == []
     assert sorted(p.name for p in out.iterdir()) == sorted(

@@ -18,11 +18,12 @@ from tests.conftest import FileSet, in_background, wait_until
 from tests.test_cli import WLIDD, status, wait_for_socket
 from tests.test_hostile_sinks import identity_state, sink
 from tests.test_tokens import metadata_token_config
-from wlidd import sinks
 from wlidd.config import Config, SinkConfig, load_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Upstreams
+from wlidd.sinks.credentials import ensure_credentials, publish_credentials
+from wlidd.sinks.tokens import ensure_token
 from wlidd.tokens.model import Token
 
 APPEND = "import sys; open(sys.argv[1], 'a').write('ran\\n')"  # an on_change that counts its runs
@@ -108,14 +109,14 @@ async def test_a_sink_that_is_current_is_only_checked_and_its_hook_does_not_run(
     marker = tmp_path / "ran"
     config = sink(tmp_path / "out", on_change=[sys.executable, "-c", APPEND, str(marker)])
     state = identity_state(ca.issue_svid(), ca.bundle_pem)
-    assert await sinks.publish_credentials((config,), state) == (config,)
+    assert await publish_credentials((config,), state) == (config,)
     generation = os.readlink(tmp_path / "out" / "..data")
 
     class Watcher:  # what ensure_credentials reads of a CredentialWatcher
         name, current = "default", state
         source = type("Source", (), {"config": type("Config", (), {"sinks": (config,)})()})()
 
-    assert await sinks.ensure_credentials(Watcher()) == ()  # type: ignore[arg-type]
+    assert await ensure_credentials(Watcher()) == ()  # type: ignore[arg-type]
     assert runs(marker) == 1 and os.readlink(tmp_path / "out" / "..data") == generation
 
 
@@ -162,12 +163,12 @@ async def test_a_current_token_file_is_left_alone_even_in_json_whose_expires_in_
             return token
 
     later = now + dt.timedelta(minutes=30)
-    assert await sinks.ensure_token(Source(), lambda: now) == (token_sink,)  # type: ignore[arg-type]
+    assert await ensure_token(Source(), lambda: now) == (token_sink,)  # type: ignore[arg-type]
     inode = os.stat(tmp_path / "gcp.json").st_ino
-    assert await sinks.ensure_token(Source(), lambda: later) == ()  # type: ignore[arg-type]
+    assert await ensure_token(Source(), lambda: later) == ()  # type: ignore[arg-type]
     assert os.stat(tmp_path / "gcp.json").st_ino == inode and runs(marker) == 1
     os.chmod(tmp_path / "gcp.json", 0o644)  # not what the sink says (0600): rewritten
-    assert await sinks.ensure_token(Source(), lambda: later) == (token_sink,)  # type: ignore[arg-type]
+    assert await ensure_token(Source(), lambda: later) == (token_sink,)  # type: ignore[arg-type]
     assert os.stat(tmp_path / "gcp.json").st_mode & 0o777 == 0o600
 
 

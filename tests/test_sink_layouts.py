@@ -19,7 +19,8 @@ from tests.test_hostile_sinks import identity_state, sink
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, cert_pem
-from wlidd.sinks import Material, SinkFile, layout_files, write_credentials
+from wlidd.sinks.credentials import write_credentials
+from wlidd.sinks.layouts import Material, SinkFile, layout_files
 
 SPIFFE_ID = "spiffe://example.org/ns/default/sa/app"
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----\n.*?\n-----END \1-----\n", re.S)

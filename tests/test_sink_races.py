@@ -17,10 +17,10 @@ import threading
 from pathlib import Path
 
 from tests.test_hostile_sinks import identity_state, sink
-from wlidd import sinks
 from wlidd.config import SinkConfig
 from wlidd.emulator.ca import CertificateAuthority
-from wlidd.sinks import write_credentials
+from wlidd.sinks.credentials import write_credentials
+from wlidd.sinks.tokens import ensure_token
 from wlidd.tokens.model import Token
 from wlidd.watch import IdentityState
 
@@ -56,8 +56,8 @@ async def test_a_token_sink_with_readers_that_is_current_is_not_rewritten(tmp_pa
         def servable(self, now: object = None) -> Token:
             return token
 
-    assert await sinks.ensure_token(Source(), lambda: now) == (token_sink,)  # type: ignore[arg-type]
-    assert await sinks.ensure_token(Source(), lambda: now) == ()  # type: ignore[arg-type]  # fails: rewritten
+    assert await ensure_token(Source(), lambda: now) == (token_sink,)  # type: ignore[arg-type]
+    assert await ensure_token(Source(), lambda: now) == ()  # type: ignore[arg-type]  # fails: rewritten
     assert len(marker.read_text().splitlines()) == 1
 
 

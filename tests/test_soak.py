@@ -24,7 +24,7 @@ from cryptography import x509
 
 from tests.conftest import TD
 from tests.test_sink_atomic import FILES_CONSUMERS, run_rotations
-from wlidd.config import IdentityConfig
+from wlidd.config import parse_identity_config
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
 from wlidd.svid.load import CredentialFiles, CredentialSource, build_identity
@@ -40,7 +40,7 @@ async def test_rotation_soak_never_presents_an_expired_leaf_nor_fails_a_handshak
     writer = GceCredentialWriter(tmp_path / "secrets")
     first = ca.issue_svid(ttl=dt.timedelta(seconds=4))
     writer.rotate(gce_files(first.chain_pem, first.key_pem, ca_pem=ca.bundle_pem))
-    config = IdentityConfig.model_validate(
+    config = parse_identity_config(
         {"source": "gce", "dir": writer.link, "mismatch_retries": 4, "mismatch_retry_delay": 0.1, "debounce": 0.02}
     )
     watcher = CredentialWatcher("soak", CredentialSource("soak", config))

@@ -26,7 +26,7 @@ import pytest
 from tests.test_cli import WLIDD
 from tests.test_real_writers import REPO, running_daemon
 from tests.test_watch import changed, running, serial_of
-from wlidd.config import IdentityConfig
+from wlidd.config import IdentityConfig, parse_identity_config
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.errors import RetryableSvidError
 from wlidd.svid.load import CredentialSource
@@ -52,7 +52,7 @@ def test_a_link_gone_between_lstat_and_readlink_is_a_rotation_in_progress_not_an
     unlink+rename window, made deterministic): watch_dirs() must not raise, read() must say
     "retry" (RetryableSvidError), never let an OSError out."""
     link, _ = _gce_layout(tmp_path, ca)
-    source = CredentialSource("default", IdentityConfig.model_validate({"source": "gce", "dir": link}))
+    source = CredentialSource("default", parse_identity_config({"source": "gce", "dir": link}))
     real_readlink = os.readlink
 
     def readlink_after_unlink(path: object, *args: object, **kwargs: object) -> str:
@@ -120,7 +120,7 @@ async def test_a_rotation_while_the_watches_are_re_established_is_not_missed(
     (creds / "ca.pem").write_bytes(ca.bundle_pem)
     (creds / "chain.pem").write_bytes(key_svid.chain_pem)
     (creds / "key.pem").write_bytes(key_svid.key_pem)
-    config = IdentityConfig.model_validate(
+    config = parse_identity_config(
         {
             "source": "files",
             "cert": creds / "chain.pem",
@@ -176,7 +176,7 @@ async def test_a_file_briefly_unreadable_while_install_writes_it_is_retried_not_
     (creds / "chain.pem").write_bytes(svid.chain_pem)
     (creds / "key.pem").write_bytes(svid.key_pem)
     (creds / "ca.pem").write_bytes(ca.bundle_pem)
-    config = IdentityConfig.model_validate(
+    config = parse_identity_config(
         {
             "source": "files",
             "cert": creds / "chain.pem",
@@ -216,7 +216,7 @@ def _files_config(creds: Path, **overrides: object) -> IdentityConfig:
         "debounce": 0.02,
     }
     values.update(overrides)
-    return IdentityConfig.model_validate(values)
+    return parse_identity_config(values)
 
 
 def _put(creds: Path, ca: CertificateAuthority) -> str:

@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from tests.conftest import TD, FileSet
 from tests.test_watch import changed, running, serial_of
 from wlidd.api.routes import identity_status
-from wlidd.config import IdentityConfig
+from wlidd.config import parse_identity_config
 from wlidd.emulator.ca import CertificateAuthority, spiffe_bundle
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
 from wlidd.errors import RetryableSvidError
@@ -72,7 +72,7 @@ async def test_a_mixed_generation_read_across_a_data_link_swap_is_read_again_not
         os.symlink(f"..data/{file}", root / file)
     source = CredentialSource(
         "default",
-        IdentityConfig.model_validate(
+        parse_identity_config(
             {"source": "files", "cert": root / "tls.crt", "key": root / "tls.key", "bundle": root / "ca.crt"}
         ),
     )
@@ -140,7 +140,7 @@ async def test_one_bad_entry_in_trust_bundles_json_refuses_only_its_domain(
 
     first = ca.issue_svid()
     writer.rotate(gce_files(first.chain_pem, first.key_pem, trust_bundles_json=bundles(spiffe_bundle(foreign_ca.root))))
-    config = IdentityConfig.model_validate({"source": "gce", "dir": writer.link, "mismatch_retries": 1})
+    config = parse_identity_config({"source": "gce", "dir": writer.link, "mismatch_retries": 1})
     watcher = CredentialWatcher("default", CredentialSource("default", config))
     assert await watcher.reload("start")
     second = ca.issue_svid()

@@ -36,14 +36,15 @@ import pytest
 from tests.clients.harness import metadata_daemon
 from tests.conftest import FileSet, in_background
 from tests.test_tokens import entra_token_config, metadata_token_config, x509_token_config
-from wlidd.config import Config, IdentityConfig, TokenConfig
+from wlidd.config import Config, parse_identity_config, parse_token_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.errors import UpstreamError, WlidError
 from wlidd.svid.load import CredentialSource
 from wlidd.tokens.flows import Flow, upstream_ssl_context
-from wlidd.tokens.manager import IdTokenLimits, RateLimited, ScopedLimits, TokenSource, TokenUnavailable
+from wlidd.tokens.limits import IdTokenLimits, ScopedLimits
+from wlidd.tokens.manager import RateLimited, TokenSource, TokenUnavailable
 from wlidd.tokens.model import Token
 from wlidd.tokens.preflight import token_problems
 from wlidd.tokens.schedule import RefreshPolicy
@@ -86,10 +87,10 @@ async def build(files: FileSet, ca: CertificateAuthority) -> AsyncIterator[Build
     files.put(ca.issue_svid(), ca.bundle_pem)
 
     async def make(config: dict[str, Any], wall: Wall, **kwargs: Any) -> tuple[TokenSource, CredentialWatcher]:
-        identity = IdentityConfig.model_validate(files.config().model_dump())
+        identity = parse_identity_config(files.config().model_dump())
         watcher = CredentialWatcher("default", CredentialSource("default", identity))
         await watcher.reload("start")
-        token_config = TokenConfig.model_validate(config)
+        token_config = parse_token_config(config)
         flow = Flow("gcp", token_config, lambda: watcher.current)
         source = TokenSource("gcp", token_config, flow, watcher=watcher, clock=wall, rng=random.Random(3), **kwargs)
         made.append(source)

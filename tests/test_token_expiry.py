@@ -29,14 +29,14 @@ from tests.test_tokens import (
     wait_for_token,
     x509_token_config,
 )
-from wlidd import sinks
 from wlidd.clock import iso_z
-from wlidd.config import SinkConfig, TokenConfig
+from wlidd.config import SinkConfig, parse_token_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.errors import UpstreamError
 from wlidd.logs import configure_logging, reset_logging
+from wlidd.sinks.tokens import ensure_token, render_token
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
 from wlidd.tokens.model import Token
@@ -190,7 +190,7 @@ async def test_an_id_token_from_a_skewed_issuer_is_not_cached_past_its_real_expi
     handed out once its real hour is (nearly) over."""
     upstreams.clock_skew = AHEAD
     wall = [dt.datetime.now(dt.UTC)]
-    config = TokenConfig.model_validate(metadata_token_config(upstreams))
+    config = parse_token_config(metadata_token_config(upstreams))
     source = TokenSource("mds", config, Flow("mds", config), clock=lambda: wall[0])
     try:
         first = await source.id_token("https://service.example")
@@ -210,7 +210,7 @@ async def test_a_relative_expiry_counts_from_when_the_request_was_sent(upstreams
     """expires_in counts from the upstream's answer; wlidd counts it from before it asked (a slow answer
     makes the token shorter, never longer). This held before issue 15 too: a check, not a regression test."""
     upstreams.inject("metadata", Fault(error_rate=0.0, latency=1.0))
-    config = TokenConfig.model_validate(metadata_token_config(upstreams))
+    config = parse_token_config(metadata_token_config(upstreams))
     source = TokenSource("mds", config, Flow("mds", config))
     try:
         before = source.clock()
@@ -242,7 +242,7 @@ class ShortLivedFlow:
 
 async def test_a_30s_lifetime_is_served_warned_about_once_and_fetched_twice_per_lifetime() -> None:
     wall = [T]
-    config = TokenConfig.model_validate({"flow": "gce-metadata", "start_delay": 0, "skew": 60, "min_interval": 1})
+    config = parse_token_config({"flow": "gce-metadata", "start_delay": 0, "skew": 60, "min_interval": 1})
     flow = ShortLivedFlow(30)
 
     async def no_sleep(_: float) -> None:
@@ -281,7 +281,7 @@ async def test_a_30s_lifetime_is_served_warned_about_once_and_fetched_twice_per_
 
 def test_a_json_token_file_has_an_absolute_expiry_and_no_expires_in() -> None:
     token = Token("opaque-" + "t" * 30, T + seconds(3600), T, "gcp")
-    early, late = sinks.render_token(token, "json", T), sinks.render_token(token, "json", T + seconds(3000))
+    early, late = render_token(token, "json", T), render_token(token, "json", T + seconds(3000))
     document = json.loads(early)
     assert early == late
     assert sorted(document) == ["access_token", "expire_time", "token_type"]
@@ -306,6 +306,6 @@ async def test_a_json_token_file_from_an_older_wlidd_is_rewritten_without_expire
         def servable(self, now: object = None) -> Token:
             return token
 
-    assert await sinks.ensure_token(Source(), lambda: now) == (token_sink,)  # type: ignore[arg-type]
+    assert await ensure_token(Source(), lambda: now) == (token_sink,)  # type: ignore[arg-type]
     assert "expires_in" not in json.loads(path.read_text())
-    assert await sinks.ensure_token(Source(), lambda: now + seconds(1800)) == ()  # type: ignore[arg-type]
+    assert await ensure_token(Source(), lambda: now + seconds(1800)) == ()  # type: ignore[arg-type]

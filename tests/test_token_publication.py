@@ -20,12 +20,12 @@ import anyio.lowlevel
 
 from tests.conftest import FileSet, in_background, wait_until
 from tests.test_tokens import client, daemon_config, metadata_token_config
-from wlidd.config import TokenConfig
+from wlidd.config import TokenConfig, parse_token_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Upstreams
 from wlidd.errors import UpstreamError
-from wlidd.sinks import follow_token
+from wlidd.sinks.tokens import follow_token
 from wlidd.tokens.manager import TokenSource
 from wlidd.tokens.model import Token
 
@@ -112,7 +112,7 @@ class CountingFlow:
 
 
 def token_config(**values: Any) -> TokenConfig:
-    return TokenConfig.model_validate({"flow": "gce-metadata", "start_delay": 0, "min_interval": 0} | values)
+    return parse_token_config({"flow": "gce-metadata", "start_delay": 0, "min_interval": 0} | values)
 
 
 async def test_a_token_superseded_while_a_sink_hook_runs_is_never_written_and_the_newest_stays(

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import APP_URI, AUDIENCE, CLIENT_ID, SA, TD, X509_AUDIENCE, FileSet, in_background, wait_until
-from wlidd.config import Config, TokenConfig
+from wlidd.config import Config, parse_token_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid, new_key
 from wlidd.emulator.upstreams import Fault, Upstreams
@@ -280,14 +280,14 @@ async def make_source() -> AsyncIterator[Any]:
 
 
 def _source(config: dict[str, Any], files: FileSet, clock: Any = None, **kwargs: Any) -> tuple[TokenSource, Any]:
-    from wlidd.config import IdentityConfig
+    from wlidd.config import parse_identity_config
     from wlidd.svid.load import CredentialSource
     from wlidd.watch import CredentialWatcher
 
     watcher = CredentialWatcher(
-        "default", CredentialSource("default", IdentityConfig.model_validate(files.config().model_dump()))
+        "default", CredentialSource("default", parse_identity_config(files.config().model_dump()))
     )
-    token_config = TokenConfig.model_validate(config)
+    token_config = parse_token_config(config)
     source = TokenSource(
         "gcp",
         token_config,
@@ -542,7 +542,7 @@ async def test_min_interval_spaces_upstream_calls(
         slept.append(seconds)
         ticks[0] += seconds
 
-    config = TokenConfig.model_validate(metadata_token_config(upstreams, min_interval=5))
+    config = parse_token_config(metadata_token_config(upstreams, min_interval=5))
     source = TokenSource("mds", config, Flow("mds", config), monotonic=lambda: ticks[0], sleep=fake_sleep)
     try:
         await source.refresh("one")
@@ -561,7 +561,7 @@ async def test_on_demand_source_stops_refreshing_when_idle(files: FileSet, upstr
         naps.append(ticks[0])
         await anyio.sleep(seconds)
 
-    config = TokenConfig.model_validate(metadata_token_config(upstreams, on_demand=True, idle=60))
+    config = parse_token_config(metadata_token_config(upstreams, on_demand=True, idle=60))
     source = TokenSource("mds", config, Flow("mds", config), monotonic=lambda: ticks[0], sleep=nap)
     try:
         async with anyio.create_task_group() as tg:
@@ -585,7 +585,7 @@ async def test_on_demand_source_stops_refreshing_when_idle(files: FileSet, upstr
 
 
 async def test_an_upstream_that_hangs_becomes_a_timeout_error(files: FileSet, upstreams: Upstreams) -> None:
-    config = TokenConfig.model_validate(metadata_token_config(upstreams, timeout=0.3))
+    config = parse_token_config(metadata_token_config(upstreams, timeout=0.3))
     source = TokenSource("mds", config, Flow("mds", config))
     upstreams.inject("metadata", Fault(hang=True, count=1))
     try:

@@ -146,3 +146,24 @@ def test_an_interpreter_older_than_requires_python_is_refused_naming_the_variabl
         "(pass DEB_PYTHON=/usr/bin/python3.X, e.g. from the python3.X package)"
     ]
     assert tool.required_python(ROOT / "pyproject.toml") == (3, 11)
+
+
+def test_finish_makes_a_venv_built_under_a_strict_umask_readable_by_the_service(tmp_path: Path) -> None:
+    """Built under umask 027 (the CIS default), the venv was 0750/0640 root: the unit's user could not
+    import wlidd. finish leaves every directory 0755, files 0644, programs 0755, nothing group/other-writable."""
+    staged = tmp_path / "stage" / "opt" / "app"
+    site = _venv_with_staged_names(staged)
+    programs = set()
+    for path in [staged, *staged.rglob("*")]:
+        if not path.is_symlink():
+            program = path.is_file() and bool(path.stat().st_mode & 0o100)
+            programs |= {path} if program else set()
+            path.chmod(0o750 if path.is_dir() or program else 0o640)
+    (site / "mod.py").chmod(0o666)  # group- and world-writable: no one but the owner may write
+    assert tool.finish(staged, "/opt/app", []) == 0
+    for path in [staged, *staged.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        expected = 0o755 if path.is_dir() or path in programs else 0o644
+        assert mode == expected, (path.relative_to(staged), oct(mode))

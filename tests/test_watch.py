@@ -17,7 +17,7 @@ from anyio.streams.tls import TLSListener, TLSStream
 from cryptography import x509
 
 from tests.conftest import TD, FileSet, wait_until
-from wlidd.config import IdentityConfig
+from wlidd.config import IdentityConfig, parse_identity_config
 from wlidd.emulator.ca import CertificateAuthority, cert_pem, spiffe_bundle
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
 from wlidd.errors import SvidError
@@ -53,7 +53,7 @@ def gce_config(writer: GceCredentialWriter, **overrides: object) -> IdentityConf
         "debounce": 0.02,
     }
     values.update(overrides)
-    return IdentityConfig.model_validate(values)
+    return parse_identity_config(values)
 
 
 async def test_atomic_rename_of_new_files_is_picked_up(files: FileSet, ca: CertificateAuthority) -> None:
@@ -191,7 +191,7 @@ async def test_kubernetes_data_symlink_swap_is_picked_up(tmp_path: Path, ca: Cer
 
     first = ca.issue_svid()
     publish(first.chain_pem, first.key_pem, "2026_01_01_00_00_00.1")
-    config = IdentityConfig.model_validate(
+    config = parse_identity_config(
         {
             "source": "files",
             "cert": mount / "tls.crt",
@@ -435,7 +435,7 @@ async def test_certificate_config_workload_entry_is_followed(tmp_path: Path, ca:
             {"version": 1, "cert_configs": {"workload": {"cert_path": str(creds.cert), "key_path": str(creds.key)}}}
         )
     )
-    config = IdentityConfig.model_validate({"source": "certificate_config", "bundle": creds.bundle})
+    config = parse_identity_config({"source": "certificate_config", "bundle": creds.bundle})
     source = CredentialSource("default", config, {"GOOGLE_API_CERTIFICATE_CONFIG": str(config_file)})
     identity = await load_identity(source)
     assert identity.svid.serial == serial_of(svid.leaf)
@@ -473,7 +473,7 @@ async def test_symlinked_directory_swap_elsewhere_is_picked_up(tmp_path: Path, c
     for name in ("tls.crt", "tls.key"):
         os.symlink(store / "current" / name, certs / name)
     (certs / "ca.crt").write_bytes(ca.bundle_pem)
-    config = IdentityConfig.model_validate(
+    config = parse_identity_config(
         {
             "source": "files",
             "cert": certs / "tls.crt",
@@ -491,7 +491,7 @@ async def test_symlinked_directory_swap_elsewhere_is_picked_up(tmp_path: Path, c
 
 async def test_directory_that_appears_later_is_watched_and_read(tmp_path: Path, ca: CertificateAuthority) -> None:
     secrets = tmp_path / "secrets"  # does not exist yet: the guest agent has not run
-    config = IdentityConfig.model_validate(
+    config = parse_identity_config(
         {"source": "gce", "dir": secrets / "workload-spiffe-credentials", "mismatch_retries": 1, "debounce": 0.02}
     )
     watcher = CredentialWatcher("default", CredentialSource("default", config))
@@ -518,7 +518,7 @@ async def test_credentials_in_a_subdirectory_of_another_watched_directory_are_wa
     bundle = tmp_path / "bundle.pem"  # … and the bundle in the parent: both directories need watching
     bundle.write_bytes(ca.bundle_pem)
     creds.put(ca.issue_svid())
-    config = IdentityConfig.model_validate(
+    config = parse_identity_config(
         {"source": "files", "cert": creds.cert, "key": creds.key, "bundle": bundle, "debounce": 0.02}
     )
     source = CredentialSource("default", config)

@@ -1,4 +1,5 @@
 """Command line: ``wlidd run | check | status | demo``.
+Long: one parser and one handler per subcommand.
 
 Every failure a user can cause prints one clear message (no traceback) and exits non-zero with one
 of the codes in `ExitCode` (listed by `wlidd --help`).
@@ -24,7 +25,7 @@ import anyio
 from wlidd import __version__
 from wlidd.clock import iso_z
 from wlidd.config import DEFAULT_CONFIG_PATH, Config, UnixListenerConfig, config_path_from, load_config
-from wlidd.errors import SvidError, WlidError
+from wlidd.errors import ConfigError, SvidError, WlidError
 from wlidd.logs import configure_logging
 from wlidd.svid.load import CredentialSource, load_identity
 
@@ -67,7 +68,7 @@ def exit_codes_help() -> str:
 def exit_code_for(error: WlidError) -> ExitCode:
     """The exit code for a WlidError: NO_ACCESS when the daemon's socket refused this caller, else the
     error's own `exit_code` hint (FAILURE if that is not an ExitCode)."""
-    from wlidd.client import ClientError
+    from wlidd.errors import ClientError
 
     if isinstance(error, ClientError) and error.reason == "permission_denied":
         return ExitCode.NO_ACCESS
@@ -87,8 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = config_path_from(args.config, os.environ)
     config = load_config(path)
     configure_logging(args.log_level or config.daemon.log_level, config.daemon.log_format)
-    if not config.identities and not config.tokens:
-        raise WlidError("nothing to serve: add an [identities.<name>] or a [tokens.<name>] table to the config")
+    _require_something(config)
     if args.oneshot:
         from wlidd.oneshot import run_oneshot
 
@@ -98,8 +98,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _require_something(config: Config) -> None:
+    """A config that serves nothing is a config error (exit 2), for `run` and `check` alike."""
+    if not config.identities and not config.tokens:
+        raise ConfigError("nothing to serve: add an [identities.<name>] or a [tokens.<name>] table to the config")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
+    _require_something(config)
     if args.print:
         from wlidd.config_toml import config_toml
 
@@ -107,7 +114,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return ExitCode.OK
     configure_logging("error", "console")
     failures = 0
-    from wlidd.sinks import ownership_warnings, sink_problems
+    from wlidd.sinks.check import ownership_warnings, sink_problems
 
     for warning in ownership_warnings(config):
         print(f"warning: {warning}")
@@ -115,7 +122,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     if (unreadable := unreadable_by_service(config_path_from(args.config, os.environ))) is not None:
         print(f"warning: {unreadable}")
-    from wlidd.api.authz import policy_warnings
+    from wlidd.policy import policy_warnings
 
     for warning in policy_warnings(config.policy):
         print(f"warning: {warning}")
@@ -192,7 +199,8 @@ def cmd_creds(args: argparse.Namespace) -> int:
     """Write an identity's current credentials into `--out` in one of the sink layouts, through the sinks'
     own writer (one generation, published by renaming `..data`; wlidd.sinks.publish_generation)."""
     from wlidd.client import Client
-    from wlidd.sinks import Material, layout_files, publish_generation
+    from wlidd.sinks.generations import publish_generation
+    from wlidd.sinks.layouts import Material, layout_files
     from wlidd.svid.spiffeid import parse_spiffe_id
 
     if args.include_federated_domains and args.layout != "spiffe-helper":
@@ -296,6 +304,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# long: the argparse table of every subcommand and option, read top to bottom
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wlidd",

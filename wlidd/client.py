@@ -21,22 +21,13 @@ from typing import Any
 import httpx
 
 from wlidd.accounts import group_name, owner_names, user_name
-from wlidd.errors import WlidError
+from wlidd.errors import ClientError as ClientError  # defined with every error; applications import it here
 
 DEFAULT_SOCKET = Path("/run/wlidd/wlidd.sock")
 
 
 def default_socket() -> Path:
     return Path(os.environ.get("WLIDD_SOCKET", str(DEFAULT_SOCKET)))
-
-
-class ClientError(WlidError):
-    """The daemon refused or could not answer; `status` 0 means it could not be reached, and then `reason`
-    is `not_running`, `permission_denied` or `unreachable` (see `_unreachable`)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message, reason=code)
-        self.status = status
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 """Configuration: a TOML file plus ``WLIDD_*`` environment overrides, validated once.
+Long: the whole config schema, models and validators, in one place (docs/CONFIG.md follows it).
 
 The names are a contract (../shared/CONFIG.md): add options, never rename them. Every error
 names the key and where its value came from (the file, or the environment variable).
@@ -10,11 +11,20 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -24,7 +34,7 @@ from pydantic_settings import (
 )
 
 from wlidd.accounts import account_by_name, member_of, owner_names
-from wlidd.errors import ConfigError
+from wlidd.errors import ConfigError, InvalidValue
 from wlidd.svid.spiffeid import parse_matcher
 
 DEFAULT_CONFIG_PATH = Path("/etc/wlidd/wlidd.toml")
@@ -183,15 +193,10 @@ class CredentialSinkConfig(_Strict):
         return self
 
 
-class IdentityConfig(_Strict):
-    """Where one identity's X.509-SVID comes from (one source per identity)."""
+class _IdentityBase(_Strict):
+    """What every identity has, whatever its source (the variants below add their own files)."""
 
-    source: Literal["gce", "certificate_config", "files"]
-    dir: ExpandedPath | None = None
-    certificate_config: ExpandedPath | None = None
-    cert: ExpandedPath | None = None
-    key: ExpandedPath | None = None
-    bundle: ExpandedPath | None = None
+    source: str  # each variant narrows it to its tag (kept first here: `wlidd check --print` prints it first)
     bundles: dict[str, ExpandedPath] = Field(default_factory=dict)
     trust_domain: str | None = None
     reload_interval: Duration = 600.0
@@ -202,21 +207,7 @@ class IdentityConfig(_Strict):
     sinks: tuple[CredentialSinkConfig, ...] = ()
 
     @model_validator(mode="after")
-    def _check_source(self) -> IdentityConfig:
-        if self.source == "files":
-            missing = [k for k in ("cert", "key", "bundle") if getattr(self, k) is None]
-            if missing:
-                raise ValueError(f"source 'files' needs {', '.join(missing)}")
-        if self.source == "certificate_config" and self.bundle is None:
-            raise ValueError("source 'certificate_config' needs bundle (the trust bundle path)")
-        if self.source != "gce" and self.dir is not None:
-            raise ValueError("dir is only for source 'gce'")
-        if self.source != "certificate_config" and self.certificate_config is not None:
-            raise ValueError("certificate_config is only for source 'certificate_config'")
-        if self.source != "files" and self.cert is not None:
-            raise ValueError("cert is only for source 'files'")
-        if self.source == "certificate_config" and self.key is not None:
-            raise ValueError("key comes from certificate_config.json for source 'certificate_config'")
+    def _check_common(self) -> Self:
         for domain in [self.trust_domain, *self.bundles]:
             if domain is not None and not _TRUST_DOMAIN.match(domain):
                 raise ValueError(f"{domain!r} is not a trust domain (lowercase letters, digits, '.', '-', '_')")
@@ -224,8 +215,27 @@ class IdentityConfig(_Strict):
             raise ValueError("reload_interval must be at least 1s")
         return self
 
+
+class GceIdentityConfig(_IdentityBase):
+    """source = "gce": the directory the GCE guest agent (or a CSI driver) keeps current (SPECS.md §1.2):
+    certificates.pem, private_key.pem (or `key`), and ca_certificates.pem or trust_bundles.json (or `bundle`)."""
+
+    source: Literal["gce"]
+    dir: ExpandedPath | None = None  # default DEFAULT_GCE_DIR (gce_dir())
+    key: ExpandedPath | None = None  # a key kept elsewhere (when the platform withholds private_key.pem)
+    bundle: ExpandedPath | None = None
+
     def gce_dir(self) -> Path:
         return self.dir if self.dir is not None else DEFAULT_GCE_DIR
+
+
+class CertificateConfigIdentityConfig(_IdentityBase):
+    """source = "certificate_config": the "workload" entry of a certificate_config.json names the chain
+    and the key (SPECS.md §1.1, as Google's client libraries read it); the trust bundle is configured."""
+
+    source: Literal["certificate_config"]
+    certificate_config: ExpandedPath | None = None  # default: $GOOGLE_API_CERTIFICATE_CONFIG, else gcloud's path
+    bundle: ExpandedPath = Field(description="the trust bundle path")
 
     def certificate_config_path(self, environ: Mapping[str, str]) -> Path:
         if self.certificate_config is not None:
@@ -234,6 +244,21 @@ class IdentityConfig(_Strict):
         if from_env:
             return Path(os.path.expanduser(from_env))
         return Path(os.path.expanduser(str(DEFAULT_CERTIFICATE_CONFIG)))
+
+
+class FilesIdentityConfig(_IdentityBase):
+    """source = "files": explicit paths."""
+
+    source: Literal["files"]
+    cert: ExpandedPath = Field(description="the chain, leaf first")
+    key: ExpandedPath
+    bundle: ExpandedPath
+
+
+IdentityConfig = Annotated[
+    GceIdentityConfig | CertificateConfigIdentityConfig | FilesIdentityConfig, Field(discriminator="source")
+]
+"""Where one identity's X.509-SVID comes from: one model per `source`, each with exactly its keys."""
 
 
 class EntraConfig(_Strict):
@@ -292,25 +317,48 @@ class SinkConfig(_Strict):
     on_change_timeout: Duration = 30.0
 
 
-def _check_url(key: str, url: str) -> None:
+SECRET_WORDS = ("token", "secret", "password", "passwd", "pass", "key", "auth", "credential", "signature", "sig")
+
+
+def redact_url(url: str, mark: str = "<redacted>") -> str:
+    """`url` with its userinfo (user and password: a token is often put as the user) and every query
+    value replaced by `mark` (query names kept), for messages and `wlidd check --print`; text that is not
+    a URL is returned as is."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{mark}@{netloc.rpartition('@')[2]}"
+    query = "&".join(
+        f"{item.partition('=')[0]}={mark}" if "=" in item else item for item in parts.query.split("&") if item
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _check_url(key: str, url: str | None) -> None:
     """An upstream URL must be absolute http(s) with a host (RFC 3986): ValueError naming `key` otherwise
-    (a relative or schemeless URL would fail at every refresh, far from its cause)."""
+    (a relative or schemeless URL would fail at every refresh, far from its cause). None: not configured."""
     from urllib.parse import urlsplit
 
+    if url is None:
+        return
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
     except ValueError as exc:
-        raise ValueError(f"{key} {url!r} is not a URL: {exc}") from None
+        raise ValueError(f"{key} {redact_url(url)!r} is not a URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{key} {url!r} must be an absolute http:// or https:// URL with a host")
+        raise ValueError(f"{key} {redact_url(url)!r} must be an absolute http:// or https:// URL with a host")
 
 
-class TokenConfig(_Strict):
-    """One token source: a flow, its upstreams, and how it is refreshed."""
+class _TokenBase(_Strict):
+    """What every token source has, whatever its flow: how it is refreshed, its upstreams' CA, its sinks."""
 
-    flow: Literal["entra-sts", "x509-sts", "gce-metadata"]
-    identity: str | None = None
+    flow: str  # each variant narrows it to its tag (kept first here: `wlidd check --print` prints it first)
     refresh_at: float = Field(default=0.8, gt=0.0, lt=1.0)
     jitter: float = Field(default=0.1, ge=0.0, lt=0.5)
     skew: Duration = 60.0
@@ -324,69 +372,121 @@ class TokenConfig(_Strict):
     backoff_min: Duration = 1.0
     backoff_max: Duration = 300.0
     timeout: Duration = 30.0
-    entra: EntraConfig | None = None
-    sts: StsConfig | None = None
-    impersonate: ImpersonateConfig | None = None
-    metadata: MetadataConfig | None = None
     sinks: tuple[SinkConfig, ...] = ()
 
     @model_validator(mode="after")
-    def _check_flow(self) -> TokenConfig:
-        if self.flow in ("entra-sts", "x509-sts"):
-            if self.sts is None:
-                raise ValueError(f"flow '{self.flow}' needs an sts table (sts.audience)")
-            if self.metadata is not None:
-                raise ValueError(f"metadata is only for flow 'gce-metadata', not '{self.flow}'")
-        if self.flow == "entra-sts" and self.entra is None:
-            raise ValueError("flow 'entra-sts' needs an entra table (tenant_id, client_id, scope)")
-        if self.flow == "entra-sts" and self.identity is None and (self.entra is None or self.entra.cert is None):
-            raise ValueError("flow 'entra-sts' needs identity, or entra.cert and entra.key")
-        if self.flow == "x509-sts" and self.identity is None:
-            raise ValueError("flow 'x509-sts' needs identity (its SVID is the client certificate)")
-        if self.flow == "gce-metadata":
-            for name in ("entra", "sts", "impersonate"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name} is not used by flow 'gce-metadata'")
-        if self.flow != "entra-sts" and self.entra is not None:
-            raise ValueError("entra is only for flow 'entra-sts'")
+    def _check_common(self) -> Self:
         if self.backoff_min <= 0 or self.backoff_max < self.backoff_min:
             raise ValueError("backoff_min must be > 0 and at most backoff_max")
-        for key, url in (
-            ("entra.authority", self.entra.authority if self.entra else None),
-            ("sts.url", self.sts.url if self.sts else None),
-            ("impersonate.url", self.impersonate.url if self.impersonate else None),
-            ("metadata.url", self.metadata.url if self.metadata else None),
-        ):
-            if url is not None:
-                _check_url(key, url)
+        return self
+
+
+class StsTokenConfig(_TokenBase):
+    """The two flows that end in a Google STS token exchange, optionally followed by IAM impersonation.
+    Each names its upstreams' default URLs (SPECS.md §7: x509-sts uses the mTLS endpoints)."""
+
+    identity: str | None = None
+    sts: StsConfig
+    impersonate: ImpersonateConfig | None = None
+
+    DEFAULT_STS_URL: ClassVar[str] = "https://sts.googleapis.com/v1/token"
+    DEFAULT_IAM_URL: ClassVar[str] = "https://iamcredentials.googleapis.com"
+
+    @model_validator(mode="after")
+    def _check_urls(self) -> Self:
+        _check_url("sts.url", self.sts.url)
+        _check_url("impersonate.url", self.impersonate.url if self.impersonate else None)
         return self
 
     def sts_url(self) -> str:
-        default = (
-            "https://sts.mtls.googleapis.com/v1/token"
-            if self.flow == "x509-sts"
-            else "https://sts.googleapis.com/v1/token"
-        )
-        return (self.sts.url if self.sts and self.sts.url else None) or default
+        return self.sts.url or self.DEFAULT_STS_URL
 
     def impersonate_base(self) -> str:
-        default = (
-            "https://iamcredentials.mtls.googleapis.com"
-            if self.flow == "x509-sts"
-            else "https://iamcredentials.googleapis.com"
-        )
-        return ((self.impersonate.url if self.impersonate and self.impersonate.url else None) or default).rstrip("/")
+        return ((self.impersonate.url if self.impersonate else None) or self.DEFAULT_IAM_URL).rstrip("/")
+
+    def scopes(self) -> tuple[str, ...]:
+        """The OAuth scopes the served token carries."""
+        return self.impersonate.scope if self.impersonate is not None else self.sts.scope
+
+
+class EntraStsTokenConfig(StsTokenConfig):
+    """flow = "entra-sts": a client assertion signed with the identity's key (or entra.cert's) → Entra ID
+    token → STS exchange → [IAM generateAccessToken]."""
+
+    flow: Literal["entra-sts"]
+    entra: EntraConfig
+
+    @model_validator(mode="after")
+    def _check_signer(self) -> Self:
+        if self.identity is None and self.entra.cert is None:
+            raise ValueError("flow 'entra-sts' needs identity, or entra.cert and entra.key")
+        _check_url("entra.authority", self.entra.authority)
+        return self
+
+
+class X509StsTokenConfig(StsTokenConfig):
+    """flow = "x509-sts": STS exchange over mTLS with the identity's SVID → [IAM over the same mTLS]."""
+
+    flow: Literal["x509-sts"]
+    identity: str = Field(description="its SVID is the client certificate")
+
+    DEFAULT_STS_URL: ClassVar[str] = "https://sts.mtls.googleapis.com/v1/token"
+    DEFAULT_IAM_URL: ClassVar[str] = "https://iamcredentials.mtls.googleapis.com"
+
+
+class GceMetadataTokenConfig(_TokenBase):
+    """flow = "gce-metadata": the metadata server's service account token, cached and re-served. It uses
+    no identity and impersonates nobody (both read None, as consumers ask every token)."""
+
+    flow: Literal["gce-metadata"]
+    metadata: MetadataConfig | None = None  # default MetadataConfig() (metadata_config())
+
+    identity: ClassVar[None] = None
+    impersonate: ClassVar[None] = None
+
+    @model_validator(mode="after")
+    def _check_urls(self) -> Self:
+        _check_url("metadata.url", self.metadata.url if self.metadata else None)
+        return self
 
     def metadata_config(self) -> MetadataConfig:
         return self.metadata or MetadataConfig()
 
     def scopes(self) -> tuple[str, ...]:
         """The OAuth scopes the served token carries."""
-        if self.impersonate is not None:
-            return self.impersonate.scope
-        if self.sts is not None:
-            return self.sts.scope
         return self.metadata_config().scopes or DEFAULT_SCOPE
+
+
+TokenConfig = Annotated[EntraStsTokenConfig | X509StsTokenConfig | GceMetadataTokenConfig, Field(discriminator="flow")]
+"""One token source: one model per `flow`, each with exactly its keys."""
+
+_VARIANTS: dict[str, tuple[str, dict[str, type[BaseModel]]]] = {
+    "identities": (
+        "source",
+        {"gce": GceIdentityConfig, "certificate_config": CertificateConfigIdentityConfig, "files": FilesIdentityConfig},
+    ),
+    "tokens": (
+        "flow",
+        {"entra-sts": EntraStsTokenConfig, "x509-sts": X509StsTokenConfig, "gce-metadata": GceMetadataTokenConfig},
+    ),
+}
+"""Config's tagged unions: top-level key → (discriminator key, tag → model). A validation error inside a
+variant has the tag in its location (identities.<name>.<tag>.<key>): `_describe` takes it out again."""
+
+_IDENTITY_ADAPTER: TypeAdapter[IdentityConfig] = TypeAdapter(IdentityConfig)
+_TOKEN_ADAPTER: TypeAdapter[TokenConfig] = TypeAdapter(TokenConfig)
+
+
+def parse_identity_config(data: object) -> IdentityConfig:
+    """One identity's table (a mapping, as in the file) as its source's model; pydantic's ValidationError
+    when it does not fit (load_config turns those into ConfigError). For tools and tests: the daemon reads
+    whole files (load_config)."""
+    return _IDENTITY_ADAPTER.validate_python(data)
+
+
+def parse_token_config(data: object) -> TokenConfig:
+    """One token source's table (a mapping, as in the file) as its flow's model; ValidationError as above."""
+    return _TOKEN_ADAPTER.validate_python(data)
 
 
 class UnixListenerConfig(_Strict):
@@ -420,7 +520,7 @@ class MetadataListenerConfig(_Strict):
     def _check(self) -> MetadataListenerConfig:
         import ipaddress
 
-        host, port = split_address(self.address)
+        host, port = _address(self.address)
         try:
             loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
@@ -434,11 +534,28 @@ class MetadataListenerConfig(_Strict):
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """'127.0.0.1:8980' or '[::1]:8980' -> (host, port)."""
+    """'127.0.0.1:8980' or '[::1]:8980' -> (host, port). InvalidValue ("address") for anything else."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
-        raise ValueError(f"{address!r} is not host:port")
+        raise InvalidValue("address", f"{address!r} is not host:port")
     return host.strip("[]"), int(port)
+
+
+def _address(address: str) -> tuple[str, int]:
+    """`split_address` in a validator: its InvalidValue as the ValueError pydantic reports against the key
+    (pydantic turns only a ValueError or an AssertionError raised in a validator into a validation error)."""
+    try:
+        return split_address(address)
+    except InvalidValue as exc:
+        raise ValueError(exc.message) from None
+
+
+def _matcher(pattern: str) -> None:
+    """`parse_matcher` in a validator: its InvalidValue as the ValueError pydantic reports (see `_address`)."""
+    try:
+        parse_matcher(pattern)
+    except InvalidValue as exc:
+        raise ValueError(exc.message) from None
 
 
 class MtlsListenerConfig(_Strict):
@@ -455,11 +572,11 @@ class MtlsListenerConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> MtlsListenerConfig:
-        split_address(self.address)
+        _address(self.address)
         if not self.allow:
             raise ValueError("allow: name at least one SPIFFE ID matcher (exact, spiffe://td, '*' or '**' patterns)")
         for pattern in self.allow:
-            parse_matcher(pattern)
+            _matcher(pattern)
         return self
 
 
@@ -476,7 +593,7 @@ class WorkloadApiListenerConfig(_Strict):
 
 
 class MetricsListenerConfig(_Strict):
-    """A plain-HTTP listener for Prometheus: GET /metrics and GET /v1/health only, nothing secret, no caller
+    """A plain-HTTP listener for Prometheus: GET /metrics, /v1/health and /v1/live only, nothing secret, no caller
     authorization. Any address may be given (a pod's scraper is not on loopback); the daemon warns when it
     is not a loopback one."""
 
@@ -489,7 +606,7 @@ class MetricsListenerConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> MetricsListenerConfig:
-        split_address(self.address)
+        _address(self.address)
         return self
 
 
@@ -512,7 +629,7 @@ class AccessRule(_Strict):
     @model_validator(mode="after")
     def _check_matchers(self) -> AccessRule:
         for pattern in self.spiffe_ids:
-            parse_matcher(pattern)
+            _matcher(pattern)
         return self
 
 
@@ -637,15 +754,79 @@ def _check_env_names(environ: Mapping[str, str]) -> None:
             raise ConfigError(f"environment {name}: unknown key {first!r} (known: {', '.join(sorted(top))})")
 
 
+def _variant_of(loc: tuple[int | str, ...]) -> tuple[str, str, dict[str, type[BaseModel]]] | None:
+    """(discriminator key, tag, variants) when `loc` runs through a variant of one of Config's tagged
+    unions (identities.<name>.<tag>…, tokens.<name>.<tag>…: pydantic puts the tag in the location)."""
+    if len(loc) >= 3 and isinstance(loc[0], str) and loc[0] in _VARIANTS:
+        discriminator, variants = _VARIANTS[loc[0]]
+        if isinstance(loc[2], str) and loc[2] in variants:
+            return discriminator, loc[2], variants
+    return None
+
+
+def _one_of(tags: Iterable[str]) -> str:
+    quoted = [repr(tag) for tag in tags]
+    return ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else "".join(quoted)
+
+
+def _needed(model: type[BaseModel], name: str) -> str:
+    """A required key of `model` as a "needs" line names it: a table with its own required keys
+    ("sts (sts.audience)"), or the key with its description."""
+    info = model.model_fields[name]
+    table = info.annotation
+    if isinstance(table, type) and issubclass(table, BaseModel):
+        keys = [f"{name}.{key}" for key, field in table.model_fields.items() if field.is_required()]
+        return f"{name} ({', '.join(keys)})" if keys else name
+    return f"{name} ({info.description})" if info.description else name
+
+
 def _describe(error: Mapping[str, Any], path: Path | None, environ: Mapping[str, str]) -> str:
+    """One line: where the value came from, the key as written (a union's tag taken out of the location)
+    and what is wrong; a key that belongs to another `source` or `flow` says to which."""
     loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+    variant = _variant_of(loc)
+    if variant is not None:
+        loc = loc[:2] + loc[3:]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found") and loc and loc[0] in _VARIANTS:
+        discriminator, variants = _VARIANTS[str(loc[0])]
+        loc = (*loc, discriminator)
+        if error["type"] == "union_tag_invalid":
+            message = f"{error['ctx']['tag']!r} is not a {discriminator}: use {_one_of(variants)}"
+        else:
+            message = f"Field required: {_one_of(variants)}"
+    elif error["type"] == "extra_forbidden":
+        message = "unknown key"
+        if variant is not None and len(loc) == 3:
+            discriminator, tag, variants = variant
+            owners = [other for other, model in variants.items() if loc[2] in model.model_fields]
+            if owners:
+                message = f"only for {discriminator} {_one_of(owners)}, not for {discriminator} {tag!r}"
     key = ".".join(str(part) for part in loc) or "(top level)"
     env_name = _env_key_for(loc)
     where = f"environment {env_name}" if env_name in environ else (str(path) if path else "defaults")
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown key"
     return f"{where}: {key}: {message}"
+
+
+def _problems(errors: Iterable[Mapping[str, Any]], path: Path | None, environ: Mapping[str, str]) -> list[str]:
+    """One line per validation error, except that the keys a variant misses are named on one line, on
+    its table ("identities.web: source 'files' needs key, bundle"), where the first of them was."""
+    lines: list[str] = []
+    needs: dict[tuple[int | str, ...], tuple[int, list[str]]] = {}  # a variant's table → its line, keys
+    for error in errors:
+        loc = tuple(error["loc"])
+        variant = _variant_of(loc)
+        if error["type"] == "missing" and variant is not None and len(loc) == 4:
+            discriminator, tag, variants = variant
+            if loc[:3] not in needs:
+                needs[loc[:3]] = (len(lines), [])
+                lines.append(f"{path or 'defaults'}: {loc[0]}.{loc[1]}: {discriminator} {tag!r} needs ")
+            needs[loc[:3]][1].append(_needed(variants[tag], str(loc[3])))
+        else:
+            lines.append(_describe(error, path, environ))
+    for index, keys in needs.values():
+        lines[index] += ", ".join(keys)
+    return lines
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
@@ -668,7 +849,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         Config._toml_file, Config._environ = path, env
         return Config()
     except ValidationError as exc:
-        problems = [_describe(err, path, env) for err in exc.errors()]
+        problems = _problems(exc.errors(), path, env)
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
     finally:
         Config._toml_file, Config._environ = None, {}

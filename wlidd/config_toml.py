@@ -12,7 +12,10 @@ returns). Written by tomli-w from the validated model, walked field by field:
 Secrets are never printed; each is replaced by REDACTED, and the header says so:
 - a `SecretStr` or `SecretBytes` field, whole (none exists today: keys and assertions are files, so the
   config names paths, not secrets);
-- the password of a URL with userinfo (`https://user:<redacted>@host`: it stays a URL that validates);
+- a URL's userinfo and query values (`https://<redacted>@host/p?key=<redacted>`: it stays a URL that
+  validates);
+- in an on_change command, the value after a flag that takes a secret (`-u`, `-H`, `--password`, ...)
+  and `name=value` arguments whose name says secret (token, password, key, ...);
 - a string holding a private key, a JWT or a bearer token (one `wlidd.logs.scrub` would mask), whole —
   an on_change argument, say.
 So a redacted config loads back equal except at those values.
@@ -21,17 +24,19 @@ So a redacted config loads back equal except at those values.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import PurePath
 from typing import Any, get_args
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
 
-from wlidd.config import FileMode
+from wlidd.config import SECRET_WORDS, FileMode, redact_url
 from wlidd.logs import scrub
 
 REDACTED = "<redacted>"
+# flags whose next argument is a credential (curl, wget, httpie, vault, kubectl spell them so)
+SECRET_FLAGS = frozenset({"-u", "--user", "-H", "--header", "-p", "--password", "--token", "--pass", "-a", "--auth"})
 _FILE_MODE = get_args(FileMode)[1:]  # the validator that marks a FileMode field
 
 
@@ -45,8 +50,9 @@ class _Walk:
         document: dict[str, Any] = {}
         for name, info in type(model).model_fields.items():
             value = getattr(model, name)
-            if value is not None:
-                document[name] = self.value(value, info)
+            if value is None:
+                continue
+            document[name] = self.argv(value) if name == "on_change" else self.value(value, info)
         return document
 
     def value(self, value: object, info: FieldInfo | None = None) -> Any:
@@ -72,17 +78,27 @@ class _Walk:
             self.redacted = True
             return REDACTED
         if "://" in value:
-            try:
-                parts = urlsplit(value)
-                password = parts.password
-            except ValueError:
-                return value
-            if password:
+            redacted = redact_url(value, REDACTED)
+            if redacted != value:
                 self.redacted = True
-                userinfo, _, host = parts.netloc.rpartition("@")
-                user = userinfo.partition(":")[0]
-                return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{host}"))
+            return redacted
         return value
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """An on_change command: a URL's secrets, the value after a flag that takes one (`-u user:pw`,
+        `-H "X-Token: …"`, `--password x`), and `name=value` or `--name=value` whose name says secret are
+        shown as REDACTED; the program and the other arguments as they are."""
+        shown: list[str] = []
+        after_flag = False
+        for arg in argv:
+            name = arg.lstrip("-").partition("=")[0].lower()
+            if after_flag or ("://" not in arg and "=" in arg and any(word in name for word in SECRET_WORDS)):
+                self.redacted = True
+                shown.append(REDACTED)
+            else:
+                shown.append(self.text(arg))  # a URL: its userinfo and query values
+            after_flag = arg in SECRET_FLAGS or (arg.startswith("-") and any(word in name for word in SECRET_WORDS))
+        return shown
 
 
 def config_toml(config: BaseModel, *, source: str | None = None) -> str:
@@ -92,6 +108,8 @@ def config_toml(config: BaseModel, *, source: str | None = None) -> str:
 
     walk = _Walk()
     document = walk.model(config)
+    if source is not None:  # one comment line whatever the file's name holds (a newline would end it)
+        source = source.encode("unicode_escape").decode("ascii")
     header = [
         f"# wlidd effective configuration{f' of {source}' if source else ''}: defaults filled in, WLIDD_*",
         "# environment applied, ~ expanded; durations in seconds. `wlidd` loads it back as the same configuration.",

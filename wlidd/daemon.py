@@ -1,4 +1,5 @@
 """The daemon: watchers, token sources, listeners, signals and systemd in one anyio task group.
+Long: the wiring of every service, and its start, reload and stop.
 
 Start: every listener's socket bound first (or taken from socket activation), so a socket another
 daemon holds fails the start before any sink is written or hook run; then the accept loops (each logs
@@ -43,12 +44,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
-from wlidd.api.accept import AcceptLoop, CallerKey, Refusal
-from wlidd.api.authz import Policy
-from wlidd.api.listeners import ListenerError, bind_unix_socket
-from wlidd.api.metadata import FLAVOR, MetadataApi
+from wlidd.api.accept import AcceptLoop, Refusal
+from wlidd.api.listeners import bind_unix_socket
+from wlidd.api.metrics_routes import MetricsRoutes
 from wlidd.api.mtls import MtlsGate, QuietTLSListener
-from wlidd.api.routes import Api, MetricsRoutes
+from wlidd.api.peers import CallerKey
+from wlidd.api.routes import Api
 from wlidd.api.server import (
     TOO_MANY_CONNECTIONS,
     Handler,
@@ -70,22 +71,29 @@ from wlidd.config import (
     load_config,
     split_address,
 )
-from wlidd.errors import ConfigError, WlidError
+from wlidd.errors import ConfigError, ListenerError, WlidError
 from wlidd.health import Health, health
 from wlidd.lifecycle import SERVING, Lifecycle, State
 from wlidd.logs import configure_logging, get_logger, repeat_limiter
 from wlidd.metrics import Metrics
+from wlidd.policy import Policy
 from wlidd.runtime import Runtime, RuntimeRef
-from wlidd.sinks import ensure_credentials, ensure_token, failing_sinks, follow_credentials, follow_token
+from wlidd.sinks.credentials import ensure_credentials, follow_credentials
+from wlidd.sinks.problems import failing_sinks
+from wlidd.sinks.tokens import ensure_token, follow_token
 from wlidd.svid.load import CredentialSource
 from wlidd.svid.spiffeid import parse_matcher
 from wlidd.systemd import Notifier, listen_fds, watchdog_period
 from wlidd.tlsctx import HotServerContext
-from wlidd.tokens.flows import Flow
-from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher
 
-if TYPE_CHECKING:  # imported only with a Workload API listener: grpclib, h2 and protobuf cost ~0.1 s and 4 MB
+# Imported only where a configuration turns them on (tests/test_lazy_imports.py): the token machinery
+# (wlidd.tokens: httpx, PyJWT, the flows) in `_new_source`, the metadata listener with it, and the Workload
+# API (grpclib, h2, protobuf) in `_start_listeners`. An identity with the Unix socket starts ~0.1 s sooner
+# and ~5 MB smaller without them.
+if TYPE_CHECKING:
+    from wlidd.api.metadata import MetadataApi
+    from wlidd.tokens.manager import TokenSource
     from wlidd.workload_api.server import WorkloadApi
 
 log = get_logger("wlidd.daemon")
@@ -102,6 +110,7 @@ TOKEN_SINK_INTERVAL = 600.0  # seconds between checks that every token sink stil
 class Daemon:
     """Everything one `wlidd run` process serves."""
 
+    # long: the wiring: every part the daemon runs is made here, in one place
     def __init__(
         self,
         config: Config,
@@ -139,9 +148,12 @@ class Daemon:
             self.mtls_server = self._http_server(gate, "mtls", mtls)
         self.metadata_server: HttpServer | None = None
         self.metadata_port: int | None = None
+        self._metadata_api: MetadataApi | None = None
         metadata = config.listeners.metadata
         if metadata is not None:
-            api = MetadataApi(metadata, self.tokens[metadata.token], self.policy, clock)
+            from wlidd.api.metadata import MetadataApi
+
+            api = self._metadata_api = MetadataApi(metadata, self.tokens[metadata.token], self.policy, clock)
             api.held_back = self.held_back
             self.metadata_server = self._http_server(api, "metadata", metadata)
         self.metrics_server: HttpServer | None = None
@@ -220,6 +232,7 @@ class Daemon:
         start is cancelled first and no READY=1 is sent."""
         self._stopping.set()
 
+    # long: the daemon's life in order (bind, start, ready, stop, drain, close), each cleanup beside its step
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped (signal or `stop()`); returns normally on a graceful stop.
 
@@ -491,8 +504,8 @@ class Daemon:
             public = [where for sock in self._bound["metrics"] if not _is_loopback(where := socket_address(sock))]
             if public:
                 log.warning(
-                    "the metrics listener is not on a loopback address: whoever reaches it reads /metrics and "
-                    "/v1/health (names, counts, validity and failure reasons; never a key or a token)",
+                    "the metrics listener is not on a loopback address: whoever reaches it reads /metrics, "
+                    "/v1/health and /v1/live (names, counts, validity and failure reasons; never a key or a token)",
                     address=", ".join(public),
                 )
         workload = self.config.listeners.workload_api
@@ -519,6 +532,8 @@ class Daemon:
                 await self._listen(tg, "mtls", tcp, self.mtls_server, mtls, tls=hot.context)
         metadata = self.config.listeners.metadata
         if self.metadata_server is not None and metadata is not None:
+            from wlidd.api.metadata_tree import FLAVOR
+
             for tcp in self._started("metadata"):
                 await self._listen(tg, "metadata", tcp, self.metadata_server, metadata, refusal_headers=FLAVOR)
         metrics = self.config.listeners.metrics
@@ -690,6 +705,7 @@ class Daemon:
             for source in self.tokens.values():
                 self._task_group.start_soon(ensure_token, source, self.clock)
 
+    # long: a config reload's rules, one per section, in the order they apply
     async def _apply(self, new: Config) -> None:
         """Apply a re-read config: the live parts now, the rest reported as needing a restart.
 
@@ -775,8 +791,8 @@ class Daemon:
         which wakes its held waits, when that was replaced) and the Workload API (a new policy: every open
         stream re-checks its caller now)."""
         previous = self.runtime.publish(runtime)
-        handler = self.metadata_server.handler if self.metadata_server is not None else None
-        if isinstance(handler, MetadataApi):
+        handler = self._metadata_api
+        if handler is not None:
             handler.policy = runtime.policy
             source = runtime.tokens.get(handler.source.name)
             if source is not None and source is not handler.source:
@@ -785,6 +801,9 @@ class Daemon:
             self.workload_api.set_policy(runtime.policy)
 
     def _new_source(self, name: str, token_config: TokenConfig) -> TokenSource:
+        from wlidd.tokens.flows import Flow
+        from wlidd.tokens.manager import TokenSource
+
         watcher = self.watchers.get(token_config.identity) if token_config.identity else None
         current = (lambda w: lambda: w.current)(watcher) if watcher is not None else None
         return TokenSource(

@@ -2,14 +2,26 @@
 
     WlidError                       exit_code, http_status, reason (stable, for metrics and APIs)
     ├── ConfigError                 bad or missing configuration; names the key and the file
+    ├── InvalidValue                a value from outside does not parse (a SPIFFE ID matcher, host:port, a
+    │                               request's scopes); reason names the rule; a config model's validator
+    │                               turns it into the ValueError pydantic reports against the key
+    ├── ListenerError               a listener could not be set up (exit code 3)
     ├── SvidError                   a credential set was refused; `reason` says exactly why
     │   └── RetryableSvidError      may be a rotation in progress (missing file, key/leaf mismatch)
     ├── ApiError                    a local API request failed; carries the HTTP status
+    │   ├── TokenUnavailable        503 token_unavailable: no token to serve; retry_after
+    │   ├── RateLimited             429 rate_limited: more upstream work than the caller's share; retry_after
+    │   └── PeerRefused             403 forbidden: the calling socket has no owner to authorize
+    ├── ClientError                 wlidd.client: the daemon refused (status, its code as reason) or could
+    │                               not be reached (status 0: not_running, permission_denied, unreachable)
+    ├── SinkRefused (an OSError)    a written path another user could steer; the message names the reason
+    ├── NotRegularFile (an OSError) a credential path names a FIFO, device, socket or directory
     └── UpstreamError               an upstream (Entra ID, STS, IAM Credentials, metadata) refused or failed
                                     kind: "entra" | "sts" | "iam" | "metadata" | "identity" | "wlidd";
                                     status; code; retryable; retry_after; reason = <kind>_<code>
 
-Messages never contain secrets: no key, token or assertion is ever put into one.
+Messages never contain secrets: no key, token or assertion is ever put into one. The two OSErrors stay
+OSErrors, so every file path's error handling covers them, and keep OSError's text.
 
 UpstreamError.reason is a metric label value, so it comes from a fixed set per kind (`upstream_reasons`):
 the upstream's own code, lower-cased with every run of characters outside [a-z0-9] made one `_`, when it
@@ -20,6 +32,7 @@ upstream's text stays in the message (scrubbed and cut short by the provider), n
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal, get_args
 
@@ -70,6 +83,85 @@ class ApiError(WlidError):
     def __init__(self, http_status: int, reason: str, message: str) -> None:
         super().__init__(message, reason=reason)
         self.http_status = http_status
+
+
+class InvalidValue(WlidError):
+    """A value from outside (a config field, a request parameter) does not parse; `reason` names the
+    rule it breaks (``spiffe_id_matcher``, ``address``, ``scopes``), the message the value's fault.
+    400 where a request carried it; exit code 2 (a bad configuration) where a config did."""
+
+    exit_code = 2
+    http_status = 400
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message, reason=reason)
+
+    def __repr__(self) -> str:
+        return f"InvalidValue({self.reason!r}, {self.message!r})"
+
+
+class ListenerError(WlidError):
+    """A listener could not be set up (path in use, not a socket, bad group …)."""
+
+    exit_code = 3
+    reason = "listener"
+
+
+class TokenUnavailable(ApiError):
+    """503: no token to serve; `retry_after` is the seconds until the next attempt when one is planned
+    (for a Retry-After header), else None."""
+
+    def __init__(self, name: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(503, "token_unavailable", f"token {name!r} is not available: {message}")
+        self.retry_after = retry_after
+
+
+class RateLimited(ApiError):
+    """429: a caller asked for more upstream work than its share; `retry_after` in seconds (>= 1)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(429, "rate_limited", message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+class PeerRefused(ApiError):
+    """403: the calling socket has no owner we can authorize (closed, half-closed, another owner now, or
+    the kernel's tables cannot be read); the message says which, with addresses and TCP states only."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(403, "forbidden", message)
+
+
+class ClientError(WlidError):
+    """wlidd.client: the daemon refused or could not answer; `status` 0 means it could not be reached, and
+    then `reason` is `not_running`, `permission_denied` or `unreachable` (wlidd.client `_unreachable`)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message, reason=code)
+        self.status = status
+
+
+class SinkRefused(WlidError, OSError):
+    """A sink path, pid file, signal target or socket directory that could let another user steer the
+    daemon's writes or signals; the message names the reason. An OSError, so every caller's error handling
+    covers it."""
+
+    reason = "sink_refused"
+
+    def __init__(self, message: str) -> None:
+        OSError.__init__(self, message)
+        self.message = message
+
+
+class NotRegularFile(WlidError, OSError):
+    """The path names a FIFO, a device, a socket or a directory: not a file wlidd reads. Made as an OSError
+    is (errno, strerror, filename) and shown as one."""
+
+    reason = "not_regular_file"
+
+    def __init__(self, code: int, strerror: str, filename: str) -> None:
+        OSError.__init__(self, code, strerror, filename)
+        self.message = OSError.__str__(self)
 
 
 UpstreamKind = Literal["entra", "sts", "iam", "metadata", "identity", "wlidd"]

@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from wlidd.clock import iso_z
 from wlidd.lifecycle import State
-from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher
+
+if TYPE_CHECKING:  # the token machinery (httpx, PyJWT) is imported only when a config names a token
+    from wlidd.tokens.manager import TokenSource
 
 DaemonState = Literal["starting", "running", "degraded"]  # /v1/status daemon.state; wlidd_daemon_state{state}
 DAEMON_STATES: tuple[DaemonState, ...] = ("starting", "running", "degraded")

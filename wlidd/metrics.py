@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 class Metrics:
     """The daemon's metrics. Labels carry names and stable reasons, never secrets."""
 
+    # long: one declaration per metric (name, help, labels): the list of what wlidd exports
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.identity_reloads = Counter(

@@ -40,7 +40,9 @@ from wlidd.config import AccessRule, Config, ListenersConfig, PolicyConfig
 from wlidd.daemon import Daemon
 from wlidd.errors import UpstreamError
 from wlidd.logs import get_logger
-from wlidd.sinks import ensure_credentials, failing_sinks, publish_token
+from wlidd.sinks.credentials import ensure_credentials
+from wlidd.sinks.problems import failing_sinks
+from wlidd.sinks.tokens import publish_token
 from wlidd.tokens.manager import TokenSource
 from wlidd.watch import CredentialWatcher
 
@@ -95,6 +97,7 @@ def _sink_failures(daemon: Daemon, loaded: list[str], fetched: list[str]) -> lis
     ]
 
 
+# long: the one-shot run in order: identities, tokens, sinks, then the result
 async def run_oneshot(
     config: Config, *, environ: Mapping[str, str] | None = None, clock: Clock = utc_now
 ) -> OneshotResult:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from wlidd.api.authz import Policy
 from wlidd.config import Config
-from wlidd.tokens.manager import TokenSource
+from wlidd.policy import Policy
+
+if TYPE_CHECKING:  # the token machinery (httpx, PyJWT) is imported only when a config names a token
+    from wlidd.tokens.manager import TokenSource
 
 
 @dataclasses.dataclass(frozen=True)

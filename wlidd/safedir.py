@@ -18,14 +18,10 @@ import os
 import stat
 from pathlib import Path
 
+from wlidd.errors import SinkRefused as SinkRefused  # defined with every error (wlidd.errors); sinks import it here
+
 MAX_SYMLINKS = 40  # links followed in one path walk, as the kernel's ELOOP limit (path_resolution(7))
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class SinkRefused(OSError):
-    """A sink path, pid file, signal target or socket directory that could let another user steer the
-    daemon's writes or signals; the message names the reason. An OSError, so every caller's error handling
-    covers it."""
 
 
 def trusted_uids() -> frozenset[int]:
@@ -57,6 +53,7 @@ def _check_dir(st: os.stat_result, shown: str, *, sticky_parent: bool = False) -
         )
 
 
+# long: one walk from / whose state (descriptor, components left, links followed) does not split
 def open_dir(path: Path, *, create: bool) -> int:
     """A descriptor (O_DIRECTORY, close-on-exec; the caller closes it) for `path`, reached from / one
     component at a time with O_NOFOLLOW, each directory checked (`_check_dir`) on the descriptor that

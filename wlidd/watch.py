@@ -1,4 +1,5 @@
 """CredentialWatcher: every trigger feeds one `reload(reason)`; consumers read one published state.
+Long: the one reload path, with what triggers it and what reads its result.
 
 Triggers: inotify events (`dirwatch`) on the parent directories (symlink swaps, renames, Kubernetes ``..data``
 swaps), a periodic re-read, SIGHUP (through the daemon), and re-reads just before and at the
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +144,7 @@ class CredentialWatcher:
         async with self._lock:
             return await self._reload(reason)
 
+    # long: the one reload path: load, refuse or keep, publish; each outcome's counters and log lines beside it
     async def _reload(self, reason: str) -> bool:
         stats = self.stats
         stats.reloads += 1
@@ -274,6 +275,7 @@ class CredentialWatcher:
         kept = self.current.identity.svid.serial if self.current else None
         repeated = (stats.last_error_reason, stats.last_error) == (reason_code, message)
         at = self.clock()
+        stats.last_checked = at  # a refused read is a read: the timer's next re-read counts from it
         stats.last_error, stats.last_error_reason, stats.last_error_at = message, reason_code, at
         stats.last_rejection, stats.last_rejection_reason, stats.last_rejection_at = message, reason_code, at
         # The same refusal again (every file event, every timer tick) is news only at debug level.
@@ -411,12 +413,3 @@ class CredentialWatcher:
                 continue
             # Sleep in bounded steps: the monotonic clock stands still across a VM suspend.
             await anyio.sleep(min(wait, MAX_TIMER_SLEEP))
-
-
-def describe_source(source: CredentialSource) -> str:
-    cfg = source.config
-    if cfg.source == "gce":
-        return str(cfg.gce_dir())
-    if cfg.source == "certificate_config":
-        return str(cfg.certificate_config_path(source.environ))
-    return os.fspath(cfg.cert or "")

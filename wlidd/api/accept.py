@@ -6,13 +6,14 @@ raw socket, and the failures of accept() itself must never end the loop.
 
   - EMFILE/ENFILE/ENOBUFS/ENOMEM from accept() are transient: logged once per episode (with a count when
     it ends), backed off (10 ms doubling to 1 s), retried. The pending connection waits in the backlog.
-  - Each accepted socket is attributed to a caller (`CallerKey`: the uid from SO_PEERCRED on Unix
-    sockets or from the owning socket on loopback TCP, which must be ESTABLISHED and held by a process
-    — else it carries no uid and handlers refuse it whatever needs one; the remote address for other
-    TCP peers) and admitted only under both caps: `max_connections` for the listener and `max_per_caller` for that
-    caller. At the listener's cap, an idle connection (the oldest of the caller holding the most) is
-    closed to make room, where the protocol allows it (HTTP/1.1). Refused sockets get an optional short answer (e.g. an HTTP 503) and are closed at once, so
-    the descriptors held never exceed the caps.
+  - Each accepted socket is attributed to a caller (`CallerKey`, from `wlidd.api.peers.socket_caller`:
+    the uid from SO_PEERCRED on Unix sockets or from the owning socket on loopback TCP, which must be
+    ESTABLISHED and held by a process — else it carries no uid and handlers refuse it whatever needs
+    one; the remote address for other TCP peers) and admitted only under both caps: `max_connections`
+    for the listener and `max_per_caller` for that caller. At the listener's cap, an idle connection
+    (the oldest of the caller holding the most) is closed to make room, where the protocol allows it
+    (HTTP/1.1). Refused sockets get an optional short answer (e.g. an HTTP 503) and are closed at once,
+    so the descriptors held never exceed the caps.
   - The loop's liveness is public (`alive`, `failure`): a loop that died on an unexpected error is a
     liveness failure for the daemon's watchdog, never a silent state.
 
@@ -26,13 +27,13 @@ import errno
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
-from wlidd.api.server import peer_credentials
+from wlidd.api.peers import CallerKey, socket_caller
 from wlidd.logs import get_logger
 
 log = get_logger("wlidd.api")
@@ -47,22 +48,6 @@ BACKOFF_MIN = 0.01  # seconds: the first pause after a transient accept failure
 BACKOFF_MAX = 1.0  # seconds: the longest pause
 ACCEPT_BATCH = 64  # connections accepted per wake-up before other tasks run
 SHED_WAIT = 0.5  # seconds to wait for a shed connection's slot before admitting over the cap
-
-
-@dataclass(frozen=True)
-class CallerKey:
-    """Who a connection is counted against: a uid (local callers) or a remote address (other TCP peers).
-
-    `inode` is the loopback client socket's inode found with its uid (not part of the key's identity
-    for counting: compare=False). `unidentified` says why a loopback peer has no owner (refused)."""
-
-    uid: int | None
-    address: str = ""
-    inode: int | None = field(default=None, compare=False)
-    unidentified: str | None = field(default=None, compare=False)
-
-    def describe(self) -> str:
-        return f"uid {self.uid}" if self.uid is not None else (self.address or "unknown caller")
 
 
 @dataclass(frozen=True)
@@ -115,36 +100,6 @@ class ConnectionCounter:
 Identify = Callable[[socket.socket], Awaitable[CallerKey]]
 Handle = Callable[[socket.socket, CallerKey], Awaitable[None]]
 Refuse = Callable[[socket.socket, Refusal], bytes]
-
-_LOOPBACK = ("127.", "::1", "::ffff:127.")
-
-
-async def socket_caller(sock: socket.socket) -> CallerKey:
-    """The caller of an accepted socket: SO_PEERCRED's uid on Unix sockets; on loopback TCP the uid
-    owning the client's ESTABLISHED socket (sock_diag inline, microseconds; the /proc fallback in a
-    worker thread, milliseconds); otherwise the remote address. A loopback peer whose socket has no
-    owner any more (closed, half-closed) is counted as "loopback:unowned", without a uid; a peer
-    that is gone altogether comes back `unidentified`, to be refused."""
-    creds = peer_credentials(sock)
-    if creds is not None:
-        return CallerKey(creds[1])
-    try:
-        remote, local = sock.getpeername(), sock.getsockname()
-    except OSError:
-        return CallerKey(None, "gone", unidentified="the peer closed before it was accepted")
-    host = str(remote[0])
-    if not host.startswith(_LOOPBACK):
-        return CallerKey(None, host)
-    from wlidd.api.peers import lookup_tcp_peer, run_lookup
-
-    found = await run_lookup(lookup_tcp_peer, (host, int(remote[1])), (str(local[0]), int(local[1])))
-    owner = found.owner
-    if owner is None:
-        # Closed or half-closed already: no owner to count it against or to authorize. It shares one
-        # bucket with its kind (capped like a caller) and carries no uid, so whatever needs an identity
-        # (a token) is refused by the handler's own lookup; public answers (a ping) still work.
-        return CallerKey(None, "loopback:unowned")
-    return CallerKey(owner.uid, inode=owner.inode)
 
 
 class AcceptLoop:

@@ -10,15 +10,8 @@ import stat
 from pathlib import Path
 
 from wlidd.accounts import group_named, user_id
-from wlidd.errors import WlidError
+from wlidd.errors import ListenerError
 from wlidd.safedir import open_dir
-
-
-class ListenerError(WlidError):
-    """A listener could not be set up (path in use, not a socket, bad group …)."""
-
-    exit_code = 3
-    reason = "listener"
 
 
 def bind_unix_socket(

@@ -1,35 +1,6 @@
 """A GCE-metadata-compatible API for one token source, so unmodified Google libraries work
-(SPECS.md §5: what google-auth asks and expects; the directory rules below are the real server's).
-
-The tree wlidd serves (`{acct}` is `default` or the service account's email; nothing else is listed):
-
-    /                                                   computeMetadata/            (ping: 200 + the flavor)
-    /computeMetadata/                                   v1/
-    /computeMetadata/v1/                                instance/ project/ universe/
-    /computeMetadata/v1/instance/                       service-accounts/
-    …/instance/service-accounts/                        default/ <email>/
-    …/instance/service-accounts/{acct}/                 aliases email identity scopes token
-    …/{acct}/aliases, email, scopes                     values (aliases, scopes: one per line)
-    …/{acct}/token[?scopes=a,b]                         {access_token, expires_in, token_type}
-    …/{acct}/identity?audience=…[&format=full]          an ID token (404 saying why where none can be minted)
-    /computeMetadata/v1/project/                        numeric-project-id project-id
-    /computeMetadata/v1/universe/                       universe-domain
-
-Directories, as the real server answers them (sources: curl transcripts of the real server in
-salrashid123/gce_metadata_server#3 and googleapis/gax-dotnet#410, googleapis/gcp-metadata#361, and a
-real `?recursive=true&alt=text` dump in HackerOne report 1442118):
-  - `dir/` is a text listing, one entry a line, subdirectories with a trailing `/` (lists such as
-    `aliases` and `scopes` are values: no slash);
-  - `dir` (no slash) is `301 Moved Permanently` to `dir/`, the query kept: `Location:
-    http://<Host>/…/dir/`, `Content-Type: text/html`, body `/…/dir/` + newline. Clients follow it:
-    gcp-metadata's detection probe is `GET /computeMetadata/v1/instance` (it needs a 2xx, after
-    redirects, with `Metadata-Flavor: Google`), gsutil asks for `…/service-accounts`;
-  - under /computeMetadata/v1, `dir/?recursive=true` is the whole subtree as JSON with camelCase keys
-    (`serviceAccounts`, `numericProjectId`; service account names stay as they are), values typed
-    (`numericProjectId` a number), the `token` and `identity` endpoints left out; with `alt=text`, one
-    `path value` line per value (a list: one line per item), paths relative to `dir/`;
-  - `alt=json` on a value answers it as JSON (a string, a list, a number); `alt=text` as text; `recursive`
-    on a value changes nothing. A plain (non-recursive) listing is always text.
+(SPECS.md §5: what google-auth asks and expects). The tree it serves and the real server's directory rules:
+wlidd.api.metadata_tree; the scope rule: wlidd.api.metadata_scopes.
 
 Like the real server: no `Metadata-Flavor: Google` → 403, any `X-Forwarded-For` → 403; every answer
 carries `Metadata-Flavor: Google` (the HTTP layer's own 400/408/413/431/503/505 too: `response_headers`);
@@ -41,23 +12,7 @@ scopes (TokenSource.scoped_token: IAM generateAccessToken, cached per scope set)
 token when the token's scopes cover each asked scope, the sign-in scopes aside (SIGN_IN_SCOPES), else
 refused (400 naming the scopes).
 
-ETags and waits (the real server's "wait for change", as its clients use it: Go's `metadata.Subscribe`,
-the guest agent's watcher, google-cloud-dotnet's `WaitForChange`, Google's `compute/metadata` samples):
-  - every value, listing and recursive answer carries `ETag: <16 hex digits>`, a hash of its body (the
-    real server's form: google-cloud-dotnet validates ETags as `[a-zA-Z0-9]{16}`), so a directory's
-    recursive and plain answers have different ETags, as on the real server;
-  - `?wait_for_change=true` on a value or a recursive directory: with `last_etag` different from the
-    current ETag (the guest agent's first `NONE`, the samples' `0`), the current answer at once; with the
-    current one, or without `last_etag` (the real server then waits for the next change), the request is
-    held until the answer's ETag changes (a reload that replaces the source: its scopes, its account) or
-    `timeout_sec` (whole seconds; absent or larger: MAX_WAIT_SECONDS) passes, then answered with what is
-    current; on a plain listing 400 (the real server refuses it: waits need `recursive=true` there); on the
-    `token` and `identity` endpoints 400 (a token is not a value to watch: it changes on every refresh);
-  - held requests are bounded: per caller uid max_connections_per_caller // 2 and per listener
-    max_connections // 2 at once (beyond: 503 + Retry-After, from which Subscribe backs off), so waits can
-    never take every connection; the HTTP layer keeps watching a held request's connection (`holds`) and
-    drops it when the client goes away, and answers them all at once when the server stops
-    (`release_holds`). A held request is "busy" to the HTTP layer: no idle deadline applies to it.
+ETags and waits (`?wait_for_change=true`, bounded): wlidd.api.metadata_wait.
 
 Callers are loopback TCP peers, identified by the owner of their ESTABLISHED socket (wlidd.api.peers:
 sock_diag, or /proc/self/net/tcp{,6}), found at accept or on the first request, and looked up again right
@@ -68,327 +23,26 @@ Unix socket. ID tokens and minted scoped tokens are rate-limited (429 with Retry
 
 from __future__ import annotations
 
-import enum
-import hashlib
-import math
-import re
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from urllib.parse import urlencode
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
-import anyio
-
-from wlidd.api.authz import Caller, CallerCache, Policy, handout_audit
-from wlidd.api.peers import PeerRefused, TcpOwner, run_lookup, verify_tcp_peer
+from wlidd.api.authz import handout_audit
+from wlidd.api.metadata_scopes import CLOUD_PLATFORM, parse_scopes, uncovered_scopes
+from wlidd.api.metadata_tree import ACCOUNTS, FLAVOR, Directory, Endpoint, answer, metadata_route_template
+from wlidd.api.metadata_tree import json_answer as _json  # short local names: most routes answer with them
+from wlidd.api.metadata_tree import text_answer as _text
+from wlidd.api.metadata_wait import Holds
+from wlidd.api.peers import CallerCache, TcpOwner, run_lookup, verify_tcp_peer
 from wlidd.api.server import Request, Response
 from wlidd.clock import Clock
 from wlidd.config import MetadataListenerConfig
-from wlidd.errors import ApiError, UpstreamError
+from wlidd.errors import ApiError, InvalidValue, PeerRefused, RateLimited, TokenUnavailable, UpstreamError
 from wlidd.logs import AuditOnce, get_logger
-from wlidd.tokens.manager import RateLimited, TokenSource, TokenUnavailable
+from wlidd.policy import Caller, Policy
+from wlidd.tokens.manager import TokenSource
 
 audit = get_logger("wlidd.audit")
 log = get_logger("wlidd.api")
-
-FLAVOR = (("metadata-flavor", "Google"), ("server", "Metadata Server for VM"))
-V1 = "/computeMetadata/v1/"
-ACCOUNTS = V1 + "instance/service-accounts/"
-
-
-def _text(status: int, text: str, retry_after: float | None = None) -> Response:
-    """A text answer; `retry_after` (seconds, from a held or rate-limited token source) as Retry-After."""
-    headers = FLAVOR if retry_after is None else (*FLAVOR, ("retry-after", str(max(1, math.ceil(retry_after)))))
-    return Response(status, text.encode(), "application/text", headers)
-
-
-def _json(status: int, document: object) -> Response:
-    response = Response.json(status, document)
-    return Response(status, response.body, "application/json", FLAVOR)
-
-
-def etag(body: bytes) -> str:
-    """The ETag of an answer: the first 16 hex digits of its body's SHA-256 (stable across restarts;
-    the real server's ETags are 16 alphanumerics too)."""
-    return hashlib.sha256(body).hexdigest()[:16]
-
-
-def _tagged(response: Response) -> Response:
-    """`response` with its ETag header."""
-    return Response(
-        response.status, response.body, response.content_type, (*response.headers, ("etag", etag(response.body)))
-    )
-
-
-MAX_WAIT_SECONDS = 3600  # the longest a wait is held (absent or larger timeout_sec: this); wlidd's bound
-RECHECK_SECONDS = 5.0  # a held request looks at its value again at least this often (besides notify_changed)
-HOLD_RETRY_AFTER = 5  # seconds, on the 503 answering a wait beyond the hold caps
-
-
-# ---- the scope rule ------------------------------------------------------------------------------
-GOOGLE_AUTH = "https://www.googleapis.com/auth/"
-CLOUD_PLATFORM = GOOGLE_AUTH + "cloud-platform"
-# Scope families under GOOGLE_AUTH (the name up to its first ".") that cloud-platform does not grant:
-# Google Workspace, advertising, Play and consumer APIs, which list only their own scopes in Google's
-# scope table (https://developers.google.com/identity/protocols/oauth2/scopes; e.g. BigQuery's Drive
-# tables need the drive scope besides cloud-platform: https://cloud.google.com/bigquery/docs/query-drive-data),
-# and the sign-in family userinfo (see SIGN_IN_SCOPES). An API whose entry in that table lists
-# cloud-platform (Cloud Identity, Firebase, every Cloud product) is not here.
-NOT_CLOUD_FAMILIES = frozenset(
-    {
-        # sign-in
-        "userinfo",
-        "plus",
-        # Google Workspace
-        "admin",
-        "apps",
-        "appsmarketplace",
-        "calendar",
-        "chat",
-        "classroom",
-        "cloud_search",
-        "contacts",
-        "directory",
-        "documents",
-        "drive",
-        "ediscovery",
-        "forms",
-        "gmail",
-        "groups",
-        "keep",
-        "meetings",
-        "postmaster",
-        "presentations",
-        "script",
-        "spreadsheets",
-        "tasks",
-        "user",
-        "workspace",
-        # Chrome, Android and Play
-        "androidenterprise",
-        "androidmanagement",
-        "androidpublisher",
-        "chrome",
-        "chromewebstore",
-        "games",
-        "playdeveloperreporting",
-        "playintegrity",
-        "verifiedaccess",
-        # advertising, analytics and marketing
-        "adexchange",
-        "admob",
-        "adsense",
-        "adsensehost",
-        "adwords",
-        "analytics",
-        "authorized-buyers-marketplace",
-        "content",
-        "datastudio",
-        "ddmconversions",
-        "dfareporting",
-        "dfatrafficking",
-        "dfp",
-        "display-video",
-        "display-video-mediaplanning",
-        "display-video-user-management",
-        "doubleclickbidmanager",
-        "doubleclicksearch",
-        "manufacturercenter",
-        "realtime-bidding",
-        "tagmanager",
-        # consumer and other non-Cloud APIs
-        "blogger",
-        "books",
-        "business",
-        "fitness",
-        "homegraph",
-        "indexing",
-        "photoslibrary",
-        "photospicker",
-        "sdm",
-        "siteverification",
-        "streetviewpublish",
-        "tables",
-        "travelpartner",
-        "webmasters",
-        "youtube",
-        "youtubepartner",
-        "youtubepartner-channel-audit",
-        "yt-analytics",
-        "yt-analytics-monetary",
-    }
-)
-# The sign-in scopes: they add identity claims to a token (the account's email through tokeninfo and
-# userinfo) and grant no API access. They never cause a refusal (`uncovered_scopes`): Terraform's Google
-# provider asks cloud-platform + userinfo.email by default (its DefaultClientScopes), x/oauth2's
-# ComputeTokenSource sends them as ?scopes=, and the real metadata server ignores scopes altogether.
-SIGN_IN_SCOPES = frozenset(
-    {"openid", "email", "profile", GOOGLE_AUTH + "userinfo.email", GOOGLE_AUTH + "userinfo.profile"}
-)
-# A scope name under GOOGLE_AUTH: "."-separated segments of lower-case letters, digits, "_" and "-"
-# (every name in Google's scope table has this form: `devstorage.read_only`, `yt-analytics.readonly`,
-# `cloud_search.query`).
-SCOPE_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
-# Families whose every scope wlidd knows (Google's scope table): a name in such a family, or one that
-# begins with its name (`cloud-platformx`, `devstorage2.read`), is a scope only if it is listed here;
-# anything else is a made-up name, covered by nothing but itself.
-CLOSED_FAMILIES: Mapping[str, frozenset[str]] = {
-    "cloud-platform": frozenset({"cloud-platform", "cloud-platform.read-only"}),
-    "devstorage": frozenset({"devstorage.read_only", "devstorage.read_write", "devstorage.full_control"}),
-}
-READ_ONLY_SUFFIXES = (".readonly", ".read_only", ".read-only")
-# Cloud Storage's scopes, each granting what those before it grant (Cloud Storage "OAuth 2.0 scopes").
-STORAGE_LADDER = tuple(
-    GOOGLE_AUTH + s for s in ("devstorage.read_only", "devstorage.read_write", "devstorage.full_control")
-)
-MAX_SCOPES = 32  # distinct scopes in one request
-MAX_SCOPE_LENGTH = 512  # characters
-
-
-def scope_name(scope: str) -> str | None:
-    """The name of a well-formed scope under GOOGLE_AUTH (`devstorage.read_only`), or None: outside
-    GOOGLE_AUTH, not of SCOPE_NAME's form, or a made-up name in a closed family (CLOSED_FAMILIES)."""
-    if not scope.startswith(GOOGLE_AUTH):
-        return None
-    name = scope.removeprefix(GOOGLE_AUTH)
-    if SCOPE_NAME.fullmatch(name) is None:
-        return None
-    family = name.split(".")[0]
-    for closed, names in CLOSED_FAMILIES.items():
-        if family.startswith(closed) and name not in names:
-            return None
-    return name
-
-
-def covering_scope(granted: Sequence[str], scope: str) -> str | None:
-    """The scope among `granted` (what the served token carries) that covers `scope`, or None:
-    - the scope itself;
-    - and for a well-formed scope name under GOOGLE_AUTH (`scope_name`; anything else is covered by
-      itself only):
-      - `X` covers `X.readonly`, `X.read_only` and `X.read-only` (a read-only scope grants a subset);
-      - a Cloud Storage scope covers the weaker ones (STORAGE_LADDER);
-      - `cloud-platform` covers every name whose family (up to its first ".") is not in
-        NOT_CLOUD_FAMILIES: it is the scope of all Google Cloud APIs (Compute Engine "Service accounts":
-        with cloud-platform, IAM alone decides), not of Workspace, consumer or sign-in scopes.
-    """
-    if scope in granted:
-        return scope
-    name = scope_name(scope)
-    if name is None:
-        return None
-    for suffix in READ_ONLY_SUFFIXES:
-        if scope.endswith(suffix) and (base := scope.removesuffix(suffix)) in granted:
-            return base
-    if scope in STORAGE_LADDER:
-        for stronger in STORAGE_LADDER[STORAGE_LADDER.index(scope) :]:
-            if stronger in granted:
-                return stronger
-    if CLOUD_PLATFORM in granted and name.split(".")[0] not in NOT_CLOUD_FAMILIES:
-        return CLOUD_PLATFORM
-    return None
-
-
-def uncovered_scopes(granted: Sequence[str], asked: Sequence[str]) -> list[str]:
-    """The scopes of `asked` that nothing in `granted` covers (`covering_scope`), in order; the sign-in
-    scopes (SIGN_IN_SCOPES) are never among them: a token without them is what the real metadata server
-    hands out for them too."""
-    return [scope for scope in asked if scope not in SIGN_IN_SCOPES and covering_scope(granted, scope) is None]
-
-
-def parse_scopes(values: Sequence[str]) -> tuple[str, ...]:
-    """The scopes of `?scopes=a,b` (the parameter any number of times; items split at commas and
-    whitespace), each once, in order. ValueError saying why: too many, too long, not printable ASCII."""
-    scopes = list(dict.fromkeys(s for value in values for s in re.split(r"[,\s]+", value) if s))
-    if len(scopes) > MAX_SCOPES:
-        raise ValueError(f"{len(scopes)} scopes asked for; at most {MAX_SCOPES} are accepted")
-    for scope in scopes:
-        if len(scope) > MAX_SCOPE_LENGTH:
-            raise ValueError(f"a scope of {len(scope)} characters; at most {MAX_SCOPE_LENGTH} are accepted")
-        if not all(0x21 <= ord(c) <= 0x7E for c in scope):
-            raise ValueError("a scope contains characters outside printable ASCII")
-    return tuple(scopes)
-
-
-# ---- the tree ------------------------------------------------------------------------------------
-class Endpoint(enum.Enum):
-    """Entries answered by a handler, not a value: listed, never part of a recursive answer."""
-
-    TOKEN = "token"
-    IDENTITY = "identity"
-
-
-Value = str | int | tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Directory:
-    """A directory: its entries in listing order. `named`: the entry names are names (service
-    accounts), kept as they are in recursive JSON, not keys to camelCase. `hidden`: routed, not listed."""
-
-    entries: Mapping[str, Directory | Value | Endpoint]
-    named: bool = False
-    hidden: frozenset[str] = field(default_factory=frozenset)
-
-
-Node = Directory | Value | Endpoint
-
-
-def _camel(key: str) -> str:
-    """`numeric-project-id` → `numericProjectId` (the real server's recursive JSON keys)."""
-    head, *rest = key.split("-")
-    return head + "".join(part[:1].upper() + part[1:] for part in rest)
-
-
-def _as_json(node: Node) -> object:
-    if isinstance(node, Directory):
-        return {
-            (name if node.named else _camel(name)): _as_json(child)
-            for name, child in node.entries.items()
-            if not isinstance(child, Endpoint)
-        }
-    if isinstance(node, tuple):
-        return list(node)
-    return node
-
-
-def _text_lines(node: Directory, prefix: str = "") -> Iterator[str]:
-    """`path value` lines of a recursive alt=text answer (a list: one line per item)."""
-    for name, child in node.entries.items():
-        path = prefix + name
-        if isinstance(child, Directory):
-            yield from _text_lines(child, path + "/")
-        elif isinstance(child, tuple):
-            yield from (f"{path} {item}" for item in child)
-        elif not isinstance(child, Endpoint):
-            yield f"{path} {child}"
-
-
-def _value_text(value: Value) -> str:
-    if isinstance(value, tuple):
-        return "".join(item + "\n" for item in value)
-    return str(value)
-
-
-def _listing(directory: Directory) -> str:
-    return "".join(
-        name + ("/" if isinstance(child, Directory) else "") + "\n"
-        for name, child in directory.entries.items()
-        if name not in directory.hidden
-    )
-
-
-_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
-
-
-def redirect_to_directory(request: Request, path: str) -> Response:
-    """301 from `path` to `path/`, as the real server answers a directory asked for without its slash:
-    an absolute Location on the Host the client used (a relative one when Host is missing or odd), the
-    query kept; text/html body naming the target. `path` is one of the tree's (never caller text)."""
-    target = path + "/"
-    query = urlencode([(k, v) for k, values in request.query.items() for v in values], safe=",:/")
-    host = request.header("host")
-    base = f"http://{host}" if host is not None and _HOST.fullmatch(host) else ""
-    location = base + target + (f"?{query}" if query else "")
-    return Response(301, f"{target}\n".encode(), "text/html", (*FLAVOR, ("location", location)))
 
 
 @dataclass(frozen=True)
@@ -411,11 +65,7 @@ class MetadataApi:
         self.clock = clock
         self._callers = CallerCache()
         self._audited = AuditOnce()
-        self._changed: anyio.Event | None = None  # made by the first wait (an Event needs a running loop)
-        self._closing = False
-        self._holds: dict[int | None, int] = {}  # held wait_for_change requests per caller uid
-        self.max_holds = max(1, config.max_connections // 2)
-        self.max_holds_per_caller = max(1, config.max_connections_per_caller // 2)
+        self._waits = Holds(config.max_connections, config.max_connections_per_caller)
         # Set by the daemon while it starts: why the source must not be asked yet (its identity's first load
         # still runs), else None. Token and ID-token requests then get the answer of an absent identity.
         self.held_back: Callable[[TokenSource], str | None] | None = None
@@ -433,13 +83,11 @@ class MetadataApi:
     @property
     def held(self) -> int:
         """wait_for_change requests held now."""
-        return sum(self._holds.values())
+        return self._waits.held
 
     def notify_changed(self) -> None:
         """What is served may have changed: held waits look at their value again now."""
-        changed, self._changed = self._changed, None
-        if changed is not None:
-            changed.set()
+        self._waits.notify_changed()
 
     def holds(self, request: Request) -> bool:
         """Whether answering `request` may take long (a wait_for_change): the HTTP layer then watches
@@ -448,8 +96,7 @@ class MetadataApi:
 
     def release_holds(self) -> None:
         """The server is stopping: every held wait answers now, and new ones are answered at once."""
-        self._closing = True
-        self.notify_changed()
+        self._waits.release()
 
     @property
     def email(self) -> str:
@@ -517,72 +164,12 @@ class MetadataApi:
             return answer
         if not watchable:
             return _text(400, "wait_for_change on a directory listing is not supported; add recursive=true")
-        return await self._wait_for_change(request, alt, answer)
+        return await self._waits.wait(request, answer, lambda: self._answer(request, alt))
 
     def _answer(self, request: Request, alt: str) -> tuple[Response | Endpoint, bool]:
-        """The answer for the tree's node at the request's path, or the endpoint (token, identity) that
-        answers it; and whether it can be watched (wait_for_change: a value or a recursive directory)."""
-        path = request.path
-        node = _find(self.tree(), path)
-        if node is None:
-            return _text(404, f"{path} is not served here ({self._not_served(path)})"), False
-        if isinstance(node, Directory):
-            if not path.endswith("/"):
-                return redirect_to_directory(request, path), False
-            recursive = request.query.get("recursive", [""])[-1].lower() == "true"
-            if recursive and path.startswith(V1):
-                if alt == "text":
-                    return _tagged(_text(200, "".join(line + "\n" for line in _text_lines(node)))), True
-                return _tagged(_json(200, _as_json(node))), True
-            return _tagged(_text(200, _listing(node))), False
-        if path.endswith("/"):
-            return _text(404, f"{path} is not a directory"), False
-        if isinstance(node, Endpoint):
-            return node, False
-        if alt == "json":
-            return _tagged(_json(200, _as_json(node))), True
-        return _tagged(_text(200, _value_text(node))), True
-
-    async def _wait_for_change(self, request: Request, alt: str, answer: Response) -> Response:
-        """`answer` (the current one) at once when `last_etag` names another ETag; else the first answer
-        whose ETag differs from the current one, or the current answer once `timeout_sec` passed (module
-        docstring: the real server's wait_for_change, bounded)."""
-        raw_timeout = request.query.get("timeout_sec", [str(MAX_WAIT_SECONDS)])[-1]
-        if not raw_timeout.isdigit() or not raw_timeout.isascii():
-            return _text(400, f"timeout_sec must be a whole number of seconds, not {raw_timeout[:32]!r}")
-        digits = raw_timeout.lstrip("0") or "0"
-        timeout = MAX_WAIT_SECONDS if len(digits) > 5 else min(int(digits), MAX_WAIT_SECONDS)
-        current = dict(answer.headers)["etag"]
-        last = request.query.get("last_etag", [None])[-1]
-        if (last is not None and last != current) or self._closing:
-            return answer
-        uid = request.peer.uid
-        if self._holds.get(uid, 0) >= self.max_holds_per_caller or self.held >= self.max_holds:
-            who = f"uid {uid}" if uid is not None else "unidentified callers"
-            return Response(
-                503,
-                f"too many wait_for_change requests held (for {who} at most {self.max_holds_per_caller}, for "
-                f"everyone at most {self.max_holds}); retry later".encode(),
-                "application/text",
-                (*FLAVOR, ("retry-after", str(HOLD_RETRY_AFTER))),
-            )
-        self._holds[uid] = self._holds.get(uid, 0) + 1
-        try:
-            deadline = anyio.current_time() + timeout
-            while not self._closing and (left := deadline - anyio.current_time()) > 0:
-                if self._changed is None:
-                    self._changed = anyio.Event()
-                with anyio.move_on_after(min(left, RECHECK_SECONDS)):
-                    await self._changed.wait()
-                now, _ = self._answer(request, alt)
-                if not isinstance(now, Response) or now.status != 200 or dict(now.headers).get("etag") != current:
-                    return now if isinstance(now, Response) else _text(404, f"{request.path} is no longer a value")
-                answer = now
-            return answer
-        finally:
-            held = self._holds.pop(uid, 1) - 1
-            if held:
-                self._holds[uid] = held
+        """The answer for the request's path in what is served now (metadata_tree.answer), and whether it can
+        be watched."""
+        return answer(self.tree(), request, alt, self._not_served)
 
     def _not_served(self, path: str) -> str:
         if path.startswith(ACCOUNTS) and (account := path.removeprefix(ACCOUNTS).split("/")[0]) not in (
@@ -597,7 +184,7 @@ class MetadataApi:
             return _text(400, "certificate-bound tokens (bindCertificateFingerprint) are not served by wlidd")
         try:
             asked = parse_scopes(request.query.get("scopes", []))
-        except ValueError as exc:
+        except InvalidValue as exc:
             return _text(400, f"bad scopes: {exc}")
         source, granted = self.source, self.scopes
         mint = bool(asked) and source.config.impersonate is not None and set(asked) != set(granted)
@@ -708,17 +295,18 @@ class MetadataApi:
         owner = await self._verify_peer(request, accepted)
         uid = owner.uid
         caller = await self._callers.get(None, uid, None)
-        reason = self.policy.token(self.source.name).check(caller, f"token {self.source.name!r}")
-        if reason is not None:
+        decision = self.policy.may_have_token(caller, self.source.name)
+        if decision.refusal is not None:
             key = {"listener": "metadata", "uid": uid}  # repeats are counted, not written (wlidd.logs)
-            audit.limited("warning", "access denied", key=key, route=request.path, user=caller.user, detail=reason)
-            raise ApiError(403, "forbidden", reason)
+            detail = decision.refusal
+            audit.limited("warning", "access denied", key=key, route=request.path, user=caller.user, detail=detail)
+            raise ApiError(403, "forbidden", decision.refusal)
         return _Caller(owner, caller)
 
     async def _verify_peer(self, request: Request, expected: TcpOwner | int | None) -> TcpOwner:
         """The owner of the calling socket, which must be ESTABLISHED, held by a process and (with
-        `expected`) the same as before; ApiError 403 saying why otherwise. Inline while the lookup is a
-        sock_diag query (microseconds), in a worker thread when it reads /proc (milliseconds)."""
+        `expected`) the same as before; PeerRefused (an ApiError 403) saying why otherwise. Inline while the
+        lookup is a sock_diag query (microseconds), in a worker thread when it reads /proc (milliseconds)."""
         remote, local = request.peer.tcp_remote, request.peer.tcp_local
         assert remote is not None and local is not None
         try:
@@ -732,51 +320,4 @@ class MetadataApi:
                 peer=request.peer.address,
                 detail=exc.message,
             )
-            raise ApiError(403, "forbidden", exc.message) from None
-
-
-def _find(root: Directory, path: str) -> Node | None:
-    """The node at `path` (`/a/b` or `/a/b/`), or None. Empty segments (`//`) match nothing."""
-    if not path.startswith("/"):
-        return None
-    node: Node = root
-    inner = path[1:].removesuffix("/")
-    for part in inner.split("/") if inner else ():
-        if not isinstance(node, Directory) or part not in node.entries:
-            return None
-        node = node.entries[part]
-    return node
-
-
-_DIRECTORIES = (
-    "/computeMetadata",
-    V1.rstrip("/"),
-    V1 + "instance",
-    V1 + "project",
-    V1 + "universe",
-    ACCOUNTS.rstrip("/"),
-)
-_METADATA_PATHS = frozenset(
-    {"/", V1 + "project/project-id", V1 + "project/numeric-project-id", V1 + "universe/universe-domain"}
-    | {directory + slash for directory in _DIRECTORIES for slash in ("", "/")}
-)
-_ACCOUNT_ROUTE = re.compile(
-    r"^/computeMetadata/v1/instance/service-accounts/[^/]+(?P<rest>/(?:aliases|email|identity|scopes|token)?)?$"
-)
-_ACCOUNT_TEMPLATE = ACCOUNTS + "{account}"
-# Every label metadata_route_template gives besides "other" (for tests that check the label set).
-METADATA_ROUTE_TEMPLATES = _METADATA_PATHS | {
-    _ACCOUNT_TEMPLATE + rest for rest in ("", "/", "/aliases", "/email", "/identity", "/scopes", "/token")
-}
-
-
-def metadata_route_template(path: str) -> str:
-    """A metadata path as a metrics label from a fixed set: the path itself for the fixed paths (the
-    directories with and without their slash), ".../service-accounts/{account}[/<leaf>]" for the account
-    paths, "other" for everything else."""
-    if path in _METADATA_PATHS:
-        return path
-    match = _ACCOUNT_ROUTE.match(path)
-    if match is not None:
-        return _ACCOUNT_TEMPLATE + (match["rest"] or "")
-    return "other"
+            raise

@@ -1,8 +1,8 @@
 """The /v1 routes: plain async Request -> Response functions over the published identity states.
 
 The route table (`Api.router`, `MetricsRoutes.router`) is a list of path templates; the template a request
-matched is its metrics label (wlidd.api.server). The daemon's health — /v1/health, /v1/status's daemon
-state, the identity and token gauges of /metrics — is one `Health` value (wlidd.health) per request; the
+matched is its metrics label (wlidd.api.server). The daemon's health — /v1/health, /v1/live, /v1/status's
+daemon state, the identity and token gauges of /metrics — is one `Health` value (wlidd.health) per request; the
 policy and the token sources are read from the one published `Runtime` (wlidd.runtime) per request.
 """
 
@@ -12,19 +12,24 @@ import datetime as dt
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wlidd import __version__
-from wlidd.api.authz import Caller, CallerCache, Policy, Rule, caller_fields, handout_audit
-from wlidd.api.server import OTHER_ROUTE, Endpoint, Handler, Request, Response, Router
+from wlidd.api.answers import routed
+from wlidd.api.authz import caller_fields, handout_audit
+from wlidd.api.peers import CallerCache
+from wlidd.api.server import Handler, Request, Response, Router
 from wlidd.clock import Clock, iso_z
-from wlidd.errors import ApiError
+from wlidd.errors import ApiError, TokenUnavailable
 from wlidd.health import DAEMON_STATES, Health, identity_problem
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.metrics import Metrics
+from wlidd.policy import Caller, Decision, Policy
 from wlidd.runtime import RuntimeRef
-from wlidd.tokens.manager import TokenSource, TokenUnavailable
-from wlidd.watch import CredentialWatcher, describe_source
+from wlidd.watch import CredentialWatcher
+
+if TYPE_CHECKING:  # the token machinery (httpx, PyJWT) is imported only when a config names a token
+    from wlidd.tokens.manager import TokenSource
 
 audit = get_logger("wlidd.audit")
 
@@ -35,7 +40,7 @@ def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, A
     state = watcher.current
     document: dict[str, Any] = {
         "source": watcher.source.config.source,
-        "path": describe_source(watcher.source),
+        "path": watcher.source.describe(),
         "valid": watcher.is_valid(now),
         "required": watcher.source.config.required,
         "spiffe_id": None,
@@ -110,6 +115,7 @@ class Api:
             [
                 ("/v1/status", self.status),
                 ("/v1/health", self.health_route),
+                ("/v1/live", self.live_route),
                 ("/v1/identity/{name}", self.identity),
                 ("/v1/credentials/{name}", self.credentials),
                 ("/v1/ready/{name}", self.ready),
@@ -136,11 +142,12 @@ class Api:
     async def __call__(self, request: Request) -> Response:
         return await self.route(request)[1](request)
 
-    def _watcher(self, name: str) -> CredentialWatcher | Response:
+    def _watcher(self, name: str) -> CredentialWatcher:
+        """The identity `name`'s watcher; ApiError 404 naming the configured ones otherwise."""
         watcher = self.watchers.get(name)
         if watcher is None:
             known = ", ".join(sorted(self.watchers)) or "none"
-            return Response.error(404, "unknown_identity", f"no identity named {name!r} (configured: {known})")
+            raise ApiError(404, "unknown_identity", f"no identity named {name!r} (configured: {known})")
         return watcher
 
     async def status(self, request: Request, _: dict[str, str]) -> Response:
@@ -173,6 +180,17 @@ class Api:
         status, document = self.health(self.clock()).answer()
         return Response.json(status, document)
 
+    async def live_route(self, request: Request, _: dict[str, str]) -> Response:
+        """/v1/live, for a liveness probe where no systemd watchdog runs (a Kubernetes pod): 503
+        {"status": "dead", "problems": {"listener/<name>": why}} while an accept loop is dead, else 200
+        {"status": "ok"} — the watchdog's decision (Health.liveness_problems, wlidd.daemon._watchdog).
+        Credential validity is not liveness: a degraded daemon answers 200 (SPECS.md §6). A stalled event
+        loop, the watchdog's other reason, answers nothing at all: the probe's timeout is its failure."""
+        problems = self.health(self.clock()).liveness_problems
+        if problems:
+            return Response.json(503, {"status": "dead", "problems": problems})
+        return Response.json(200, {"status": "ok"})
+
     async def ready(self, request: Request, params: dict[str, str]) -> Response:
         source = self.tokens.get(params["name"])
         if source is not None and params["name"] not in self.watchers:
@@ -183,8 +201,6 @@ class Api:
                 )
             return Response.json(200, {"ready": True, "name": source.name})
         watcher = self._watcher(params["name"])
-        if isinstance(watcher, Response):
-            return watcher
         reason = identity_problem(watcher, self.clock())
         if reason is not None:
             return Response.json(503, {"ready": False, "name": watcher.name, "reason": reason})
@@ -192,8 +208,6 @@ class Api:
 
     async def identity(self, request: Request, params: dict[str, str]) -> Response:
         watcher = self._watcher(params["name"])
-        if isinstance(watcher, Response):
-            return watcher
         state = watcher.current
         if state is None:
             return Response.error(503, "identity_unavailable", identity_problem(watcher, self.clock()) or "not loaded")
@@ -213,44 +227,36 @@ class Api:
             },
         )
 
-    async def _authorize(self, request: Request, rule: Rule, what: str, *, spiffe_default: bool) -> Caller | str:
-        """The caller (a Unix Caller, or an mTLS peer's SPIFFE ID) if `rule` allows it `what`; else 403
-        with a reason naming the caller (and an audit line). mTLS peers were admitted by the listener's
-        `allow`; a rule's spiffe_ids narrow that; a per-name rule without any refuses them, and a default
-        rule without any lets `spiffe_default` decide (Rule.check_spiffe). Denials are audited through the
-        repeat limiter: the first of each (caller, what) is written, repeats are counted."""
-        peer = request.peer
-        if peer.spiffe_id is not None:
-            from wlidd.svid.spiffeid import parse_spiffe_id
-
-            reason = rule.check_spiffe(parse_spiffe_id(peer.spiffe_id), what, allow_without_matchers=spiffe_default)
-            if reason is not None:
-                key = {"spiffe_id": peer.spiffe_id, "refused": what}  # repeats are counted, not written
-                audit.limited("warning", "access denied", key=key, route=request.path, detail=reason)
-                raise ApiError(403, "forbidden", reason)
-            return peer.spiffe_id
-        if peer.uid is None or peer.gid is None or peer.pid is None:
+    async def _authorize(self, request: Request, decide: Callable[[Caller], Decision]) -> Caller:
+        """The caller (`wlidd.api.peers.CallerCache.caller_of`: a local caller, an mTLS caller, or an
+        address) if the policy's decision allows it; else ApiError 403 with the decision's reason, which
+        names the caller and what it asked for (wlidd.policy). Denials are audited through the repeat
+        limiter: the first of each (caller, what) is written, repeats are counted."""
+        caller = await self._callers.caller_of(request.peer)
+        decision = decide(caller)
+        if decision.refusal is None:
+            return caller
+        if caller.spiffe_id is not None:
+            key = {"spiffe_id": str(caller.spiffe_id), "refused": decision.what}  # repeats counted, not written
+            audit.limited("warning", "access denied", key=key, route=request.path, detail=decision.refusal)
+        elif not caller.local:
             key = {"reason": "not a local Unix caller"}
-            audit.limited("warning", "access denied", key=key, route=request.path, peer=peer.address)
-            raise ApiError(403, "forbidden", f"{what} is only handed to local Unix callers on this listener")
-        caller = await self._callers.get(peer.pid, peer.uid, peer.gid, peer.groups)  # kernel groups
-        reason = rule.check(caller, what)
-        if reason is not None:
-            who = {"uid": caller.uid, "refused": what}  # the first of a kind is written, then a count
-            audit.limited(
-                "warning", "access denied", key=who, route=request.path, detail=reason, **caller_fields(caller)
-            )
-            raise ApiError(403, "forbidden", reason)
-        return caller
+            audit.limited("warning", "access denied", key=key, route=request.path, peer=caller.address)
+        else:
+            who = {"uid": caller.uid, "refused": decision.what}  # the first of a kind is written, then a count
+            fields = caller_fields(caller)
+            audit.limited("warning", "access denied", key=who, route=request.path, detail=decision.refusal, **fields)
+        raise ApiError(403, "forbidden", decision.refusal)
 
-    async def _serve_token(self, name: str, request: Request) -> tuple[dt.datetime, str, dt.datetime] | Response:
-        """(expire_time, value, now) of the token `name` for this caller, or the error to answer."""
+    async def _serve_token(self, name: str, request: Request) -> tuple[dt.datetime, str, dt.datetime]:
+        """(expire_time, value, now) of the token `name` for this caller; ApiError (404 unknown token, 403
+        refused, 503 TokenUnavailable) otherwise."""
         runtime = self.runtime.current  # the source and the rule of one config, whatever a reload does meanwhile
         source = runtime.tokens.get(name)
         if source is None:
             known = ", ".join(runtime.tokens) or "none"
-            return Response.error(404, "unknown_token", f"no token named {name!r} (configured: {known})")
-        caller = await self._authorize(request, runtime.policy.token(name), f"token {name!r}", spiffe_default=True)
+            raise ApiError(404, "unknown_token", f"no token named {name!r} (configured: {known})")
+        caller = await self._authorize(request, lambda caller: runtime.policy.may_have_token(caller, name))
         if self.held_back is not None and (reason := self.held_back(source)) is not None:
             raise TokenUnavailable(name, reason)  # the answer of an absent identity, without an upstream attempt
         token = await source.get()
@@ -268,14 +274,7 @@ class Api:
 
     async def credentials(self, request: Request, params: dict[str, str]) -> Response:
         watcher = self._watcher(params["name"])
-        if isinstance(watcher, Response):
-            return watcher
-        caller = await self._authorize(
-            request,
-            self.policy.credentials(watcher.name),
-            f"the credentials of {watcher.name!r}",
-            spiffe_default=False,
-        )
+        caller = await self._authorize(request, lambda caller: self.policy.may_have_credentials(caller, watcher.name))
         state = watcher.current
         now = self.clock()
         if state is None or not state.identity.svid.is_valid_at(now):
@@ -310,10 +309,7 @@ class Api:
         )
 
     async def token(self, request: Request, params: dict[str, str]) -> Response:
-        served = await self._serve_token(params["name"], request)
-        if isinstance(served, Response):
-            return served
-        expire_time, value, now = served
+        expire_time, value, now = await self._serve_token(params["name"], request)
         expires_in = max(0, int((expire_time - now).total_seconds()))
         # The body only changes when the token or the whole second of expires_in does: reuse it.
         key = (value, expires_in)
@@ -334,10 +330,8 @@ class Api:
     async def wif_token(self, request: Request, _: dict[str, str]) -> Response:
         if not self.tokens:
             raise ApiError(404, "no_tokens", "no token is configured ([tokens.<name>])")
-        served = await self._serve_token(next(iter(self.tokens)), request)
-        if isinstance(served, Response):
-            return served
-        return Response.text(200, served[1])
+        value = (await self._serve_token(next(iter(self.tokens)), request))[1]
+        return Response.text(200, value)
 
     async def prometheus(self, request: Request, _: dict[str, str]) -> Response:
         """The Prometheus exposition, its health gauges set from one Health first."""
@@ -349,52 +343,3 @@ class Api:
         for state in DAEMON_STATES:
             self.metrics.daemon_state.labels(state).set(1 if state == health.state else 0)
         return Response(200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
-
-
-def routed(router: Router, request: Request, not_found: str) -> tuple[str, Handler]:
-    """`request`'s route in `router`: (its template, the handler answering with it through `_answer`), or
-    ("other", a 404 naming `not_found`)."""
-    found = router.match(request.path)
-    if found is None:
-        return OTHER_ROUTE, lambda _request: _not_found(not_found)
-    template, endpoint, params = found
-    return template, lambda request: _answer(endpoint, request, params)
-
-
-async def _not_found(message: str) -> Response:
-    return Response.error(404, "not_found", message)
-
-
-async def _answer(route: Endpoint, request: Request, params: dict[str, str]) -> Response:
-    """`route`'s answer to a GET (HEAD: the same without the body); 405 naming GET for other methods."""
-    if request.method not in ("GET", "HEAD"):
-        return Response.error(
-            405,
-            "method_not_allowed",
-            f"{request.method} is not allowed on {request.path}; use GET",
-            headers=(("allow", "GET, HEAD"),),
-        )
-    response = await route(request, params)
-    if request.method == "HEAD":
-        return Response(response.status, b"", response.content_type, response.headers)
-    return response
-
-
-@dataclass
-class MetricsRoutes:
-    """The metrics listener's routes: GET /metrics (the Prometheus text exposition) and GET /v1/health,
-    the Unix socket's own handlers of the same `api`; every other path 404. Both answers are public (names
-    of identities, tokens and listeners, counts, validity, the reasons of a failing health), so no caller
-    is authorized; the listener only caps connections (per listener and per caller) and times them out."""
-
-    api: Api
-
-    def __post_init__(self) -> None:
-        self.router = Router([("/metrics", self.api.prometheus), ("/v1/health", self.api.health_route)])
-
-    def route(self, request: Request) -> tuple[str, Handler]:
-        """(the matched route's template — the metrics label —, the handler answering `request`)."""
-        return routed(self.router, request, f"no route {request.path} (this listener serves /metrics, /v1/health)")
-
-    async def __call__(self, request: Request) -> Response:
-        return await self.route(request)[1](request)

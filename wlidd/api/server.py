@@ -1,4 +1,5 @@
 """HTTP/1.1 server over anyio byte streams, driven by h11 (server side of httpcore's pattern).
+Long: the HTTP/1.1 server whole: fast path, h11 fallback, limits, held requests and drain share each connection.
 
 Routes are plain `Request -> Response` functions; this module owns sockets, limits and timeouts:
   - headers larger than `max_header_bytes` → 431; a body larger than `max_body_bytes` → 413;
@@ -36,14 +37,15 @@ clients check (gcp-metadata rejects any answer without it).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import http
 import json
 import re
 import socket
 import ssl
-import struct
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,31 +53,14 @@ from urllib.parse import parse_qs, unquote
 
 import anyio
 import h11
-from anyio.abc import ByteStream, SocketAttribute, SocketStream, UNIXSocketStream
-from anyio.streams.tls import TLSAttribute, TLSStream
+from anyio.abc import ByteStream, SocketStream, UNIXSocketStream
+from anyio.streams.tls import TLSStream
 
-from wlidd.api.authz import peer_groups
+from wlidd.api.peers import Peer, stream_peer
 from wlidd.errors import ApiError
 from wlidd.logs import get_logger
 
 log = get_logger("wlidd.api")
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Who is calling: Unix peer credentials (SO_PEERCRED) and/or a TLS peer's SPIFFE ID."""
-
-    uid: int | None = None
-    gid: int | None = None
-    pid: int | None = None
-    address: str = ""
-    spiffe_id: str | None = None
-    certificate: bytes | None = field(default=None, repr=False)  # a TLS peer's leaf, DER
-    verified_chain: tuple[bytes, ...] = field(default=(), repr=False)  # leaf … anchor, as OpenSSL verified it
-    tcp_remote: tuple[str, int] | None = None  # a TCP peer: its address, and ours, to find its uid on loopback
-    tcp_local: tuple[str, int] | None = None
-    groups: frozenset[int] | None = None  # a Unix peer's supplementary groups (SO_PEERGROUPS); None: unknown
-    inode: int | None = None  # a loopback TCP peer's socket inode found at accept (with uid: its owner then)
 
 
 @dataclass(frozen=True)
@@ -129,13 +114,16 @@ class Router:
     def __init__(self, routes: Iterable[tuple[str, Endpoint]]) -> None:
         self.routes = tuple(routes)
         self.templates = frozenset(template for template, _ in self.routes)
-        self._patterns = [(_template_pattern(template), template, endpoint) for template, endpoint in self.routes]
+        # Each row with its literal text up to the first `{`: a path without it cannot match the row.
+        self._patterns = [
+            (template.partition("{")[0], _template_pattern(template), template, endpoint)
+            for template, endpoint in self.routes
+        ]
 
     def match(self, path: str) -> tuple[str, Endpoint, dict[str, str]] | None:
         """(template, endpoint, {name: segment}) of the first route matching `path`, else None."""
-        for pattern, template, endpoint in self._patterns:
-            found = pattern.fullmatch(path)
-            if found is not None:
+        for prefix, pattern, template, endpoint in self._patterns:
+            if path.startswith(prefix) and (found := pattern.fullmatch(path)) is not None:
                 return template, endpoint, found.groupdict()
         return None
 
@@ -170,66 +158,6 @@ class ServerLimits:
     first_byte_timeout: float = 5.0  # seconds from accept to the first request byte (TLS handshake included)
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of a Unix socket peer, from SO_PEERCRED; None for other families."""
-    if sock.family != socket.AF_UNIX:
-        return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
-
-
-def stream_peer(stream: ByteStream) -> Peer:
-    """Who is on the other end: SO_PEERCRED for Unix sockets, the certificate for TLS."""
-    try:
-        der = stream.extra(TLSAttribute.peer_certificate_binary)
-    except anyio.TypedAttributeLookupError:
-        return unix_peer(stream)
-    try:
-        address = str(stream.extra(SocketAttribute.remote_address))
-    except anyio.TypedAttributeLookupError:
-        address = ""
-    return Peer(address=address, certificate=der, verified_chain=verified_chain(stream.extra(TLSAttribute.ssl_object)))
-
-
-def verified_chain(ssl_object: ssl.SSLObject) -> tuple[bytes, ...]:
-    """The peer chain OpenSSL verified, leaf to anchor, DER (public API from Python 3.13; before, the
-    same method on the private _sslobj)."""
-    getter = getattr(ssl_object, "get_verified_chain", None) or getattr(
-        getattr(ssl_object, "_sslobj", None), "get_verified_chain", None
-    )
-    if getter is None:
-        return ()
-    chain = getter() or []
-    der = getattr(ssl, "_ssl").ENCODING_DER  # noqa: B009  (the _ssl.Certificate encoding constant)
-    return tuple(c if isinstance(c, bytes) else c.public_bytes(der) for c in chain)
-
-
-def unix_peer(stream: ByteStream) -> Peer:
-    """`socket_peer` of the stream's socket (an empty Peer for a stream without one)."""
-    try:
-        sock = stream.extra(SocketAttribute.raw_socket)
-    except anyio.TypedAttributeLookupError:
-        return Peer()
-    return socket_peer(sock)
-
-
-def socket_peer(sock: socket.socket) -> Peer:
-    """Who is on the other end of an accepted socket: a Unix peer's kernel credentials (SO_PEERCRED,
-    SO_PEERGROUPS: both as of its connect()); a TCP peer's addresses (its uid is looked up from the
-    socket table, wlidd.api.peers). Raises OSError when the peer is already gone."""
-    creds = peer_credentials(sock)
-    if creds is None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            remote, local = sock.getpeername(), sock.getsockname()
-            return Peer(
-                address=f"{remote[0]}:{remote[1]}", tcp_remote=(remote[0], remote[1]), tcp_local=(local[0], local[1])
-            )
-        return Peer()
-    pid, uid, gid = creds
-    return Peer(uid=uid, gid=gid, pid=pid, address=f"pid={pid},uid={uid}", groups=peer_groups(sock))
-
-
 # RFC 9110 §15's reason phrases where they differ from Python's http.HTTPStatus (3.11 still says
 # "Request Entity Too Large"); every other status takes HTTPStatus's phrase (`status_text`).
 _STATUS_TEXT = {
@@ -250,20 +178,27 @@ def status_text(status: int) -> str:
         return _STATUS_CLASS.get(status // 100, "Status")
 
 
+_STATUS_LINES: dict[int, str] = {}  # status → its status line, for 100-599 (one entry per status served)
+
+
 def serialize_response(response: Response, *, close: bool, head: bool = False) -> bytes:
     """HTTP/1.1 bytes of a response. Every header is ours (no caller input); CR/LF are refused anyway."""
-    lines = [
-        f"HTTP/1.1 {response.status} {status_text(response.status)}",
-        f"content-type: {response.content_type}",
-        f"content-length: {len(response.body)}",
-        "cache-control: no-store",
-    ]
-    lines += [f"{name}: {value}" for name, value in response.headers]
-    if close:
-        lines.append("connection: close")
-    if any("\r" in line or "\n" in line for line in lines):
+    status = response.status
+    status_line = _STATUS_LINES.get(status)
+    if status_line is None:
+        status_line = f"HTTP/1.1 {status} {status_text(status)}"
+        if 100 <= status <= 599:
+            _STATUS_LINES[status] = status_line
+    fields = [("content-type", response.content_type), *response.headers]
+    if any("\r" in part or "\n" in part for field in fields for part in field):
         raise ValueError("response header with a line break")
-    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (b"" if head else response.body)
+    head_text = (
+        f"{status_line}\r\ncontent-type: {response.content_type}\r\ncontent-length: {len(response.body)}\r\n"
+        "cache-control: no-store\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in response.headers)
+        + ("connection: close\r\n\r\n" if close else "\r\n")
+    )
+    return head_text.encode("latin-1") + (b"" if head else response.body)
 
 
 class _Connection:
@@ -295,6 +230,193 @@ _BUSY = Response.error(503, "too_many_connections", "connection limit reached; r
 REQUEST_TIMEOUT = serialize_response(_TIMED_OUT, close=True)
 TOO_MANY_CONNECTIONS = serialize_response(_BUSY, close=True)
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+READ_AHEAD = 64 * 1024  # bytes a plain connection buffers ahead of the server; then reading pauses
+_STREAK = 16  # requests served from buffered bytes in a row before the connection yields to the others
+_scratch = memoryview(bytearray(READ_AHEAD))  # every plain connection reads into this, then keeps what came
+
+
+class _Reader(asyncio.BufferedProtocol):
+    """The event loop's side of a plain (non-TLS) connection. It reads whenever bytes arrive, the socket
+    registered with the loop once for the connection's life: anyio's socket streams add and remove the
+    socket's reader around every wait (bench/PROFILES.md), this is the cost it removes. At most READ_AHEAD
+    bytes wait here for the server (a client pipelining more finds reading paused, as it would find a
+    server that is not reading); they are read into one shared scratch buffer, as the loop reads one
+    socket at a time, and only what arrived is kept. Writes are not buffered (limits 0): `ProtocolStream.send`
+    waits until the kernel took every byte, as a socket send does."""
+
+    __slots__ = ("buffered", "chunks", "eof", "error", "lost", "paused", "readable", "transport", "writable")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0  # bytes in `chunks`
+        self.eof = False  # the peer shut its writing half (its last bytes may still be in `chunks`)
+        self.lost = False  # the transport is gone (closed by us, reset or broken); `error` says why, if known
+        self.error: BaseException | None = None
+        self.paused = False  # reading paused: READ_AHEAD bytes are waiting
+        self.readable: asyncio.Future[None] | None = None  # a receive waiting for bytes
+        self.writable: asyncio.Future[None] | None = None  # a send waiting for the kernel to take its bytes
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(0)  # pause_writing as soon as a write is not taken whole
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _scratch[: max(READ_AHEAD - self.buffered, 1)]  # reading pauses at READ_AHEAD anyway
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.chunks.append(bytes(_scratch[:nbytes]))
+        self.buffered += nbytes
+        if self.buffered >= READ_AHEAD and self.transport is not None:
+            self.transport.pause_reading()
+            self.paused = True
+        _wake(self.readable)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        _wake(self.readable)
+        return True  # keep the writing half open: an answer may still go out (a 400 for a cut request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost, self.error = True, exc
+        _wake(self.readable)
+        _wake(self.writable)
+
+    def pause_writing(self) -> None:
+        return None  # `send` waits on the transport's buffer itself
+
+    def resume_writing(self) -> None:
+        _wake(self.writable)
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+class ProtocolStream(SocketStream):
+    """A plain accepted socket as an anyio socket stream, served from an asyncio protocol (`_Reader`).
+
+    The same contract as anyio's socket streams: `receive` returns the bytes that arrived (at most
+    `max_bytes`) or raises EndOfStream when the peer shut its side, BrokenResourceError when the
+    connection broke, ClosedResourceError once `aclose` was called (from any task: a receive or send
+    waiting meanwhile is woken with it); `send` returns when the kernel took every byte. Unlike them,
+    a receive of bytes already buffered does not go through the event loop, except once every _STREAK
+    in a row, so a client pipelining many requests cannot hold the loop."""
+
+    def __init__(self, sock: socket.socket, transport: asyncio.Transport, reader: _Reader) -> None:
+        self._sock = sock
+        self._transport = transport
+        self._reader = reader
+        self._closed = False
+        self._streak = 0  # receives in a row answered from buffered bytes
+        self._receiving = self._sending = False
+
+    @classmethod
+    async def from_accepted(cls, sock: socket.socket) -> ProtocolStream:
+        """Serve an accepted, connected socket (it belongs to the stream from now on)."""
+        loop = asyncio.get_running_loop()
+        transport, reader = await loop.connect_accepted_socket(_Reader, sock)
+        return cls(sock, transport, reader)
+
+    @property
+    def _raw_socket(self) -> socket.socket:
+        return self._sock
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken by `receive` (at most READ_AHEAD)."""
+        return self._reader.buffered
+
+    @property
+    def reading(self) -> bool:
+        """Whether the event loop reads the socket now: False while READ_AHEAD bytes wait, and once the
+        connection is closed."""
+        return self._transport.is_reading()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._receiving:  # as anyio's streams: one receiver at a time
+            raise anyio.BusyResourceError("reading from")
+        self._receiving = True
+        try:
+            return await self._receive(max_bytes)
+        finally:
+            self._receiving = False
+
+    async def _receive(self, max_bytes: int) -> bytes:
+        reader = self._reader
+        if reader.chunks and not self._closed:
+            self._streak += 1
+            if self._streak >= _STREAK:
+                self._streak = 0
+                await asyncio.sleep(0)
+        while not reader.chunks or self._closed:
+            self._streak = 0
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if reader.lost and reader.error is not None:
+                raise anyio.BrokenResourceError from reader.error
+            if reader.eof or reader.lost:
+                raise anyio.EndOfStream
+            reader.readable = asyncio.get_running_loop().create_future()
+            try:
+                await reader.readable
+            finally:
+                reader.readable = None
+        chunk = reader.chunks.popleft()
+        if len(chunk) > max_bytes:
+            chunk, rest = chunk[:max_bytes], chunk[max_bytes:]
+            reader.chunks.appendleft(rest)
+        reader.buffered -= len(chunk)
+        if reader.paused and reader.buffered <= READ_AHEAD // 2:
+            reader.paused = False
+            self._transport.resume_reading()
+        return chunk
+
+    async def send(self, item: bytes) -> None:
+        if self._sending:  # as anyio's streams: one sender at a time
+            raise anyio.BusyResourceError("writing to")
+        self._sending = True
+        try:
+            await self._send(item)
+        finally:
+            self._sending = False
+
+    async def _send(self, item: bytes) -> None:
+        reader = self._reader
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if reader.lost or self._transport.is_closing():
+            raise anyio.BrokenResourceError from reader.error
+        self._transport.write(item)  # sends at once; what the kernel does not take waits in the transport
+        while self._transport.get_write_buffer_size() and not self._transport.is_closing():
+            reader.writable = asyncio.get_running_loop().create_future()
+            try:
+                await reader.writable
+            finally:
+                reader.writable = None
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._transport.is_closing():  # the write failed (the peer went away), or it was aborted
+            raise anyio.BrokenResourceError from reader.error
+
+    async def send_eof(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.write_eof()
+
+    async def aclose(self) -> None:
+        """Close now: the socket is closed when this returns (bytes the kernel did not take yet are
+        dropped, as anyio's aclose does); a receive or send waiting in another task gets
+        ClosedResourceError."""
+        if not self._closed:
+            self._closed = True
+            self._transport.abort()  # unregisters the socket from the loop at once
+            self._sock.close()  # the transport's own close, a moment later, finds it closed
+            _wake(self._reader.readable)
+            _wake(self._reader.writable)
 
 
 class HttpServer:
@@ -377,8 +499,10 @@ class HttpServer:
         (wlidd.api.peers), recorded on the Peer; Unix peers are identified from the socket itself.
         """
         try:
-            if conn.family == socket.AF_UNIX:
-                stream: ByteStream = await UNIXSocketStream.from_socket(conn)
+            if tls is None:  # the hot path: read by an asyncio protocol (ProtocolStream)
+                stream: ByteStream = await ProtocolStream.from_accepted(conn)
+            elif conn.family == socket.AF_UNIX:
+                stream = await UNIXSocketStream.from_socket(conn)
             else:
                 stream = await SocketStream.from_socket(conn)
         except (OSError, ValueError):  # anyio: ValueError "the socket must be connected" (a reset peer)
@@ -518,6 +642,7 @@ class HttpServer:
                 serialize_response(with_headers(Response.error(status, code, message), self.headers), close=True)
             )
 
+    # long: one connection's request loop: the pending bytes, the fast path and the h11 fallback share its state
     async def _serve(self, connection: _Connection, peer: Peer) -> None:
         stream = connection.stream
         limit = self.limits.max_header_bytes
@@ -638,7 +763,7 @@ class HttpServer:
     ) -> Request:
         target = target_bytes.decode("latin-1")
         headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw_headers)
-        absolute = _ABSOLUTE_FORM.fullmatch(target)
+        absolute = None if target.startswith("/") else _ABSOLUTE_FORM.fullmatch(target)  # origin form: no match
         if absolute is not None:  # RFC 9112 §3.2.2: the target's authority replaces the Host header
             authority = absolute["authority"].rpartition("@")[2]
             target = absolute["rest"] if absolute["rest"].startswith("/") else "/" + absolute["rest"]

@@ -178,6 +178,7 @@ class CertificateAuthority:
             return self.intermediate, self.intermediate_key
         return self.root, self.root_key
 
+    # long: one certificate builder whose every option is a defect fixture's knob
     def issue_svid(
         self,
         path: str = "/ns/default/sa/app",

@@ -1,6 +1,7 @@
 """`wlidd demo`: a local CA rotating GCE-style SVIDs, emulated upstreams, and the real daemon serving
 identities and tokens from all three flows (entra-sts, x509-sts, gce-metadata) on every listener:
 the Unix socket, the SPIFFE Workload API, mTLS (for a demo client SVID) and the GCE metadata API.
+Long: the demo as one script: its config, its commands and its run.
 
 Once the daemon is ready (and its first tokens are servable) the demo prints one block of
 copy-paste commands with absolute paths, one per way in (`demo_commands`); tests/test_demo.py runs
@@ -44,6 +45,7 @@ SERVICE_ACCOUNT = "app@demo-project.iam.gserviceaccount.com"
 FIRST_TOKENS_TIMEOUT = 20.0  # seconds the demo waits for its first tokens before printing the commands
 
 
+# long: the demo's config file as the user reads it (one TOML template)
 def write_demo_config(
     base: Path,
     secrets: Path,
@@ -233,6 +235,7 @@ def _needs(modules: tuple[str, ...], packages: str, python: str) -> str:
     return f"   # needs: {_q(python)} -m pip install {packages}"
 
 
+# long: the demo's copy-paste block, one line per command
 def demo_commands(e: DemoEndpoints) -> list[str]:
     """The demo's copy-paste block: comment lines (`# ...`) heading shell commands, one a line, each
     runnable from any directory by the demo's user (absolute paths; pasted into sh or bash as is)."""
@@ -346,6 +349,7 @@ async def _first_tokens(daemon: Daemon) -> list[str]:
     return problems
 
 
+# long: the demo's script in order: CA, upstreams, daemon, the printed commands, rotations, stop
 async def _run_demo(base: Path, rotate_every: float, ttl: float, duration: float, tokens: bool) -> None:
     base.mkdir(parents=True, exist_ok=True)
     secrets = base / "secrets"

@@ -1,5 +1,6 @@
 """Strict local stand-ins for Entra ID, Google STS (plain and mTLS), IAM Credentials and the GCE
 metadata server: real HTTPS servers on loopback that check what the real services check.
+Long: every emulated upstream with the checks the real service makes, which the tests rely on.
 
     Entra ID    POST /{tenant}/oauth2/v2.0/token        client-credentials grant with a client assertion:
                 signature against the registered certificate (found by x5t#S256 or x5t), alg PS256/RS256,
@@ -49,7 +50,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from wlidd.api.server import Handler, HttpServer, Peer, Request, Response, ServerLimits
+from wlidd.api.peers import Peer
+from wlidd.api.server import Handler, HttpServer, Request, Response, ServerLimits
 from wlidd.emulator.ca import CertificateAuthority, cert_pem, issue_server_cert, key_pem
 from wlidd.emulator.produced import remember
 

@@ -1,4 +1,5 @@
 """Reading one identity's files as a set, and turning them into a validated Svid.
+Long: every source layout's files and the mid-write retry policy, read as one set.
 
 `CredentialSource.read()` is the only file I/O. Every source reads its set through one resolution:
 each path is resolved to its real path (through a GCE symlink swap, a Kubernetes ``..data`` link, a
@@ -21,12 +22,19 @@ import stat
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, assert_never
 
 import anyio.to_thread
 
 from wlidd.clock import Clock, utc_now
-from wlidd.config import IdentityConfig, read_certificate_config
-from wlidd.errors import ConfigError, RetryableSvidError, SvidError
+from wlidd.config import (
+    CertificateConfigIdentityConfig,
+    FilesIdentityConfig,
+    GceIdentityConfig,
+    IdentityConfig,
+    read_certificate_config,
+)
+from wlidd.errors import ConfigError, NotRegularFile, RetryableSvidError, SvidError
 from wlidd.svid.model import BundleProblem, BundleSet, Identity, TrustBundle
 from wlidd.svid.parse import (
     MAX_FILE_BYTES,
@@ -68,10 +76,6 @@ class CredentialFiles:
         for trust_domain, error in self.bundle_errors:
             digest.update(f"{trust_domain}\0{error.reason}".encode())
         return digest.hexdigest()
-
-
-class NotRegularFile(OSError):
-    """The path names a FIFO, a device, a socket or a directory: not a file wlidd reads."""
 
 
 def read_regular_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
@@ -191,61 +195,146 @@ reported at once. Every other refusal may be a set caught mid-write and is retri
 briefly unreadable too (`install -m 0644` creates it 0600 and chmods it after the copy)."""
 
 
+class SourcePlan(Protocol):
+    """Where one source's files are: one class per identity `source` (GcePlan, CertificateConfigPlan,
+    FilesPlan), chosen by the config's type when its CredentialSource is made (`plan_for`)."""
+
+    def roles(self) -> dict[str, Path]:
+        """The files to read as one set, by role: "chain", "key", "bundle", "trust_bundles" (GCE, read
+        when present), "bundle:<trust domain>" per federated bundle, "certificate_config" (resolved
+        with the set, never read as part of it). Raises SvidError when the set cannot be located now
+        (RetryableSvidError when that may be a rotation in progress)."""
+        ...
+
+    def watched(self) -> list[Path]:
+        """The paths whose directories (and the links on the way to them) are watched for a new set;
+        never raises (a set that cannot be located now is watched where it will appear)."""
+        ...
+
+    def describe(self) -> str:
+        """The one path that names this source in the status (`/v1/status` "path")."""
+        ...
+
+
+def _bundle_roles(bundle: Path | None, bundles: Mapping[str, Path]) -> dict[str, Path]:
+    roles = {"bundle": bundle} if bundle is not None else {}
+    return roles | {f"bundle:{trust_domain}": path for trust_domain, path in sorted(bundles.items())}
+
+
+@dataclass(frozen=True)
+class GcePlan:
+    """source = "gce": a directory holding certificates.pem, private_key.pem (or `key`) and
+    ca_certificates.pem or trust_bundles.json (or `bundle`): the GCE guest agent's symlink swap, a GKE/CSI
+    plain directory written by the Kubernetes atomic writer, or files renamed into it (SPECS.md §1.2)."""
+
+    config: GceIdentityConfig
+
+    def _paths(self) -> dict[str, Path]:
+        base, cfg = self.config.gce_dir(), self.config
+        roles = {"chain": base / GCE_CHAIN, "key": cfg.key or base / GCE_KEY}
+        if cfg.bundle is None:
+            roles |= {"trust_bundles": base / GCE_TRUST_BUNDLES, "bundle": base / GCE_CA}
+        return roles | _bundle_roles(cfg.bundle, cfg.bundles)
+
+    def roles(self) -> dict[str, Path]:
+        directory = self.config.gce_dir()
+        if not real_path(directory).is_dir():
+            raise RetryableSvidError("file_missing", f"{directory} does not lead to a directory (yet)")
+        return self._paths()
+
+    def watched(self) -> list[Path]:
+        return [*self._paths().values(), self.config.gce_dir()]  # the directory link's swap, its creation
+
+    def describe(self) -> str:
+        return str(self.config.gce_dir())
+
+
+@dataclass(frozen=True)
+class CertificateConfigPlan:
+    """source = "certificate_config": the chain and key named by the "workload" entry of a
+    certificate_config.json (SPECS.md §1.1, as Google's client libraries read it), read again with every set."""
+
+    config: CertificateConfigIdentityConfig
+    environ: Mapping[str, str] = field(repr=False)
+
+    @property
+    def path(self) -> Path:
+        return self.config.certificate_config_path(self.environ)
+
+    def roles(self) -> dict[str, Path]:
+        path = self.path
+        try:
+            chain, key = read_certificate_config(path)
+        except ConfigError as exc:
+            if not path.exists():
+                raise RetryableSvidError("file_missing", exc.message) from None
+            raise SvidError("certificate_config_invalid", exc.message) from None
+        roles = {"certificate_config": path, "chain": chain, "key": key}
+        return roles | _bundle_roles(self.config.bundle, self.config.bundles)
+
+    def watched(self) -> list[Path]:
+        try:
+            return list(self.roles().values())
+        except SvidError:  # certificate_config.json missing or unreadable: watch it and the bundles
+            return [self.path, *_bundle_roles(self.config.bundle, self.config.bundles).values()]
+
+    def describe(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class FilesPlan:
+    """source = "files": the cert (chain), key and bundle paths as configured."""
+
+    config: FilesIdentityConfig
+
+    def roles(self) -> dict[str, Path]:
+        roles = {"chain": self.config.cert, "key": self.config.key}
+        return roles | _bundle_roles(self.config.bundle, self.config.bundles)
+
+    def watched(self) -> list[Path]:
+        return list(self.roles().values())
+
+    def describe(self) -> str:
+        return os.fspath(self.config.cert)
+
+
+def plan_for(config: IdentityConfig, environ: Mapping[str, str]) -> SourcePlan:
+    """The plan of `config`'s source, chosen by its type."""
+    match config:
+        case GceIdentityConfig():
+            return GcePlan(config)
+        case CertificateConfigIdentityConfig():
+            return CertificateConfigPlan(config, environ)
+        case FilesIdentityConfig():
+            return FilesPlan(config)
+    assert_never(config)
+
+
 @dataclass(frozen=True)
 class CredentialSource:
-    """Where one identity's files are; `read()` returns them as one consistent set.
-
-    Sources: "gce" (a directory holding certificates.pem, private_key.pem and ca_certificates.pem or
-    trust_bundles.json: the GCE guest agent's symlink swap, a GKE/CSI plain directory written by the
-    Kubernetes atomic writer, or files renamed into it), "certificate_config" (certificate_config.json
-    naming cert and key, as Google's client libraries read it) and "files" (cert, key, bundle paths).
-    """
+    """Where one identity's files are; `read()` returns them as one consistent set. Where the files are
+    is its source's plan (`plan`, chosen by the config's type: GcePlan, CertificateConfigPlan, FilesPlan)."""
 
     name: str
     config: IdentityConfig
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+    plan: SourcePlan = field(init=False, repr=False, compare=False)
 
-    def paths(self) -> dict[str, Path]:
-        """The files this source reads, by role: "chain", "key", "bundle", "trust_bundles" (GCE, read
-        when present), "bundle:<trust domain>" per federated bundle, and "certificate_config".
-        Raises ConfigError when certificate_config.json cannot be read (the caller decides how)."""
-        cfg = self.config
-        roles: dict[str, Path] = {}
-        if cfg.source == "gce":
-            base = cfg.gce_dir()
-            roles["chain"] = base / GCE_CHAIN
-            roles["key"] = cfg.key or base / GCE_KEY
-            if cfg.bundle is None:
-                roles["trust_bundles"] = base / GCE_TRUST_BUNDLES
-                roles["bundle"] = base / GCE_CA
-        elif cfg.source == "certificate_config":
-            config_path = cfg.certificate_config_path(self.environ)
-            roles["certificate_config"] = config_path
-            roles["chain"], roles["key"] = read_certificate_config(config_path)
-        else:
-            assert cfg.cert is not None and cfg.key is not None
-            roles["chain"], roles["key"] = cfg.cert, cfg.key
-        if cfg.bundle is not None:
-            roles["bundle"] = cfg.bundle
-        for trust_domain, path in sorted(cfg.bundles.items()):
-            roles[f"bundle:{trust_domain}"] = path
-        return roles
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plan", plan_for(self.config, self.environ))
+
+    def describe(self) -> str:
+        """The path that names this source (see SourcePlan.describe)."""
+        return self.plan.describe()
 
     def watch_dirs(self) -> list[Path]:
         """Real directories whose events may mean a new set: every file's directory, each directory
         holding a link met on the way to it (a GCE swap, ``..data``, a re-pointed parent link) and the
         directory its target is in. Compared after every event burst and periodic re-read: when a
         link now leads elsewhere, the watches move (wlidd.watch)."""
-        cfg = self.config
-        try:
-            paths = list(self.paths().values())
-        except ConfigError:  # certificate_config.json unreadable: watch it and the bundles
-            paths = [cfg.certificate_config_path(self.environ)]
-            paths += [p for p in (cfg.bundle, *cfg.bundles.values()) if p is not None]
-        if cfg.source == "gce":
-            paths.append(cfg.gce_dir())  # a swap of the directory link itself, and its creation
         dirs: list[Path] = []
-        for path in paths:
+        for path in self.plan.watched():
             dirs.extend(link_parents(path))
         return list(dict.fromkeys(dirs))
 
@@ -256,16 +345,7 @@ class CredentialSource:
         progress, SvidError for a file that cannot be read (file_unreadable, file_is_directory,
         resources_exhausted, certificate_config_invalid, *_too_large). A federated bundle that cannot
         be read is not raised: it is returned in `bundle_errors`."""
-        cfg = self.config
-        try:
-            roles = self.paths()
-        except ConfigError as exc:
-            config_path = cfg.certificate_config_path(self.environ)
-            if not config_path.exists():
-                raise RetryableSvidError("file_missing", exc.message) from None
-            raise SvidError("certificate_config_invalid", exc.message) from None
-        if cfg.source == "gce" and not real_path(cfg.gce_dir()).is_dir():
-            raise RetryableSvidError("file_missing", f"{cfg.gce_dir()} does not lead to a directory (yet)")
+        roles = self.plan.roles()
         resolved = {role: real_path(path) for role, path in roles.items()}
         if "trust_bundles" in resolved:
             if resolved["trust_bundles"].exists():
@@ -307,6 +387,7 @@ class CredentialSource:
 MAX_BUNDLE_PROBLEMS = 64  # federated domains reported per set; the rest are counted in the last entry's message
 
 
+# long: the checks of one credential set in order, each refusal with its reason
 def build_identity(
     files: CredentialFiles,
     now: dt.datetime,
@@ -378,6 +459,7 @@ def build_identity(
 Sleep = Callable[[float], Awaitable[bool | None]]
 
 
+# long: the mid-write retry policy: its docstring and its one loop (settle window, read caps) together
 async def load_identity(
     source: CredentialSource,
     *,

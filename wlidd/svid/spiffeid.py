@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from wlidd.errors import SvidError
+from wlidd.errors import InvalidValue, SvidError
 from wlidd.svid.model import SpiffeId
 
 MAX_SPIFFE_ID_BYTES = 2048
@@ -123,27 +123,31 @@ class Matcher:
 
 
 def parse_matcher(pattern: str) -> Matcher:
-    """Parse a matcher, or ValueError saying what is wrong with it (a ValueError, so a config model's
-    validator reports it against the key that holds the pattern)."""
+    """Parse a matcher, or InvalidValue ("spiffe_id_matcher") saying what is wrong with it (a config
+    model's validator turns it into the ValueError pydantic reports against the key holding the pattern)."""
     if not pattern.startswith("spiffe://"):
-        raise ValueError(f"{pattern!r} is not a SPIFFE ID matcher (must start with spiffe://)")
+        raise _bad_matcher(f"{pattern!r} is not a SPIFFE ID matcher (must start with spiffe://)")
     trust_domain, slash, path = pattern.removeprefix("spiffe://").partition("/")
     try:
         parse_trust_domain(trust_domain)
     except SvidError as exc:
-        raise ValueError(f"{pattern!r}: {exc.message}") from None
+        raise _bad_matcher(f"{pattern!r}: {exc.message}") from None
     if not slash:
         return Matcher(trust_domain, None, pattern)
     segments = tuple(path.split("/"))
     for index, segment in enumerate(segments):
         if segment == "**" and index != len(segments) - 1:
-            raise ValueError(f"{pattern!r}: '**' may only be the last segment")
+            raise _bad_matcher(f"{pattern!r}: '**' may only be the last segment")
         if segment not in ("*", "**"):
             try:
                 parse_spiffe_id(f"spiffe://{trust_domain}/{segment}")
             except SvidError as exc:
-                raise ValueError(f"{pattern!r}: {exc.message}") from None
+                raise _bad_matcher(f"{pattern!r}: {exc.message}") from None
     return Matcher(trust_domain, segments, pattern)
+
+
+def _bad_matcher(message: str) -> InvalidValue:
+    return InvalidValue("spiffe_id_matcher", message)
 
 
 def match_any(spiffe_id: SpiffeId, matchers: tuple[Matcher, ...]) -> bool:

@@ -1,10 +1,15 @@
 """The three token flows: each turns the current identity (if any) into a Token.
+Long: the three flows' chains of upstream calls, side by side.
 
 entra-sts     assertion signed with the identity's (or entra.cert's) RSA key → Entra ID token
               → STS exchange (jwt) → [IAM generateAccessToken]
 x509-sts      STS exchange over mTLS with the SVID (subject token = its chain) → [IAM over the same mTLS]
               the token never outlives the certificate it was obtained with
 gce-metadata  the metadata server's service account token
+
+Each flow's calls are one class (EntraStsSteps, X509StsSteps, GceMetadataSteps: `FlowSteps`), chosen once by the
+config's type when the Flow is made (`steps_for`); the Flow keeps what they share: its clients and the
+federated token.
 
 HTTP clients: a Flow owns every client it makes and closes one only when nothing can use it any more.
 A client stays open while it is the plain client, the current mTLS client, the client of the federated
@@ -38,12 +43,19 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar, assert_never
 
 import anyio
 import httpx
 from cryptography import x509
 
-from wlidd.config import TokenConfig
+from wlidd.config import (
+    EntraStsTokenConfig,
+    GceMetadataTokenConfig,
+    StsTokenConfig,
+    TokenConfig,
+    X509StsTokenConfig,
+)
 from wlidd.errors import SvidError, UpstreamError
 from wlidd.svid.load import read_regular_file
 from wlidd.svid.parse import MAX_FILE_BYTES, parse_chain, parse_private_key
@@ -57,6 +69,8 @@ from wlidd.tokens.providers.sts import JWT_TOKEN_TYPE, MTLS_TOKEN_TYPE, exchange
 Transports = Callable[[IdentitySnapshot | None], httpx.AsyncBaseTransport]
 """The transport of one new HTTP client: called with None for the plain client, with the identity state whose
 SVID an mTLS client presents. May raise UpstreamError (`wlidd_ca_file`: nothing is sent then)."""
+
+StsVariant = TypeVar("StsVariant", bound=StsTokenConfig)
 
 
 def tls_transports(ca_file: Path | None) -> Transports:
@@ -171,11 +185,15 @@ class Flow:
     _open: list[httpx.AsyncClient] = field(default_factory=list, repr=False)  # every client not yet closed
     _uses: dict[int, int] = field(default_factory=dict, repr=False)  # id(client) → calls in flight on it
     _closed: bool = field(default=False, repr=False)
+    steps: FlowSteps = field(init=False, repr=False)  # the flow's own calls, chosen by the config's type
+
+    def __post_init__(self) -> None:
+        self.steps = steps_for(self.config)
 
     @property
     def mints_id_tokens(self) -> bool:
         """ID tokens come from IAM generateIdToken (when impersonating) or a metadata upstream."""
-        return self.config.flow == "gce-metadata" or self.config.impersonate is not None
+        return self.steps.mints_id_tokens
 
     @property
     def plain(self) -> httpx.AsyncClient:
@@ -251,48 +269,18 @@ class Flow:
     async def fetch(self, now: dt.datetime) -> Token:
         _report()
         self._check_open()
-        if self.config.flow == "entra-sts":
-            return await self._entra_sts(now)
-        if self.config.flow == "x509-sts":
-            return await self._x509_sts(now)
-        return await self._metadata(now)
-
-    def _entra_signer(self, now: dt.datetime) -> tuple[object, x509.Certificate]:
-        entra = self.config.entra
-        assert entra is not None
-        if entra.cert is not None and entra.key is not None:
-            try:  # regular files only: a FIFO would block the event loop (preflight.read_regular_file)
-                key = parse_private_key(read_regular_file(entra.key, MAX_FILE_BYTES))
-                return key, parse_chain(read_regular_file(entra.cert, MAX_FILE_BYTES))[0]
-            except OSError as exc:
-                raise UpstreamError(
-                    "entra", f"cannot read entra.cert/entra.key: {exc.strerror}", code="signer", retryable=False
-                ) from None
-            except SvidError as exc:
-                raise UpstreamError(
-                    "entra", f"entra.cert/entra.key: {exc.message}", code="signer", retryable=False
-                ) from None
-        state = _require_identity(self.current_identity, self.config.identity, now)
-        return state.identity.svid.private_key, state.identity.svid.leaf
+        return await self.steps.token(self, now)
 
     def id_token_unsupported(self) -> UpstreamError | None:
         """Why this flow cannot mint ID tokens (code id_token_unsupported), or None when it can."""
-        if self.mints_id_tokens:
-            return None
-        return UpstreamError(
-            "wlidd",
-            f"flow {self.config.flow} mints no ID tokens without a service account to impersonate "
-            "(impersonate.service_account)",
-            code="id_token_unsupported",
-            retryable=False,
-        )
+        return None if self.mints_id_tokens else _id_token_unsupported(self.config.flow)
 
     def needs_federated(self, now: dt.datetime) -> bool:
         """True when a mint (an ID token, a scoped token) needs a new STS exchange first: generateIdToken
         and generateAccessToken are called with the federated token, and the last one is missing or within
         `skew` of its expiry (or of the end of the certificate it is bound to). The caller renews it through
         the token source's refresh (single-flight, min_interval, counted), never from here."""
-        if self.config.flow == "gce-metadata" or self.config.impersonate is None:
+        if not self.steps.mints_with_federated:
             return False
         federated = self._federated
         return federated is None or (federated[1] - now).total_seconds() < self.config.skew
@@ -305,24 +293,7 @@ class Flow:
         one upstream call, never a chain)."""
         _report()
         self._check_open()
-        if self.config.flow == "gce-metadata":
-            meta = self.config.metadata_config()
-            async with self._using(self.plain) as client:
-                return await fetch_metadata_identity(client, meta.url, account=meta.account, audience=audience)
-        imp = self.config.impersonate
-        if imp is None:
-            unsupported = self.id_token_unsupported()
-            assert unsupported is not None
-            raise unsupported
-        bearer, client = self._federated_for("an ID token", now)
-        async with self._using(client):
-            return await generate_id_token(
-                client,
-                self.config.impersonate_base(),
-                service_account=imp.service_account,
-                bearer=bearer,
-                audience=audience,
-            )
+        return await self.steps.id_token(self, audience, now)
 
     async def fetch_scoped_token(self, scopes: Sequence[str], now: dt.datetime) -> tuple[str, dt.datetime]:
         """One IAM generateAccessToken call for exactly `scopes` (with `impersonate.lifetime` and
@@ -331,16 +302,101 @@ class Flow:
         no service account, `wlidd_no_federated_token` when `needs_federated` (refresh first)."""
         _report()
         self._check_open()
+        return await self.steps.scoped_token(self, scopes, now)
+
+    def _federated_for(self, what: str, now: dt.datetime) -> tuple[str, httpx.AsyncClient]:
+        federated = self._federated
+        if federated is None or self.needs_federated(now):
+            raise UpstreamError("wlidd", f"no current federated token to mint {what} with", code="no_federated_token")
+        return federated[0], federated[2]
+
+    async def _keep_federated(self, token: str, expiry: dt.datetime, client: httpx.AsyncClient) -> None:
+        """Keep the federated token of the last exchange (and the client it came over) for mints."""
+        self._federated = (token, expiry, client)
+        await self._close_unused()  # the previous federated token's client, if nothing else holds it
+
+
+def _id_token_unsupported(flow: str) -> UpstreamError:
+    return UpstreamError(
+        "wlidd",
+        f"flow {flow} mints no ID tokens without a service account to impersonate (impersonate.service_account)",
+        code="id_token_unsupported",
+        retryable=False,
+    )
+
+
+def _no_scoped_tokens(name: str) -> UpstreamError:
+    return UpstreamError(
+        "wlidd",
+        f"token {name!r} impersonates no service account, so it mints no token with other scopes",
+        code="other",
+        retryable=False,
+    )
+
+
+class FlowSteps(Protocol):
+    """One token flow's upstream calls: one class per `flow` (EntraStsSteps, X509StsSteps, GceMetadataSteps),
+    chosen by the config's type when its Flow is made (`steps_for`). Each call runs over the Flow's clients
+    (`Flow.plain`, `Flow.mtls`) and keeps what the Flow keeps (the federated token)."""
+
+    @property
+    def mints_id_tokens(self) -> bool:
+        """Whether ID tokens can be had (IAM generateIdToken when impersonating, or a metadata upstream)."""
+        ...
+
+    @property
+    def mints_with_federated(self) -> bool:
+        """Whether ID tokens and scoped tokens are minted with the federated token of the last exchange."""
+        ...
+
+    async def token(self, flow: Flow, now: dt.datetime) -> Token:
+        """The source's token: the flow's whole chain."""
+        ...
+
+    async def id_token(self, flow: Flow, audience: str, now: dt.datetime) -> str:
+        """One upstream call for an ID token (see Flow.fetch_id_token)."""
+        ...
+
+    async def scoped_token(self, flow: Flow, scopes: Sequence[str], now: dt.datetime) -> tuple[str, dt.datetime]:
+        """One upstream call for a token with other scopes (see Flow.fetch_scoped_token)."""
+        ...
+
+
+@dataclass(frozen=True)
+class _StsSteps(Generic[StsVariant]):
+    """What both STS flows do after their exchange: impersonate a service account (when configured) and
+    mint ID tokens and scoped tokens with the federated token."""
+
+    config: StsVariant
+
+    @property
+    def mints_id_tokens(self) -> bool:
+        return self.config.impersonate is not None
+
+    @property
+    def mints_with_federated(self) -> bool:
+        return self.config.impersonate is not None
+
+    async def id_token(self, flow: Flow, audience: str, now: dt.datetime) -> str:
         imp = self.config.impersonate
         if imp is None:
-            raise UpstreamError(
-                "wlidd",
-                f"token {self.name!r} impersonates no service account, so it mints no token with other scopes",
-                code="other",
-                retryable=False,
+            raise _id_token_unsupported(self.config.flow)
+        bearer, client = flow._federated_for("an ID token", now)
+        async with flow._using(client):
+            return await generate_id_token(
+                client,
+                self.config.impersonate_base(),
+                service_account=imp.service_account,
+                bearer=bearer,
+                audience=audience,
             )
-        bearer, client = self._federated_for("a scoped token", now)
-        async with self._using(client):
+
+    async def scoped_token(self, flow: Flow, scopes: Sequence[str], now: dt.datetime) -> tuple[str, dt.datetime]:
+        imp = self.config.impersonate
+        if imp is None:
+            raise _no_scoped_tokens(flow.name)
+        bearer, client = flow._federated_for("a scoped token", now)
+        async with flow._using(client):
             return await generate_access_token(
                 client,
                 self.config.impersonate_base(),
@@ -352,14 +408,9 @@ class Flow:
                 sent_at=now,
             )
 
-    def _federated_for(self, what: str, now: dt.datetime) -> tuple[str, httpx.AsyncClient]:
-        federated = self._federated
-        if federated is None or self.needs_federated(now):
-            raise UpstreamError("wlidd", f"no current federated token to mint {what} with", code="no_federated_token")
-        return federated[0], federated[2]
-
     async def _impersonate(
         self,
+        flow: Flow,
         client: httpx.AsyncClient,
         federated: str,
         expires_in: float,
@@ -370,8 +421,7 @@ class Flow:
         federated token itself. The federated token is kept for mints (with `client`), its expiry bounded
         by `not_after`, the end of the certificate it is bound to (x509-sts)."""
         expiry = now + dt.timedelta(seconds=expires_in)
-        self._federated = (federated, min(expiry, not_after) if not_after else expiry, client)
-        await self._close_unused()  # the previous federated token's client, if nothing else holds it
+        await flow._keep_federated(federated, min(expiry, not_after) if not_after else expiry, client)
         imp = self.config.impersonate
         if imp is None:
             return federated, expiry
@@ -386,11 +436,33 @@ class Flow:
             sent_at=now,
         )
 
-    async def _entra_sts(self, now: dt.datetime) -> Token:
+
+@dataclass(frozen=True)
+class EntraStsSteps(_StsSteps[EntraStsTokenConfig]):
+    """entra-sts: a client assertion signed with the identity's key (or entra.cert's) → Entra ID token → STS
+    exchange (jwt) → [IAM generateAccessToken], all over the plain client."""
+
+    def _signer(self, flow: Flow, now: dt.datetime) -> tuple[object, x509.Certificate]:
+        entra = self.config.entra
+        if entra.cert is not None and entra.key is not None:
+            try:  # regular files only: a FIFO would block the event loop (preflight.read_regular_file)
+                key = parse_private_key(read_regular_file(entra.key, MAX_FILE_BYTES))
+                return key, parse_chain(read_regular_file(entra.cert, MAX_FILE_BYTES))[0]
+            except OSError as exc:
+                raise UpstreamError(
+                    "entra", f"cannot read entra.cert/entra.key: {exc.strerror}", code="signer", retryable=False
+                ) from None
+            except SvidError as exc:
+                raise UpstreamError(
+                    "entra", f"entra.cert/entra.key: {exc.message}", code="signer", retryable=False
+                ) from None
+        state = _require_identity(flow.current_identity, self.config.identity, now)
+        return state.identity.svid.private_key, state.identity.svid.leaf
+
+    async def token(self, flow: Flow, now: dt.datetime) -> Token:
         entra, sts = self.config.entra, self.config.sts
-        assert entra is not None and sts is not None
-        key, cert = self._entra_signer(now)
-        async with self._using(self.plain) as client:
+        key, cert = self._signer(flow, now)
+        async with flow._using(flow.plain) as client:
             entra_token, _ = await fetch_entra_token(client, entra, key=key, cert=cert, now=now)
             federated, expires_in = await exchange(
                 client,
@@ -400,15 +472,20 @@ class Flow:
                 subject_token=entra_token,
                 subject_token_type=JWT_TOKEN_TYPE,
             )
-            value, expire_time = await self._impersonate(client, federated, expires_in, now)
-        return Token(value, expire_time, now, self.name)
+            value, expire_time = await self._impersonate(flow, client, federated, expires_in, now)
+        return Token(value, expire_time, now, flow.name)
 
-    async def _x509_sts(self, now: dt.datetime) -> Token:
+
+@dataclass(frozen=True)
+class X509StsSteps(_StsSteps[X509StsTokenConfig]):
+    """x509-sts: STS exchange over mTLS with the identity's SVID (subject token = its chain) → [IAM over the
+    same mTLS]; the token never outlives the certificate it was obtained with."""
+
+    async def token(self, flow: Flow, now: dt.datetime) -> Token:
         sts = self.config.sts
-        assert sts is not None
-        state = _require_identity(self.current_identity, self.config.identity, now)
+        state = _require_identity(flow.current_identity, self.config.identity, now)
         svid = state.identity.svid
-        async with self._using(await self.mtls(state)) as client:
+        async with flow._using(await flow.mtls(state)) as client:
             federated, expires_in = await exchange(
                 client,
                 self.config.sts_url(),
@@ -417,12 +494,47 @@ class Flow:
                 subject_token=mtls_subject_token(svid.chain),
                 subject_token_type=MTLS_TOKEN_TYPE,
             )
-            value, expire_time = await self._impersonate(client, federated, expires_in, now, svid.not_after)
+            value, expire_time = await self._impersonate(flow, client, federated, expires_in, now, svid.not_after)
         # A certificate-bound token must not outlive the certificate it was obtained with.
-        return Token(value, min(expire_time, svid.not_after), now, self.name, identity_version=state.version)
+        return Token(value, min(expire_time, svid.not_after), now, flow.name, identity_version=state.version)
 
-    async def _metadata(self, now: dt.datetime) -> Token:
+
+@dataclass(frozen=True)
+class GceMetadataSteps:
+    """gce-metadata: the metadata server's service account token and ID tokens, over the plain client."""
+
+    config: GceMetadataTokenConfig
+
+    @property
+    def mints_id_tokens(self) -> bool:
+        return True
+
+    @property
+    def mints_with_federated(self) -> bool:
+        return False
+
+    async def token(self, flow: Flow, now: dt.datetime) -> Token:
         meta = self.config.metadata_config()
-        async with self._using(self.plain) as client:
+        async with flow._using(flow.plain) as client:
             value, expires_in = await fetch_metadata_token(client, meta.url, account=meta.account, scopes=meta.scopes)
-        return Token(value, now + dt.timedelta(seconds=expires_in), now, self.name)
+        return Token(value, now + dt.timedelta(seconds=expires_in), now, flow.name)
+
+    async def id_token(self, flow: Flow, audience: str, now: dt.datetime) -> str:
+        meta = self.config.metadata_config()
+        async with flow._using(flow.plain) as client:
+            return await fetch_metadata_identity(client, meta.url, account=meta.account, audience=audience)
+
+    async def scoped_token(self, flow: Flow, scopes: Sequence[str], now: dt.datetime) -> tuple[str, dt.datetime]:
+        raise _no_scoped_tokens(flow.name)
+
+
+def steps_for(config: TokenConfig) -> FlowSteps:
+    """The steps of `config`'s flow, chosen by its type."""
+    match config:
+        case EntraStsTokenConfig():
+            return EntraStsSteps(config)
+        case X509StsTokenConfig():
+            return X509StsSteps(config)
+        case GceMetadataTokenConfig():
+            return GceMetadataSteps(config)
+    assert_never(config)

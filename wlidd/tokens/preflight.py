@@ -17,9 +17,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from wlidd.config import Config
-from wlidd.errors import SvidError
-from wlidd.svid.load import NotRegularFile, read_regular_file
+from wlidd.config import Config, EntraStsTokenConfig
+from wlidd.errors import NotRegularFile, SvidError
+from wlidd.svid.load import read_regular_file
 from wlidd.svid.parse import parse_chain, parse_private_key
 
 
@@ -30,9 +30,8 @@ def token_problems(config: Config) -> list[str]:
         where = f"tokens.{name}"
         if token.ca_file is not None:
             problems += [f"{where}.ca_file: {token.ca_file}: {reason}" for reason in _ca_file_problems(token.ca_file)]
-        entra = token.entra
-        if entra is not None and entra.cert is not None and entra.key is not None:
-            problems += [f"{where}.entra.{reason}" for reason in _signer_problems(entra.cert, entra.key)]
+        if isinstance(token, EntraStsTokenConfig) and token.entra.cert is not None and token.entra.key is not None:
+            problems += [f"{where}.entra.{reason}" for reason in _signer_problems(token.entra.cert, token.entra.key)]
     return problems
 
 

@@ -58,6 +58,7 @@ TRIGGERS: dict[str, str] = {
     "scheduled": "the planned refresh: next_refresh after the last success",
     "retry": "the next attempt after a failed fetch (backoff, at least Retry-After)",
     "svid_rotated": "the SVID an x509-sts token is bound to rotated: refreshed at once",
+    "identity_loaded": "the identity a source needs loaded after its fetches failed without it: fetched at once",
     "cold": "a caller found no servable token (none fetched yet, or an on-demand source woken from idle)",
     "id_token": "an ID-token mint needed the federated token, which was missing or near its expiry",
     "scoped_token": "a scoped-token mint needed the federated token, which was missing or near its expiry",

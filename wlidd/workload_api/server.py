@@ -1,4 +1,5 @@
 """SpiffeWorkloadAPI service: FetchX509SVID and FetchX509Bundles stream the full state on every change.
+Long: the Workload API's services (X.509, bundles, JWT, SDS) over one gRPC server.
 
 Per call, in this order, before any of the request body is read: the security header
 `workload.spiffe.io: true` (else INVALID_ARGUMENT); the caller, from the kernel credentials read once
@@ -48,12 +49,13 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 from h2.errors import ErrorCodes
 
-from wlidd.api.accept import CallerKey, ConnectionCounter
-from wlidd.api.authz import Caller, CallerCache, Policy, handout_audit
-from wlidd.api.server import Peer, socket_peer
+from wlidd.api.accept import ConnectionCounter
+from wlidd.api.authz import handout_audit
+from wlidd.api.peers import CallerCache, CallerKey, Peer, socket_peer
 from wlidd.clock import Clock, iso_z
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.metrics import Metrics
+from wlidd.policy import Caller, Policy
 from wlidd.svid.model import TrustBundle
 from wlidd.watch import CredentialWatcher, IdentityState
 from wlidd.workload_api import workload_pb2 as pb
@@ -309,11 +311,11 @@ class WorkloadApi:
         creds = connection.credentials
         if creds is None or creds.uid is None:
             raise GRPCError(Status.PERMISSION_DENIED, "the caller cannot be identified (not a Unix socket peer)")
-        return await self._callers.get(creds.pid, creds.uid, creds.gid, creds.groups)
+        return await self._callers.caller_of(creds)  # SO_PEERCRED and SO_PEERGROUPS, read at connection time
 
     def _allowed(self, caller: Caller) -> list[str]:
-        policy = self._policy
-        return [name for name in self.watchers if policy.credentials(name).check(caller, f"identity {name!r}") is None]
+        """The identities the current policy lets `caller` have (its [policy] credentials rules)."""
+        return self._policy.identities_for(caller, self.watchers)
 
     def _states(self, names: list[str]) -> list[IdentityState]:
         now = self.clock()

@@ -14,6 +14,7 @@ import email.utils
 import re
 from typing import Any
 
+import anyio
 import httpx
 
 from wlidd.errors import UpstreamError
@@ -73,6 +74,45 @@ def error_from_response(kind: str, response: httpx.Response) -> UpstreamError:
     )
 
 
+MAX_BODY = 1 << 20  # bytes of an upstream answer read (real ones: a few KB); more is refused, not buffered
+
+
+def _deadline(client: httpx.AsyncClient) -> float:
+    """The whole request's budget, seconds: the client's configured timeout (httpx applies it per read,
+    so a server trickling one byte at a time would otherwise hold the request forever)."""
+    timeout = client.timeout
+    budget = max((t for t in (timeout.connect, timeout.read, timeout.write, timeout.pool) if t is not None), default=0)
+    return budget or 30.0
+
+
+async def send(client: httpx.AsyncClient, kind: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """Send one request and read its answer within the client's timeout for the whole exchange (headers
+    and body together) and at most MAX_BODY bytes: the answer, whatever its status, or an UpstreamError
+    (`timeout`, `connect`, `bad_response` for an oversized body)."""
+    try:
+        with anyio.fail_after(_deadline(client)):
+            async with client.stream(method, url, **kwargs) as streamed:
+                body = bytearray()
+                async for chunk in streamed.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_BODY:
+                        raise UpstreamError(
+                            kind,
+                            f"{kind} answered with more than {MAX_BODY} bytes ({_host(url)})",
+                            code="bad_response",
+                            status=streamed.status_code,
+                        )
+                return httpx.Response(
+                    streamed.status_code, headers=streamed.headers, content=bytes(body), request=streamed.request
+                )
+    except (TimeoutError, httpx.TimeoutException):
+        raise UpstreamError(kind, f"{kind} did not answer in time ({_host(url)})", code="timeout") from None
+    except httpx.TransportError as exc:
+        raise UpstreamError(
+            kind, f"{kind} unreachable ({_host(url)}): {_short(str(exc)) or type(exc).__name__}", code="connect"
+        ) from None
+
+
 async def request_json(
     client: httpx.AsyncClient,
     kind: str,
@@ -80,15 +120,8 @@ async def request_json(
     url: str,
     **kwargs: Any,
 ) -> tuple[dict[str, Any], httpx.Response]:
-    """Send one request; a 200 JSON object or an UpstreamError."""
-    try:
-        response = await client.request(method, url, **kwargs)
-    except httpx.TimeoutException:
-        raise UpstreamError(kind, f"{kind} did not answer in time ({_host(url)})", code="timeout") from None
-    except httpx.TransportError as exc:
-        raise UpstreamError(
-            kind, f"{kind} unreachable ({_host(url)}): {_short(str(exc)) or type(exc).__name__}", code="connect"
-        ) from None
+    """Send one request (`send`: bounded in time and size); a 200 JSON object or an UpstreamError."""
+    response = await send(client, kind, method, url, **kwargs)
     if response.status_code != 200:
         raise error_from_response(kind, response)
     try:

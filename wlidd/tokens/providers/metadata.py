@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import httpx
 
 from wlidd.errors import UpstreamError
-from wlidd.tokens.providers.http import request_json, require_seconds, require_str
+from wlidd.tokens.providers.http import error_from_response, request_json, require_seconds, require_str, send
 
 
 async def fetch_metadata_token(
@@ -34,17 +34,15 @@ async def fetch_metadata_identity(
 ) -> str:
     """An ID token from the metadata server's identity endpoint (format=full)."""
     url = f"{base.rstrip('/')}/computeMetadata/v1/instance/service-accounts/{account}/identity"
-    try:
-        response = await client.get(
-            url, params={"audience": audience, "format": "full"}, headers={"Metadata-Flavor": "Google"}
-        )
-    except httpx.TimeoutException:
-        raise UpstreamError("metadata", "metadata did not answer in time", code="timeout") from None
-    except httpx.TransportError as exc:
-        raise UpstreamError("metadata", f"metadata unreachable: {type(exc).__name__}", code="connect") from None
+    response = await send(
+        client,
+        "metadata",
+        "GET",
+        url,
+        params={"audience": audience, "format": "full"},
+        headers={"Metadata-Flavor": "Google"},
+    )
     if response.status_code != 200:
-        from wlidd.tokens.providers.http import error_from_response
-
         raise error_from_response("metadata", response)
     token = response.text.strip()
     if token.count(".") != 2:
