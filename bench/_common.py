@@ -117,7 +117,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 def bench_env() -> dict[str, str]:
     """The daemon's environment: this tree first on the path, and bytecode cached as an installed package's
     is (PYTHONDONTWRITEBYTECODE dropped: a start that compiles every module from source measures the
-    compiler, about 10 % of the start and 2-5 MB of RSS, not wlidd)."""
+    compiler: the identity + Unix socket node took 0.29 s instead of 0.22 s and 3.6 MB more RSS)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
