@@ -188,3 +188,17 @@ def test_a_config_that_serves_nothing_is_a_config_error_exit_2(tmp_path: Path, c
     path.write_text(f'[listeners.unix]\npath = "{tmp_path / "wlidd.sock"}"\n')
     result = run_cli(*command, "--config", str(path))
     assert result.returncode == 2 and "nothing to serve" in result.stderr + result.stdout
+
+
+def test_check_fails_when_the_sockets_group_does_not_exist(tmp_path: Path) -> None:
+    """The shipped config names the wlidd-clients group for the socket: on a host without it `wlidd run`
+    exits 3, so `wlidd check` says so (it passed before)."""
+    path = tmp_path / "wlidd.toml"
+    path.write_text(
+        '[tokens.m]\nflow = "gce-metadata"\n'
+        f'[listeners.unix]\npath = "{tmp_path / "wlidd.sock"}"\ngroup = "no-such-group-wlidd"\n'
+    )
+    result = run_cli("check", "--config", str(path))
+    assert (
+        result.returncode == 1 and "listeners.unix.group: group 'no-such-group-wlidd' does not exist" in result.stdout
+    )

@@ -104,6 +104,24 @@ def _require_something(config: Config) -> None:
         raise ConfigError("nothing to serve: add an [identities.<name>] or a [tokens.<name>] table to the config")
 
 
+def _socket_account_problems(config: Config) -> list[str]:
+    """Unix sockets whose configured owner or group this host does not know: the daemon would exit 3."""
+    from wlidd.accounts import group_named, user_id
+
+    problems = []
+    for name, listener in (("unix", config.listeners.unix), ("workload_api", config.listeners.workload_api)):
+        if listener is None:
+            continue
+        if listener.owner is not None and user_id(listener.owner) is None:
+            problems.append(f"listeners.{name}.owner: user {listener.owner!r} does not exist (wlidd run would exit 3)")
+        if listener.group is not None and group_named(listener.group) is None:
+            problems.append(
+                f"listeners.{name}.group: group {listener.group!r} does not exist (wlidd run would exit 3; "
+                "the Debian package creates wlidd-clients)"
+            )
+    return problems
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     _require_something(config)
@@ -129,12 +147,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from wlidd.tokens.preflight import token_problems
 
     token_lines = token_problems(config)
-    for problem in [*sink_problems(config), *token_lines]:
+    for problem in [*sink_problems(config), *token_lines, *_socket_account_problems(config)]:
         failures += 1
         print(f"FAIL {problem}")
-    if not config.identities and not config.tokens:
-        print("problem: nothing configured ([identities.<name>] or [tokens.<name>])")
-        return ExitCode.FAILURE
     for name in sorted(config.tokens):
         if not any(problem.startswith(f"tokens.{name}.") for problem in token_lines):
             print(f"ok   token {name}: {config.tokens[name].flow}, its files readable")
