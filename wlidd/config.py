@@ -122,7 +122,7 @@ class SinkReaders(_Strict):
 
 class CredentialSinkConfig(_Strict):
     """Files for consumers that read credentials from disk, rewritten after every rotation and whenever they
-    went stale (start, SIGHUP, a config change, the periodic re-read; wlidd.sinks.ensure_credentials).
+    went stale (start, SIGHUP, a config change, the periodic re-read; wlidd.sinks.credentials.ensure_credentials).
 
     Each generation is published in one atomic step (Kubernetes' atomic writer: `<dir>/..data` re-pointed
     by rename, stable names `<dir>/<file> -> ..data/<file>`). One naming scheme per layout:

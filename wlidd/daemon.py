@@ -11,7 +11,7 @@ an identity still loading gets the answer of an absent identity, while a token s
 (gce-metadata) is served at once. A stop during the start ends it: listeners close, no READY=1 is sent,
 and SIGHUP waits for the start to finish. SIGHUP: RELOADING=1, the config re-read (log level, policy,
 sinks and token sources live; an invalid file refused whole), every identity re-read, every sink
-brought up to date (wlidd.sinks.ensure_credentials, ensure_token: only what is missing or stale is
+brought up to date (wlidd.sinks.credentials.ensure_credentials, wlidd.sinks.tokens.ensure_token: only what is missing or stale is
 written), READY=1; the same check runs every reload_interval. SIGTERM/SIGINT: STOPPING=1, listeners
 stop accepting, requests in flight get DRAIN_TIMEOUT, exit code 0.
 

@@ -8,10 +8,10 @@ nothing is resolved or logged about callers), and then
 1. every identity is read once, all at once (`CredentialWatcher.reload`: the same quiet retry while a set
    may be caught mid-write, bounded by the identity's `mismatch_retries` × `mismatch_retry_delay`, 15 s by
    default); each one loaded has its sinks brought up to date and their on_change and signal run
-   (`wlidd.sinks.ensure_credentials`: a sink already current is left alone, its hooks not run);
+   (`wlidd.sinks.credentials.ensure_credentials`: a sink already current is left alone, its hooks not run);
 2. every token is fetched once, all at once (`TokenSource.refresh`: one attempt, each HTTP request bounded
    by the source's `timeout`; no backoff, no Retry-After wait, no start_delay); each one fetched has its
-   sinks written and their on_change run (`wlidd.sinks.publish_token`, called here once `refresh` returned:
+   sinks written and their on_change run (`wlidd.sinks.tokens.publish_token`, called here once `refresh` returned:
    a token source publishes tokens and writes no file itself; the daemon's follower task is not run).
 
 Nothing is retried past that, so a run is bounded in time whatever the upstreams answer. One failure does
