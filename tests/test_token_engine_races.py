@@ -250,7 +250,7 @@ async def test_a_mint_in_flight_survives_a_rotation_that_replaces_its_client(
     source, watcher = await build(x509_token_config(upstreams), Wall())
     await source.refresh("test")
     assert source.flow._federated is not None
-    old_client = source.flow._federated[2]
+    old_client = source.flow._federated.client
     upstreams.inject("iam_id_token", Fault(error_rate=0, latency=2.5))
     outcome: list[object] = []
     async with anyio.create_task_group() as tg:
@@ -277,7 +277,7 @@ async def test_a_call_in_flight_when_the_flow_is_closed_completes_and_later_call
     source, _ = await build(x509_token_config(upstreams), Wall())
     await source.refresh("test")
     assert source.flow._federated is not None
-    client = source.flow._federated[2]
+    client = source.flow._federated.client
     upstreams.inject("iam_id_token", Fault(error_rate=0, latency=1.0))
     outcome: list[object] = []
     async with anyio.create_task_group() as tg:

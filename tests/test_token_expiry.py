@@ -229,6 +229,9 @@ async def test_a_relative_expiry_counts_from_when_the_request_was_sent(upstreams
 class ShortLivedFlow:
     """Stands in for Flow: every fetch answers a token of `lifetime` seconds at once."""
 
+    bound_to_svid = False  # a gce-metadata source's: no SVID to follow
+    id_token_minter = "metadata"
+
     def __init__(self, lifetime: float) -> None:
         self.lifetime, self.calls = lifetime, 0
 

@@ -91,6 +91,9 @@ class CountingFlow:
     """A stand-in Flow: token number n is `tok-n`, valid for `lifetime` seconds; raises the errors in
     `failures` (by call number) instead. Records when each call came and when it was planned."""
 
+    bound_to_svid = False  # a gce-metadata source's: no SVID to follow
+    id_token_minter = "metadata"
+
     def __init__(self, clock: Callable[[], dt.datetime], lifetime: float = 600, failures: Any = None) -> None:
         self.clock, self.lifetime, self.failures = clock, lifetime, dict(failures or {})
         self.calls: list[tuple[dt.datetime, dt.datetime | None]] = []

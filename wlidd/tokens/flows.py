@@ -168,6 +168,24 @@ def _require_identity(current: CurrentIdentity | None, name: str | None, now: dt
     return state
 
 
+@dataclass(frozen=True)
+class _MtlsClient:
+    """The current mTLS client and the version of the identity state whose SVID it presents."""
+
+    version: int
+    client: httpx.AsyncClient
+
+
+@dataclass(frozen=True)
+class _Federated:
+    """The federated (STS) token of the last exchange, its expiry (local clock) and the client it was obtained
+    over: generateIdToken and scoped generateAccessToken calls are made with it, over that client."""
+
+    token: str = field(repr=False)
+    expiry: dt.datetime
+    client: httpx.AsyncClient
+
+
 @dataclass
 class Flow:
     """One token source's way to a Token; owns its HTTP clients (see the module docstring). `transports`: where
@@ -178,10 +196,8 @@ class Flow:
     current_identity: CurrentIdentity | None = None
     transports: Transports | None = field(default=None, repr=False)
     _plain: httpx.AsyncClient | None = field(default=None, repr=False)
-    _mtls: tuple[int, httpx.AsyncClient] | None = field(default=None, repr=False)
-    # The last federated (STS) token, its expiry and the client it was obtained over: generateIdToken and
-    # scoped generateAccessToken calls are made with it, over that client.
-    _federated: tuple[str, dt.datetime, httpx.AsyncClient] | None = field(default=None, repr=False)
+    _mtls: _MtlsClient | None = field(default=None, repr=False)
+    _federated: _Federated | None = field(default=None, repr=False)  # the last exchange's, for mints
     _open: list[httpx.AsyncClient] = field(default_factory=list, repr=False)  # every client not yet closed
     _uses: dict[int, int] = field(default_factory=dict, repr=False)  # id(client) → calls in flight on it
     _closed: bool = field(default=False, repr=False)
@@ -194,6 +210,17 @@ class Flow:
     def mints_id_tokens(self) -> bool:
         """ID tokens come from IAM generateIdToken (when impersonating) or a metadata upstream."""
         return self.steps.mints_id_tokens
+
+    @property
+    def bound_to_svid(self) -> bool:
+        """Whether its token is bound to the SVID it was obtained with (x509-sts): the source refreshes at once
+        when the SVID rotates."""
+        return self.steps.bound_to_svid
+
+    @property
+    def id_token_minter(self) -> str:
+        """Who mints its ID tokens, as errors and logs name it: "metadata" (gce-metadata) or "iam"."""
+        return self.steps.id_token_minter
 
     @property
     def plain(self) -> httpx.AsyncClient:
@@ -212,11 +239,11 @@ class Flow:
         """A client presenting `state`'s SVID; a new one when the identity rotates. The one it replaces is
         closed once nothing uses it (see the module docstring), not at once."""
         self._check_open()
-        if self._mtls is None or self._mtls[0] != state.version:
+        if self._mtls is None or self._mtls.version != state.version:
             client = _client(self._transport(state), self.config.timeout)
-            self._mtls = (state.version, self._keep(client))
+            self._mtls = _MtlsClient(state.version, self._keep(client))
             await self._close_unused()
-        return self._mtls[1]
+        return self._mtls.client
 
     async def aclose(self) -> None:
         """Close every client now, except those a call is still in flight on: each of those is closed when
@@ -257,8 +284,8 @@ class Flow:
         """Close the clients nothing refers to (plain, current mTLS, federated) and no call is using."""
         referenced = [
             self._plain,
-            self._mtls[1] if self._mtls else None,
-            self._federated[2] if self._federated else None,
+            self._mtls.client if self._mtls else None,
+            self._federated.client if self._federated else None,
         ]
         unused = [c for c in self._open if not any(c is r for r in referenced) and id(c) not in self._uses]
         for client in unused:
@@ -283,7 +310,7 @@ class Flow:
         if not self.steps.mints_with_federated:
             return False
         federated = self._federated
-        return federated is None or (federated[1] - now).total_seconds() < self.config.skew
+        return federated is None or (federated.expiry - now).total_seconds() < self.config.skew
 
     async def fetch_id_token(self, audience: str, now: dt.datetime) -> str:
         """One upstream call for an ID token for `audience`: the metadata server's identity endpoint, or
@@ -308,11 +335,11 @@ class Flow:
         federated = self._federated
         if federated is None or self.needs_federated(now):
             raise UpstreamError("wlidd", f"no current federated token to mint {what} with", code="no_federated_token")
-        return federated[0], federated[2]
+        return federated.token, federated.client
 
     async def _keep_federated(self, token: str, expiry: dt.datetime, client: httpx.AsyncClient) -> None:
         """Keep the federated token of the last exchange (and the client it came over) for mints."""
-        self._federated = (token, expiry, client)
+        self._federated = _Federated(token, expiry, client)
         await self._close_unused()  # the previous federated token's client, if nothing else holds it
 
 
@@ -349,6 +376,16 @@ class FlowSteps(Protocol):
         """Whether ID tokens and scoped tokens are minted with the federated token of the last exchange."""
         ...
 
+    @property
+    def bound_to_svid(self) -> bool:
+        """Whether the token is bound to the SVID it was obtained with (refreshed at once when it rotates)."""
+        ...
+
+    @property
+    def id_token_minter(self) -> str:
+        """Who mints ID tokens, as errors name it ("iam", "metadata")."""
+        ...
+
     async def token(self, flow: Flow, now: dt.datetime) -> Token:
         """The source's token: the flow's whole chain."""
         ...
@@ -376,6 +413,14 @@ class _StsSteps(Generic[StsVariant]):
     @property
     def mints_with_federated(self) -> bool:
         return self.config.impersonate is not None
+
+    @property
+    def bound_to_svid(self) -> bool:
+        return False
+
+    @property
+    def id_token_minter(self) -> str:
+        return "iam"
 
     async def id_token(self, flow: Flow, audience: str, now: dt.datetime) -> str:
         imp = self.config.impersonate
@@ -481,6 +526,10 @@ class X509StsSteps(_StsSteps[X509StsTokenConfig]):
     """x509-sts: STS exchange over mTLS with the identity's SVID (subject token = its chain) → [IAM over the
     same mTLS]; the token never outlives the certificate it was obtained with."""
 
+    @property
+    def bound_to_svid(self) -> bool:
+        return True
+
     async def token(self, flow: Flow, now: dt.datetime) -> Token:
         sts = self.config.sts
         state = _require_identity(flow.current_identity, self.config.identity, now)
@@ -512,6 +561,14 @@ class GceMetadataSteps:
     @property
     def mints_with_federated(self) -> bool:
         return False
+
+    @property
+    def bound_to_svid(self) -> bool:
+        return False
+
+    @property
+    def id_token_minter(self) -> str:
+        return "metadata"
 
     async def token(self, flow: Flow, now: dt.datetime) -> Token:
         meta = self.config.metadata_config()

@@ -165,7 +165,7 @@ class TokenSource(RefreshingSource):
         single-flight, counted, its token kept as the source's, its failure backing off the source). Its
         turn given up, nothing sent, when a backoff holds the audience by then (`_paced`)."""
         await self._federated("id_token")
-        minter = "metadata" if self.config.flow == "gce-metadata" else "iam"
+        minter = self.flow.id_token_minter
         async with self._paced("id_token", lambda: self._id_last_error(audience, self.clock())) as call:
             flight.call = call
             sent = self.clock()

@@ -329,7 +329,7 @@ class RefreshingSource:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Background refresh loop; never raises on upstream failures."""
         async with anyio.create_task_group() as tg:
-            if self.watcher is not None and self.config.flow == "x509-sts":
+            if self.watcher is not None and self.flow.bound_to_svid:
                 tg.start_soon(self._follow_rotations, self.watcher)
             task_status.started()
             if not (self.config.require_at_start or self.config.on_demand):
