@@ -9,8 +9,10 @@ fixtures shared by them) use anyio's blocking portal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -19,6 +21,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from wlidd.api.accept import AcceptLoop
 from wlidd.config import IdentityConfig, parse_identity_config
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.produced import find_leak
@@ -276,3 +279,31 @@ def shared_dir() -> Iterator[Path]:
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+async def kill_accept_loop(loop: AcceptLoop, path: Path) -> None:
+    """Make the Unix listener's accept() fail with an error no retry can fix, wake it, and wait until its
+    loop has stopped (tests of the watchdog, /v1/health and /v1/live)."""
+    real = loop.sock
+
+    class Broken:
+        """The listening socket, whose accept() fails with EINVAL."""
+
+        def fileno(self) -> int:
+            return real.fileno()
+
+        def setblocking(self, flag: bool) -> None:
+            real.setblocking(flag)
+
+        def accept(self) -> tuple[socket.socket, object]:
+            raise OSError(22, "Invalid argument")
+
+        def close(self) -> None:
+            real.close()
+
+    loop.sock = Broken()  # type: ignore[assignment]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))  # wakes the loop: its accept() fails
+    with anyio.fail_after(5):
+        while loop.alive:
+            await anyio.sleep(0.02)

@@ -3,17 +3,13 @@ liveness and the metrics say the same thing about the same daemon."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
-
-from tests.conftest import FileSet, in_background
+from tests.conftest import FileSet, in_background, kill_accept_loop
 from wlidd.api.server import Peer, Request
 from wlidd.config import Config
 from wlidd.daemon import Daemon
@@ -85,30 +81,7 @@ async def test_a_dead_accept_loop_makes_every_reader_say_degraded(
     d = Daemon(config)
     async with in_background(d.run, d.stop):
         assert (await readers(d)).state == "running"
-        loop = d.accept_loops[0]
-        real = loop.sock
-
-        class Broken:
-            """The listening socket, whose accept() fails with an error no retry can fix."""
-
-            def fileno(self) -> int:
-                return real.fileno()
-
-            def setblocking(self, flag: bool) -> None:
-                real.setblocking(flag)
-
-            def accept(self) -> tuple[socket.socket, object]:
-                raise OSError(22, "Invalid argument")
-
-            def close(self) -> None:
-                real.close()
-
-        loop.sock = Broken()  # type: ignore[assignment]
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(tmp_path / "wlidd.sock"))  # wakes the loop: its accept() fails
-            with anyio.fail_after(5):
-                while loop.alive:
-                    await anyio.sleep(0.02)
+        await kill_accept_loop(d.accept_loops[0], tmp_path / "wlidd.sock")
         said = await readers(d)
         status, document = said.health
         assert status == 503 and document["status"] == "unhealthy"

@@ -22,7 +22,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import FileSet, in_background
+from tests.conftest import FileSet, in_background, kill_accept_loop
 from tests.test_cli import wait_for_socket
 from tests.test_cli import write_config as cli_config
 from wlidd.api.accept import CallerKey, ConnectionCounter
@@ -352,30 +352,7 @@ async def test_the_watchdog_stops_pinging_when_an_accept_loop_dies(
         with anyio.fail_after(5):
             while pings() == 0:
                 await anyio.sleep(0.02)
-        loop = daemon.accept_loops[0]
-        real = loop.sock
-
-        class Broken:
-            """The listening socket, whose accept() fails with an error no retry can fix."""
-
-            def fileno(self) -> int:
-                return real.fileno()
-
-            def setblocking(self, flag: bool) -> None:
-                real.setblocking(flag)
-
-            def accept(self) -> tuple[socket.socket, object]:
-                raise OSError(22, "Invalid argument")
-
-            def close(self) -> None:
-                real.close()
-
-        loop.sock = Broken()  # type: ignore[assignment]
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(tmp_path / "wlidd.sock"))  # wakes the loop: its accept() fails
-            with anyio.fail_after(5):
-                while loop.alive:
-                    await anyio.sleep(0.02)
+        await kill_accept_loop(daemon.accept_loops[0], tmp_path / "wlidd.sock")
         health = await daemon.api(_request("/v1/health"))
         assert health.status == 503 and b"listener/unix" in health.body
         pings()

@@ -9,17 +9,13 @@ WATCHDOG=1: the probe's timeout is its failure.
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import anyio
 import httpx
 import pytest
 
-from tests.conftest import FileSet, in_background
-from wlidd.api.accept import AcceptLoop
+from tests.conftest import FileSet, in_background, kill_accept_loop
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
@@ -43,34 +39,6 @@ async def clients(d: Daemon) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.Asy
         httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(d.socket_path)), base_url="http://w") as unix,
     ):
         yield metrics, unix
-
-
-async def kill_accept_loop(loop: AcceptLoop, path: Path) -> None:
-    """Make the Unix listener's accept() fail with an error no retry can fix, wake it, and wait until its
-    loop has stopped (as tests/test_health.py does)."""
-    real = loop.sock
-
-    class Broken:
-        """The listening socket, whose accept() fails with EINVAL."""
-
-        def fileno(self) -> int:
-            return real.fileno()
-
-        def setblocking(self, flag: bool) -> None:
-            real.setblocking(flag)
-
-        def accept(self) -> tuple[socket.socket, Any]:
-            raise OSError(22, "Invalid argument")
-
-        def close(self) -> None:
-            real.close()
-
-    loop.sock = Broken()  # type: ignore[assignment]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(path))  # wakes the loop: its accept() fails
-    with anyio.fail_after(5):
-        while loop.alive:
-            await anyio.sleep(0.02)
 
 
 async def test_live_is_200_on_the_metrics_listener_and_the_unix_socket_when_every_accept_loop_runs(
