@@ -6,57 +6,27 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import FileSet, in_background
-from tests.test_tokens import metadata_token_config
+from tests import test_metadata
+from tests.test_metadata import EMAIL
 from wlidd.api.metadata import MetadataApi
 from wlidd.api.metadata_tree import METADATA_ROUTE_TEMPLATES, metadata_route_template
 from wlidd.api.server import Peer, Request
-from wlidd.config import Config, MetadataListenerConfig, PolicyConfig, parse_token_config
+from wlidd.config import MetadataListenerConfig, PolicyConfig, parse_token_config
 from wlidd.daemon import Daemon
-from wlidd.emulator.ca import CertificateAuthority
-from wlidd.emulator.upstreams import Upstreams
 from wlidd.policy import Policy
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
 
-EMAIL = "app@demo-project.iam.gserviceaccount.com"
+daemon = test_metadata.daemon  # the same fixture: a daemon with the metadata listener, a metadata-flow token
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 FLAVOR = {"Metadata-Flavor": "Google"}
 V1 = "/computeMetadata/v1/"
 ACCOUNTS = V1 + "instance/service-accounts/"
 ACCOUNT = {"aliases": ["default"], "email": EMAIL, "scopes": [CLOUD_PLATFORM]}
-
-
-@pytest.fixture
-async def daemon(
-    tmp_path: Path, files: FileSet, ca: CertificateAuthority, upstreams: Upstreams
-) -> AsyncIterator[Daemon]:
-    files.put(ca.issue_svid(), ca.bundle_pem)
-    token = metadata_token_config(upstreams, metadata={"url": upstreams.metadata_url, "scopes": [CLOUD_PLATFORM]})
-    config = Config.model_validate(
-        {
-            "identities": {"default": files.config()},
-            "tokens": {"gcp": token},
-            "listeners": {
-                "unix": {"path": str(tmp_path / "wlidd.sock")},
-                "metadata": {
-                    "address": "127.0.0.1:0",
-                    "token": "gcp",
-                    "email": EMAIL,
-                    "project_id": "demo-project",
-                    "numeric_project_id": "123456789",
-                },
-            },
-        }
-    )
-    d = Daemon(config)
-    async with in_background(d.run, d.stop):
-        yield d
 
 
 @pytest.fixture
