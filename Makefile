@@ -40,6 +40,7 @@ bench: venv
 	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/mtls_handshake.py
 	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/workload_api.py --raw
 	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/workload_api.py
+	-BENCH_RESULTS_FILE=$(BENCH_RESULTS) $(PY) bench/sds.py
 	-$(PY) bench/report.py $(BENCH_RESULTS) --write bench/RESULTS.md
 
 # Compressed soak: 64 clients, 5 s rotations of 10 s SVIDs, STS failing ~30 % (SOAK_SECONDS, default 300),

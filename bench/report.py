@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _common import ROOT
 
-EXPECTED = ("rotation_latency", "token_serve", "fleet", "mtls_handshake", "workload_api", "idle", "startup")
+EXPECTED = ("rotation_latency", "token_serve", "fleet", "mtls_handshake", "workload_api", "sds", "idle", "startup")
 
 
 def machine() -> list[str]:

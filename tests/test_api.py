@@ -18,7 +18,8 @@ import pytest_asyncio
 
 from tests.conftest import FileSet, in_background
 from wlidd.api.listeners import ListenerError, bind_unix_socket
-from wlidd.api.server import Peer, Request, Response
+from wlidd.api.messages import Request, Response
+from wlidd.api.peers import Peer
 from wlidd.config import Config, IdentityConfig, parse_identity_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
@@ -225,7 +226,7 @@ async def test_connection_limit_answers_503_when_no_connection_is_idle(
         async with await anyio.connect_unix(d.socket_path) as holder:
             await holder.send(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")  # mid-request: not idle
             with anyio.fail_after(5):
-                while not any(c.phase == "request" for c in d.unix_server._open):
+                while not any(c.phase == "request" for c in d.listeners.unix_server._open):
                     await anyio.sleep(0.01)
             answer = await raw_exchange(d.socket_path, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 503 ")

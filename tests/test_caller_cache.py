@@ -1,12 +1,13 @@
-"""wlidd.api.peers.CallerCache: a peer's credentials to a wlidd.policy.Caller, cached as records on an
+"""wlidd.api.callers.CallerCache: a peer's credentials to a wlidd.policy.Caller, cached as records on an
 injected clock; the NSS resolution (`unix_caller`) replaced by a counting fake, so no socket and no lookup."""
 
 from __future__ import annotations
 
 import pytest
 
-from wlidd.api import peers
-from wlidd.api.peers import CachedCaller, CachedName, CallerCache, Credentials, Peer
+from wlidd.api import callers
+from wlidd.api.callers import CachedCaller, CachedName, CallerCache, Credentials
+from wlidd.api.peers import Peer
 from wlidd.policy import Caller
 from wlidd.svid.spiffeid import parse_spiffe_id
 
@@ -32,7 +33,7 @@ def resolved(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, ...]]:
         found = groups | {primary} if groups is not None else frozenset({primary, 7000})
         return Caller(uid=uid, gid=primary, pid=pid, groups=found, user=f"u{uid}")
 
-    monkeypatch.setattr(peers, "unix_caller", fake)
+    monkeypatch.setattr(callers, "unix_caller", fake)
     return calls
 
 

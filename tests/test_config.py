@@ -198,3 +198,11 @@ def test_a_config_the_service_user_cannot_read_is_named_with_owner_mode_and_the_
     path.chmod(0o644)
     assert unreadable_by_service(path, user="nobody") is None
     assert unreadable_by_service(path, user="no-such-user-x") is None  # no service user: nothing to judge
+
+
+def test_a_trust_domain_with_a_final_newline_is_refused(tmp_path: Path) -> None:
+    """The config checked trust domains with its own `^…$` regex, whose `$` also passes a final newline."""
+    path = tmp_path / "wlidd.toml"
+    path.write_text('[identities.default]\nsource = "gce"\ntrust_domain = "example.org\\n"\n')
+    with pytest.raises(ConfigError, match="is not a trust domain"):
+        load_config(path, {})

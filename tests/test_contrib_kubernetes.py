@@ -624,8 +624,8 @@ def test_the_probe_paths_are_routes_of_the_metrics_listener(tmp_path: Path) -> N
     path = tmp_path / "wlidd.toml"
     path.write_text(config_text(manifest()))
     daemon = Daemon(load_config(path, {}))
-    assert daemon.metrics_server is not None
-    templates = daemon.metrics_server.handler.router.templates  # type: ignore[attr-defined]
+    assert daemon.listeners.metrics_server is not None
+    templates = daemon.listeners.metrics_server.handler.router.templates  # type: ignore[attr-defined]
     probes = {
         container(manifest())[kind]["httpGet"]["path"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")
     }

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from wlidd import errors
+from wlidd import errors, posix_acl
 from wlidd.api.metadata_scopes import MAX_SCOPES, parse_scopes
 from wlidd.config import Config, split_address
 from wlidd.errors import (
@@ -28,6 +28,8 @@ from wlidd.errors import (
     TokenUnavailable,
     WlidError,
 )
+from wlidd.sinks.generations import publish_generation
+from wlidd.sinks.layouts import Material, SinkFile, layout_files
 from wlidd.svid.spiffeid import parse_matcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +116,12 @@ def test_peer_refused_is_the_403_the_metadata_api_answers() -> None:
         (split_address, "127.0.0.1:99999", "address"),
         (parse_scopes, ["x" * 600], "scopes"),
         (parse_scopes, [",".join(f"s{i}" for i in range(MAX_SCOPES + 1))], "scopes"),
+        (posix_acl.decode, b"\x01\0\0\0", "posix_acl"),  # version 1
+        (posix_acl.decode, b"\x02\0\0\0\x01", "posix_acl"),  # truncated
+        (posix_acl.encode, [posix_acl.Entry(posix_acl.USER, 7, 4)], "posix_acl"),  # no USER_OBJ, no mask
+        (lambda name: SinkFile(name, b"", 0o644), "..data", "sink_file_name"),
+        (lambda layout: layout_files(layout, Material(b"", b"", "example.org", b""), Path("/x")), "x", "sink_layout"),
+        (lambda name: publish_generation(Path("/x"), [SinkFile(name, b"", 0o644)] * 2), "a.pem", "sink_file_name"),
     ],
 )
 def test_a_parser_refuses_with_an_invalid_value_naming_its_rule(parse: object, value: object, reason: str) -> None:

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import FUZZ_SCALE, TD, FileSet, poll_until
-from wlidd.api.server import parse_simple_request
+from wlidd.api.request_head import parse_simple_request
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.produced import find_leak
 from wlidd.emulator.upstreams import Upstreams

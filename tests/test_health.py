@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import FileSet, in_background, kill_accept_loop
-from wlidd.api.server import Peer, Request
+from wlidd.api.messages import Request
+from wlidd.api.peers import Peer
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
@@ -81,7 +82,7 @@ async def test_a_dead_accept_loop_makes_every_reader_say_degraded(
     d = Daemon(config)
     async with in_background(d.run, d.stop):
         assert (await readers(d)).state == "running"
-        await kill_accept_loop(d.accept_loops[0], tmp_path / "wlidd.sock")
+        await kill_accept_loop(d.listeners.accept_loops[0], tmp_path / "wlidd.sock")
         said = await readers(d)
         status, document = said.health
         assert status == 503 and document["status"] == "unhealthy"

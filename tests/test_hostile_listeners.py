@@ -352,7 +352,7 @@ async def test_the_watchdog_stops_pinging_when_an_accept_loop_dies(
         with anyio.fail_after(5):
             while pings() == 0:
                 await anyio.sleep(0.02)
-        await kill_accept_loop(daemon.accept_loops[0], tmp_path / "wlidd.sock")
+        await kill_accept_loop(daemon.listeners.accept_loops[0], tmp_path / "wlidd.sock")
         health = await daemon.api(_request("/v1/health"))
         assert health.status == 503 and b"listener/unix" in health.body
         pings()
@@ -362,7 +362,8 @@ async def test_the_watchdog_stops_pinging_when_an_accept_loop_dies(
 
 
 def _request(path: str) -> object:
-    from wlidd.api.server import Peer, Request
+    from wlidd.api.messages import Request
+    from wlidd.api.peers import Peer
 
     return Request("GET", path, {}, (), b"", Peer(), "unix")
 
@@ -550,7 +551,8 @@ async def test_a_peer_that_resets_right_after_accept_is_dropped_quietly(tmp_path
     connection, thousands a minute under a flood)."""
     import struct
 
-    from wlidd.api.server import HttpServer, Response
+    from wlidd.api.messages import Response
+    from wlidd.api.server import HttpServer
 
     async def handler(request: object) -> Response:
         return Response.text(200, "ok")

@@ -23,9 +23,10 @@ import pytest
 
 from tests.conftest import APP_URI, CLIENT_ID, FileSet, as_user, in_background
 from tests.test_tokens import _source, entra_token_config, metadata_token_config
-from wlidd.api import peers
+from wlidd.api import tcp_owner
+from wlidd.api.messages import Request
 from wlidd.api.metadata import MetadataApi
-from wlidd.api.server import Peer, Request
+from wlidd.api.peers import Peer
 from wlidd.config import Config, MetadataListenerConfig, PolicyConfig, parse_token_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
@@ -113,7 +114,7 @@ def _until_orphaned(port: int, client_ports: list[int], timeout: float = 5.0) ->
     deadline = time.monotonic() + timeout
     for client_port in client_ports:
         while time.monotonic() < deadline:
-            theirs = peers.lookup_tcp_peer(("127.0.0.1", client_port), ("127.0.0.1", port)).socket
+            theirs = tcp_owner.lookup_tcp_peer(("127.0.0.1", client_port), ("127.0.0.1", port)).socket
             if theirs is None or (theirs.inode == 0 and theirs.state in (5, 6) and theirs.uid == 0):
                 break
             time.sleep(0.002)
@@ -126,7 +127,7 @@ async def _wait_until_the_daemon_closed(port: int, client_ports: list[int]) -> N
     with anyio.fail_after(20):
         for client_port in client_ports:
             while True:
-                ours = peers.lookup_tcp_peer(("127.0.0.1", port), ("127.0.0.1", client_port)).socket
+                ours = tcp_owner.lookup_tcp_peer(("127.0.0.1", port), ("127.0.0.1", client_port)).socket
                 if ours is None or ours.state not in open_states:
                     break
                 await anyio.sleep(0.01)
@@ -174,14 +175,14 @@ def test_the_owner_is_the_live_socket_and_a_closed_one_has_none() -> None:
     listener, ours, client = _connected_pair(NOBODY)
     remote, local = ours.getpeername(), ours.getsockname()
     try:
-        owner = peers.tcp_peer_owner(remote, local)
-        assert owner == peers.TcpOwner(NOBODY, os.fstat(client.fileno()).st_ino)
+        owner = tcp_owner.tcp_peer_owner(remote, local)
+        assert owner == tcp_owner.TcpOwner(NOBODY, os.fstat(client.fileno()).st_ino)
         client.close()
-        after = peers.lookup_tcp_peer(remote, local)
-        assert after.owner is None and peers.tcp_peer_owner(remote, local) is None
+        after = tcp_owner.lookup_tcp_peer(remote, local)
+        assert after.owner is None and tcp_owner.tcp_peer_owner(remote, local) is None
         assert "not ESTABLISHED" in after.reason() and "FIN_WAIT" in after.reason()
-        with pytest.raises(peers.PeerRefused, match="FIN_WAIT"):
-            peers.verify_tcp_peer(remote, local, owner)
+        with pytest.raises(tcp_owner.PeerRefused, match="FIN_WAIT"):
+            tcp_owner.verify_tcp_peer(remote, local, owner)
     finally:
         for s in (listener, ours, client):
             s.close()
@@ -192,8 +193,8 @@ def test_sock_diag_and_proc_self_net_agree_and_proc_is_the_fallback(monkeypatch:
     listener, ours, client = _connected_pair(NOBODY)
     remote, local = ours.getpeername(), ours.getsockname()
     try:
-        via_diag = peers.lookup_tcp_peer(remote, local).socket
-        via_proc = peers.proc_lookup(remote, local)
+        via_diag = tcp_owner.lookup_tcp_peer(remote, local).socket
+        via_proc = tcp_owner.proc_lookup(remote, local)
         assert via_diag is not None and via_diag.via == "sock_diag"
         assert via_proc is not None and via_proc.via == "/proc/self/net/tcp"
         assert (via_diag.state, via_diag.uid, via_diag.inode) == (via_proc.state, via_proc.uid, via_proc.inode)
@@ -201,12 +202,12 @@ def test_sock_diag_and_proc_self_net_agree_and_proc_is_the_fallback(monkeypatch:
         def refused(*args: object) -> None:
             raise OSError(97, "Address family not supported by protocol")  # EAFNOSUPPORT: no AF_NETLINK
 
-        monkeypatch.setattr(peers, "_sock_diag", peers._SockDiag())
-        monkeypatch.setattr(peers._SockDiag, "_query", refused)
-        fallback = peers.lookup_tcp_peer(remote, local)
+        monkeypatch.setattr(tcp_owner, "_sock_diag", tcp_owner._SockDiag())
+        monkeypatch.setattr(tcp_owner._SockDiag, "_query", refused)
+        fallback = tcp_owner.lookup_tcp_peer(remote, local)
         assert fallback.socket is not None and fallback.socket.via == "/proc/self/net/tcp"
-        assert fallback.owner == peers.TcpOwner(NOBODY, via_proc.inode)
-        assert not peers.lookup_is_cheap()  # netlink refused: not asked again, and callers use a thread
+        assert fallback.owner == tcp_owner.TcpOwner(NOBODY, via_proc.inode)
+        assert not tcp_owner.lookup_is_cheap()  # netlink refused: not asked again, and callers use a thread
     finally:
         for s in (listener, ours, client):
             s.close()
@@ -214,19 +215,19 @@ def test_sock_diag_and_proc_self_net_agree_and_proc_is_the_fallback(monkeypatch:
 
 SUBSET_PID_CHILD = """
 import json, os, socket, sys
-from wlidd.api import peers
+from wlidd.api import tcp_owner
 
 listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen()
 os.seteuid(65534); client = socket.socket(); os.seteuid(0)
 client.connect(listener.getsockname()); ours, _ = listener.accept()
 remote, local = ours.getpeername(), ours.getsockname()
-diag = peers.tcp_peer_owner(remote, local)
-peers._sock_diag.usable = False  # now the /proc path alone
+diag = tcp_owner.tcp_peer_owner(remote, local)
+tcp_owner._sock_diag.usable = False  # now the /proc path alone
 print(json.dumps({
     "proc_net_hidden": not os.path.exists("/proc/net/tcp"),
     "inode": os.fstat(client.fileno()).st_ino,
     "diag": [diag.uid, diag.inode] if diag else None,
-    "proc_uid": (lambda owner: owner.uid if owner else None)(peers.tcp_peer_owner(remote, local)),
+    "proc_uid": (lambda owner: owner.uid if owner else None)(tcp_owner.tcp_peer_owner(remote, local)),
 }))
 """
 

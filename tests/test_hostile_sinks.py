@@ -33,10 +33,12 @@ from wlidd import posix_acl
 from wlidd.config import CredentialSinkConfig, SinkConfig
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.produced import find_leak
+from wlidd.errors import InvalidValue, SinkRefused
 from wlidd.logs import REDACTED, configure_logging, reset_logging
+from wlidd.sinks.access import Readers, grant_directory
 from wlidd.sinks.commands import COMMAND_ENV, OUTPUT_LIMIT, output_tail, run_command
 from wlidd.sinks.credentials import publish_credentials, write_credentials
-from wlidd.sinks.files import write_atomic
+from wlidd.sinks.files import fd_file_is, write_atomic
 from wlidd.sinks.signals import signal_after_rotation
 from wlidd.sinks.tokens import publish_token
 from wlidd.svid.load import CredentialFiles, build_identity
@@ -482,8 +484,29 @@ def test_granting_a_directory_keeps_its_acl_and_widens_its_mask_only_by_r_x(tmp_
 def test_the_acl_decoder_refuses_what_the_kernel_would() -> None:
     good = posix_acl.file_acl(0o600, [1], [])
     for bad in (good[:-1], b"\x01\0\0\0" + good[4:], good[:4] + good[12:20] + good[4:12] + good[20:]):
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidValue) as refused:
             posix_acl.decode(bad)
+        assert refused.value.reason == "posix_acl"
+
+
+def test_an_acl_wlidd_cannot_read_refuses_readers_on_the_directory_and_makes_a_file_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoder's refusal is caught where it always was: granting `readers` on the directory is refused
+    (SinkRefused, nothing written), and a file whose ACL cannot be read is not "already up to date"."""
+    directory = tmp_path / "out"
+    directory.mkdir(mode=0o750)
+    (directory / "f").write_bytes(b"data")
+    os.chmod(directory / "f", 0o600)
+    monkeypatch.setattr(os, "getxattr", lambda *_args, **_kwargs: b"\x01\0\0\0")  # version 1: unreadable
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(SinkRefused, match="has an ACL wlidd cannot read"):
+            grant_directory(dir_fd, Readers((APP,), ()), str(directory))
+        st = os.stat(directory / "f")
+        assert fd_file_is(dir_fd, "f", b"data", 0o600, st.st_uid, st.st_gid, None) is False
+    finally:
+        os.close(dir_fd)
 
 
 # ---- wlidd check ---------------------------------------------------------------------------------------

@@ -681,7 +681,7 @@ def test_a_group_dropped_from_the_process_grants_nothing_even_if_etc_group_lists
 
 def test_peer_groups_reads_more_than_256_groups(tmp_path: Path) -> None:
     """SO_PEERGROUPS past Python's 1024-byte getsockopt buffer (the libc path)."""
-    from wlidd.api.peers import peer_groups
+    from wlidd.api.peer_credentials import peer_groups
 
     path = str(tmp_path / "many.sock")
     wanted = list(range(50000, 50300))
@@ -708,7 +708,7 @@ def test_peer_groups_reads_more_than_256_groups(tmp_path: Path) -> None:
 
 async def test_the_caller_cache_tells_apart_one_process_with_different_kernel_groups() -> None:
     """A process may connect, setgroups, and connect again: same pid, uid and gid, other groups."""
-    from wlidd.api.peers import CallerCache
+    from wlidd.api.callers import CallerCache
 
     cache = CallerCache()
     gid = free_gid()
@@ -719,7 +719,7 @@ async def test_the_caller_cache_tells_apart_one_process_with_different_kernel_gr
 
 
 async def test_the_caller_cache_stays_bounded() -> None:
-    from wlidd.api.peers import CallerCache
+    from wlidd.api.callers import CallerCache
 
     cache = CallerCache(max_entries=64)
     for pid in range(1000):

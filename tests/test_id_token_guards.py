@@ -157,7 +157,7 @@ async def test_an_audience_refused_permanently_is_not_asked_again_before_backoff
     assert upstreams.calls["iam_id_token"] == 2 and len(errors) == 6
     wall.advance(2)
     assert await source.id_token("https://bad.example.com")  # backoff_max passed: asked again (and granted)
-    assert upstreams.calls["iam_id_token"] == 3 and not source._id_refused  # freed on success
+    assert upstreams.calls["iam_id_token"] == 3 and not source._id_backoff.refused  # freed on success
 
 
 async def test_refused_audiences_are_remembered_within_a_bound_and_forgotten_oldest_first(
@@ -172,18 +172,18 @@ async def test_refused_audiences_are_remembered_within_a_bound_and_forgotten_old
     audiences = [f"https://{n}.example.com" for n in range(6)]
     for audience in audiences:
         await _ask(source, audience, errors)
-    assert upstreams.calls["iam_id_token"] == 6 and len(source._id_refused) == 4
+    assert upstreams.calls["iam_id_token"] == 6 and len(source._id_backoff.refused) == 4
     for audience in audiences[2:]:  # the four most recent: answered from their errors
         await _ask(source, audience, errors)
     assert upstreams.calls["iam_id_token"] == 6
     await _ask(source, audiences[0], errors)  # forgotten: asked again
-    assert upstreams.calls["iam_id_token"] == 7 and len(source._id_refused) == 4
+    assert upstreams.calls["iam_id_token"] == 7 and len(source._id_backoff.refused) == 4
     assert {e.reason for e in errors} == {"iam_permission_denied"} and len(errors) == 11
     wall.advance(301)
     upstreams.clear("iam_id_token")
     for audience in audiences:
         assert await source.id_token(audience)
-    assert not source._id_refused and not source._id_flights and source._id_probe is None
+    assert not source._id_backoff.refused and not source._id_flights and source._id_probe is None
 
 
 async def test_a_stale_federated_token_is_renewed_once_through_the_backing_off_refresh(

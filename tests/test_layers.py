@@ -29,13 +29,13 @@ LAYERS_TEXT = """\
 # layer  modules (wlidd.<name>)                        a module imports its own layer and the layers below
 top      cli daemon oneshot emulator client __main__   # entry points: start and wire things, decide nothing
 edges    api workload_api                              # sockets and protocols: HTTP, metadata, mTLS, Workload API
-state    health runtime sinks                          # made of published states: health, the reload's value, files
+state    health runtime status_report services sinks   # over published states: health, status, a reload's value, sinks
 tokens   tokens                                        # token sources (the refresh loop), flows, providers
 reload   watch dirwatch svid.load                      # one reload path; the credentials edge reads the files
 cores    tlsctx policy                                 # TLS contexts of an identity; who may have what
-config   config config_toml                            # the config models, validated once
+config   config config_toml config_reload              # the config models, validated once; what a reload changes
 pure     svid tokens.model tokens.schedule             # pure functions over bytes and values, `now` passed in
-bottom   __init__ clock accounts safedir posix_acl errors logs metrics systemd lifecycle
+bottom   __init__ clock accounts safedir posix_acl errors logs metrics systemd lifecycle status
 """
 
 # Named in the table before the module exists: each must match no module yet (then it leaves this set).

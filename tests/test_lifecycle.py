@@ -122,3 +122,26 @@ def test_a_sighup_while_starting_is_not_a_transition_of_the_table() -> None:
     """RELOADING=1 belongs to a started daemon: the daemon defers a SIGHUP while starting."""
     assert (State.STARTING, State.RELOADING) not in TRANSITIONS
     assert all(to is State.STOPPING for (state, to) in TRANSITIONS if state is State.STOPPING)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "sent"),
+    [
+        ((State.READY,), State.DEGRADED, [{"STATUS": "health line"}]),
+        ((State.DEGRADED,), State.READY, [{"STATUS": "health line"}]),
+        ((), State.STARTING, [{"STATUS": "health line"}]),  # starting: what it waits for, and no READY=1
+        ((State.READY, State.RELOADING), State.RELOADING, [{"STATUS": "health line"}]),  # READY=1 is the reload's
+        ((State.READY, State.STOPPING), State.STOPPING, []),
+    ],
+    ids=["ready to degraded", "degraded to ready", "starting", "reloading", "stopping"],
+)
+def test_reporting_the_health_moves_a_started_daemon_and_only_updates_the_status_otherwise(
+    before: tuple[State, ...], after: State, sent: list[dict[str, str | int]]
+) -> None:
+    record = Sent()
+    lifecycle = Lifecycle(record, clock=lambda: 42)
+    for state in before:
+        lifecycle.move(state, f"line for {state.value}")
+    record.datagrams.clear()
+    lifecycle.report(State.DEGRADED if State.READY in before[-1:] else State.READY, "health line")
+    assert lifecycle.state is after and record.datagrams == sent

@@ -220,9 +220,9 @@ async def test_the_metrics_listener_has_its_caps_and_closes_a_silent_connection(
     metrics = {"address": "127.0.0.1:0", "max_connections": 3, "max_connections_per_caller": 2}
     d = Daemon(config(tmp_path, files, metrics={**metrics, "first_byte_timeout": 0.2}))
     async with in_background(d.run, d.stop):
-        listener = d.listener_status()["metrics"]
-        assert (listener["max_connections"], listener["max_per_caller"]) == (3, 2)
-        assert listener["address"] == f"127.0.0.1:{d.metrics_port}"
+        listener = d.listeners.status()["metrics"]
+        assert (listener.max_connections, listener.max_per_caller) == (3, 2)
+        assert listener.address == f"127.0.0.1:{d.metrics_port}"
         with anyio.fail_after(10):
             stream = await anyio.connect_tcp("127.0.0.1", d.metrics_port or 0)
             async with stream:

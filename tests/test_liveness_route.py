@@ -61,7 +61,7 @@ async def test_live_is_503_on_the_metrics_listener_naming_the_unix_listener_whos
     files.put(ca.issue_svid(), ca.bundle_pem)
     d = Daemon(config(tmp_path, files))
     async with in_background(d.run, d.stop), clients(d) as (metrics, _):
-        (unix_loop,) = [loop for loop in d.accept_loops if loop.name == "unix"]
+        (unix_loop,) = [loop for loop in d.listeners.accept_loops if loop.name == "unix"]
         await kill_accept_loop(unix_loop, d.socket_path)
         response = await metrics.get("/v1/live")
         assert response.status_code == 503

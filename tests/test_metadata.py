@@ -203,8 +203,9 @@ async def test_unmodified_google_auth_fetches_an_id_token(daemon: Daemon, tmp_pa
 
 
 async def test_identity_without_a_way_to_mint_id_tokens_is_a_clear_404() -> None:
+    from wlidd.api.messages import Request
     from wlidd.api.metadata import MetadataApi
-    from wlidd.api.server import Peer, Request
+    from wlidd.api.peers import Peer
     from wlidd.config import MetadataListenerConfig, PolicyConfig, parse_token_config
     from wlidd.policy import Policy
     from wlidd.tokens.flows import Flow

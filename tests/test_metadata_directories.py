@@ -12,9 +12,10 @@ import pytest
 
 from tests import test_metadata
 from tests.test_metadata import EMAIL
+from wlidd.api.messages import Request
 from wlidd.api.metadata import MetadataApi
 from wlidd.api.metadata_tree import METADATA_ROUTE_TEMPLATES, metadata_route_template
-from wlidd.api.server import Peer, Request
+from wlidd.api.peers import Peer
 from wlidd.config import MetadataListenerConfig, PolicyConfig, parse_token_config
 from wlidd.daemon import Daemon
 from wlidd.policy import Policy

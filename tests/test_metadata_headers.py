@@ -14,7 +14,9 @@ import pytest
 
 from tests.conftest import FileSet, in_background
 from tests.test_tokens import metadata_token_config
-from wlidd.api.server import HttpServer, Request, Response, ServerLimits
+from wlidd.api.connection import ServerLimits
+from wlidd.api.messages import Request, Response
+from wlidd.api.server import HttpServer
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
@@ -201,7 +203,7 @@ async def test_the_connection_limit_answers_of_the_metadata_listener_carry_the_f
         async with await anyio.connect_tcp("127.0.0.1", d.metadata_port) as held:
             await held.send(b"GET / HTTP/1.1\r\n")  # a request in progress is never shed
             with anyio.fail_after(5):
-                while not any(loop.counter.total for loop in d.accept_loops if loop.name == "metadata"):
+                while not any(loop.counter.total for loop in d.listeners.accept_loops if loop.name == "metadata"):
                     await anyio.sleep(0.01)
             status, headers, body = await exchange(d.metadata_port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (status, headers["metadata-flavor"]) == (503, "Google") and refusal in body

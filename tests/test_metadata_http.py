@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from tests.clients.harness import PROJECT, metadata_daemon
-from wlidd.api.server import Response, serialize_response
+from wlidd.api.messages import Response, serialize_response
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 

@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import FileSet, in_background
 from tests.test_tokens import metadata_token_config, x509_token_config
+from wlidd.api.messages import Request, Response
 from wlidd.api.metadata_scopes import (
     CLOUD_PLATFORM,
     MAX_SCOPES,
@@ -29,7 +30,6 @@ from wlidd.api.metadata_scopes import (
     parse_scopes,
     uncovered_scopes,
 )
-from wlidd.api.server import Request, Response
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority

@@ -43,8 +43,10 @@ EMAIL = "app@demo-project.iam.gserviceaccount.com"
 
 
 def api(daemon: Daemon) -> MetadataApi:
-    assert daemon.metadata_server is not None and isinstance(daemon.metadata_server.handler, MetadataApi)
-    return daemon.metadata_server.handler
+    assert daemon.listeners.metadata_server is not None and isinstance(
+        daemon.listeners.metadata_server.handler, MetadataApi
+    )
+    return daemon.listeners.metadata_server.handler
 
 
 def requests_answered(daemon: Daemon, route: str) -> float:
@@ -395,7 +397,7 @@ async def test_a_held_wait_is_dropped_when_its_client_goes_away(
         await wait_until(lambda: api(d).held == 1, what="the wait was never held")
         await stream.aclose()
         await wait_until(lambda: api(d).held == 0, what="the wait was held after its client left")
-        loop = next(loop for loop in d.accept_loops if loop.name == "metadata")
+        loop = next(loop for loop in d.listeners.accept_loops if loop.name == "metadata")
         await wait_until(lambda: loop.counter.total == 0, what="the connection is still counted")
 
 
@@ -430,6 +432,6 @@ async def test_a_held_wait_whose_client_sent_a_byte_then_left_is_released(
         await stream.send(b"G")  # the first byte of a pipelined request: the watcher stops here
         await anyio.sleep(0.2)  # let the watcher read it (no observable state for "read one chunk")
         await stream.aclose()
-        loop = next(loop for loop in d.accept_loops if loop.name == "metadata")
+        loop = next(loop for loop in d.listeners.accept_loops if loop.name == "metadata")
         await wait_until(lambda: api(d).held == 0, 15, "the wait was held after its client left")
         await wait_until(lambda: loop.counter.total == 0, 5, "the connection is still counted")

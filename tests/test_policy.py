@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from wlidd.config import AccessRule, PolicyConfig
-from wlidd.policy import Caller, Decision, Policy
-from wlidd.svid.spiffeid import parse_spiffe_id
+from wlidd.policy import Caller, Decision, Policy, may_use_listener
+from wlidd.svid.spiffeid import parse_matcher, parse_spiffe_id
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 
@@ -188,3 +188,43 @@ def test_no_edge_applies_a_rule_itself_every_decision_is_a_policy_method(path: s
         and node.func.attr in {"check", "check_spiffe", "decide"}
     ]
     assert not calls, f"{path} applies a policy rule itself at lines {calls}: call a wlidd.policy.Policy decision"
+
+
+# ---- the mTLS listener's own gate: its `allow` matchers --------------------------------------------------
+LISTENER_ALLOW = (parse_matcher("spiffe://example.org/ci/*"), parse_matcher("spiffe://partner.org"))
+
+
+@pytest.mark.parametrize(
+    ("spiffe_id", "refusal"),
+    [
+        ("spiffe://example.org/ci/build", None),
+        ("spiffe://partner.org/any/path", None),
+        (
+            "spiffe://example.org/web",
+            "spiffe://example.org/web is not allowed on this listener "
+            "(allowed: spiffe://example.org/ci/*, spiffe://partner.org)",
+        ),
+        (
+            "spiffe://other.org/ci/build",
+            "spiffe://other.org/ci/build is not allowed on this listener "
+            "(allowed: spiffe://example.org/ci/*, spiffe://partner.org)",
+        ),
+    ],
+)
+def test_the_mtls_listener_admits_a_spiffe_id_its_allow_matches_and_names_the_allowed_ones_otherwise(
+    spiffe_id: str, refusal: str | None
+) -> None:
+    decision = may_use_listener(parse_spiffe_id(spiffe_id), LISTENER_ALLOW)
+    assert decision == Decision("the mTLS listener", refusal)
+    assert decision.allowed is (refusal is None)
+
+
+def test_the_mtls_gate_decides_its_allow_through_the_policy_not_by_matching_itself() -> None:
+    """wlidd.api.mtls asks `may_use_listener`; a `match_any` of its own would decide beside the policy."""
+    tree = ast.parse((ROOT_DIR / "wlidd/api/mtls.py").read_text())
+    called = {
+        node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+    }
+    assert "may_use_listener" in called and "match_any" not in called

@@ -1,4 +1,4 @@
-"""Plain connections are served from an asyncio protocol (wlidd.api.server.ProtocolStream).
+"""Plain connections are served from an asyncio protocol (wlidd.api.plain_stream.ProtocolStream).
 
 The socket is registered with the event loop once for the connection's life (anyio's socket streams add
 and remove its reader around every wait: the cost bench/PROFILES.md found on the hot path), and the stream
@@ -22,7 +22,9 @@ import anyio.to_thread
 import pytest
 
 from tests.conftest import wait_until
-from wlidd.api.server import READ_AHEAD, HttpServer, ProtocolStream, Request, Response
+from wlidd.api.messages import Request, Response
+from wlidd.api.plain_stream import READ_AHEAD, ProtocolStream
+from wlidd.api.server import HttpServer
 
 
 def count_registrations(monkeypatch: pytest.MonkeyPatch, fd: int) -> Counter[str]:

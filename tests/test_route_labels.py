@@ -1,4 +1,4 @@
-"""The request metrics' route label is the template of the route that answered (wlidd.api.server.Router),
+"""The request metrics' route label is the template of the route that answered (wlidd.api.messages.Router),
 taken from the match that dispatched the request, never from the path: a label is always a template of
 the route table, or "other"."""
 
@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from tests.conftest import FileSet, in_background
+from wlidd.api.messages import Request, Response, Router
 from wlidd.api.mtls import MtlsGate
-from wlidd.api.server import Peer, Request, Response, Router
+from wlidd.api.peers import Peer
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
@@ -70,8 +71,8 @@ def test_each_route_of_the_table_is_labelled_by_its_own_template_and_anything_el
         assert d.api.route(request(instance(template), "POST"))[0] == template  # a 405 is the route's too
     for path in JUNK:
         assert d.api.route(request(path))[0] == "other", path
-    assert d.metrics_server is not None
-    metrics_routes = d.metrics_server.handler
+    assert d.listeners.metrics_server is not None
+    metrics_routes = d.listeners.metrics_server.handler
     assert metrics_routes.router.templates == {"/metrics", "/v1/health", "/v1/live"}  # type: ignore[attr-defined]
     assert metrics_routes.route(request("/v1/status"))[0] == "other"  # type: ignore[attr-defined]
 
@@ -111,7 +112,7 @@ async def test_every_request_metric_label_is_a_template_of_the_route_table(
             router = d.api.router
         else:
             client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.metrics_port}")
-            router = d.metrics_server.handler.router  # type: ignore[union-attr]
+            router = d.listeners.metrics_server.handler.router  # type: ignore[union-attr]
         async with client as c:
             for template in router.templates:
                 await c.get(instance(template))

@@ -19,6 +19,7 @@ from tests.test_hostile_sinks import identity_state, sink
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, cert_pem
+from wlidd.errors import InvalidValue
 from wlidd.sinks.credentials import write_credentials
 from wlidd.sinks.layouts import Material, SinkFile, layout_files
 
@@ -170,8 +171,9 @@ def test_a_sink_file_never_shows_its_content_in_a_repr_and_refuses_reserved_name
         Material(b"-----BEGIN PRIVATE KEY-----", b"", TD, b"")
     )
     for name in ("..data", "..x", "a/b", "", "."):
-        with pytest.raises(ValueError, match="not a sink file name"):
+        with pytest.raises(InvalidValue, match="not a sink file name") as refused:
             SinkFile(name, b"", 0o644)
+        assert refused.value.reason == "sink_file_name"
 
 
 async def test_cli_creds_out_writes_each_layout_exactly_as_a_sink_of_that_layout(

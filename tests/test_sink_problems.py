@@ -15,6 +15,7 @@ from wlidd.cli import render_status
 from wlidd.config import load_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
+from wlidd.status import parse_status
 
 
 async def status_of(socket: Path) -> dict[str, object]:
@@ -43,7 +44,7 @@ async def test_a_failing_sink_is_in_status_and_metrics_until_it_is_written_again
         problem = document["sink_problems"][str(out)]  # type: ignore[index]
         assert problem["kind"] == "identity" and problem["owner"] == "default"
         assert "Not a directory" in problem["error"] or "not a directory" in problem["error"].lower()
-        assert f"SINK {out} (identity default): last write failed" in render_status(document)
+        assert f"SINK {out} (identity default): last write failed" in render_status(parse_status(document))
 
         blocker.unlink()  # the operator fixes it; the next check writes the sink
         await d.reload()

@@ -13,12 +13,12 @@ from prometheus_client import generate_latest
 
 from tests.conftest import TD, FileSet
 from tests.test_watch import changed, running, serial_of
-from wlidd.api.routes import identity_status
 from wlidd.config import parse_identity_config
 from wlidd.emulator.ca import CertificateAuthority, spiffe_bundle
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
 from wlidd.errors import RetryableSvidError
 from wlidd.metrics import Metrics
+from wlidd.status_report import identity_status
 from wlidd.svid import load
 from wlidd.svid.load import CredentialSource, load_identity
 from wlidd.watch import CredentialWatcher
@@ -119,7 +119,7 @@ async def test_a_broken_federated_bundle_keeps_its_last_good_copy_and_the_own_sv
         assert problem.trust_domain == "other.org" and problem.kept
         assert problem.reason == ("bundle_bad_pem" if damage == "truncate" else "file_missing")
         status = identity_status(watcher, watcher.clock())
-        assert status["bundle_problems"][0]["trust_domain"] == "other.org" and status["last_error"] is None
+        assert status.bundle_problems[0].trust_domain == "other.org" and status.last_error is None
         assert b'wlidd_trust_bundle_problem{identity="default",trust_domain="other.org"} 1.0' in generate_latest(
             metrics.registry
         )
@@ -189,16 +189,17 @@ async def test_last_error_describes_the_present_and_last_rejection_keeps_the_his
     files.write("chain.pem", b"-----BEGIN CERTIFICATE-----\nnot base64\n")
     assert await watcher.reload("event") is False
     status = identity_status(watcher, watcher.clock())
-    assert status["last_error"]["reason"] == "chain_bad_pem" and status["valid"] is True
+    assert status.last_error is not None and status.last_error.reason == "chain_bad_pem" and status.valid is True
     good = ca.issue_svid()
     files.put(good)
     assert await watcher.reload("event") is True
     status = identity_status(watcher, watcher.clock())
-    assert status["last_error"] is None and status["valid"] is True
-    assert status["last_rejection"]["reason"] == "chain_bad_pem" and status["last_rejection"]["at"]
+    assert status.last_error is None and status.valid is True
+    assert status.last_rejection is not None and status.last_rejection.reason == "chain_bad_pem"
+    assert status.last_rejection.at is not None
     # a refusal followed by the old good files again (nothing new to load) clears it too
     files.write("key.pem", b"garbage")
     assert await watcher.reload("event") is False
     files.write("key.pem", good.key_pem)
     assert await watcher.reload("event") is False
-    assert identity_status(watcher, watcher.clock())["last_error"] is None
+    assert identity_status(watcher, watcher.clock()).last_error is None

@@ -41,6 +41,7 @@ from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.errors import UpstreamError, WlidError
+from wlidd.status_report import token_status
 from wlidd.svid.load import CredentialSource
 from wlidd.tokens.flows import Flow, upstream_ssl_context
 from wlidd.tokens.limits import IdTokenLimits, ScopedLimits
@@ -615,7 +616,7 @@ async def test_a_ca_file_that_cannot_be_loaded_sends_nothing_and_counts_no_upstr
     with fifo_guard(ca_file) as released, pytest.raises(UpstreamError) as info:
         await source.refresh("test")
     assert not released and info.value.reason == "wlidd_ca_file", info.value.message
-    assert source.upstream_calls == 0 and source.status(source.clock())["upstream_calls"] == 0
+    assert source.upstream_calls == 0 and token_status(source, source.clock()).upstream_calls == 0
 
 
 async def test_an_x509_source_without_a_valid_svid_counts_no_upstream_call(upstreams: Upstreams, build: Build) -> None:

@@ -24,6 +24,7 @@ from wlidd.emulator.ca import CertificateAuthority, IssuedSvid, new_key
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.errors import UpstreamError
 from wlidd.logs import configure_logging, reset_logging
+from wlidd.status_report import token_status
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
 from wlidd.tokens.providers.entra import build_assertion
@@ -318,7 +319,7 @@ async def test_sts_failing_for_a_while_serves_the_last_good_token_backs_off_and_
         assert info.value.status == 503 and info.value.retryable
         delays.append((source.next_refresh - before).total_seconds())  # type: ignore[operator]
         assert (await source.get()).value == good.value  # the last good token keeps being served
-    assert source.failures == 3 and source.status(source.clock())["last_error"]["status"] == 503
+    assert source.failures == 3 and getattr(token_status(source, source.clock()).last_error, "status", None) == 503
     assert all(d >= 0.05 for d in delays) and source.backoff.attempts == 3
     recovered = await source.refresh("test")
     assert recovered.value != good.value and source.failures == 0 and source.backoff.attempts == 0

@@ -27,6 +27,7 @@ from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.errors import UpstreamError
 from wlidd.logs import configure_logging, reset_logging
 from wlidd.metrics import Metrics
+from wlidd.status_report import token_status
 from wlidd.tokens.manager import TokenSource
 from wlidd.tokens.providers.entra import build_assertion
 from wlidd.tokens.providers.http import error_from_response, request_json
@@ -145,8 +146,8 @@ async def test_a_permanent_error_backs_off_to_the_maximum_at_once_and_status_and
         configure_logging("info", "console")
         reset_logging()
     assert (source.next_refresh - wall.now).total_seconds() == 300  # type: ignore[operator]
-    last_error = source.status(wall.now)["last_error"]
-    assert last_error["reason"] == case and last_error["permanent"] is True
+    last_error = token_status(source, wall.now).last_error
+    assert last_error is not None and last_error.reason == case and last_error.permanent is True
     assert "last error (permanent)" in source.not_servable_reason(wall.now)
     lines = [json.loads(line) for line in out.getvalue().splitlines() if "token refresh failed" in line]
     assert len(lines) == 1 and lines[0]["permanent"] is True and lines[0]["reason"] == case
@@ -165,7 +166,7 @@ async def test_a_transient_error_backs_off_exponentially_from_the_minimum_and_st
         with pytest.raises(UpstreamError):
             await source.refresh("test")
         delays.append((source.next_refresh - wall.now).total_seconds())  # type: ignore[operator]
-        assert source.status(wall.now)["last_error"]["permanent"] is False
+        assert getattr(token_status(source, wall.now).last_error, "permanent", None) is False
     assert delays[0] == 1 and 1 <= delays[1] <= 2 and 1 <= delays[2] <= 4
     assert "(permanent)" not in source.not_servable_reason(wall.now)
 
@@ -280,7 +281,7 @@ async def test_nan_infinite_or_absurd_expires_in_from_the_metadata_server_is_met
     with pytest.raises(UpstreamError) as info:
         await source.refresh("test")
     assert info.value.reason == "metadata_bad_response" and info.value.retryable
-    assert source.status(source.clock())["last_error"]["reason"] == "metadata_bad_response"
+    assert getattr(token_status(source, source.clock()).last_error, "reason", None) == "metadata_bad_response"
 
 
 @pytest.mark.parametrize("expires_in", [float("nan"), float("inf"), 1e12])

@@ -18,7 +18,6 @@ import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -27,6 +26,7 @@ from wlidd.clock import iso_z
 from wlidd.config import DEFAULT_CONFIG_PATH, Config, UnixListenerConfig, config_path_from, load_config
 from wlidd.errors import ConfigError, SvidError, WlidError
 from wlidd.logs import configure_logging
+from wlidd.status import Status, to_json
 from wlidd.svid.load import CredentialSource, load_identity
 
 
@@ -185,7 +185,8 @@ def _socket_path(args: argparse.Namespace) -> Path:
     return _load(args).listeners.unix.path
 
 
-def fetch_status(socket_path: Path, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_status(socket_path: Path, timeout: float = 5.0) -> Status:
+    """The running daemon's /v1/status (ClientError when it cannot be had, or is malformed)."""
     from wlidd.client import Client
 
     with Client(socket_path, timeout=timeout) as client:
@@ -249,58 +250,51 @@ def cmd_creds(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def render_status(document: dict[str, Any]) -> str:
-    daemon = document["daemon"]
-    lines = [f"wlidd {daemon['version']} pid {daemon['pid']}: {daemon['state']}, up {daemon['uptime_seconds']}s"]
-    if daemon["state"] == "starting":  # the accept loops run before the first loads: say what is awaited
-        waiting = daemon.get("waiting_for") or {}
-        parts = [f"identity {name} (first load)" for name in waiting.get("identities", ())]
-        parts += [f"token {name} (required at start)" for name in waiting.get("tokens", ())]
+def render_status(status: Status) -> str:
+    """The `wlidd status` table of a /v1/status document (wlidd.status)."""
+    daemon = status.daemon
+    lines = [f"wlidd {daemon.version} pid {daemon.pid}: {daemon.state}, up {daemon.uptime_seconds}s"]
+    if daemon.state == "starting":  # the accept loops run before the first loads: say what is awaited
+        parts = [f"identity {name} (first load)" for name in daemon.waiting_for.identities]
+        parts += [f"token {name} (required at start)" for name in daemon.waiting_for.tokens]
         lines.append("starting: waiting for " + (", ".join(parts) or "the last steps before READY"))
-    header = f"{'IDENTITY':<14} {'VALID':<6} {'LEFT':>8}  {'SERIAL':<12} {'SPIFFE ID'}"
-    lines.append(header)
-    for name, ident in document["identities"].items():
-        left = "-" if ident["seconds_left"] is None else f"{ident['seconds_left']}s"
-        serial = (ident["serial"] or "-")[:12]
+    lines.append(f"{'IDENTITY':<14} {'VALID':<6} {'LEFT':>8}  {'SERIAL':<12} {'SPIFFE ID'}")
+    for name, ident in status.identities.items():
+        left = "-" if ident.seconds_left is None else f"{ident.seconds_left}s"
+        serial = (ident.serial or "-")[:12]
+        lines.append(f"{name:<14} {'yes' if ident.valid else 'NO':<6} {left:>8}  {serial:<12} {ident.spiffe_id or '-'}")
+        if ident.last_error:
+            err = ident.last_error
+            lines.append(f"{'':<14} last error {iso_z(err.at)}: {err.reason}: {err.message}")
+        for problem in ident.bundle_problems:
+            kept = "last good copy kept" if problem.kept else "left out"
+            lines.append(f"{'':<14} bundle of {problem.trust_domain}: {problem.reason}: {problem.message} ({kept})")
         lines.append(
-            f"{name:<14} {'yes' if ident['valid'] else 'NO':<6} {left:>8}  {serial:<12} {ident['spiffe_id'] or '-'}"
+            f"{'':<14} reloads {ident.reloads}, updates {ident.updates}, rejections {ident.rejections}, "
+            f"last loaded {iso_z(ident.last_loaded) or '-'}"
         )
-        if ident["last_error"]:
-            err = ident["last_error"]
-            lines.append(f"{'':<14} last error {err['at']}: {err['reason']}: {err['message']}")
-        for problem in ident.get("bundle_problems") or ():
-            kept = "last good copy kept" if problem["kept"] else "left out"
-            lines.append(
-                f"{'':<14} bundle of {problem['trust_domain']}: {problem['reason']}: {problem['message']} ({kept})"
-            )
-        lines.append(
-            f"{'':<14} reloads {ident['reloads']}, updates {ident['updates']}, rejections {ident['rejections']}, "
-            f"last loaded {ident['last_loaded'] or '-'}"
-        )
-    tokens = document.get("tokens") or {}
-    if tokens:
+    if status.tokens:
         lines.append(f"{'TOKEN':<14} {'VALID':<6} {'LEFT':>8}  {'FLOW':<13} {'FAILURES':>8}  NEXT REFRESH")
-        for name, token in tokens.items():
-            left = "-" if token["seconds_left"] is None else f"{token['seconds_left']}s"
-            lines.append(
-                f"{name:<14} {'yes' if token['valid'] else 'NO':<6} {left:>8}  {token['flow']:<13} {token['failures']:>8}  {token['next_refresh'] or '-'}"
-            )
-            if token["last_error"]:
-                err = token["last_error"]
-                kind = " (permanent: retried every backoff_max)" if err.get("permanent") else ""
-                lines.append(f"{'':<14} last error {err['at']}: {err['reason']}{kind}: {err['message']}")
-    for place, problem in (document.get("sink_problems") or {}).items():
-        lines.append(f"SINK {place} ({problem['kind']} {problem['owner']}): last write failed: {problem['error']}")
+        for name, token in status.tokens.items():
+            left = "-" if token.seconds_left is None else f"{token.seconds_left}s"
+            valid, failures, next_refresh = "yes" if token.valid else "NO", token.failures, iso_z(token.next_refresh)
+            lines.append(f"{name:<14} {valid:<6} {left:>8}  {token.flow:<13} {failures:>8}  {next_refresh or '-'}")
+            if token.last_error:
+                failure = token.last_error
+                kind = " (permanent: retried every backoff_max)" if failure.permanent else ""
+                lines.append(f"{'':<14} last error {iso_z(failure.at)}: {failure.reason}{kind}: {failure.message}")
+    for place, sink in status.sink_problems.items():
+        lines.append(f"SINK {place} ({sink.kind} {sink.owner}): last write failed: {sink.error}")
     return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    document = fetch_status(_socket_path(args))
+    status = fetch_status(_socket_path(args))
     if args.json or not sys.stdout.isatty():
-        print(json.dumps(document, indent=2))
+        print(json.dumps(to_json(status), indent=2))
     else:
-        print(render_status(document))
-    return ExitCode.OK if document["daemon"]["state"] == "running" else ExitCode.FAILURE
+        print(render_status(status))
+    return ExitCode.OK if status.daemon.state == "running" else ExitCode.FAILURE
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -4,7 +4,9 @@
     token = Client().get_token("gcp").access_token          # sync
     async with AsyncClient() as c: creds = await c.get_credentials("default")
 
-Errors are ClientError with the daemon's status, stable code and message (never a secret).
+Errors are ClientError with the daemon's status, stable code and message (never a secret); an answer that
+does not have the shape of its document (a missing field, a wrong type) is ClientError `bad_response` naming
+the field, never a KeyError or TypeError. `status()` is the typed /v1/status document (wlidd.status.Status).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from wlidd.accounts import group_name, owner_names, user_name
 from wlidd.errors import ClientError as ClientError  # defined with every error; applications import it here
+from wlidd.errors import InvalidValue
+from wlidd.status import Status, parse_json
 
 DEFAULT_SOCKET = Path("/run/wlidd/wlidd.sock")
 
@@ -49,10 +53,6 @@ class Credentials:
     federated_bundles_pem: dict[str, str]
 
 
-def _time(value: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
 def _answer(response: httpx.Response) -> dict[str, Any]:
     try:
         document = response.json()
@@ -69,22 +69,16 @@ def _answer(response: httpx.Response) -> dict[str, Any]:
     return document
 
 
-def _token(document: dict[str, Any]) -> TokenInfo:
-    return TokenInfo(
-        document["access_token"], document["token_type"], int(document["expires_in"]), _time(document["expire_time"])
-    )
+T = TypeVar("T")
 
 
-def _credentials(document: dict[str, Any]) -> Credentials:
-    return Credentials(
-        document["spiffe_id"],
-        document["serial"],
-        _time(document["not_after"]),
-        document["chain_pem"],
-        document["key_pem"],
-        document["bundle_pem"],
-        dict(document.get("federated_bundles_pem") or {}),
-    )
+def _parsed(kind: type[T], document: dict[str, Any], what: str) -> T:
+    """`document` as `kind` (wlidd.status.parse_json); ClientError `bad_response` naming the field that does
+    not fit (never a value: a token or a key may be in the document)."""
+    try:
+        return parse_json(kind, document, what)
+    except InvalidValue as exc:
+        raise ClientError(200, "bad_response", f"wlidd answered a malformed {what}: {exc.message}") from None
 
 
 def _os_error(exc: BaseException) -> OSError | None:
@@ -167,13 +161,14 @@ class Client:
             raise _unreachable(self.socket_path, exc) from None
 
     def get_token(self, name: str) -> TokenInfo:
-        return _token(self._get(f"/v1/token/{name}"))
+        return _parsed(TokenInfo, self._get(f"/v1/token/{name}"), "token")
 
     def get_credentials(self, identity: str) -> Credentials:
-        return _credentials(self._get(f"/v1/credentials/{identity}"))
+        return _parsed(Credentials, self._get(f"/v1/credentials/{identity}"), "credentials")
 
-    def status(self) -> dict[str, Any]:
-        return self._get("/v1/status")
+    def status(self) -> Status:
+        """The daemon's /v1/status (wlidd.status)."""
+        return _parsed(Status, self._get("/v1/status"), "status")
 
     def close(self) -> None:
         self._http.close()
@@ -201,13 +196,14 @@ class AsyncClient:
             raise _unreachable(self.socket_path, exc) from None
 
     async def get_token(self, name: str) -> TokenInfo:
-        return _token(await self._get(f"/v1/token/{name}"))
+        return _parsed(TokenInfo, await self._get(f"/v1/token/{name}"), "token")
 
     async def get_credentials(self, identity: str) -> Credentials:
-        return _credentials(await self._get(f"/v1/credentials/{identity}"))
+        return _parsed(Credentials, await self._get(f"/v1/credentials/{identity}"), "credentials")
 
-    async def status(self) -> dict[str, Any]:
-        return await self._get("/v1/status")
+    async def status(self) -> Status:
+        """The daemon's /v1/status (wlidd.status)."""
+        return _parsed(Status, await self._get("/v1/status"), "status")
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -3,8 +3,9 @@
     WlidError                       exit_code, http_status, reason (stable, for metrics and APIs)
     ├── ConfigError                 bad or missing configuration; names the key and the file
     ├── InvalidValue                a value from outside does not parse (a SPIFFE ID matcher, host:port, a
-    │                               request's scopes); reason names the rule; a config model's validator
-    │                               turns it into the ValueError pydantic reports against the key
+    │   │                           request's scopes); reason names the rule; a config model's validator
+    │   │                           turns it into the ValueError pydantic reports against the key
+    │   └── SdsRequestError         an Envoy SDS request refused (gRPC INVALID_ARGUMENT): sds_request
     ├── ListenerError               a listener could not be set up (exit code 3)
     ├── SvidError                   a credential set was refused; `reason` says exactly why
     │   └── RetryableSvidError      may be a rotation in progress (missing file, key/leaf mismatch)
@@ -98,6 +99,14 @@ class InvalidValue(WlidError):
 
     def __repr__(self) -> str:
         return f"InvalidValue({self.reason!r}, {self.message!r})"
+
+
+class SdsRequestError(InvalidValue):
+    """An Envoy SDS request wlidd refuses (a foreign type_url, too many or too long resource names): the
+    stream ends with gRPC INVALID_ARGUMENT carrying the message (wlidd.workload_api.sds)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("sds_request", message)
 
 
 class ListenerError(WlidError):

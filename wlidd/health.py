@@ -18,17 +18,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Collection, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from wlidd.clock import iso_z
 from wlidd.lifecycle import State
+from wlidd.status import DaemonState, WaitingFor, to_json
 from wlidd.watch import CredentialWatcher
 
 if TYPE_CHECKING:  # the token machinery (httpx, PyJWT) is imported only when a config names a token
     from wlidd.tokens.manager import TokenSource
-
-DaemonState = Literal["starting", "running", "degraded"]  # /v1/status daemon.state; wlidd_daemon_state{state}
-DAEMON_STATES: tuple[DaemonState, ...] = ("starting", "running", "degraded")
 
 
 class Listener(Protocol):
@@ -60,7 +58,7 @@ class Health:
     tokens: Mapping[str, str | None]  # every token source: why it is not servable now, None when servable
     problems: Mapping[str, str]  # "identity/<n>", "token/<n>", "listener/<n>" → why (module docstring)
     not_valid: tuple[str, ...]  # "identity <n>", "token <n>", "listener <n> (accept loop stopped)"
-    waiting_for: Mapping[str, list[str]] | None  # while starting: {"identities": [...], "tokens": [...]}
+    waiting_for: WaitingFor | None  # while starting: the identities loading, the required tokens not had
 
     @property
     def state(self) -> DaemonState:
@@ -86,9 +84,9 @@ class Health:
         """The STATUS= text: while starting, what the start waits for; then "serving N identities, M tokens"
         (with "; not valid: …" naming what is not valid but no problem), or "degraded (…): not valid: …"."""
         if self.lifecycle is State.STARTING:
-            waiting = self.waiting_for or {}
-            parts = [f"identity {n} (first load)" for n in waiting.get("identities", [])]
-            parts += [f"token {n} (required at start)" for n in waiting.get("tokens", [])]
+            waiting = self.waiting_for or WaitingFor()
+            parts = [f"identity {n} (first load)" for n in waiting.identities]
+            parts += [f"token {n} (required at start)" for n in waiting.tokens]
             return "starting: waiting for " + ", ".join(parts) if parts else "starting"
         return self.serving_line()
 
@@ -103,7 +101,11 @@ class Health:
         """/v1/health: (HTTP status, JSON document). 503 "starting" until READY=1 (never "ok" before, even
         if what is loaded so far is good), 503 "unhealthy" with the problems, else 200 "ok"."""
         if self.lifecycle is State.STARTING:
-            return 503, {"status": "starting", "waiting_for": self.waiting_for, "problems": dict(self.problems)}
+            return 503, {
+                "status": "starting",
+                "waiting_for": to_json(self.waiting_for),
+                "problems": dict(self.problems),
+            }
         if self.problems:
             return 503, {"status": "unhealthy", "problems": dict(self.problems)}
         return 200, {"status": "ok"}
@@ -143,8 +145,8 @@ def health(
     not_valid += [f"listener {name} (accept loop stopped)" for name in dead]
     waiting = None
     if lifecycle is State.STARTING:
-        waiting = {
-            "identities": sorted(loading),
-            "tokens": [name for name in tokens if name in awaiting and not servable[name]],
-        }
+        waiting = WaitingFor(
+            identities=tuple(sorted(loading)),
+            tokens=tuple(name for name in tokens if name in awaiting and not servable[name]),
+        )
     return Health(lifecycle, identities, token_reasons, problems, tuple(not_valid), waiting)

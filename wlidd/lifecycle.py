@@ -124,3 +124,9 @@ class Lifecycle:
     def status(self, text: str) -> bool:
         """STATUS= `text` without a change of state (nothing while stopping)."""
         return self.move(self.state, text)
+
+    def report(self, serving: State, line: str) -> bool:
+        """What the health says now: a started daemon (ready or degraded) moves to `serving` (ready or
+        degraded) with STATUS= `line`; while starting or reloading only STATUS= `line` is sent (what the
+        start waits for, the reload so far); while stopping nothing."""
+        return self.move(serving, line) if self.state in SERVING else self.status(line)

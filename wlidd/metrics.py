@@ -115,7 +115,8 @@ class Metrics:
         )
         self.connections_refused = Counter(
             "wlidd_connections_refused",
-            "Connections refused at accept by listener and reason (listener_full, caller_full).",
+            "Connections refused at accept by listener and reason (listener_full, caller_full, unidentified,"
+            " out_of_resources).",
             ["listener", "reason"],
             registry=self.registry,
         )

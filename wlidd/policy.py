@@ -27,6 +27,9 @@ a secret; the go-spiffe spiffeid/match.go shape):
     may_read_status(caller)                always: /v1/status, /v1/health, /v1/identity/<name> and /metrics
                                            hold names, states and public certificates, never a key or a
                                            token; the listener's own gate (socket mode, `allow`) decides
+    may_use_listener(spiffe_id, allow)     the mTLS listener's own gate, before any rule: an mTLS client
+                                           by its SPIFFE ID against the listener's `allow` matchers
+                                           (a function: `allow` is the listener's, not [policy]'s)
 """
 
 from __future__ import annotations
@@ -37,8 +40,7 @@ from dataclasses import dataclass
 from wlidd.accounts import group_id, user_id
 from wlidd.config import AccessRule, PolicyConfig
 from wlidd.logs import get_logger
-from wlidd.svid.model import SpiffeId
-from wlidd.svid.spiffeid import Matcher, match_any, parse_matcher
+from wlidd.svid.spiffeid import Matcher, SpiffeId, match_any, parse_matcher
 
 log = get_logger("wlidd.authz")
 
@@ -240,6 +242,15 @@ class Policy:
         """May `caller` read the daemon's status and the public parts of identities? Always (see the
         module docstring): what is public is public to every caller a listener admits."""
         return Decision("the daemon's status")
+
+
+def may_use_listener(spiffe_id: SpiffeId, allow: tuple[Matcher, ...]) -> Decision:
+    """May the mTLS client `spiffe_id` (its certificate already checked) use the listener whose `allow`
+    matchers are `allow` ([listeners.mtls] allow)? Refused, the reason names the ID and what is allowed."""
+    what = "the mTLS listener"
+    if match_any(spiffe_id, allow):
+        return Decision(what)
+    return Decision(what, f"{spiffe_id} is not allowed on this listener (allowed: {', '.join(m.text for m in allow)})")
 
 
 def policy_warnings(policy: PolicyConfig) -> list[str]:

@@ -14,6 +14,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from wlidd.errors import InvalidValue
+
 XATTR = "system.posix_acl_access"
 VERSION = 2
 USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
@@ -35,19 +37,20 @@ class Entry:
 
 
 def encode(entries: Iterable[Entry]) -> bytes:
-    """The xattr value for `entries` (sorted here). ValueError for an ACL the kernel would refuse."""
+    """The xattr value for `entries` (sorted here). InvalidValue ("posix_acl") for an ACL the kernel would refuse."""
     ordered = sorted(entries)
     _validate(ordered)
     return _HEADER.pack(VERSION) + b"".join(_ENTRY.pack(e.tag, e.perm, e.id) for e in ordered)
 
 
 def decode(data: bytes) -> list[Entry]:
-    """Entries of an xattr value. ValueError for a wrong version, a truncated value or an invalid ACL."""
+    """Entries of an xattr value. InvalidValue ("posix_acl") for a wrong version, a truncated value or an
+    invalid ACL."""
     if len(data) < _HEADER.size or (len(data) - _HEADER.size) % _ENTRY.size:
-        raise ValueError(f"a POSIX ACL xattr is 4 + 8n bytes, not {len(data)}")
+        raise _refused(f"a POSIX ACL xattr is 4 + 8n bytes, not {len(data)}")
     (version,) = _HEADER.unpack_from(data)
     if version != VERSION:
-        raise ValueError(f"POSIX ACL xattr version {version}, expected {VERSION}")
+        raise _refused(f"POSIX ACL xattr version {version}, expected {VERSION}")
     entries = []
     for offset in range(_HEADER.size, len(data), _ENTRY.size):
         tag, perm, ident = _ENTRY.unpack_from(data, offset)
@@ -100,23 +103,27 @@ def _validate(entries: Sequence[Entry]) -> None:
     seen: set[tuple[int, int]] = set()
     for entry in entries:
         if entry.tag not in _TAGS:
-            raise ValueError(f"unknown POSIX ACL tag {entry.tag:#x}")
+            raise _refused(f"unknown POSIX ACL tag {entry.tag:#x}")
         if not 0 <= entry.perm <= 7:
-            raise ValueError(f"POSIX ACL permission {entry.perm} is not 0-7")
+            raise _refused(f"POSIX ACL permission {entry.perm} is not 0-7")
         if entry.tag in _NAMED:
             if not 0 <= entry.id < UNDEFINED_ID:
-                raise ValueError(f"POSIX ACL id {entry.id} out of range")
+                raise _refused(f"POSIX ACL id {entry.id} out of range")
         elif entry.id != UNDEFINED_ID:
-            raise ValueError(f"POSIX ACL tag {entry.tag:#x} carries id {entry.id}")
+            raise _refused(f"POSIX ACL tag {entry.tag:#x} carries id {entry.id}")
         key = (entry.tag, entry.id)
         if key in seen:
-            raise ValueError(f"POSIX ACL repeats tag {entry.tag:#x} id {entry.id}")
+            raise _refused(f"POSIX ACL repeats tag {entry.tag:#x} id {entry.id}")
         seen.add(key)
     tags = [e.tag for e in entries]
     if list(entries) != sorted(entries):
-        raise ValueError("POSIX ACL entries out of order")
+        raise _refused("POSIX ACL entries out of order")
     for required in (USER_OBJ, GROUP_OBJ, OTHER):
         if tags.count(required) != 1:
-            raise ValueError(f"a POSIX ACL needs exactly one entry with tag {required:#x}")
+            raise _refused(f"a POSIX ACL needs exactly one entry with tag {required:#x}")
     if (USER in tags or GROUP in tags) and MASK not in tags:
-        raise ValueError("a POSIX ACL with named users or groups needs a mask")
+        raise _refused("a POSIX ACL with named users or groups needs a mask")
+
+
+def _refused(message: str) -> InvalidValue:
+    return InvalidValue("posix_acl", message)

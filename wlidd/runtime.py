@@ -35,6 +35,27 @@ class Runtime:
         return cls(config, policy, MappingProxyType(dict(tokens)))
 
 
+class RuntimeView:
+    """Reads the current Runtime of `runtime` (the daemon and the local API): its config, policy, tokens."""
+
+    runtime: RuntimeRef
+
+    @property
+    def config(self) -> Config:
+        """The running config."""
+        return self.runtime.current.config
+
+    @property
+    def policy(self) -> Policy:
+        """The resolved policy."""
+        return self.runtime.current.policy
+
+    @property
+    def tokens(self) -> Mapping[str, TokenSource]:
+        """The token sources by name."""
+        return self.runtime.current.tokens
+
+
 class RuntimeRef:
     """The one reference to the current Runtime that the daemon and the servers share."""
 

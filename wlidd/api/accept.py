@@ -14,6 +14,9 @@ raw socket, and the failures of accept() itself must never end the loop.
     (the oldest of the caller holding the most) is closed to make room, where the protocol allows it
     (HTTP/1.1). Refused sockets get an optional short answer (e.g. an HTTP 503) and are closed at once,
     so the descriptors held never exceed the caps.
+  - A caller that cannot be identified is refused too: `out_of_resources` when its lookup ran out of
+    descriptors or memory (EMFILE … while asking the kernel who owns a loopback socket: logged once per
+    episode, with a count when callers are identified again), `unidentified` for any other failure.
   - The loop's liveness is public (`alive`, `failure`): a loop that died on an unexpected error is a
     liveness failure for the daemon's watchdog, never a silent state.
 
@@ -34,12 +37,14 @@ import anyio
 from anyio.abc import TaskStatus
 
 from wlidd.api.peers import CallerKey, socket_caller
+from wlidd.api.tcp_owner import OUT_OF_RESOURCES
 from wlidd.logs import get_logger
+from wlidd.status import ListenerStatus
 
 log = get_logger("wlidd.api")
 
 # accept() failures that say "not now" (descriptor or memory exhaustion), not "this listener is broken".
-TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+TRANSIENT_ACCEPT_ERRORS = OUT_OF_RESOURCES
 # accept() failures that concern only the one connection being accepted (it went away first, …).
 CONNECTION_ACCEPT_ERRORS = frozenset(
     {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN, errno.EINTR, errno.ENETDOWN, errno.EHOSTUNREACH}
@@ -48,13 +53,14 @@ BACKOFF_MIN = 0.01  # seconds: the first pause after a transient accept failure
 BACKOFF_MAX = 1.0  # seconds: the longest pause
 ACCEPT_BATCH = 64  # connections accepted per wake-up before other tasks run
 SHED_WAIT = 0.5  # seconds to wait for a shed connection's slot before admitting over the cap
+UNKNOWN = CallerKey(None, "unknown caller")  # a caller whose identification failed
 
 
 @dataclass(frozen=True)
 class Refusal:
     """Why a connection was refused: a stable reason (metric label) and a message (log line)."""
 
-    reason: str  # "listener_full" | "caller_full" | "unidentified"
+    reason: str  # "listener_full" | "caller_full" | "unidentified" | "out_of_resources"
     message: str
 
 
@@ -97,7 +103,7 @@ class ConnectionCounter:
         self.total = max(0, self.total - 1)
 
 
-Identify = Callable[[socket.socket], Awaitable[CallerKey]]
+Identify = Callable[[socket.socket], Awaitable[CallerKey]]  # raises OSError when the caller cannot be identified
 Handle = Callable[[socket.socket, CallerKey], Awaitable[None]]
 Refuse = Callable[[socket.socket, Refusal], bytes]
 
@@ -135,20 +141,24 @@ class AcceptLoop:
         self.failure: str | None = None
         self.accepted = 0
         self.refused = 0
+        self._unidentifiable = 0  # callers refused in a row as their lookup ran out of resources
         self._stopped = False
 
-    def status(self) -> dict[str, Any]:
-        """The loop's state for /v1/status: alive, open connections and the caps."""
-        return {
-            "alive": self.alive,
-            "failure": self.failure,
-            "open": self.counter.total,
-            "callers": len(self.counter.per_caller),
-            "max_connections": self.counter.max_connections,
-            "max_per_caller": self.counter.max_per_caller,
-            "accepted": self.accepted,
-            "refused": self.refused,
-        }
+    def status(self) -> ListenerStatus:
+        """The loop's state for /v1/status: alive, open connections and the caps (the address is the
+        listener's: wlidd.api.listener_set)."""
+        counter = self.counter
+        return ListenerStatus(
+            None,
+            self.alive,
+            self.failure,
+            counter.total,
+            len(counter.per_caller),
+            counter.max_connections,
+            counter.max_per_caller,
+            self.accepted,
+            self.refused,
+        )
 
     def close(self) -> None:
         """Stop accepting and close the listening socket (connections already admitted run on)."""
@@ -237,9 +247,12 @@ class AcceptLoop:
         try:
             conn.setblocking(False)
             key = await self.identify(conn)
-        except OSError:
-            conn.close()
+        except OSError as exc:
+            self._refuse_unidentifiable(conn, exc)
             return
+        if self._unidentifiable:
+            log.warning("identifying callers again", listener=self.name, refused=self._unidentifiable)
+            self._unidentifiable = 0
         if key.unidentified is not None:
             self._refuse(conn, key, Refusal("unidentified", key.unidentified))
             return
@@ -267,7 +280,29 @@ class AcceptLoop:
         self._gauge()
         tg.start_soon(self._run_one, conn, key)
 
-    def _refuse(self, conn: socket.socket, key: CallerKey, refusal: Refusal) -> None:
+    def _refuse_unidentifiable(self, conn: socket.socket, exc: OSError) -> None:
+        """Refuse a caller whose identification failed (the kernel lookup raised `exc`): out of descriptors
+        or memory (OUT_OF_RESOURCES: EMFILE …) it is refused as `out_of_resources`, logged once per episode
+        (then once more, with the count, when a caller is identified again); any other failure (the socket
+        table unreadable) as `unidentified`."""
+        code = exc.errno or 0
+        name = errno.errorcode.get(code, str(code))
+        if code not in OUT_OF_RESOURCES:
+            self._refuse(conn, UNKNOWN, Refusal("unidentified", f"the caller cannot be identified: {name}"))
+            return
+        if not self._unidentifiable:
+            log.error(
+                "cannot identify callers: out of resources; refusing them until resources are free",
+                listener=self.name,
+                error=name,
+                open_connections=self.counter.total,
+            )
+        self._unidentifiable += 1
+        message = f"the caller cannot be identified now ({name}: out of descriptors or memory); retry later"
+        self._refuse(conn, UNKNOWN, Refusal("out_of_resources", message), logged=False)
+
+    def _refuse(self, conn: socket.socket, key: CallerKey, refusal: Refusal, *, logged: bool = True) -> None:
+        """Answer (`refuse`), close and count a refused connection; `logged`: a line (repeats counted)."""
         self.refused += 1
         try:
             answer = self.refuse(conn, refusal) if self.refuse is not None else b""
@@ -279,8 +314,9 @@ class AcceptLoop:
             conn.close()
         if self.metrics is not None:
             self.metrics.connections_refused.labels(self.name, refusal.reason).inc()
-        key_fields = {"listener": self.name, "reason": refusal.reason, "caller": key.describe()}
-        log.limited("warning", "connection refused", key=key_fields, detail=refusal.message)  # repeats counted
+        if logged:
+            key_fields = {"listener": self.name, "reason": refusal.reason, "caller": key.describe()}
+            log.limited("warning", "connection refused", key=key_fields, detail=refusal.message)  # repeats counted
 
     async def _run_one(self, conn: socket.socket, key: CallerKey) -> None:
         try:

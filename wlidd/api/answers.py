@@ -4,7 +4,7 @@ local API (wlidd.api.routes) and the metrics listener (wlidd.api.metrics_routes)
 
 from __future__ import annotations
 
-from wlidd.api.server import OTHER_ROUTE, Endpoint, Handler, Request, Response, Router
+from wlidd.api.messages import OTHER_ROUTE, Endpoint, Handler, Request, Response, Router
 from wlidd.errors import ApiError
 
 

@@ -1,17 +1,23 @@
-"""Listening sockets: the Unix socket with its mode and group (systemd activation comes later)."""
+"""Listening sockets: the Unix socket with its mode and group, where a socket accepts, and the process's
+open files limit that the listeners' connection caps need (systemd activation: wlidd.systemd.listen_fds)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
+import resource
 import socket
 import stat
 from pathlib import Path
 
 from wlidd.accounts import group_named, user_id
 from wlidd.errors import ListenerError
+from wlidd.logs import get_logger
 from wlidd.safedir import open_dir
+
+log = get_logger("wlidd.api.listeners")
 
 
 def bind_unix_socket(
@@ -96,3 +102,44 @@ def _remove_stale(path: Path) -> None:
         raise ListenerError(f"{path} is in use by another running process (is wlidd already running?)")
     finally:
         probe.close()
+
+
+def socket_address(sock: socket.socket) -> str:
+    """Where a listening socket accepts: "127.0.0.1:9464", "[::1]:9464", or a Unix socket's path."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return name.decode(errors="replace").replace("\0", "@", 1) if isinstance(name, bytes) else str(name)
+    host, port = str(name[0]), int(name[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(address: str) -> bool:
+    """Whether "host:port" (as socket_address writes it) is a loopback address (IPv4-mapped ones too)."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def raise_open_files_limit(needed: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (a local flood must meet our connection caps, not
+    EMFILE); warn when even that is below `needed` descriptors. Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit", soft=soft, hard=hard, error=str(exc))
+    if soft < needed:
+        log.warning(
+            "the open files limit is below what the listeners' connection caps may hold; accept() may hit "
+            "EMFILE first (handled, but set LimitNOFILE= higher)",
+            limit=soft,
+            needed=needed,
+        )
+    return soft

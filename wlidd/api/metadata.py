@@ -14,7 +14,7 @@ refused (400 naming the scopes).
 
 ETags and waits (`?wait_for_change=true`, bounded): wlidd.api.metadata_wait.
 
-Callers are loopback TCP peers, identified by the owner of their ESTABLISHED socket (wlidd.api.peers:
+Callers are loopback TCP peers, identified by the owner of their ESTABLISHED socket (wlidd.api.tcp_owner:
 sock_diag, or /proc/self/net/tcp{,6}), found at accept or on the first request, and looked up again right
 before a token is handed out: a socket that closed, half-closed or changed owner meanwhile gets 403, never
 the answer (a closed socket would otherwise look like root). The token's [policy] rule decides, as on the
@@ -27,13 +27,14 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 from wlidd.api.authz import handout_audit
+from wlidd.api.callers import CallerCache
+from wlidd.api.messages import Request, Response
 from wlidd.api.metadata_scopes import CLOUD_PLATFORM, parse_scopes, uncovered_scopes
 from wlidd.api.metadata_tree import ACCOUNTS, FLAVOR, Directory, Endpoint, answer, metadata_route_template
 from wlidd.api.metadata_tree import json_answer as _json  # short local names: most routes answer with them
 from wlidd.api.metadata_tree import text_answer as _text
 from wlidd.api.metadata_wait import Holds
-from wlidd.api.peers import CallerCache, TcpOwner, run_lookup, verify_tcp_peer
-from wlidd.api.server import Request, Response
+from wlidd.api.tcp_owner import TcpOwner, run_lookup, verify_tcp_peer
 from wlidd.clock import Clock
 from wlidd.config import MetadataListenerConfig
 from wlidd.errors import ApiError, InvalidValue, PeerRefused, RateLimited, TokenUnavailable, UpstreamError

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
-from wlidd.api.server import Request, Response
+from wlidd.api.messages import Request, Response
 
 FLAVOR = (("metadata-flavor", "Google"), ("server", "Metadata Server for VM"))
 
@@ -188,7 +188,7 @@ _METADATA_PATHS = frozenset(
 
 
 _ACCOUNT_ROUTE = re.compile(
-    r"^/computeMetadata/v1/instance/service-accounts/[^/]+(?P<rest>/(?:aliases|email|identity|scopes|token)?)?$"
+    r"/computeMetadata/v1/instance/service-accounts/[^/]+(?P<rest>/(?:aliases|email|identity|scopes|token)?)?"
 )
 
 
@@ -207,7 +207,7 @@ def metadata_route_template(path: str) -> str:
     paths, "other" for everything else."""
     if path in _METADATA_PATHS:
         return path
-    match = _ACCOUNT_ROUTE.match(path)
+    match = _ACCOUNT_ROUTE.fullmatch(path)
     if match is not None:
         return _ACCOUNT_TEMPLATE + (match["rest"] or "")
     return "other"

@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 import anyio
 
+from wlidd.api.messages import Request, Response
 from wlidd.api.metadata_tree import FLAVOR, Endpoint, text_answer
-from wlidd.api.server import Request, Response
 
 MAX_WAIT_SECONDS = 3600  # the longest a wait is held (absent or larger timeout_sec: this); wlidd's bound
 RECHECK_SECONDS = 5.0  # a held request looks at its value again at least this often (besides notify_changed)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from wlidd.api.answers import routed
+from wlidd.api.messages import Handler, Request, Response, Router
 from wlidd.api.routes import Api
-from wlidd.api.server import Handler, Request, Response, Router
 
 
 @dataclass

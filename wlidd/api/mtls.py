@@ -4,7 +4,7 @@ restart), a client certificate required, and callers admitted by their SPIFFE ID
 Client chains are verified by OpenSSL against the union of the configured bundles; then wlidd checks
 what OpenSSL cannot: the leaf is a valid X509-SVID and its chain ends at an anchor of the bundle of
 the leaf's *own* trust domain (one domain's CA cannot mint another's IDs). Then the listener's
-`allow` matchers, then the per-token/identity `spiffe_ids` of [policy].
+`allow` matchers (wlidd.policy.may_use_listener), then the per-token/identity `spiffe_ids` of [policy].
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from anyio.streams.tls import TLSListener
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from wlidd.api.server import Handler, Request, Response
+from wlidd.api.messages import Handler, Request, Response
 from wlidd.errors import SvidError
 from wlidd.logs import get_logger
-from wlidd.svid.model import SpiffeId
-from wlidd.svid.spiffeid import Matcher, match_any
+from wlidd.policy import may_use_listener
+from wlidd.svid.spiffeid import Matcher, SpiffeId
 from wlidd.svid.validate import check_leaf
 from wlidd.watch import CredentialWatcher
 
@@ -127,9 +127,9 @@ class MtlsGate:
             key = {"listener": "mtls", "detail": identity[:300]}
             audit.limited("warning", "access denied", key=key, route=request.path, peer=peer.address)
             return Response.error(403, "forbidden", identity)
-        if not match_any(identity, self.allow):
-            reason = f"{identity} is not allowed on this listener (allowed: {', '.join(m.text for m in self.allow)})"
+        decision = may_use_listener(identity, self.allow)
+        if decision.refusal is not None:
             key = {"listener": "mtls", "spiffe_id": str(identity)}
-            audit.limited("warning", "access denied", key=key, route=request.path, detail=reason)
-            return Response.error(403, "forbidden", reason)
+            audit.limited("warning", "access denied", key=key, route=request.path, detail=decision.refusal)
+            return Response.error(403, "forbidden", decision.refusal)
         return await handler(dataclasses.replace(request, peer=dataclasses.replace(peer, spiffe_id=str(identity))))

@@ -9,23 +9,23 @@ policy and the token sources are read from the one published `Runtime` (wlidd.ru
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from wlidd import __version__
 from wlidd.api.answers import routed
 from wlidd.api.authz import caller_fields, handout_audit
-from wlidd.api.peers import CallerCache
-from wlidd.api.server import Handler, Request, Response, Router
+from wlidd.api.callers import CallerCache
+from wlidd.api.messages import Handler, Request, Response, Router
 from wlidd.clock import Clock, iso_z
 from wlidd.errors import ApiError, TokenUnavailable
-from wlidd.health import DAEMON_STATES, Health, identity_problem
+from wlidd.health import Health, identity_problem
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.metrics import Metrics
-from wlidd.policy import Caller, Decision, Policy
-from wlidd.runtime import RuntimeRef
+from wlidd.policy import Caller, Decision
+from wlidd.runtime import RuntimeRef, RuntimeView
+from wlidd.status import DAEMON_STATES, ListenerStatus, WorkloadApiStatus, to_json
+from wlidd.status_report import status_of
 from wlidd.watch import CredentialWatcher
 
 if TYPE_CHECKING:  # the token machinery (httpx, PyJWT) is imported only when a config names a token
@@ -34,65 +34,8 @@ if TYPE_CHECKING:  # the token machinery (httpx, PyJWT) is imported only when a 
 audit = get_logger("wlidd.audit")
 
 
-def identity_status(watcher: CredentialWatcher, now: dt.datetime) -> dict[str, Any]:
-    """Status of one identity: what is loaded, how fresh, what went wrong last."""
-    stats = watcher.stats
-    state = watcher.current
-    document: dict[str, Any] = {
-        "source": watcher.source.config.source,
-        "path": watcher.source.describe(),
-        "valid": watcher.is_valid(now),
-        "required": watcher.source.config.required,
-        "spiffe_id": None,
-        "serial": None,
-        "not_before": None,
-        "not_after": None,
-        "seconds_left": None,
-        "trust_domains": [],
-        "last_loaded": iso_z(stats.last_loaded),
-        "last_checked": iso_z(stats.last_checked),
-        "last_error": None,
-        "last_rejection": None,
-        "bundle_problems": [],
-        "reloads": stats.reloads,
-        "retries": stats.retries,
-        "updates": stats.updates,
-        "rejections": stats.rejections,
-        "warnings": sorted(stats.warned),
-    }
-    if stats.last_error is not None:
-        document["last_error"] = {
-            "reason": stats.last_error_reason,
-            "message": stats.last_error,
-            "at": iso_z(stats.last_error_at),
-        }
-    if stats.last_rejection is not None:
-        document["last_rejection"] = {
-            "reason": stats.last_rejection_reason,
-            "message": stats.last_rejection,
-            "at": iso_z(stats.last_rejection_at),
-        }
-    if state is not None:
-        svid = state.identity.svid
-        document.update(
-            spiffe_id=str(svid.spiffe_id),
-            serial=svid.serial,
-            not_before=iso_z(svid.not_before),
-            not_after=iso_z(svid.not_after),
-            seconds_left=max(0, int(svid.seconds_left(now))),
-            trust_domains=list(state.identity.bundles.trust_domains),
-            origin=state.identity.origin,
-            version=state.version,
-            bundle_problems=[
-                {"trust_domain": p.trust_domain, "reason": p.reason, "message": p.message, "kept": p.kept}
-                for p in state.identity.bundle_problems
-            ],
-        )
-    return document
-
-
 @dataclass
-class Api:
+class Api(RuntimeView):
     """The route table of the local API, bound to the daemon's live state: the identities' watchers, the
     published `runtime` (policy, token sources) and `health` (the one health decision, wlidd.health)."""
 
@@ -102,7 +45,8 @@ class Api:
     started_at: dt.datetime
     runtime: RuntimeRef
     health: Callable[[dt.datetime], Health]
-    extra_status: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    listener_status: Callable[[], Mapping[str, ListenerStatus]] = dict  # the listeners' part of /v1/status
+    workload_status: Callable[[], WorkloadApiStatus | None] = lambda: None  # the Workload API's, once started
     # While the daemon starts: why a token source must not be asked yet (its identity's first load still
     # runs), else None.
     held_back: Callable[[TokenSource], str | None] | None = None
@@ -125,16 +69,6 @@ class Api:
             ]
         )
 
-    @property
-    def tokens(self) -> Mapping[str, TokenSource]:
-        """The token sources of the current runtime."""
-        return self.runtime.current.tokens
-
-    @property
-    def policy(self) -> Policy:
-        """The policy of the current runtime."""
-        return self.runtime.current.policy
-
     def route(self, request: Request) -> tuple[str, Handler]:
         """(the matched route's template — the metrics label —, the handler answering `request`)."""
         return routed(self.router, request, f"no route {request.path}")
@@ -152,28 +86,11 @@ class Api:
 
     async def status(self, request: Request, _: dict[str, str]) -> Response:
         """The daemon's state ("starting" until READY=1, then "running" or "degraded": wlidd.health), what a
-        start still waits for, every identity and token, the listeners."""
+        start still waits for, every identity and token, the listeners, the failing sinks (wlidd.status)."""
         now = self.clock()
-        health = self.health(now)
-        identities = {name: identity_status(w, now) for name, w in sorted(self.watchers.items())}
-        tokens = {name: source.status(now) for name, source in self.tokens.items()}
-        return Response.json(
-            200,
-            {
-                "daemon": {
-                    "state": health.state,
-                    "waiting_for": health.waiting_for or {"identities": [], "tokens": []},
-                    "version": __version__,
-                    "pid": os.getpid(),
-                    "started_at": iso_z(self.started_at),
-                    "uptime_seconds": int((now - self.started_at).total_seconds()),
-                    "now": iso_z(now),
-                },
-                "identities": identities,
-                "tokens": tokens,
-                **{name: provide() for name, provide in self.extra_status.items()},
-            },
-        )
+        listeners, workload_api = self.listener_status(), self.workload_status()
+        status = status_of(now, self.health(now), self.started_at, self.watchers, self.tokens, listeners, workload_api)
+        return Response.json(200, to_json(status))
 
     async def health_route(self, request: Request, _: dict[str, str]) -> Response:
         """/v1/health: wlidd.health.Health.answer."""
@@ -228,7 +145,7 @@ class Api:
         )
 
     async def _authorize(self, request: Request, decide: Callable[[Caller], Decision]) -> Caller:
-        """The caller (`wlidd.api.peers.CallerCache.caller_of`: a local caller, an mTLS caller, or an
+        """The caller (`wlidd.api.callers.CallerCache.caller_of`: a local caller, an mTLS caller, or an
         address) if the policy's decision allows it; else ApiError 403 with the decision's reason, which
         names the caller and what it asked for (wlidd.policy). Denials are audited through the repeat
         limiter: the first of each (caller, what) is written, repeats are counted."""

@@ -45,6 +45,18 @@ SERVICE_ACCOUNT = "app@demo-project.iam.gserviceaccount.com"
 FIRST_TOKENS_TIMEOUT = 20.0  # seconds the demo waits for its first tokens before printing the commands
 
 
+def _impersonation(url: str, lifetime: float) -> str:
+    """The lines of a [tokens.*] section that impersonate the demo's service account through the IAM
+    Credentials endpoint `url`, for `lifetime` seconds (the gcp and x509 tokens differ only in `url`)."""
+    return "\n".join(
+        [
+            f'impersonate.service_account = "{SERVICE_ACCOUNT}"',
+            f'impersonate.url = "{url}"',
+            f'impersonate.lifetime = "{int(lifetime)}s"',
+        ]
+    )
+
+
 # long: the demo's config file as the user reads it (one TOML template)
 def write_demo_config(
     base: Path,
@@ -117,9 +129,7 @@ entra.cert = "{base / "entra.crt"}"
 entra.key = "{base / "entra.key"}"
 sts.url = "{upstreams.sts_url}"
 sts.audience = "{ENTRA_AUDIENCE}"
-impersonate.service_account = "{SERVICE_ACCOUNT}"
-impersonate.url = "{upstreams.iam_url}"
-impersonate.lifetime = "{int(token_lifetime)}s"
+{_impersonation(upstreams.iam_url, token_lifetime)}
 
 [[tokens.gcp.sinks]]
 path = "{base / "gcp.token"}"
@@ -130,9 +140,7 @@ identity = "default"
 {common}
 sts.url = "{upstreams.sts_mtls_url}"
 sts.audience = "{X509_AUDIENCE}"
-impersonate.service_account = "{SERVICE_ACCOUNT}"
-impersonate.url = "{upstreams.iam_mtls_url}"
-impersonate.lifetime = "{int(token_lifetime)}s"
+{_impersonation(upstreams.iam_mtls_url, token_lifetime)}
 
 [tokens.mds]                       # the GCE metadata server as an upstream
 flow = "gce-metadata"

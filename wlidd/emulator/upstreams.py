@@ -50,8 +50,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from wlidd.api.connection import ServerLimits
+from wlidd.api.messages import Handler, Request, Response
 from wlidd.api.peers import Peer
-from wlidd.api.server import Handler, HttpServer, Request, Response, ServerLimits
+from wlidd.api.server import HttpServer
 from wlidd.emulator.ca import CertificateAuthority, cert_pem, issue_server_cert, key_pem
 from wlidd.emulator.produced import remember
 

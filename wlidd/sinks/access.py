@@ -14,6 +14,7 @@ from pathlib import Path
 from wlidd import posix_acl
 from wlidd.accounts import group_id, user_id
 from wlidd.config import CredentialSinkConfig, SinkConfig, SinkReaders
+from wlidd.errors import InvalidValue
 from wlidd.safedir import SinkRefused, trusted_uids
 
 CAP_CHOWN, CAP_FOWNER = 0, 3  # capability numbers (linux/capability.h)
@@ -63,7 +64,7 @@ def grant_directory(dir_fd: int, readers: Readers, shown: str) -> None:
         if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
             raise
         base = posix_acl.from_mode(st.st_mode)
-    except ValueError as exc:
+    except InvalidValue as exc:
         raise SinkRefused(f"directory {shown} has an ACL wlidd cannot read ({exc}): readers not granted") from None
     wanted = posix_acl.with_readers(base, readers.users, readers.groups, posix_acl.READ | posix_acl.EXECUTE)
     if wanted != sorted(base):

@@ -46,6 +46,7 @@ async def run_command(argv: list[str], timeout: float, source: str, *, hide: Seq
     the last OUTPUT_LIMIT bytes kept. A failure is logged with a short tail of the output, scrubbed of
     `hide` (the secrets the sink just wrote) and of anything that looks like a key or token. Never raises
     (except cancellation)."""
+    named = {"source": source, "command": argv[0]}  # the fields of every line about this command
     try:
         process = await anyio.open_process(
             argv,
@@ -57,7 +58,7 @@ async def run_command(argv: list[str], timeout: float, source: str, *, hide: Seq
             start_new_session=True,
         )
     except OSError as exc:
-        log.error("on_change command could not start", source=source, command=argv[0], error=exc.strerror)
+        log.error("on_change command could not start", **named, error=exc.strerror)
         return CommandResult(None)
     tail, total, timed_out = bytearray(), 0, False
     try:
@@ -81,23 +82,11 @@ async def run_command(argv: list[str], timeout: float, source: str, *, hide: Seq
             await process.aclose()
     output = bytes(tail)
     if timed_out:
-        log.error(
-            "on_change command timed out",
-            source=source,
-            command=argv[0],
-            timeout=timeout,
-            output=output_tail(output, hide),
-        )
+        log.error("on_change command timed out", **named, timeout=timeout, output=output_tail(output, hide))
         return CommandResult(None, output, total, timed_out=True)
     returncode = process.returncode
     if returncode != 0:
-        log.warning(
-            "on_change command failed",
-            source=source,
-            command=argv[0],
-            returncode=returncode,
-            output=output_tail(output, hide),
-        )
+        log.warning("on_change command failed", **named, returncode=returncode, output=output_tail(output, hide))
     return CommandResult(returncode, output, total)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import anyio
 
 from wlidd.config import CredentialSinkConfig
+from wlidd.errors import InvalidValue
 from wlidd.logs import get_logger
 from wlidd.safedir import SinkRefused
 from wlidd.sinks.access import owner_ids, resolve_readers
@@ -32,7 +33,7 @@ def write_credentials(sink: CredentialSinkConfig, state: IdentityState) -> bool:
     certificate_config.json outside the sink's directory, that file. True when anything was (re)written,
     False when the sink already held exactly this (names, contents, modes, owner, ACLs, stable links).
     Raises OSError (SinkRefused) as publish_generation, KeyError for an owner, group or reader this host
-    does not know, ValueError for a file name the layout cannot have."""
+    does not know, InvalidValue for a file name the layout cannot have."""
     uid, gid = owner_ids(sink)
     readers = resolve_readers(sink.readers)
     written = publish_generation(sink.dir, credential_files(sink, Material.of(state)), uid, gid, readers=readers)
@@ -56,7 +57,7 @@ async def publish_credentials(
     for sink in sinks:
         try:
             changed = await anyio.to_thread.run_sync(write_credentials, sink, state)
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, InvalidValue) as exc:
             log.error("credential sink write failed", identity=state.name, dir=str(sink.dir), error=reason(exc))
             _failing.failed(SinkProblem("identity", state.name, str(sink.dir), reason(exc)))
             continue

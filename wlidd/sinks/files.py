@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wlidd import posix_acl
+from wlidd.errors import InvalidValue
 from wlidd.logs import get_logger
 from wlidd.safedir import SinkRefused, open_dir, trusted_uids
 from wlidd.sinks.access import CAP_FOWNER, Readers, grant_directory, has_capability, held_by_other, set_acl
@@ -255,7 +256,7 @@ def fd_file_is(
         while len(content) <= ADOPT_LIMIT and (chunk := os.read(fd, 65536)):
             content += chunk
         return same(bytes(content), data)
-    except (OSError, ValueError):
+    except (OSError, InvalidValue):  # InvalidValue: an ACL wlidd cannot read
         return False
     finally:
         os.close(fd)
@@ -272,8 +273,8 @@ def _mode_with_acl(mode: int, acl: bytes | None) -> int:
 
 
 def _acl_of(fd: int) -> list[posix_acl.Entry] | None:
-    """The file's access ACL entries, sorted; None when it has none beyond its mode. ValueError for one
-    wlidd cannot read."""
+    """The file's access ACL entries, sorted; None when it has none beyond its mode. InvalidValue
+    ("posix_acl") for one wlidd cannot read."""
     try:
         entries = posix_acl.decode(os.getxattr(fd, posix_acl.XATTR))
     except OSError as exc:

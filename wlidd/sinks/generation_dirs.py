@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,17 @@ class Entry:
     acl: bytes | None
 
 
+@contextlib.contextmanager
+def opened(dir_fd: int, name: str) -> Iterator[int]:
+    """The directory `name` in `dir_fd` (a generation), opened without following a link; closed on exit.
+    OSError when it cannot be opened (gone, not a directory, a link)."""
+    gen_fd = os.open(name, OPEN_DIR, dir_fd=dir_fd)
+    try:
+        yield gen_fd
+    finally:
+        os.close(gen_fd)
+
+
 def current_generation(dir_fd: int) -> str | None:
     """The generation `..data` points to: a `..<time>.<random>` directory root or wlidd's user owns, reached
     through a link they own. None when there is no such link (first write, a wiped directory, an older
@@ -70,26 +81,21 @@ def generation_holds(dir_fd: int, generation: str, entries: Sequence[Entry]) -> 
     one link, the content, the mode, the owner (wlidd's user and the group a new file gets, when -1) and
     the ACL (none without readers) it would be written with."""
     try:
-        gen_fd = os.open(generation, OPEN_DIR, dir_fd=dir_fd)
-    except OSError:
-        return False
-    try:
-        st = os.fstat(gen_fd)
-        if stat.S_IMODE(st.st_mode) != 0o755 or st.st_uid not in trusted_uids():
-            return False  # chmod'ed or taken over: readers may no longer reach the files
-        if sorted(os.listdir(gen_fd)) != sorted(e.file.name for e in entries):
-            return False
-        default_uid, default_gid = new_file_ids(gen_fd)
-        for entry in entries:
-            uid = default_uid if entry.uid == -1 else entry.uid
-            gid = default_gid if entry.gid == -1 else entry.gid
-            if not fd_file_is(gen_fd, entry.file.name, entry.file.data, entry.file.mode, uid, gid, entry.acl):
+        with opened(dir_fd, generation) as gen_fd:
+            st = os.fstat(gen_fd)
+            if stat.S_IMODE(st.st_mode) != 0o755 or st.st_uid not in trusted_uids():
+                return False  # chmod'ed or taken over: readers may no longer reach the files
+            if sorted(os.listdir(gen_fd)) != sorted(e.file.name for e in entries):
                 return False
-        return True
+            default_uid, default_gid = new_file_ids(gen_fd)
+            for entry in entries:
+                uid = default_uid if entry.uid == -1 else entry.uid
+                gid = default_gid if entry.gid == -1 else entry.gid
+                if not fd_file_is(gen_fd, entry.file.name, entry.file.data, entry.file.mode, uid, gid, entry.acl):
+                    return False
+            return True
     except OSError:
         return False
-    finally:
-        os.close(gen_fd)
 
 
 def is_data_link(dir_fd: int, name: str) -> bool:
@@ -139,15 +145,12 @@ def new_generation_dir(dir_fd: int, directory: Path) -> str:
     else:
         raise FileExistsError(errno.EEXIST, "no free generation name", str(directory))
     try:
-        gen_fd = os.open(name, OPEN_DIR, dir_fd=dir_fd)
-        try:
+        with opened(dir_fd, name) as gen_fd:
             if os.fstat(gen_fd).st_uid != os.geteuid():
                 raise SinkRefused(f"{directory / name} is not a directory of wlidd's user")
             with contextlib.suppress(OSError):
                 os.removexattr(gen_fd, _DEFAULT_ACL)
             os.fchmod(gen_fd, 0o755)
-        finally:
-            os.close(gen_fd)
     except BaseException:
         remove_generation(dir_fd, name)
         raise
@@ -170,8 +173,7 @@ def fill_generation(dir_fd: int, directory: Path, name: str, entries: Sequence[E
     """Write `entries` into the generation directory `name` (made by new_generation_dir; emptied first),
     each file written and fsynced as _write_new_file does, then the directory fsynced. Nothing here changes
     the directory's own attributes unless they changed since (no event in the sink directory)."""
-    gen_fd = os.open(name, OPEN_DIR, dir_fd=dir_fd)
-    try:
+    with opened(dir_fd, name) as gen_fd:
         st = os.fstat(gen_fd)
         if st.st_uid != os.geteuid():
             raise SinkRefused(f"{directory / name} is not a directory of wlidd's user")
@@ -182,8 +184,6 @@ def fill_generation(dir_fd: int, directory: Path, name: str, entries: Sequence[E
         for entry in entries:
             _write_new_file(gen_fd, entry, directory / entry.file.name)
         os.fsync(gen_fd)
-    finally:
-        os.close(gen_fd)
 
 
 def _write_new_file(dir_fd: int, entry: Entry, shown: Path) -> None:
@@ -221,12 +221,7 @@ def link_data_tmp(dir_fd: int, directory: Path, generation: str) -> None:
 
 def rename_data(dir_fd: int, directory: Path) -> None:
     """Rename `..data_tmp` over `..data` (the atomic step), then fsync the directory."""
-    try:
-        os.replace(DATA_TMP, DATA_LINK, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(DATA_TMP, dir_fd=dir_fd)
-        raise OSError(exc.errno, exc.strerror or str(exc), str(directory / DATA_LINK)) from None
+    rename_link(dir_fd, DATA_TMP, DATA_LINK, directory / DATA_LINK)
     os.fsync(dir_fd)
 
 
@@ -251,15 +246,22 @@ def make_links(dir_fd: int, directory: Path, names: Sequence[str]) -> None:
                 continue
         else:
             raise FileExistsError(errno.EEXIST, "no free temporary name", str(directory / name))
-        try:
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise OSError(exc.errno, exc.strerror or str(exc), str(directory / name)) from None
+        rename_link(dir_fd, tmp, name, directory / name)
+
+
+def rename_link(dir_fd: int, tmp: str, name: str, shown: Path) -> None:
+    """Rename the link `tmp` over `name` in the directory (atomic, also over a plain file). On failure
+    `tmp` is removed and the OSError names `shown` (the stable path), never the temp name."""
+    try:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(shown)) from None
 
 
 def generation_names(dir_fd: int, generation: str) -> list[str]:
+    """The names of the files in `generation` ([] when it cannot be opened)."""
     try:
         gen_fd = os.open(generation, OPEN_DIR, dir_fd=dir_fd)
     except OSError:
@@ -276,19 +278,14 @@ def empty_generation(dir_fd: int, name: str) -> bool:
     if current_generation(dir_fd) == name:
         return False
     try:
-        gen_fd = os.open(name, OPEN_DIR, dir_fd=dir_fd)
+        with opened(dir_fd, name) as gen_fd:
+            if os.fstat(gen_fd).st_uid != os.geteuid():
+                return False
+            for entry in os.listdir(gen_fd):
+                os.unlink(entry, dir_fd=gen_fd)
+            return True
     except OSError:
         return False
-    try:
-        if os.fstat(gen_fd).st_uid != os.geteuid():
-            return False
-        for entry in os.listdir(gen_fd):
-            os.unlink(entry, dir_fd=gen_fd)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(gen_fd)
 
 
 def remove_generation(dir_fd: int, name: str) -> bool:
@@ -298,24 +295,14 @@ def remove_generation(dir_fd: int, name: str) -> bool:
     if current_generation(dir_fd) == name:
         return False
     try:
-        gen_fd = os.open(name, OPEN_DIR, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    try:
-        if os.fstat(gen_fd).st_uid not in trusted_uids():
-            return False
-        for entry in os.listdir(gen_fd):
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(entry, dir_fd=gen_fd)
-    except OSError:
-        return False
-    finally:
-        os.close(gen_fd)
-    try:
+        with opened(dir_fd, name) as gen_fd:
+            if os.fstat(gen_fd).st_uid not in trusted_uids():
+                return False
+            for entry in os.listdir(gen_fd):
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(entry, dir_fd=gen_fd)
         os.rmdir(name, dir_fd=dir_fd)
-    except FileNotFoundError:
+    except FileNotFoundError:  # already gone (another writer removed it)
         return True
     except OSError:
         return False

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from wlidd import posix_acl
+from wlidd.errors import InvalidValue
 from wlidd.logs import get_logger
 from wlidd.safedir import SinkRefused, open_dir, trusted_uids
 from wlidd.sinks.access import CAP_FOWNER, Readers, grant_directory, has_capability, held_by_other
@@ -82,11 +83,12 @@ def publish_generation(
     Raises SinkRefused (a directory on the way others could change, see open_dir; a name another user
     holds in a sticky directory), IsADirectoryError (a directory at a stable name), or another OSError
     whose filename is the stable path of the file concerned; in each case the published files are left
-    as they were. EOPNOTSUPP: a file system without POSIX ACLs, with `readers`.
+    as they were. EOPNOTSUPP: a file system without POSIX ACLs, with `readers`. InvalidValue
+    ("sink_file_name"): no files, or two of one name.
     """
     names = [f.name for f in files]
     if len(set(names)) != len(names) or not names:
-        raise ValueError(f"a generation needs distinct file names, not {names}")
+        raise InvalidValue("sink_file_name", f"a generation needs distinct file names, not {names}")
     dir_fd = open_dir(directory, create=True)
     try:
         with directory_lock(dir_fd, directory):

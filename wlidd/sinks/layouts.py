@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from wlidd.config import CredentialSinkConfig
+from wlidd.errors import InvalidValue
 from wlidd.watch import IdentityState
 
 # What every layout holds (see CredentialSinkConfig and the README's table): file name → content.
@@ -40,7 +41,7 @@ class SinkFile:
     holds the private key (`secret`: listed first, never logged). The content never shows in a repr.
 
     `name` is a plain file name: no '/', not '.' or '..', and not starting with '..' (reserved for the
-    generations, as in Kubernetes' atomic writer); ValueError otherwise.
+    generations, as in Kubernetes' atomic writer); InvalidValue ("sink_file_name") otherwise.
     """
 
     name: str
@@ -50,7 +51,9 @@ class SinkFile:
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or "\0" in self.name or self.name.startswith("..") or self.name == ".":
-            raise ValueError(f"{self.name!r} is not a sink file name (no '/', not starting with '..')")
+            raise InvalidValue(
+                "sink_file_name", f"{self.name!r} is not a sink file name (no '/', not starting with '..')"
+            )
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def layout_files(
       trust anchor of the own bundle) and <trust domain>.spiffe-trust-bundle.pem for every trust domain
       (SPIFFE Filesystem Delivery draft, sections 2.1 and 2.2).
 
-    ValueError for an unknown layout.
+    InvalidValue ("sink_layout") for an unknown layout.
     """
     if layout == "files":
         files = [
@@ -135,7 +138,7 @@ def layout_files(
             ),
             *(SinkFile(SPIFFE_FS_TRUST_BUNDLE.format(td), pem, mode) for td, pem in bundles),
         ]
-    raise ValueError(f"unknown sink layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    raise InvalidValue("sink_layout", f"unknown sink layout {layout!r} (known: {', '.join(LAYOUTS)})")
 
 
 def _without_anchors(chain_pem: bytes, bundle_pem: bytes) -> bytes:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol, assert_never
 
 import anyio.to_thread
+from cryptography import x509
 
 from wlidd.clock import Clock, utc_now
 from wlidd.config import (
@@ -43,7 +44,7 @@ from wlidd.svid.parse import (
     parse_private_key,
     parse_trust_bundles_json,
 )
-from wlidd.svid.spiffeid import spiffe_id_from_cert
+from wlidd.svid.spiffeid import TrustDomain, spiffe_id_from_cert
 from wlidd.svid.validate import validate_svid
 
 GCE_CHAIN = "certificates.pem"
@@ -403,8 +404,8 @@ def build_identity(
     bundles of the state served so far) is kept for that domain."""
     key = parse_private_key(files.key)
     chain = parse_chain(files.chain)
-    own_td = trust_domain or spiffe_id_from_cert(chain[0]).trust_domain
-    authorities: dict[str, list[object]] = {}
+    own_td = TrustDomain(trust_domain) if trust_domain else spiffe_id_from_cert(chain[0]).trust_domain
+    authorities: dict[TrustDomain, list[x509.Certificate]] = {}
     broken: dict[str, SvidError] = {}
     if files.trust_bundles_json is not None:
         parsed, errors = parse_trust_bundles_json(files.trust_bundles_json)
@@ -413,22 +414,22 @@ def build_identity(
         broken.update(errors)
     if files.own_bundle is not None:
         authorities.setdefault(own_td, []).extend(parse_bundle(files.own_bundle, own_td))
-    for td, data in files.extra_bundles:
+    for name, data in files.extra_bundles:
         try:
-            certs = parse_bundle(data, td)
+            certs = parse_bundle(data, name)
         except SvidError as exc:
-            broken[td] = exc
+            broken[name] = exc
             continue
-        authorities.setdefault(td, []).extend(certs)
+        authorities.setdefault(TrustDomain(name), []).extend(certs)
     broken.update(files.bundle_errors)
     if own_td in broken:
         raise broken[own_td]
     problems: list[BundleProblem] = []
-    for td, refusal in sorted(broken.items()):
-        kept = previous.get(td) if previous is not None else None
-        if kept is not None and td not in authorities:
-            authorities[td] = list(kept.authorities)
-        problems.append(BundleProblem(td, refusal.reason, refusal.message, kept is not None))
+    for name, refusal in sorted(broken.items()):
+        kept = previous.get(name) if previous is not None else None
+        if kept is not None and name not in authorities:
+            authorities[kept.trust_domain] = list(kept.authorities)
+        problems.append(BundleProblem(name, refusal.reason, refusal.message, kept is not None))
     if len(problems) > MAX_BUNDLE_PROBLEMS:
         rest = len(problems) - MAX_BUNDLE_PROBLEMS + 1
         last = problems[MAX_BUNDLE_PROBLEMS - 1]
@@ -436,12 +437,7 @@ def build_identity(
             last.trust_domain, last.reason, f"{last.message} (and {rest - 1} more domains)", last.kept
         )
         del problems[MAX_BUNDLE_PROBLEMS:]
-    bundles = BundleSet(
-        {
-            td: TrustBundle(td, tuple(dict.fromkeys(certs)))  # type: ignore[arg-type]
-            for td, certs in authorities.items()
-        }
-    )
+    bundles = BundleSet({td: TrustBundle(td, tuple(dict.fromkeys(certs))) for td, certs in authorities.items()})
     try:
         svid = validate_svid(chain, key, bundles, now, trust_domain=trust_domain)
     except (ValueError, TypeError) as exc:  # a damaged field the parser only reads on use

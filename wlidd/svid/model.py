@@ -1,4 +1,5 @@
-"""Frozen values of identity material: SpiffeId, TrustBundle, BundleSet, Svid, and the Identity built from them."""
+"""Frozen values of identity material: TrustBundle, BundleSet, Svid, and the Identity built from them (the
+SpiffeId and TrustDomain they carry live in wlidd.svid.spiffeid, beside their parser)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,15 @@ import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from wlidd.svid.spiffeid import SpiffeId, TrustDomain
+
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-
-
-@dataclass(frozen=True, order=True)
-class SpiffeId:
-    """A parsed, well-formed SPIFFE ID (see `wlidd.svid.spiffeid.parse_spiffe_id`)."""
-
-    trust_domain: str
-    path: str
-
-    def __str__(self) -> str:
-        return f"spiffe://{self.trust_domain}{self.path}"
 
 
 def _pem(certs: tuple[x509.Certificate, ...]) -> bytes:
@@ -32,10 +25,13 @@ def _pem(certs: tuple[x509.Certificate, ...]) -> bytes:
 
 @dataclass(frozen=True)
 class TrustBundle:
-    """The X.509 authorities of one trust domain."""
+    """The X.509 authorities of one trust domain (a name that is not a trust domain is refused: SvidError)."""
 
-    trust_domain: str
+    trust_domain: TrustDomain
     authorities: tuple[x509.Certificate, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trust_domain", TrustDomain(self.trust_domain))
 
     @property
     def pem(self) -> bytes:
@@ -47,12 +43,13 @@ class TrustBundle:
 
 @dataclass(frozen=True)
 class BundleSet:
-    """One TrustBundle per trust domain; the SVID's own domain and any federated ones."""
+    """One TrustBundle per trust domain; the SVID's own domain and any federated ones (sorted by name)."""
 
-    bundles: Mapping[str, TrustBundle] = field(default_factory=dict)
+    bundles: Mapping[TrustDomain, TrustBundle] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "bundles", MappingProxyType(dict(sorted(self.bundles.items()))))
+        by_domain = {TrustDomain(td): bundle for td, bundle in sorted(self.bundles.items())}
+        object.__setattr__(self, "bundles", MappingProxyType(by_domain))
 
     def __iter__(self) -> Iterator[TrustBundle]:
         return iter(self.bundles.values())
@@ -61,10 +58,12 @@ class BundleSet:
         return len(self.bundles)
 
     def get(self, trust_domain: str) -> TrustBundle | None:
-        return self.bundles.get(trust_domain)
+        """The bundle of `trust_domain`; None for a domain without one (any name may be asked: a TrustDomain is
+        its name as a str, so a name finds it)."""
+        return cast("Mapping[str, TrustBundle]", self.bundles).get(trust_domain)
 
     @property
-    def trust_domains(self) -> tuple[str, ...]:
+    def trust_domains(self) -> tuple[TrustDomain, ...]:
         return tuple(self.bundles)
 
     @property

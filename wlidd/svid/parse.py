@@ -25,7 +25,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 
 from wlidd.errors import SvidError
 from wlidd.svid.model import PrivateKey
-from wlidd.svid.spiffeid import parse_trust_domain
+from wlidd.svid.spiffeid import TrustDomain
 
 MAX_FILE_BYTES = 1 << 20
 MIN_RSA_BITS = 2048
@@ -209,7 +209,7 @@ def parse_bundle(data: bytes, trust_domain: str | None = None) -> list[x509.Cert
     return _check_authorities(parse_certificates(data, "bundle"), "bundle")
 
 
-def parse_trust_bundles_json(data: bytes) -> tuple[dict[str, list[x509.Certificate]], dict[str, SvidError]]:
+def parse_trust_bundles_json(data: bytes) -> tuple[dict[TrustDomain, list[x509.Certificate]], dict[str, SvidError]]:
     """GCE ``trust_bundles.json``: SPIFFE bundles keyed by trust domain (bare, or under 'trust_domains').
 
     Returns (authorities by trust domain, refusal by trust domain): one damaged entry refuses only
@@ -221,11 +221,11 @@ def parse_trust_bundles_json(data: bytes) -> tuple[dict[str, list[x509.Certifica
         document = document["trust_domains"]
     if not isinstance(document, dict) or not document:
         raise SvidError("trust_bundles_bad_json", "trust_bundles.json is not a map of trust domain to bundle")
-    result: dict[str, list[x509.Certificate]] = {}
+    result: dict[TrustDomain, list[x509.Certificate]] = {}
     errors: dict[str, SvidError] = {}
     for name, bundle in document.items():
         try:
-            trust_domain = parse_trust_domain(name.removeprefix("spiffe://"))
+            trust_domain = TrustDomain(name.removeprefix("spiffe://"))
         except SvidError as exc:
             errors[name[:255]] = SvidError("trust_bundles_bad_trust_domain", f"trust_bundles.json: {exc.message}")
             continue

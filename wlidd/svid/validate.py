@@ -16,9 +16,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from wlidd.errors import RetryableSvidError, SvidError
-from wlidd.svid.model import BundleSet, PrivateKey, SpiffeId, Svid
+from wlidd.svid.model import BundleSet, PrivateKey, Svid
 from wlidd.svid.parse import check_key_type
-from wlidd.svid.spiffeid import spiffe_id_from_cert
+from wlidd.svid.spiffeid import SpiffeId, spiffe_id_from_cert
 
 MAX_CHAIN_DEPTH = 8
 _E = TypeVar("_E", bound=x509.ExtensionType)

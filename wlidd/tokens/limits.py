@@ -1,19 +1,25 @@
 """Bounds on the upstream work a token source's callers can cause, and the pieces its mints share (pure
 bookkeeping, times passed in): the limits of ID tokens and scoped tokens, token buckets (one per caller, one
-per source), a mint in flight that callers join, and the answer a backoff gives meanwhile."""
+per source), a mint in flight that callers join, and the backoff of a kind of mint with the answer it gives
+meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
+import random
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import anyio
 
-from wlidd.errors import TokenUnavailable, UpstreamError, WlidError
+from wlidd.clock import iso_z
+from wlidd.errors import RateLimited, TokenUnavailable, UpstreamError, WlidError
 from wlidd.tokens.flows import Attempt
+from wlidd.tokens.schedule import Backoff
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class CallerBuckets:
     (the same as none) are dropped first, then the least recently used."""
 
     def __init__(self, burst: int, per_minute: float, max_callers: int) -> None:
-        self.burst, self.rate, self.max_callers = burst, per_minute / 60, max_callers
+        self.burst, self.per_minute, self.rate, self.max_callers = burst, per_minute, per_minute / 60, max_callers
         self._buckets: OrderedDict[int, TokenBucket] = OrderedDict()
 
     def __len__(self) -> int:
@@ -103,6 +109,15 @@ class CallerBuckets:
         self._buckets.move_to_end(caller)
         return bucket
 
+    def share(self, caller: int, now: float, source: str, mints: str, served: str) -> tuple[TokenBucket, str]:
+        """The caller's bucket for `charge`, with why it is refused when empty: uid `caller` asked token
+        `source` for `mints` faster than its share (`served`: what it still gets meanwhile)."""
+        why = (
+            f"uid {caller} asked token {source!r} for {mints} faster than {self.per_minute:g} per minute "
+            f"(burst {self.burst}); {served}"
+        )
+        return self.bucket(caller, now), why
+
     def _prune(self, now: float) -> None:
         if len(self._buckets) < self.max_callers:
             return
@@ -110,6 +125,18 @@ class CallerBuckets:
             del self._buckets[uid]
         while len(self._buckets) >= self.max_callers:
             self._buckets.popitem(last=False)
+
+
+def charge(buckets: Sequence[tuple[TokenBucket, str]], now: float) -> list[TokenBucket]:
+    """A mint charged to every one of `buckets` or to none: when any is empty, RateLimited (nothing taken)
+    saying why (the first empty bucket's text) and in how many seconds it has a token again. The buckets
+    taken from, for `refund` when the mint does not go upstream."""
+    for bucket, why in buckets:
+        if (wait := bucket.wait(now)) > 0:
+            raise RateLimited(f"{why}; retry in {math.ceil(wait)}s", wait)
+    for bucket, _ in buckets:
+        bucket.take(now)
+    return [bucket for bucket, _ in buckets]
 
 
 def refund(buckets: list[TokenBucket], now: float) -> None:
@@ -126,6 +153,7 @@ def held(error: UpstreamError, until: dt.datetime, now: dt.datetime, note: str) 
 
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 
 class Flight(Generic[T]):
@@ -155,3 +183,71 @@ def seconds_until(when: dt.datetime | None, now: dt.datetime) -> float | None:
     if when is None:
         return None
     return max(1, math.ceil((when - now).total_seconds()))
+
+
+@contextlib.contextmanager
+def in_flight(
+    flights: dict[K, Flight[T]], key: K, charged: list[TokenBucket], monotonic: Callable[[], float]
+) -> Iterator[Flight[T]]:
+    """A new mint for `key`, in `flights` for as long as it runs, so that callers asking for the same key
+    join it (Flight.outcome). When it ends: its error kept for them, the buckets `charged` given back when
+    it never went upstream (held by a backoff, or failed before sending), and its waiters woken."""
+    flight = flights[key] = Flight[T]()
+    try:
+        yield flight
+    except WlidError as exc:
+        flight.error = exc
+        raise
+    finally:
+        flights.pop(key, None)
+        if flight.call is None or not flight.call.went_upstream:
+            refund(charged, monotonic())
+        flight.done.set()
+
+
+class MintBackoff(Generic[K]):
+    """The backoff of one kind of mint (ID tokens by audience, scoped tokens by scope set), as refreshes
+    back off: a transient failure holds every key for the next step of a Backoff(minimum, maximum) (at
+    least Retry-After); a permanent refusal holds its own key for `maximum` seconds (at least Retry-After),
+    at most `max_refused` keys kept (oldest dropped first). Meanwhile `answer` gives the last error, worded
+    with `kind` ("ID tokens") and `of_key` ("this audience")."""
+
+    def __init__(self, minimum: float, maximum: float, max_refused: int, kind: str, of_key: str) -> None:
+        self.backoff = Backoff(minimum, maximum)
+        self.max_refused, self.kind, self.of_key = max_refused, kind, of_key
+        self.hold: tuple[UpstreamError, dt.datetime] | None = None  # the last transient failure, until when
+        self.refused: OrderedDict[K, tuple[UpstreamError, dt.datetime]] = OrderedDict()  # LRU, bounded
+
+    def answer(self, key: K, now: dt.datetime) -> UpstreamError | None:
+        """The error to answer for `key` while a backoff holds it, or None when a mint may go upstream."""
+        refused = self.refused.get(key)
+        if refused is not None:
+            error, until = refused
+            if now < until:
+                return held(error, until, now, f"refused for {self.of_key}; not asked again before {iso_z(until)}")
+            del self.refused[key]
+        if self.hold is not None and now < self.hold[1]:
+            error, until = self.hold
+            return held(error, until, now, f"{self.kind} are backing off; next attempt {iso_z(until)}")
+        return None
+
+    def failed(self, key: K, exc: UpstreamError, now: dt.datetime, rng: random.Random) -> dt.datetime:
+        """Hold after `exc` (its key when permanent, every key when transient); until when."""
+        if exc.permanent:
+            until = now + dt.timedelta(seconds=self.backoff.after_permanent(exc.retry_after))
+            self.refused[key] = (exc, until)
+            self.refused.move_to_end(key)
+            for old in [k for k, (_, u) in self.refused.items() if u <= now]:
+                del self.refused[old]
+            while len(self.refused) > self.max_refused:
+                self.refused.popitem(last=False)
+        else:
+            until = now + dt.timedelta(seconds=self.backoff.next(rng, exc.retry_after))
+            self.hold = (exc, until)
+        return until
+
+    def succeeded(self, key: K) -> None:
+        """A mint for `key` went through: nothing held any more."""
+        self.hold = None
+        self.backoff.reset()
+        self.refused.pop(key, None)

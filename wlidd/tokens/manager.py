@@ -20,15 +20,12 @@ mints for callers:
 
 from __future__ import annotations
 
-import datetime as dt
-import math
-
 import jwt
 
 from wlidd.clock import iso_z
 from wlidd.errors import ApiError, RateLimited, TokenUnavailable, UpstreamError, WlidError
 from wlidd.logs import get_logger
-from wlidd.tokens.limits import Flight, TokenBucket, held, refund, seconds_until
+from wlidd.tokens.limits import Flight, TokenBucket, charge, in_flight, seconds_until
 from wlidd.tokens.model import Token
 from wlidd.tokens.providers.expiry import id_token_expiry
 from wlidd.tokens.scoped import ScopedTokens
@@ -74,10 +71,10 @@ class TokenSource(RefreshingSource):
         flight = self._id_flights.get(audience)
         if flight is not None:  # someone is minting it: share that mint
             return await flight.outcome(self.name, "ID token")
-        if (last := self._id_last_error(audience, self.clock())) is not None:
+        if (last := self._id_backoff.answer(audience, self.clock())) is not None:
             raise last
         probe = self._id_probe
-        if self._id_hold is not None and probe is not None:  # another mint retries the upstream: its outcome first
+        if self._id_backoff.hold is not None and probe is not None:  # another mint probes the upstream first
             await probe.done.wait()
             return await self.id_token(audience, caller=caller)
         limits = self.id_limits
@@ -86,37 +83,15 @@ class TokenSource(RefreshingSource):
                 f"token {self.name!r} is already minting {len(self._id_flights)} ID tokens; retry shortly", 1
             )
         charged = self._charge_id_token(audience, caller)
-        flight = self._id_flights[audience] = Flight[str]()
-        if self._id_hold is not None:  # the hold has passed: this mint probes the upstream
-            self._id_probe = flight
-        try:
-            flight.value = await self._mint_id_token(audience, flight)
+        with in_flight(self._id_flights, audience, charged, self.monotonic) as flight:
+            if self._id_backoff.hold is not None:  # the hold has passed: this mint probes the upstream
+                self._id_probe = flight
+            try:
+                flight.value = await self._mint_id_token(audience, flight)
+            finally:
+                if self._id_probe is flight:
+                    self._id_probe = None
             return flight.value
-        except WlidError as exc:
-            flight.error = exc
-            raise
-        finally:
-            self._id_flights.pop(audience, None)
-            if self._id_probe is flight:
-                self._id_probe = None
-            if flight.call is None or not flight.call.went_upstream:  # held, or failed before sending
-                refund(charged, self.monotonic())
-            flight.done.set()
-
-    def _id_last_error(self, audience: str, now: dt.datetime) -> UpstreamError | None:
-        """The answer while ID tokens back off, or None when a mint may go upstream: the audience's
-        permanent refusal until its time, else the last transient failure until its time."""
-        refused = self._id_refused.get(audience)
-        if refused is not None:
-            error, until = refused
-            if now < until:
-                return held(error, until, now, f"refused for this audience; not asked again before {iso_z(until)}")
-            del self._id_refused[audience]
-        if self._id_hold is not None:
-            error, until = self._id_hold
-            if now < until:
-                return held(error, until, now, f"ID tokens are backing off; next attempt {iso_z(until)}")
-        return None
 
     def _check_audience(self, audience: str) -> None:
         limit = self.id_limits.max_audience
@@ -134,31 +109,17 @@ class TokenSource(RefreshingSource):
         audiences bucket; RateLimited (nothing taken) when either is empty. Returns the buckets taken
         from (given back when the mint does not go upstream)."""
         limits, now = self.id_limits, self.monotonic()
-        taken: list[TokenBucket] = []
-        bucket = None
+        served = "audiences already fetched are still served"
+        buckets: list[tuple[TokenBucket, str]] = []
         if caller is not None:
-            bucket = self._id_callers.bucket(caller, now)
-            if (wait := bucket.wait(now)) > 0:
-                raise RateLimited(
-                    f"uid {caller} asked token {self.name!r} for ID tokens for new audiences faster than "
-                    f"{limits.caller_per_minute:g} per minute (burst {limits.caller_burst}); audiences already "
-                    f"fetched are still served; retry in {math.ceil(wait)}s",
-                    wait,
-                )
+            buckets.append(self._id_callers.share(caller, now, self.name, "ID tokens for new audiences", served))
         if audience not in self._id_cache:
-            if (wait := self._id_new_audiences.wait(now)) > 0:
-                raise RateLimited(
-                    f"token {self.name!r} minted ID tokens for more new audiences than "
-                    f"{limits.new_audiences_per_minute:g} per minute (all callers together); audiences already "
-                    f"fetched are still served; retry in {math.ceil(wait)}s",
-                    wait,
-                )
-            self._id_new_audiences.take(now)
-            taken.append(self._id_new_audiences)
-        if bucket is not None:
-            bucket.take(now)
-            taken.append(bucket)
-        return taken
+            why = (
+                f"token {self.name!r} minted ID tokens for more new audiences than "
+                f"{limits.new_audiences_per_minute:g} per minute (all callers together); {served}"
+            )
+            buckets.append((self._id_new_audiences, why))
+        return charge(buckets, now)
 
     async def _mint_id_token(self, audience: str, flight: Flight[str]) -> str:
         """One upstream ID-token call (after an STS exchange through `refresh` when the flow needs one:
@@ -166,7 +127,7 @@ class TokenSource(RefreshingSource):
         turn given up, nothing sent, when a backoff holds the audience by then (`_paced`)."""
         await self._federated("id_token")
         minter = self.flow.id_token_minter
-        async with self._paced("id_token", lambda: self._id_last_error(audience, self.clock())) as call:
+        async with self._paced("id_token", lambda: self._id_backoff.answer(audience, self.clock())) as call:
             flight.call = call
             sent = self.clock()
             try:
@@ -183,9 +144,7 @@ class TokenSource(RefreshingSource):
                 error = UpstreamError("wlidd", f"unexpected {type(exc).__name__} while minting", code="internal")
                 self._id_token_failed(audience, error)
                 raise error from None
-        self._id_hold = None
-        self._id_backoff.reset()
-        self._id_refused.pop(audience, None)
+        self._id_backoff.succeeded(audience)
         self._store_id_token(audience, Token(value, expiry, sent, self.name))
         self._log.info("id token fetched", audience=audience, expire_time=iso_z(expiry))
         return value
@@ -218,28 +177,10 @@ class TokenSource(RefreshingSource):
         """Back ID tokens off: a transient failure holds every mint for the next backoff step (at least
         Retry-After); a permanent one holds `audience` for backoff_max (at least Retry-After)."""
         now = self.clock()
-        if exc.permanent:
-            until = now + dt.timedelta(seconds=self._permanent_delay(exc))
-            self._id_refused[audience] = (exc, until)
-            self._id_refused.move_to_end(audience)
-            for old in [a for a, (_, u) in self._id_refused.items() if u <= now]:
-                del self._id_refused[old]
-            while len(self._id_refused) > self.id_limits.refused_audiences:
-                self._id_refused.popitem(last=False)
-        else:
-            until = now + dt.timedelta(seconds=self._id_backoff.next(self.rng, exc.retry_after))
-            self._id_hold = (exc, until)
+        until = self._id_backoff.failed(audience, exc, now, self.rng)
         self._signal_hold()
-        if self.metrics is not None:
-            self.metrics.token_failures.labels(self.name, exc.reason).inc()
-        self._log.warning(
-            "id token fetch failed",
-            audience=audience,
-            reason=exc.reason,
-            detail=exc.message,
-            permanent=exc.permanent,
-            retry_in=round((until - now).total_seconds(), 3),
-        )
+        retry_in = round((until - now).total_seconds(), 3)
+        self._count_failure("id token fetch failed", exc, audience=audience, permanent=exc.permanent, retry_in=retry_in)
 
     def _store_id_token(self, audience: str, token: Token) -> None:
         """Into the LRU cache: entries no longer servable out first, then the least recently used beyond
@@ -312,26 +253,17 @@ class TokenSource(RefreshingSource):
         flight = state.flights.get(key)
         if flight is not None:  # someone is minting this set: share that mint
             return await flight.outcome(self.name, "scoped token")
-        if (last := state.last_error(key, self.clock())) is not None:
+        if (last := state.backoff.answer(key, self.clock())) is not None:
             raise last
         if len(state.flights) >= state.limits.max_inflight:
             raise RateLimited(
                 f"token {self.name!r} is already minting {len(state.flights)} scoped tokens; retry shortly", 1
             )
         charged = state.charge(self.name, caller, self.monotonic())
-        flight = state.flights[key] = Flight[Token]()
-        try:
+        with in_flight(state.flights, key, charged, self.monotonic) as flight:
             flight.value = await self._mint_scoped(state, key, flight)
             state.succeeded(key, flight.value, self.clock())
             return flight.value
-        except WlidError as exc:
-            flight.error = exc
-            raise
-        finally:
-            state.flights.pop(key, None)
-            if flight.call is None or not flight.call.went_upstream:  # held, or failed before sending
-                refund(charged, self.monotonic())
-            flight.done.set()
 
     async def _mint_scoped(self, state: ScopedTokens, key: frozenset[str], flight: Flight[Token]) -> Token:
         """One IAM generateAccessToken call for the scope set `key` (after the source's own refresh when the
@@ -346,7 +278,7 @@ class TokenSource(RefreshingSource):
                 retryable=False,
             )
         await self._federated("scoped_token")
-        async with self._paced("scoped_token", lambda: state.last_error(key, self.clock())) as call:
+        async with self._paced("scoped_token", lambda: state.backoff.answer(key, self.clock())) as call:
             flight.call = call
             sent = self.clock()
             try:
@@ -362,8 +294,6 @@ class TokenSource(RefreshingSource):
         return Token(value, expiry, sent, self.name)
 
     def _scoped_failed(self, state: ScopedTokens, key: frozenset[str], exc: UpstreamError) -> None:
-        state.failed(key, exc, self.clock(), self.rng)
+        state.backoff.failed(key, exc, self.clock(), self.rng)
         self._signal_hold()
-        if self.metrics is not None:
-            self.metrics.token_failures.labels(self.name, exc.reason).inc()
-        self._log.warning("scoped token mint failed", reason=exc.reason, detail=exc.message)
+        self._count_failure("scoped token mint failed", exc)

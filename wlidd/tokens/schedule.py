@@ -130,6 +130,11 @@ class Backoff:
     def reset(self) -> None:
         self.attempts = 0
 
+    def after_permanent(self, retry_after: float | None) -> float:
+        """Seconds to wait after a permanent refusal (trying again soon cannot help): the maximum at once,
+        longer when the server's Retry-After asks for it (within MAX_RETRY_AFTER)."""
+        return max(self.maximum, min(retry_after or 0.0, MAX_RETRY_AFTER))
+
 
 def retry_at(now: dt.datetime, delay: float, last_good: Token | None, skew: float) -> dt.datetime:
     """When to try again after a failure. While the last good token is still servable, never wait

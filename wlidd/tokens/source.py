@@ -36,7 +36,6 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -47,10 +46,18 @@ from wlidd.errors import TokenUnavailable, UpstreamError, WlidError
 from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
 from wlidd.tokens.flows import Attempt, Flow, attempt
-from wlidd.tokens.limits import CallerBuckets, Flight, IdTokenLimits, ScopedLimits, TokenBucket, seconds_until
+from wlidd.tokens.limits import (
+    CallerBuckets,
+    Flight,
+    IdTokenLimits,
+    MintBackoff,
+    ScopedLimits,
+    TokenBucket,
+    seconds_until,
+)
 from wlidd.tokens.model import IdentityChanges, Token
 from wlidd.tokens.pacing import Pacer, sleep_or_wake
-from wlidd.tokens.schedule import MAX_RETRY_AFTER, Backoff, RefreshPolicy, after_failure, retry_at, start_delay
+from wlidd.tokens.schedule import Backoff, RefreshPolicy, after_failure, retry_at, start_delay
 
 log = get_logger("wlidd.tokens")
 
@@ -113,10 +120,10 @@ class RefreshingSource:
         )
         # ID-token mints back off like refreshes: a transient failure holds every mint until its time (then
         # one probe mint goes first); a permanent refusal holds its audience for backoff_max.
-        self._id_backoff = Backoff(config.backoff_min, config.backoff_max)
-        self._id_hold: tuple[UpstreamError, dt.datetime] | None = None  # (last transient error, next attempt)
+        self._id_backoff = MintBackoff[str](
+            config.backoff_min, config.backoff_max, self.id_limits.refused_audiences, "ID tokens", "this audience"
+        )
         self._id_probe: Flight[str] | None = None  # the mint retrying the upstream after a hold passed
-        self._id_refused: OrderedDict[str, tuple[UpstreamError, dt.datetime]] = OrderedDict()  # LRU, bounded
         self._log = log.bind(source=name, flow=config.flow)
         self.first_trigger = "start"  # the first fetch's trigger: "config" for a source a reload (re)started
         self._next_trigger: str | None = None  # why the loop's next attempt (next_refresh) fires; None: first
@@ -169,10 +176,6 @@ class RefreshingSource:
         planned = self.next_refresh if self.last_error is not None and self.next_refresh is not None else None
         wait = seconds_until(planned, now) if planned is not None and planned > now else None
         raise TokenUnavailable(self.name, self.not_servable_reason(now), wait)
-
-    def _permanent_delay(self, exc: UpstreamError) -> float:
-        """Seconds before retrying after a permanent error: backoff_max at once (at least Retry-After)."""
-        return max(self.backoff.maximum, min(exc.retry_after or 0.0, MAX_RETRY_AFTER))
 
     # ---- refreshing ------------------------------------------------------------------------
     async def refresh(self, reason: str) -> Token:
@@ -235,24 +238,31 @@ class RefreshingSource:
         self._next_trigger = "retry"
         self.last_error, self.last_error_at = exc, now
         if exc.permanent:  # trying again soon cannot help: backoff_max at once, bounded by the last good token
-            self.next_refresh = retry_at(now, self._permanent_delay(exc), self.current, self.config.skew)
+            self.next_refresh = retry_at(
+                now, self.backoff.after_permanent(exc.retry_after), self.current, self.config.skew
+            )
         else:
             self.next_refresh = after_failure(
                 self.backoff, now, self.rng, self.current, self.config.skew, exc.retry_after
             )
         if self.metrics is not None:
             self.metrics.token_refreshes.labels(self.name, "failure").inc()
-            self.metrics.token_failures.labels(self.name, exc.reason).inc()
-        self._log.warning(
+        self._count_failure(
             "token refresh failed",
+            exc,
             trigger=reason,
-            reason=exc.reason,
-            detail=exc.message,
             permanent=exc.permanent,
             failures=self.failures,
             retry_in=round((self.next_refresh - now).total_seconds(), 3),
             serving_last_good=self.servable(now) is not None,
         )
+
+    def _count_failure(self, event: str, exc: UpstreamError, **fields: object) -> None:
+        """An upstream call of this source failed (a refresh, a mint): counted in wlidd_token_failures by its
+        reason, and logged as a warning `event` with the reason, the upstream's message (`detail`) and `fields`."""
+        if self.metrics is not None:
+            self.metrics.token_failures.labels(self.name, exc.reason).inc()
+        self._log.warning(event, reason=exc.reason, detail=exc.message, **fields)
 
     def _succeeded(self, token: Token, reason: str) -> None:
         first = self.current is None
@@ -358,31 +368,3 @@ class RefreshingSource:
                     self.trigger("identity_loaded")
             elif token.identity_version is not None and token.identity_version < state.version:
                 self.trigger("svid_rotated")
-
-    def status(self, now: dt.datetime) -> dict[str, Any]:
-        token = self.current
-        error = self.last_error
-        return {
-            "flow": self.config.flow,
-            "identity": self.config.identity,
-            "valid": self.servable(now) is not None,
-            "required": self.config.require_at_start,
-            "on_demand": self.config.on_demand,
-            "expire_time": iso_z(token.expire_time) if token else None,
-            "seconds_left": max(0, int(token.seconds_left(now))) if token else None,
-            "last_refresh": iso_z(self.last_refresh),
-            "next_refresh": iso_z(self.next_refresh),
-            "failures": self.failures,
-            "upstream_calls": self.upstream_calls,
-            "last_error": (
-                {
-                    "reason": error.reason,
-                    "status": error.status,
-                    "message": error.message,
-                    "permanent": error.permanent,
-                    "at": iso_z(self.last_error_at),
-                }
-                if error
-                else None
-            ),
-        }

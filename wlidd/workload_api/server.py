@@ -1,13 +1,19 @@
 """SpiffeWorkloadAPI service: FetchX509SVID and FetchX509Bundles stream the full state on every change.
-Long: the Workload API's services (X.509, bundles, JWT, SDS) over one gRPC server.
+Long: the Workload API's services (X.509, bundles, JWT, and Envoy's SDS) over one gRPC server.
+
+Envoy's Secret Discovery Service (envoy.service.secret.v3.SecretDiscoveryService) is served on the same
+server, as the SPIRE agent serves it on its Workload API socket, unless its settings disable it
+(wlidd.workload_api.sds_settings; the service: wlidd.workload_api.sds_service). Its calls go through the
+same steps below except the security header, which Envoy does not send (SPIRE asks it of the Workload
+API's methods only: spiffe/spire pkg/agent/endpoints/middleware.go `verifySecurityHeader`, lines 43-45).
 
 Per call, in this order, before any of the request body is read: the security header
 `workload.spiffe.io: true` (else INVALID_ARGUMENT); the caller, from the kernel credentials read once
 when its connection was accepted (SO_PEERCRED and SO_PEERGROUPS); the identities its [policy]
 credentials rules allow (none: PERMISSION_DENIED). Only then the request message, whose declared size
-(the gRPC length prefix) must be at most MAX_REQUEST_BYTES (else RESOURCE_EXHAUSTED and the stream is
-reset, nothing buffered). No valid SVID among the allowed identities yet: UNAVAILABLE (clients retry).
-JWT methods: UNIMPLEMENTED.
+(the gRPC length prefix) must be at most MAX_REQUEST_BYTES (wlidd.workload_api.calls; else
+RESOURCE_EXHAUSTED and the stream is reset, nothing buffered). No valid SVID among the allowed
+identities yet: UNAVAILABLE (clients retry). JWT methods: UNIMPLEMENTED.
 
 The policy is checked again before every push and on every reload (`set_policy`): a stream whose caller
 lost some identities gets a new response without them at once; one that lost all ends with
@@ -31,17 +37,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import socket
-import struct
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import h2.events
 import h2.exceptions
 from cryptography.hazmat.primitives import serialization
-from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
@@ -51,21 +57,26 @@ from h2.errors import ErrorCodes
 
 from wlidd.api.accept import ConnectionCounter
 from wlidd.api.authz import handout_audit
-from wlidd.api.peers import CallerCache, CallerKey, Peer, socket_peer
-from wlidd.clock import Clock, iso_z
+from wlidd.api.callers import CallerCache
+from wlidd.api.peers import CallerKey, Peer, socket_peer
+from wlidd.clock import Clock
 from wlidd.logs import AuditOnce, get_logger
 from wlidd.metrics import Metrics
 from wlidd.policy import Caller, Policy
+from wlidd.status import WorkloadApiStatus
 from wlidd.svid.model import TrustBundle
 from wlidd.watch import CredentialWatcher, IdentityState
 from wlidd.workload_api import workload_pb2 as pb
+from wlidd.workload_api.calls import read_message
+from wlidd.workload_api.sds_settings import SdsSettings
+
+if TYPE_CHECKING:
+    from wlidd.workload_api.sds_service import SecretDiscovery
 
 log = get_logger("wlidd.workload_api")
 audit = get_logger("wlidd.audit")
 
 SECURITY_HEADER = "workload.spiffe.io"
-MAX_REQUEST_BYTES = 4096  # a request message's largest declared size; X509SVIDRequest and X509BundlesRequest are empty
-REQUEST_TIMEOUT = 10.0  # seconds for the request message to arrive once a stream was authorized
 SEND_TIMEOUT = 30.0  # seconds a push may wait on a client that does not open its flow-control window
 WINDOW_BYTES = 2**16 - 1  # HTTP/2 receive windows, per connection and per stream: the minimum (RFC 9113 §6.9.2)
 _PREFACE_BYTES = 24  # the HTTP/2 client connection preface (RFC 9113 §3.4)
@@ -238,11 +249,26 @@ async def serve_accepted(server: Server, sock: socket.socket, *, first_byte_time
                 await protocol.closed.wait()  # connection_lost, called soon: the socket is closed by then
 
 
+@dataclass(eq=False)
+class _Sending:
+    """A push under way (`WorkloadApi.push`): whose keys it carries, and the scope that stops it."""
+
+    caller: Caller
+    names: frozenset[str]
+    scope: anyio.CancelScope
+    revoked: bool = False
+
+
 class WorkloadApi:
     """The grpclib service; one instance serves every connection (from `build_server`)."""
 
     def __init__(
-        self, watchers: Mapping[str, CredentialWatcher], policy: Policy, clock: Clock, metrics: Metrics | None = None
+        self,
+        watchers: Mapping[str, CredentialWatcher],
+        policy: Policy,
+        clock: Clock,
+        metrics: Metrics | None = None,
+        sds: SdsSettings | None = None,
     ) -> None:
         self.watchers = watchers
         self._policy = policy
@@ -250,12 +276,20 @@ class WorkloadApi:
         self.clock = clock
         self.metrics = metrics
         self._callers = CallerCache()
-        self._audited = AuditOnce()
+        self.audited = AuditOnce()
         # open calls per uid (only uids with one), refused beyond MAX_CALLS_PER_CALLER; no cap in all
         self._calls = ConnectionCounter(sys.maxsize, MAX_CALLS_PER_CALLER)
         self.streams = 0
         self.pushes = 0
-        self.last_push: dict[str, str] = {}
+        self.last_push: dict[str, dt.datetime] = {}
+        self._sending: set[_Sending] = set()  # pushes under way (`push`), for `set_policy` to stop
+        self.policy_listeners: set[Callable[[], None]] = set()  # called by `set_policy` (SDS streams' wake-ups)
+        self.sds: SecretDiscovery | None = None  # Envoy SDS, unless its settings disable it
+        settings = sds if sds is not None else SdsSettings()
+        if settings.enabled:
+            from wlidd.workload_api.sds_service import SecretDiscovery  # Envoy's protobuf modules: only if served
+
+            self.sds = SecretDiscovery(self, settings)
 
     @property
     def policy(self) -> Policy:
@@ -266,13 +300,20 @@ class WorkloadApi:
         self.set_policy(policy)
 
     def set_policy(self, policy: Policy) -> None:
-        """Install `policy` (a reload) and wake every open stream to check its caller against it now."""
+        """Install `policy` (a reload), stop every push under way whose caller it takes keys from (`push`),
+        and wake every open stream to check its caller against it now."""
         self._policy = policy
+        for sending in list(self._sending):
+            if sending.names and not sending.names <= set(self._allowed(sending.caller)):
+                sending.revoked = True
+                sending.scope.cancel()
+        for listener in list(self.policy_listeners):
+            listener()
         self._policy_changed.set()
         self._policy_changed = anyio.Event()
 
     def __mapping__(self) -> dict[str, Handler]:
-        return {
+        return (self.sds.__mapping__() if self.sds is not None else {}) | {
             "/SpiffeWorkloadAPI/FetchX509SVID": Handler(
                 self.fetch_x509_svid, Cardinality.UNARY_STREAM, pb.X509SVIDRequest, pb.X509SVIDResponse
             ),
@@ -290,8 +331,8 @@ class WorkloadApi:
             ),
         }
 
-    def status(self) -> dict[str, Any]:
-        return {"streams": self.streams, "pushes": self.pushes, "last_push": dict(sorted(self.last_push.items()))}
+    def status(self) -> WorkloadApiStatus:
+        return WorkloadApiStatus(self.streams, self.pushes, dict(sorted(self.last_push.items())))
 
     async def unimplemented(self, stream: Stream[Any, Any]) -> None:
         raise GRPCError(Status.UNIMPLEMENTED, "JWT-SVIDs are not served by wlidd: it distributes X.509-SVIDs")
@@ -304,9 +345,15 @@ class WorkloadApi:
             raise GRPCError(Status.INTERNAL, "the Workload API must be served by wlidd's build_server")
         return protocol
 
-    async def _caller(self, stream: Stream[Any, Any], connection: WorkloadProtocol) -> Caller:
+    async def caller(self, stream: Stream[Any, Any], *, header: bool = True) -> Caller:
+        """The caller of a call (headers only: no body is read); with `header`, the call must carry the
+        Workload API's security header (INVALID_ARGUMENT otherwise). PERMISSION_DENIED for a caller
+        that cannot be identified."""
+        return await self._caller(stream, self._connection(stream), header=header)
+
+    async def _caller(self, stream: Stream[Any, Any], connection: WorkloadProtocol, *, header: bool = True) -> Caller:
         """The caller of a call that carries the security header (headers only: no body is read)."""
-        if stream.metadata is None or stream.metadata.get(SECURITY_HEADER) != "true":
+        if header and (stream.metadata is None or stream.metadata.get(SECURITY_HEADER) != "true"):
             raise GRPCError(Status.INVALID_ARGUMENT, f"security header missing from request: {SECURITY_HEADER}: true")
         creds = connection.credentials
         if creds is None or creds.uid is None:
@@ -317,44 +364,24 @@ class WorkloadApi:
         """The identities the current policy lets `caller` have (its [policy] credentials rules)."""
         return self._policy.identities_for(caller, self.watchers)
 
-    def _states(self, names: list[str]) -> list[IdentityState]:
+    def valid_states(self, names: list[str]) -> list[IdentityState]:
+        """The published states of these identities whose SVID is valid now, in the order given."""
         now = self.clock()
         states = [self.watchers[n].current for n in names]
         return [s for s in states if s is not None and s.identity.svid.is_valid_at(now)]
 
     @staticmethod
     async def _read_request(stream: Stream[Any, Any], message: Callable[[bytes], Any]) -> None:
-        """Read and decode the one request message, refusing one declared larger than MAX_REQUEST_BYTES
-        from its length prefix, before any of it is read (grpclib's recv_message would read and
-        acknowledge whatever size the prefix declares). A call that ends without a message is taken as
-        an empty request. Raises GRPCError (RESOURCE_EXHAUSTED, INVALID_ARGUMENT, DEADLINE_EXCEEDED)."""
-        data = stream._stream  # grpclib.protocol.Stream: reads DATA, acknowledging only what it returns
-        try:
-            with anyio.fail_after(REQUEST_TIMEOUT):
-                prefix = await data.recv_data(5)
-                if not prefix:
-                    return
-                compressed, length = struct.unpack(">?I", prefix)
-                if compressed:
-                    raise GRPCError(Status.INVALID_ARGUMENT, "compressed requests are not accepted")
-                if length > MAX_REQUEST_BYTES:
-                    raise GRPCError(
-                        Status.RESOURCE_EXHAUSTED,
-                        f"request message of {length} bytes refused (at most {MAX_REQUEST_BYTES})",
-                    )
-                message(await data.recv_data(length))
-        except TimeoutError:
-            raise GRPCError(Status.DEADLINE_EXCEEDED, f"no request message within {REQUEST_TIMEOUT:g} s") from None
-        except AssertionError:  # grpclib's Buffer: the call ended inside a message
-            raise GRPCError(Status.INVALID_ARGUMENT, "the request message was cut short") from None
-        except DecodeError:
-            raise GRPCError(Status.INVALID_ARGUMENT, "the request message is not a valid protobuf") from None
+        """Read the one request message of a Workload API call (`read_message`); a call that ends without
+        one is taken as an empty request."""
+        await read_message(stream, message)
 
-    async def _stream(self, stream: Stream[Any, Any], method: str, render: Any, request: Any) -> None:
-        connection = self._connection(stream)
-        caller = await self._caller(stream, connection)
+    @contextlib.contextmanager
+    def admitted(self, caller: Caller) -> Iterator[None]:
+        """Hold one of the caller's open calls while in the block; RESOURCE_EXHAUSTED when its uid already
+        has MAX_CALLS_PER_CALLER open (each open call holds memory: one uid may not pile them up)."""
         key = CallerKey(caller.uid)
-        refusal = self._calls.admit(key)  # each open call holds memory: one uid may not pile them up
+        refusal = self._calls.admit(key)
         if refusal is not None:
             held = self._calls.per_caller.get(key, 0)
             raise GRPCError(
@@ -362,17 +389,38 @@ class WorkloadApi:
                 f"{caller.describe()} already has {held} Workload API calls open (at most {MAX_CALLS_PER_CALLER})",
             )
         try:
-            await self._authorized_stream(stream, method, render, request, caller)
+            yield
         finally:
             self._calls.release(key)
+
+    def authorize(self, caller: Caller, method: str) -> list[str]:
+        """The identities `caller` may have (its [policy] credentials rules); PERMISSION_DENIED (audited)
+        when none."""
+        names = self._allowed(caller)
+        if not names:
+            key = {"listener": "workload_api", "uid": caller.uid}  # repeats are counted (wlidd.logs)
+            audit.limited("warning", "access denied", key=key, route=method, user=caller.user)
+            raise GRPCError(Status.PERMISSION_DENIED, f"{caller.describe()} may have no identity here")
+        return names
+
+    def still_allowed(self, caller: Caller, method: str) -> list[str]:
+        """The identities `caller` may still have, checked before each push; PERMISSION_DENIED (audited)
+        when a reload took them all."""
+        names = self._allowed(caller)
+        if not names:
+            audit.warning("access revoked", route=method, uid=caller.uid, user=caller.user, listener="workload_api")
+            raise GRPCError(Status.PERMISSION_DENIED, f"{caller.describe()} may no longer have any identity here")
+        return names
+
+    async def _stream(self, stream: Stream[Any, Any], method: str, render: Any, request: Any) -> None:
+        caller = await self.caller(stream)
+        with self.admitted(caller):
+            await self._authorized_stream(stream, method, render, request, caller)
 
     async def _authorized_stream(
         self, stream: Stream[Any, Any], method: str, render: Any, request: Any, caller: Caller
     ) -> None:
-        if not self._allowed(caller):
-            key = {"listener": "workload_api", "uid": caller.uid}  # repeats are counted (wlidd.logs)
-            audit.limited("warning", "access denied", key=key, route=method, user=caller.user)
-            raise GRPCError(Status.PERMISSION_DENIED, f"{caller.describe()} may have no identity here")
+        self.authorize(caller, method)
         await self._read_request(stream, request.FromString)
         await self._serve(stream, method, render, caller)
 
@@ -385,16 +433,9 @@ class WorkloadApi:
             sent: tuple[tuple[str, int], ...] | None = None
             while True:
                 policy_changed = self._policy_changed  # a reload from here on wakes the wait below
-                names = self._allowed(caller)
-                if not names:
-                    audit.warning(
-                        "access revoked", route=method, uid=caller.uid, user=caller.user, listener="workload_api"
-                    )
-                    raise GRPCError(
-                        Status.PERMISSION_DENIED, f"{caller.describe()} may no longer have any identity here"
-                    )
+                names = self.still_allowed(caller, method)
                 seen = {n: self.watchers[n].current for n in names}
-                states = self._states(names)
+                states = self.valid_states(names)
                 if not states:
                     raise GRPCError(Status.UNAVAILABLE, "no valid X.509-SVID is available yet")
                 current = tuple((s.name, s.version) for s in states)
@@ -402,7 +443,7 @@ class WorkloadApi:
                     # audited before the keys leave: a client that closes as soon as it has them could
                     # otherwise end the stream (cancelling this task) between the push and its audit line
                     handout_audit(
-                        self._audited,
+                        self.audited,
                         "svids pushed",
                         caller,
                         method,
@@ -410,12 +451,12 @@ class WorkloadApi:
                         route=method,
                         identities=[s.name for s in states],
                     )
-                    await self._push(stream, render(states), caller, [s.name for s in states], method)
+                    await self.push(stream, render(states), caller, [s.name for s in states], method)
                     sent = current
                     self.pushes += 1
                     now = self.clock()
                     for state in states:
-                        self.last_push[state.name] = iso_z(now)
+                        self.last_push[state.name] = now
                         if self.metrics is not None:
                             self.metrics.workload_api_pushes.labels(state.name).inc()
                             self.metrics.workload_api_last_push.labels(state.name).set(now.timestamp())
@@ -425,35 +466,26 @@ class WorkloadApi:
             if self.metrics is not None:
                 self.metrics.workload_api_streams.set(self.streams)
 
-    async def _push(
-        self, stream: Stream[Any, Any], message: Any, caller: Caller, names: list[str], method: str
-    ) -> None:
+    async def push(self, stream: Stream[Any, Any], message: Any, caller: Caller, names: list[str], method: str) -> None:
         """Send one response holding `names`' keys, as long as the caller may still have them.
 
         A client can hold a push back by not opening its HTTP/2 flow-control window; meanwhile a reload
-        may revoke it. So the send is watched: the moment a reload takes any of `names` from the caller,
-        or after SEND_TIMEOUT seconds without the message going out, the send stops — nothing more of
-        the message (the key comes after the chain) leaves — and the call ends: PERMISSION_DENIED or
+        may revoke it. So the send is watched (registered for `set_policy`, no task of its own): the
+        moment a reload takes any of `names` from the caller, or after SEND_TIMEOUT seconds without the
+        message going out, the send stops — nothing more of the message (the key comes after the chain)
+        leaves — and the call ends: PERMISSION_DENIED or
         DEADLINE_EXCEEDED in trailers (HEADERS are not flow-controlled), or RST_STREAM when even those
         cannot be written. Raises GRPCError (grpclib then sends nothing more).
         """
-        revoked = False
-        async with anyio.create_task_group() as tg:
-
-            async def watch_policy() -> None:
-                nonlocal revoked
-                while True:
-                    await self._policy_changed.wait()
-                    if not set(names) <= set(self._allowed(caller)):
-                        revoked = True
-                        tg.cancel_scope.cancel()
-                        return
-
-            tg.start_soon(watch_policy)
-            with anyio.move_on_after(SEND_TIMEOUT) as send_deadline:
+        with anyio.move_on_after(SEND_TIMEOUT) as scope:  # also cancelled by `set_policy` (revoked)
+            sending = _Sending(caller, frozenset(names), scope)
+            self._sending.add(sending)
+            try:
                 await stream.send_message(message)
-            tg.cancel_scope.cancel()
-        if not revoked and not send_deadline.cancelled_caught:
+            finally:
+                self._sending.discard(sending)
+        revoked = sending.revoked
+        if not revoked and not scope.cancelled_caught:
             return
         if revoked:
             audit.warning("access revoked", route=method, uid=caller.uid, user=caller.user, listener="workload_api")
