@@ -14,7 +14,7 @@ from anyio.streams.tls import TLSListener
 
 from wlidd.config import parse_identity_config
 from wlidd.logs import configure_logging
-from wlidd.svid.load import CredentialSource
+from wlidd.svid.load.source import CredentialSource
 from wlidd.tlsctx import HotServerContext
 from wlidd.watch import CredentialWatcher
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from _common import Figure, free_port, report, start_daemon, stop_daemon, wait_port  # noqa: E402
 
 from wlidd.emulator.ca import CertificateAuthority  # noqa: E402
-from wlidd.svid.load import CredentialFiles, build_identity  # noqa: E402
+from wlidd.svid.credential_set import CredentialFiles, build_identity  # noqa: E402
 from wlidd.tlsctx import build_client_context  # noqa: E402
 
 BARE_SERVER = """

@@ -31,7 +31,7 @@ from cryptography import x509
 
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
-from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.svid.credential_set import CredentialFiles, build_identity
 from wlidd.tlsctx import build_client_context
 
 TARGET_P99_MS = 250.0

@@ -29,7 +29,7 @@ from wlidd.emulator.ca import CertificateAuthority
 from wlidd.sinks.credentials import write_credentials
 from wlidd.sinks.files import write_atomic
 from wlidd.sinks.layouts import Material, credential_files
-from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.svid.credential_set import CredentialFiles, build_identity
 from wlidd.tlsctx import TlsContexts
 from wlidd.watch import IdentityState
 

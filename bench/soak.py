@@ -145,7 +145,7 @@ class Load:
                 channel.close()
 
     async def run(self) -> None:
-        from wlidd.svid.load import CredentialFiles, build_identity
+        from wlidd.svid.credential_set import CredentialFiles, build_identity
         from wlidd.tlsctx import build_client_context
 
         client = json.loads(Path(str(self.plan["client"])).read_text())

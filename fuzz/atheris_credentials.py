@@ -19,7 +19,7 @@ import atheris
 with atheris.instrument_imports():
     from wlidd.config import Config
     from wlidd.errors import ConfigError, SvidError
-    from wlidd.svid.load import CredentialFiles, build_identity
+    from wlidd.svid.credential_set import CredentialFiles, build_identity
     from wlidd.svid.spiffeid import parse_spiffe_id
 
 import contextlib

@@ -27,7 +27,7 @@ from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.produced import find_leak
 from wlidd.emulator.upstreams import Upstreams
 from wlidd.logs import reset_logging
-from wlidd.svid.load import CredentialSource
+from wlidd.svid.load.source import CredentialSource
 
 TD = "example.org"
 FUZZ_SCALE = int(os.environ.get("FUZZ_SCALE", "1"))  # `make fuzz` multiplies the example budgets

@@ -175,7 +175,7 @@ def test_demo_rotates_and_serves(tmp_path: Path) -> None:
 
 
 def test_status_table_is_readable(daemon_process: tuple[subprocess.Popen[str], Path]) -> None:
-    from wlidd.cli import fetch_status, render_status
+    from wlidd.cli.client_commands import fetch_status, render_status
 
     _, sock = daemon_process
     table = render_status(fetch_status(sock))

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from wlidd.config import config_path_from, load_config, parse_duration, read_certificate_config
+from wlidd.config import config_path_from, load_config, parse_duration
 from wlidd.errors import ConfigError
+from wlidd.svid.load.plans import read_certificate_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -206,3 +207,20 @@ def test_a_trust_domain_with_a_final_newline_is_refused(tmp_path: Path) -> None:
     path.write_text('[identities.default]\nsource = "gce"\ntrust_domain = "example.org\\n"\n')
     with pytest.raises(ConfigError, match="is not a trust domain"):
         load_config(path, {})
+
+
+def test_a_certificate_config_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """It was read with Path.read_bytes: a FIFO with no writer blocked the reading thread (and with it the
+    identity's reloads) forever. Now it is read as the credential files are: regular files only, capped."""
+    import os
+
+    from wlidd.svid.load.plans import MAX_CERTIFICATE_CONFIG_BYTES
+
+    fifo = tmp_path / "certificate_config.json"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_certificate_config(fifo)
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (MAX_CERTIFICATE_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match="larger than"):
+        read_certificate_config(big)

@@ -124,7 +124,8 @@ def test_each_listener_lists_its_own_keys_then_its_connection_limits() -> None:
     ]
     assert list(MtlsListenerConfig.model_fields) == ["address", "identity", "allow", *limits]
     assert list(MetricsListenerConfig.model_fields) == ["address", *limits]
-    assert list(WorkloadApiListenerConfig.model_fields) == ["path", "mode", "owner", "group", *limits[:3], "sds"]
+    workload = ["path", "mode", "owner", "group", *limits[:3], "max_calls_per_caller", "sds"]
+    assert list(WorkloadApiListenerConfig.model_fields) == workload
     metrics, unix = MetricsListenerConfig(), UnixListenerConfig()
     assert (metrics.max_connections, metrics.max_connections_per_caller) == (64, 16)
     assert (unix.max_connections, unix.max_connections_per_caller) == (256, 64)

@@ -22,8 +22,12 @@ from wlidd.config import (
 )
 from wlidd.config_toml import config_toml
 from wlidd.errors import ConfigError
-from wlidd.svid.load import CertificateConfigPlan, CredentialSource, FilesPlan, GcePlan
-from wlidd.tokens.flows import EntraStsSteps, Flow, GceMetadataSteps, X509StsSteps
+from wlidd.svid.load.plans import CertificateConfigPlan, FilesPlan, GcePlan
+from wlidd.svid.load.source import CredentialSource
+from wlidd.tokens.flows import Flow
+from wlidd.tokens.flows.entra_sts import EntraStsSteps
+from wlidd.tokens.flows.gce_metadata import GceMetadataSteps
+from wlidd.tokens.flows.x509_sts import X509StsSteps
 
 WLIDD = Path(__file__).resolve().parent.parent / "wlidd"
 

@@ -3,7 +3,7 @@ checked and unit-tested with promtool) and the Grafana dashboard (contrib/grafan
 by contrib/grafana/dashboard.py with grafana-foundation-sdk).
 
 Both name wlidd's metrics by hand, so every `wlidd_…` name in a rule expression or a panel query must be
-one the daemon's registry (wlidd/metrics.py) exposes: a renamed metric fails here, not silently in
+one the daemon's registry (wlidd/metrics/) exposes: a renamed metric fails here, not silently in
 production. promtool comes from Debian's `prometheus` package; without it the promtool tests skip, and
 fail in CI (CLIENT_MATRIX_REQUIRED=1 or CI set, as for the client matrix: tests/clients/harness.py).
 """
@@ -21,10 +21,9 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
 
 from tests.clients.harness import unavailable
-from wlidd.metrics import Metrics
+from wlidd.metrics import Family, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "contrib" / "prometheus" / "wlidd.rules.yml"
@@ -61,10 +60,10 @@ def exposed_metric_names() -> set[str]:
 def metric_labels() -> dict[str, set[str]]:
     """{exposed sample name: its label names} for the metrics the Metrics object declares."""
     labels: dict[str, set[str]] = {}
-    for wrapper in vars(Metrics()).values():
-        if isinstance(wrapper, MetricWrapperBase):
-            for suffix in SUFFIXES[wrapper._type or "unknown"]:
-                labels[wrapper._name + suffix] = set(wrapper._labelnames)
+    for family in vars(Metrics()).values():
+        if isinstance(family, Family):
+            for suffix in SUFFIXES[family.type or "unknown"]:
+                labels[family.name + suffix] = set(family.labelnames)
     return labels
 
 

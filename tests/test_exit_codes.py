@@ -75,7 +75,7 @@ def listening_socket(path: Path, mode: int, gid: int = 0) -> socket.socket:
 
 def test_every_error_exit_code_hint_is_a_named_exit_code() -> None:
     from wlidd.api.listeners import ListenerError
-    from wlidd.cli import EXIT_CODE_MEANING, ExitCode
+    from wlidd.cli.exit_codes import EXIT_CODE_MEANING, ExitCode
     from wlidd.errors import ConfigError, WlidError
 
     assert set(EXIT_CODE_MEANING) == set(ExitCode)

@@ -23,7 +23,9 @@ from wlidd.config import parse_token_config
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.upstreams import Upstreams
 from wlidd.errors import UpstreamError
-from wlidd.tokens.flows import Flow, Transports, attempt
+from wlidd.tokens.flows import Flow
+from wlidd.tokens.flows.attempts import attempt
+from wlidd.tokens.flows.transports import Transports
 from wlidd.tokens.manager import TokenSource
 from wlidd.tokens.model import IdentitySnapshot
 from wlidd.watch import CredentialWatcher

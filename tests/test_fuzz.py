@@ -32,7 +32,7 @@ from wlidd.api.request_head import parse_simple_request
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.produced import find_leak
 from wlidd.emulator.upstreams import Upstreams
-from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.svid.credential_set import CredentialFiles, build_identity
 from wlidd.tlsctx import build_client_context
 
 LIMITS = {"request_timeout": 0.5, "idle_timeout": 1.0, "max_connections": 16}

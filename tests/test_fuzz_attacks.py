@@ -56,7 +56,7 @@ from wlidd.api.metadata_tree import METADATA_ROUTE_TEMPLATES
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.produced import find_leak
 from wlidd.emulator.upstreams import Upstreams
-from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.svid.credential_set import CredentialFiles, build_identity
 from wlidd.tlsctx import build_client_context
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the attacker is another uid: needs root")

@@ -41,7 +41,7 @@ from wlidd.sinks.credentials import publish_credentials, write_credentials
 from wlidd.sinks.files import fd_file_is, write_atomic
 from wlidd.sinks.signals import signal_after_rotation
 from wlidd.sinks.tokens import publish_token
-from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.svid.credential_set import CredentialFiles, build_identity
 from wlidd.tlsctx import TlsContexts
 from wlidd.tokens.model import Token
 from wlidd.watch import IdentityState

@@ -27,6 +27,7 @@ import anyio
 import anyio.to_thread
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -377,6 +378,38 @@ def test_a_peer_sending_past_the_flow_control_window_is_cut_off(daemon: DaemonPr
     daemon.status()
     grown = daemon.rss_kb() - before
     assert client.closed, "a peer ignoring flow control must lose its connection (FLOW_CONTROL_ERROR)"
+    assert grown < 8 * 1024, f"RSS grew {grown} KiB"
+
+
+def test_a_flood_of_empty_data_frames_ends_the_connection_with_enhance_your_calm(daemon: DaemonProcess) -> None:
+    """Empty DATA frames take no flow-control window, and grpclib queued an object for each: 2,000,000 of
+    them (18 MB on the wire) grew the daemon by 171 MB, without bound (CVE-2019-9518's "empty frames
+    flood"). Past a budget the connection ends with GOAWAY ENHANCE_YOUR_CALM, as nghttp2 does."""
+    before = warm_up(daemon)
+    client = RawGrpc(str(daemon.workload))
+    terminated: list[int] = []
+    original = client._event
+
+    def event(e: h2.events.Event) -> None:
+        if isinstance(e, h2.events.ConnectionTerminated):
+            terminated.append(int(e.error_code or 0))
+        original(e)
+
+    client._event = event  # type: ignore[method-assign]
+    try:
+        stream_id = client.call()
+        frame = DataFrame(stream_id, data=b"").serialize()
+        client.blast(frame * 200_000)  # 1.8 MB of empty frames on one open stream
+        deadline = time.monotonic() + 10
+        while client.receive(1.0) and time.monotonic() < deadline:
+            pass
+    finally:
+        client.close()
+    daemon.status()  # still serving
+    grown = daemon.rss_kb() - before
+    assert client.closed, "the daemon must end a connection flooding it with empty DATA frames"
+    # the GOAWAY is read when it arrives before the reset of the frames still in flight
+    assert terminated in ([], [int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)]), terminated
     assert grown < 8 * 1024, f"RSS grew {grown} KiB"
 
 

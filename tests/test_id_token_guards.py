@@ -19,7 +19,7 @@ from wlidd.config import parse_identity_config, parse_token_config
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.errors import UpstreamError, WlidError
-from wlidd.svid.load import CredentialSource
+from wlidd.svid.load.source import CredentialSource
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.limits import IdTokenLimits
 from wlidd.tokens.manager import TokenSource

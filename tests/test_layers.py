@@ -31,10 +31,10 @@ top      cli daemon oneshot emulator client __main__   # entry points: start and
 edges    api workload_api                              # sockets and protocols: HTTP, metadata, mTLS, Workload API
 state    health runtime status_report services sinks   # over published states: health, status, a reload's value, sinks
 tokens   tokens                                        # token sources (the refresh loop), flows, providers
-reload   watch dirwatch svid.load                      # one reload path; the credentials edge reads the files
+reload   watch dirwatch svid.load workload.proc workload.digest  # one reload path; the edges that read files and /proc
 cores    tlsctx policy                                 # TLS contexts of an identity; who may have what
 config   config config_toml config_reload              # the config models, validated once; what a reload changes
-pure     svid tokens.model tokens.schedule             # pure functions over bytes and values, `now` passed in
+pure     svid tokens.model tokens.schedule workload    # pure functions over bytes and values, `now` passed in
 bottom   __init__ clock accounts safedir posix_acl errors logs metrics systemd lifecycle status
 """
 

@@ -30,7 +30,7 @@ from tests.conftest import FileSet, in_background
 from tests.test_systemd import NotifySocket
 from tests.test_systemd import start as start_process
 from tests.test_tokens import metadata_token_config, x509_token_config
-from wlidd.cli import fetch_status, render_status
+from wlidd.cli.client_commands import fetch_status, render_status
 from wlidd.config import Config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority

@@ -33,7 +33,7 @@ from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.logs import configure_logging, reset_logging
 from wlidd.policy import Policy
-from wlidd.svid.load import CredentialSource
+from wlidd.svid.load.source import CredentialSource
 from wlidd.tokens.flows import Flow
 from wlidd.tokens.manager import TokenSource
 from wlidd.tokens.schedule import TRIGGERS

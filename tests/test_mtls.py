@@ -23,7 +23,7 @@ from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid
 from wlidd.emulator.upstreams import Upstreams
 from wlidd.errors import InvalidValue
-from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.svid.credential_set import CredentialFiles, build_identity
 from wlidd.svid.spiffeid import parse_matcher, parse_spiffe_id
 from wlidd.tlsctx import TlsContexts, build_client_context
 from wlidd.watch import IdentityState

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from wlidd.config import Config, load_config, read_certificate_config
+from wlidd.config import Config, load_config
+from wlidd.svid.load.plans import read_certificate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,7 +131,8 @@ def test_make_install_lays_out_a_relocatable_venv_on_the_system_python_units_and
         or (path.is_file() and not path.is_symlink() and str(ROOT).encode() in path.read_bytes())
     ]
     assert not naming_the_build, naming_the_build[:10]
-    assert any(prefix.rglob("wlidd/__pycache__/cli.cpython-*.pyc"))  # bytecode shipped, compiled for /opt/wlidd
+    # bytecode shipped, compiled for /opt/wlidd
+    assert any(prefix.rglob("wlidd/cli/__pycache__/__init__.cpython-*.pyc"))
     interpreter = os.path.realpath(prefix / "bin" / "python")
     hidden = ("/root/", "/home/", "/run/user/", "/tmp/", "/var/tmp/")
     assert interpreter.startswith("/usr/") and not any(h in interpreter + "/" for h in hidden), interpreter

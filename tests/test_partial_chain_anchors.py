@@ -33,7 +33,7 @@ from wlidd.emulator.ca import CertificateAuthority, IssuedSvid, cert_pem
 from wlidd.emulator.upstreams import Upstreams
 from wlidd.errors import SvidError
 from wlidd.logs import configure_logging, reset_logging
-from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.svid.credential_set import CredentialFiles, build_identity
 from wlidd.svid.model import BundleSet, Identity, TrustBundle
 from wlidd.svid.parse import parse_bundle
 from wlidd.tlsctx import HotServerContext, TlsContexts, build_client_context

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import wait_until
 from wlidd.api.messages import Request, Response
@@ -179,3 +180,178 @@ async def test_a_peer_that_resets_the_connection_gives_broken_resource_error() -
         with anyio.fail_after(5):
             await stream.receive()
     await stream.aclose()
+
+
+# ---- answers from the event loop's callback (wlidd.api.connection, ProtocolStream.answer_in_callback) ----
+class Answering:
+    """A handler whose `answer_now` answers GETs of /now/… at once, route "/now/{x}" (the body names the
+    path); everything else it leaves to its async `__call__`, which answers the same way, route "other".
+    It counts the requests each side answered."""
+
+    def __init__(self) -> None:
+        self.now: list[str] = []
+        self.called: list[str] = []
+
+    def answer_now(self, request: Request) -> tuple[str, Response] | None:
+        if request.method != "GET" or not request.path.startswith("/now/"):
+            return None
+        self.now.append(request.path)
+        return "/now/{x}", Response.text(200, request.path)
+
+    async def __call__(self, request: Request) -> Response:
+        self.called.append(request.path)
+        return Response.text(200, request.path)
+
+
+async def ask(sock: socket.socket, raw: bytes, answers: int = 1) -> bytes:
+    """Send `raw`, return once `answers` whole answers (text bodies naming their path) arrived."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, raw)
+    data = b""
+    while data.count(b"HTTP/1.1 ") < answers or not _complete(data):
+        data += await loop.sock_recv(sock, 65536)
+    return data
+
+
+def _complete(data: bytes) -> bool:
+    head, _, body = data.rpartition(b"\r\n\r\n")
+    length = int(head.rsplit(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+    return len(body) >= length
+
+
+async def serving(
+    handler: Any, client: Callable[[socket.socket, HttpServer], Any], responses: list[tuple[str, int]] | None = None
+) -> Any:
+    """Serve one Unix connection with `handler`; run `client(sock, server)` against it; its result.
+    `responses` collects the (route, status) of every answer (`on_response`)."""
+
+    def counted(request: Request, response: Response, route: str) -> None:
+        if responses is not None:
+            responses.append((route, response.status))
+
+    server = HttpServer(handler, name="unix", on_response=counted)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve_socket, ours)
+        with anyio.fail_after(10):
+            result = await client(theirs, server)
+        theirs.close()
+    return result
+
+
+async def test_a_request_the_handler_answers_now_is_answered_from_the_callback_not_by_the_connection_task() -> None:
+    """50 keep-alive GETs the handler can answer at once: each is answered by `answer_now`, from the event
+    loop's callback, with the route it names counted (`on_response`); the handler's async path is never
+    called (the first request of a connection included)."""
+    handler = Answering()
+    responses: list[tuple[str, int]] = []
+
+    async def client(sock: socket.socket, server: HttpServer) -> list[bytes]:
+        return [await ask(sock, b"GET /now/1 HTTP/1.1\r\nHost: wlidd\r\n\r\n") for _ in range(50)]
+
+    answers = await serving(handler, client, responses)
+    assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") and a.endswith(b"\r\n\r\n/now/1") for a in answers)
+    assert handler.called == [] and handler.now == ["/now/1"] * 50
+    assert responses == [("/now/{x}", 200)] * 50
+
+
+async def test_an_answer_from_the_callback_has_the_bytes_of_the_same_answer_from_the_task() -> None:
+    """The same response, once answered at once and once through the handler's async path (a path
+    `answer_now` leaves): the same bytes but for the body naming the path."""
+    handler = Answering()
+
+    async def client(sock: socket.socket, server: HttpServer) -> tuple[bytes, bytes]:
+        now = await ask(sock, b"GET /now/abc HTTP/1.1\r\nHost: wlidd\r\n\r\n")
+        later = await ask(sock, b"GET /not/abc HTTP/1.1\r\nHost: wlidd\r\n\r\n")
+        return now, later
+
+    now, later = await serving(handler, client)
+    assert handler.now == ["/now/abc"] and handler.called == ["/not/abc"]
+    assert now == later.replace(b"/not/abc", b"/now/abc")
+
+
+@pytest.mark.parametrize(
+    ("raw", "answers"),
+    [
+        (b"GET /now/1 HTTP/1.1\r\nHost: wlidd\r\n\r\nGET /now/2 HTTP/1.1\r\nHost: wlidd\r\n\r\n", 2),  # pipelined
+        (b"GET /now/1 HTTP/1.1\r\nHost: wlidd\r\nConnection: close\r\n\r\n", 1),  # closes after
+        (b"HEAD /now/1 HTTP/1.1\r\nHost: wlidd\r\n\r\n", 1),  # no body
+        (b"GET /now/1 HTTP/1.0\r\nHost: wlidd\r\n\r\n", 1),  # not the hot path's head
+        (b"GET /now/1 HTTP/1.1\r\nHost: wl", 1),  # a head in two reads
+    ],
+    ids=["pipelined", "connection-close", "head", "http-1.0", "split-head"],
+)
+async def test_requests_that_are_not_one_simple_keep_alive_get_go_to_the_connection_task(
+    raw: bytes, answers: int
+) -> None:
+    """After a simple GET answered from the callback, on the same connection: two requests in one read, a
+    request asking to close, a HEAD, an HTTP/1.0 head, a head arriving in two reads are not answered from
+    the callback; the connection's task answers them as before (in order; `connection: close` when asked;
+    no body to a HEAD)."""
+    handler = Answering()
+
+    async def client(sock: socket.socket, server: HttpServer) -> bytes:
+        loop = asyncio.get_running_loop()
+        await ask(sock, b"GET /now/0 HTTP/1.1\r\nHost: wlidd\r\n\r\n")
+        await loop.sock_sendall(sock, raw)
+        if raw.endswith(b"wl"):  # the rest once the server holds the first part
+            await wait_until(lambda: any(c.pending for c in server._open), what="the first part read")
+            await loop.sock_sendall(sock, b"idd\r\n\r\n")
+        data = b""
+        while chunk := await loop.sock_recv(sock, 65536):
+            data += chunk
+            if data.count(b"HTTP/1.") == answers and (b"HEAD" in raw or _complete(data)):
+                break
+        return data
+
+    data = await serving(handler, client)
+    assert handler.now == ["/now/0"]
+    assert data.count(b"HTTP/1.1 200 OK\r\n") == answers
+    if b"close" in raw:
+        assert b"connection: close\r\n" in data
+    if raw.startswith(b"HEAD"):
+        assert data.endswith(b"\r\n\r\n")
+
+
+async def test_a_connection_asking_different_paths_in_turn_gets_the_answer_of_each() -> None:
+    """A connection's last request head is remembered (not parsed again when repeated): a client changing
+    paths back and forth gets each path's own answer."""
+    handler = Answering()
+
+    async def client(sock: socket.socket, server: HttpServer) -> list[bytes]:
+        paths = [b"/now/a", b"/now/b", b"/now/b", b"/now/a", b"/not/a", b"/now/a"]
+        return [await ask(sock, b"GET " + p + b" HTTP/1.1\r\nHost: wlidd\r\n\r\n") for p in paths]
+
+    answers = await serving(handler, client)
+    assert [a.rsplit(b"\r\n\r\n", 1)[1] for a in answers] == [
+        b"/now/a",
+        b"/now/b",
+        b"/now/b",
+        b"/now/a",
+        b"/not/a",
+        b"/now/a",
+    ]
+    assert handler.called == ["/not/a"]
+
+
+async def test_an_answer_now_that_raises_leaves_the_request_to_the_connection_task() -> None:
+    """A bug in `answer_now` neither breaks the connection nor loses the request: the connection's task
+    answers it (here through the handler's async path), and the failure is logged (at error, through the
+    repeat limiter)."""
+
+    class Broken(Answering):
+        def answer_now(self, request: Request) -> tuple[str, Response] | None:
+            raise RuntimeError("a bug")
+
+    handler = Broken()
+
+    async def client(sock: socket.socket, server: HttpServer) -> bytes:
+        return await ask(sock, b"GET /now/1 HTTP/1.1\r\nHost: wlidd\r\n\r\n")
+
+    with capture_logs() as logs:
+        answer = await serving(handler, client)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and handler.called == ["/now/1"]
+    failed = [line for line in logs if line["event"] == "answering from the event loop's callback failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "error" and failed[0]["error_type"] == "RuntimeError"

@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from tests.conftest import TD, FileSet
 from wlidd.emulator.ca import CertificateAuthority, cert_pem, key_pem, key_usage, make_ca_cert, new_key
 from wlidd.errors import SvidError
-from wlidd.svid.load import build_identity
+from wlidd.svid.credential_set import build_identity
 from wlidd.svid.model import BundleSet, PrivateKey, TrustBundle
 from wlidd.svid.validate import MAX_CHAIN_DEPTH, validate_svid
 from wlidd.watch import CredentialWatcher

@@ -1,6 +1,7 @@
 """The pure SDS core: which secret answers which name (SPIRE's handler_test.go cases, spiffe/spire
 pkg/agent/endpoints/sdsv3 at ef8527e, where wlidd behaves the same), the Secret messages, and the xDS
-protocol state of a stream (ACK, NACK, stale nonce, names changed; delta subscriptions) without a socket.
+protocol state of a stream (ACK, NACK, stale nonce, names changed, unsubscribing; delta subscriptions; what
+a state holds of its client's strings) without a socket.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from google.rpc import status_pb2
 
 from wlidd.emulator.ca import CertificateAuthority, IssuedSvid, cert_pem
 from wlidd.errors import InvalidValue, SdsRequestError
-from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.svid.credential_set import CredentialFiles, build_identity
 from wlidd.watch import IdentityState
 from wlidd.workload_api.sds import (
     SECRET_TYPE_URL,
@@ -31,7 +32,15 @@ from wlidd.workload_api.sds import (
     select,
     spiffe_validation,
 )
-from wlidd.workload_api.sds_protocol import DeltaStream, SotwStream, fetch_answer
+from wlidd.workload_api.sds_delta import MAX_REMOVED_BYTES, DeltaStream
+from wlidd.workload_api.sds_protocol import (
+    MAX_STATE_BYTES,
+    SENT_HISTORY,
+    SentResponses,
+    SotwStream,
+    fetch_answer,
+    held_bytes,
+)
 from wlidd.workload_api.sds_settings import SdsSettings
 
 APP = "spiffe://example.org/ns/default/sa/app"
@@ -321,6 +330,89 @@ class TestSotwStream:
         stream.receive(sotw(["default"]))
         assert stream.answer(None) is None
 
+    def test_an_empty_list_after_names_unsubscribes_until_names_come_again(
+        self, creds: Any, ca: CertificateAuthority, foreign_ca: CertificateAuthority
+    ) -> None:
+        """xds_protocol.rst: "If the list of resource names becomes empty, that means that the client is no
+        longer interested in any resources"; the legacy wildcard is a first request only."""
+        stream = SotwStream(DEFAULTS, SecretCache(), counter())
+        stream.receive(sotw(["default"]))
+        first = stream.answer(creds)
+        assert first is not None
+        stream.receive(sotw([], first.version, first.nonce))
+        assert stream.answer(creds) is None and stream.missing == ()
+        rotated = credentials_of([state("default", ca.issue_svid(), ca, foreign_ca)])
+        assert stream.answer(rotated) is None  # nothing subscribed: a rotation sends nothing either
+        stream.receive(sotw(["ROOTCA"], first.version, first.nonce))
+        answer = stream.answer(rotated)
+        assert answer is not None and [secret(r).name for r in answer.message.resources] == ["ROOTCA"]
+
+    def test_the_legacy_wildcard_holds_while_requests_name_nothing_and_ends_with_a_name(self, creds: Any) -> None:
+        stream = SotwStream(DEFAULTS, SecretCache(), counter())
+        stream.receive(sotw([]))
+        everything = stream.answer(creds)
+        assert everything is not None and len(everything.message.resources) == 4
+        stream.receive(sotw([], everything.version, everything.nonce))  # its ACK, naming nothing still
+        assert stream.wildcard and stream.answer(creds) is None
+        stream.receive(sotw(["default"], everything.version, everything.nonce))
+        named = stream.answer(creds)
+        assert named is not None and [secret(r).name for r in named.message.resources] == ["default"]
+        stream.receive(sotw([], named.version, named.nonce))
+        assert not stream.wildcard and stream.answer(creds) is None
+
+    def test_names_that_are_all_empty_are_not_the_wildcard(self, creds: Any) -> None:
+        stream = SotwStream(DEFAULTS, SecretCache(), counter())
+        stream.receive(sotw([""]))
+        assert stream.answer(creds) is None
+
+    def test_a_nack_is_counted_once_per_nonce_and_what_follows_it_is_no_nack(self, creds: Any) -> None:
+        stream = SotwStream(DEFAULTS, SecretCache(), counter())
+        stream.receive(sotw(["default"]))
+        answer = stream.answer(creds)
+        assert answer is not None
+        nack = stream.receive(sotw(["default"], "", "n1", error="bad key"))
+        assert nack.nack and not nack.ack and nack.rejected == answer.version
+        again = stream.receive(sotw(["default"], "", "n1", error="bad key"))
+        assert not again.nack and again.error == "bad key"  # reported, not counted twice
+        change = stream.receive(sotw(["default", "ROOTCA"], "", "n1"))  # Envoy's next request after a NACK
+        assert not change.nack and not change.ack and change.error is None
+
+    def test_an_ack_is_the_last_nonce_and_version_without_error_detail(self, creds: Any) -> None:
+        stream = SotwStream(DEFAULTS, SecretCache(), counter())
+        stream.receive(sotw(["default"]))
+        answer = stream.answer(creds)
+        assert answer is not None
+        assert stream.receive(sotw(["default"], answer.version, "n1")).ack
+        assert not stream.receive(sotw(["default"], "older", "n1")).ack
+
+    def test_a_late_nack_of_an_earlier_response_counts_and_a_nonce_never_sent_does_not(
+        self, creds: Any, ca: CertificateAuthority, foreign_ca: CertificateAuthority
+    ) -> None:
+        stream = SotwStream(DEFAULTS, SecretCache(), counter())
+        stream.receive(sotw(["default"]))
+        first = stream.answer(creds)
+        assert first is not None
+        assert stream.answer(credentials_of([state("default", ca.issue_svid(), ca, foreign_ca)])) is not None
+        late = stream.receive(sotw(["default"], "", "n1", error="bad key"))
+        assert late.stale and late.nack and late.rejected == first.version and late.names == ("default",)
+        invented = stream.receive(sotw(["default"], "", "not-a-nonce-of-ours", error="bad key"))
+        assert invented.stale and not invented.nack and invented.rejected is None
+
+    def test_the_state_holds_the_names_asked_for_and_no_older_ones(self, creds: Any) -> None:
+        stream = SotwStream(DEFAULTS, SecretCache(), counter())
+        names = ["default"] + [f"spiffe://example.org/{i}/" + "x" * 1000 for i in range(100)]
+        stream.receive(sotw(names))
+        assert stream.answer(creds) is not None and len(stream.missing) == 100
+        assert held_bytes(names) <= stream.held_bytes < held_bytes(names) + 1024
+        stream.receive(sotw(["default"], "", "n1"))
+        assert stream.missing == () and stream.held_bytes < 1024  # no name of the older request kept
+
+    def test_a_request_whose_names_are_over_the_state_limit_is_refused(self) -> None:
+        names = [f"{i:04}" + "x" * 2000 for i in range(1024)]  # within the count and length limits: 2 MB
+        assert held_bytes(names) > MAX_STATE_BYTES
+        with pytest.raises(SdsRequestError, match=f"more than {MAX_STATE_BYTES} bytes"):
+            SotwStream(DEFAULTS, SecretCache()).receive(sotw(names))
+
     @pytest.mark.parametrize(
         ("request_", "message"),
         [
@@ -378,7 +470,8 @@ class TestDeltaStream:
         stream.receive(delta(["default"]))
         answer = stream.answer(creds)
         received = stream.receive(delta(nonce=answer.nonce, error="rejected"))  # type: ignore[union-attr]
-        assert received.rejected == "default" and received.error == "rejected"
+        assert received.names == ("default",) and received.error == "rejected" and received.nack
+        assert received.rejected == answer.version  # type: ignore[union-attr]
         assert stream.answer(creds) is None
 
     def test_initial_versions_spare_what_the_client_has(self, creds: Any) -> None:
@@ -404,6 +497,76 @@ class TestDeltaStream:
             "spiffe://example.org/ns/default/sa/worker"
         ]
         assert stream.answer(only_app) is None
+
+    def test_a_subscription_change_after_a_nack_is_no_nack_and_the_same_nack_counts_once(self, creds: Any) -> None:
+        stream = DeltaStream(DEFAULTS, SecretCache(), counter())
+        stream.receive(delta(["default"]))
+        answer = stream.answer(creds)
+        assert answer is not None
+        assert stream.receive(delta(nonce=answer.nonce, error="rejected")).nack
+        assert not stream.receive(delta(nonce=answer.nonce, error="rejected")).nack
+        change = stream.receive(delta(["ROOTCA"]))
+        assert not change.nack and not change.ack
+        assert not stream.receive(delta(nonce="never-sent", error="rejected")).nack
+
+    def test_an_ack_is_the_last_nonce_without_error_detail(self, creds: Any) -> None:
+        stream = DeltaStream(DEFAULTS, SecretCache(), counter())
+        stream.receive(delta(["default"]))
+        answer = stream.answer(creds)
+        assert answer is not None and stream.receive(delta(nonce=answer.nonce)).ack
+
+    def test_names_the_caller_has_nothing_for_are_removed_a_bounded_batch_at_a_time(self, creds: Any) -> None:
+        unknown = [f"spiffe://example.org/{i}/" + "x" * 1000 for i in range(200)]
+        stream = DeltaStream(DEFAULTS, SecretCache(), counter())
+        stream.receive(delta(["default", *unknown]))
+        removed: list[str] = []
+        for _ in range(10):
+            answer = stream.answer(creds)
+            if answer is None:
+                break
+            assert sum(map(len, answer.message.removed_resources)) <= MAX_REMOVED_BYTES
+            removed += answer.message.removed_resources
+        assert removed == unknown and not stream.more
+
+    def test_a_subscription_over_the_state_limit_is_refused(self) -> None:
+        stream = DeltaStream(DEFAULTS, SecretCache())
+        batch = [f"{i:04}" + "x" * 2000 for i in range(512)]
+        stream.receive(delta(batch[:256]))
+        with pytest.raises(SdsRequestError, match=f"more than {MAX_STATE_BYTES} bytes"):
+            stream.receive(delta(batch[256:] + [f"more-{i}" + "y" * 2000 for i in range(400)]))
+
+    def test_initial_versions_are_checked_like_names(self) -> None:
+        with pytest.raises(SdsRequestError, match="initial resource version longer"):
+            DeltaStream(DEFAULTS, SecretCache()).receive(
+                delta(["default"], initial_resource_versions={"a": "v" * 3000})
+            )
+        with pytest.raises(SdsRequestError, match="3000 characters"):
+            DeltaStream(DEFAULTS, SecretCache()).receive(
+                delta(["default"], initial_resource_versions={"a" * 3000: "v"})
+            )
+
+
+def test_sent_responses_remember_the_last_ones_and_count_a_nack_once() -> None:
+    sent = SentResponses()
+    for index in range(SENT_HISTORY + 1):
+        sent.add(f"n{index}", f"v{index}", ("default",))
+    assert sent.nack("n0") is None and sent.names("n0") is None  # forgotten: the oldest
+    assert sent.nack("n1") == "v1" and sent.nack("n1") is None and sent.names("n1") == ("default",)
+
+
+def test_an_answer_hands_out_each_identity_once_with_its_certificate(creds: Any) -> None:
+    selection = select(DEFAULTS, ["default", APP, "ROOTCA", "spiffe://example.org/ns/default/sa/worker"], True, creds)
+    handed = selection.handed_out  # `default` and APP are the same identity: the first resource stands for it
+    assert [(r.identity, r.name) for r in handed] == [
+        ("default", "default"),
+        ("worker", "spiffe://example.org/ns/default/sa/worker"),
+    ]
+    assert handed[0].fingerprint == creds.identities[0].fingerprint and selection.resources[2].fingerprint == ""
+
+
+def test_fetch_with_names_that_are_all_empty_answers_nothing(creds: Any) -> None:
+    answer = fetch_answer(DEFAULTS, discovery_pb2.DiscoveryRequest(resource_names=[""]), creds, SecretCache())
+    assert len(answer.message.resources) == 0
 
 
 def test_fetch_answers_without_version_or_nonce(creds: Any) -> None:

@@ -179,7 +179,7 @@ def test_a_federated_bundle_dropped_from_a_spiffe_fs_sink_disappears_from_it(
 ) -> None:
     """De-federation (SPIFFE Filesystem Delivery draft, 3.3): the trust domain's file goes away with the
     generation that no longer has it."""
-    from wlidd.svid.load import CredentialFiles, build_identity
+    from wlidd.svid.credential_set import CredentialFiles, build_identity
     from wlidd.tlsctx import TlsContexts
     from wlidd.watch import IdentityState
 

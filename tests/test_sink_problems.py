@@ -11,7 +11,7 @@ import httpx
 
 from tests.conftest import FileSet, in_background, wait_until
 from tests.test_sink_ensure import config_file
-from wlidd.cli import render_status
+from wlidd.cli.client_commands import render_status
 from wlidd.config import load_config
 from wlidd.daemon import Daemon
 from wlidd.emulator.ca import CertificateAuthority

@@ -27,7 +27,8 @@ from tests.test_sink_atomic import FILES_CONSUMERS, run_rotations
 from wlidd.config import parse_identity_config
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
-from wlidd.svid.load import CredentialFiles, CredentialSource, build_identity
+from wlidd.svid.credential_set import CredentialFiles, build_identity
+from wlidd.svid.load.source import CredentialSource
 from wlidd.tlsctx import HotServerContext, build_client_context
 from wlidd.watch import CredentialWatcher
 

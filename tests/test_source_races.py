@@ -29,7 +29,7 @@ from tests.test_watch import changed, running, serial_of
 from wlidd.config import IdentityConfig, parse_identity_config
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.errors import RetryableSvidError
-from wlidd.svid.load import CredentialSource
+from wlidd.svid.load.source import CredentialSource
 from wlidd.watch import CredentialWatcher
 
 
@@ -61,7 +61,7 @@ def test_a_link_gone_between_lstat_and_readlink_is_a_rotation_in_progress_not_an
         return real_readlink(path, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "readlink", readlink_after_unlink)
-    source.watch_dirs()  # raises FileNotFoundError today (kills the daemon from _check_watches)
+    source.watch_dirs()  # raises FileNotFoundError today (kills the daemon from the watches' check)
     with pytest.raises(RetryableSvidError):
         source.read()  # raises FileNotFoundError today (counted as a tls_context_failed rejection)
 
@@ -137,11 +137,11 @@ async def test_a_rotation_while_the_watches_are_re_established_is_not_missed(
     new = ca.issue_svid(key=key_svid.key)
     armed = False
     rotated = anyio.Event()
-    real_watch_dirs = watcher._watch_dirs
+    real_watch_dirs = watcher._watches.needed
 
     def watch_dirs_rotating_once() -> list[Path]:
         nonlocal armed
-        if armed:  # called by _watch_files re-establishing its watches: no inotify is open now
+        if armed:  # called by the watches' run re-establishing them: no inotify is open now
             armed = False
             tmp = creds / ".chain.tmp"
             tmp.write_bytes(new.chain_pem)
@@ -149,7 +149,7 @@ async def test_a_rotation_while_the_watches_are_re_established_is_not_missed(
             anyio.from_thread.run_sync(rotated.set)
         return real_watch_dirs()
 
-    watcher._watch_dirs = watch_dirs_rotating_once  # type: ignore[method-assign]
+    watcher._watches.needed = watch_dirs_rotating_once  # type: ignore[method-assign]
     async with running(watcher) as w:
         assert w.current is not None
         version = w.current.version
@@ -168,7 +168,7 @@ async def test_a_file_briefly_unreadable_while_install_writes_it_is_retried_not_
     gets EACCES if it reads in between (seen 2 times in 2000 real rotations). That is a set caught
     mid-write: it must be retried quietly, not refused at once as `file_unreadable`. Made
     deterministic here: the key's first open is refused, later opens succeed."""
-    from wlidd.svid.load import load_identity
+    from wlidd.svid.load.retry import load_identity
 
     creds = tmp_path / "creds"
     creds.mkdir()
@@ -186,18 +186,18 @@ async def test_a_file_briefly_unreadable_while_install_writes_it_is_retried_not_
             "mismatch_retry_delay": 0.01,
         }
     )
-    from wlidd.svid import load
+    from wlidd.svid.load import files as load_files
 
-    real_read = load.read_regular_file
+    real_read = load_files.read_regular_file
     refused = [0]
 
-    def read_refusing_the_key_once(path: Path, limit: int = load.MAX_FILE_BYTES) -> bytes:
+    def read_refusing_the_key_once(path: Path, limit: int = load_files.MAX_FILE_BYTES) -> bytes:
         if path.name == "key.pem" and not refused[0]:
             refused[0] += 1
             raise PermissionError(13, "Permission denied", str(path))
         return real_read(path, limit)
 
-    monkeypatch.setattr(load, "read_regular_file", read_refusing_the_key_once)
+    monkeypatch.setattr(load_files, "read_regular_file", read_refusing_the_key_once)
     retried: list[str] = []
     identity = await load_identity(  # today: raises SvidError("file_unreadable") on the first read
         CredentialSource("default", config), on_retry=lambda attempt, exc: retried.append(exc.reason)
@@ -231,18 +231,19 @@ def _put(creds: Path, ca: CertificateAuthority) -> str:
 async def test_events_in_a_busy_directory_cost_a_read_not_a_parse(
     tmp_path: Path, ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from wlidd.svid import load
+    from wlidd.svid.load import retry
+    from wlidd.svid.model import Identity
 
     creds = tmp_path / "creds"
     _put(creds, ca)
     parsed = [0]
-    real_build = load.build_identity
+    real_build = retry.build_identity
 
-    def counting_build(*args: Any, **kwargs: Any) -> load.Identity:
+    def counting_build(*args: Any, **kwargs: Any) -> Identity:
         parsed[0] += 1
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(load, "build_identity", counting_build)
+    monkeypatch.setattr(retry, "build_identity", counting_build)
     async with running(CredentialWatcher("default", CredentialSource("default", _files_config(creds)))) as w:
         assert parsed[0] == 1
         reloads = w.stats.reloads
@@ -258,7 +259,7 @@ async def test_events_in_a_busy_directory_cost_a_read_not_a_parse(
 async def test_a_federated_problem_already_known_does_not_delay_the_own_rotation(
     tmp_path: Path, ca: CertificateAuthority, foreign_ca: CertificateAuthority
 ) -> None:
-    from wlidd.svid.load import load_identity
+    from wlidd.svid.load.retry import load_identity
 
     creds = tmp_path / "creds"
     _put(creds, ca)
@@ -285,9 +286,9 @@ async def test_a_directory_replaced_whole_is_seen_through_its_parents_events(
 ) -> None:
     import shutil
 
-    from wlidd import watch
+    from wlidd.watch import directories
 
-    monkeypatch.setattr(watch, "MISSING_RECHECK", 600.0)  # only events can show the new directory
+    monkeypatch.setattr(directories, "MISSING_RECHECK", 600.0)  # only events can show the new directory
     creds = tmp_path / "certs"
     _put(creds, ca)
     config = _files_config(creds, mismatch_retry_delay=0.2)
@@ -343,7 +344,7 @@ async def test_a_fifo_in_place_of_a_credential_file_is_refused_not_waited_on(
     tmp_path: Path, ca: CertificateAuthority
 ) -> None:
     from wlidd.errors import SvidError
-    from wlidd.svid.load import load_identity
+    from wlidd.svid.load.retry import load_identity
 
     creds = tmp_path / "creds"
     _put(creds, ca)

@@ -19,8 +19,9 @@ from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
 from wlidd.errors import RetryableSvidError
 from wlidd.metrics import Metrics
 from wlidd.status_report import identity_status
-from wlidd.svid import load
-from wlidd.svid.load import CredentialSource, load_identity
+from wlidd.svid.load import source as load_source
+from wlidd.svid.load.retry import load_identity
+from wlidd.svid.load.source import CredentialSource
 from wlidd.watch import CredentialWatcher
 
 
@@ -76,7 +77,7 @@ async def test_a_mixed_generation_read_across_a_data_link_swap_is_read_again_not
             {"source": "files", "cert": root / "tls.crt", "key": root / "tls.key", "bundle": root / "ca.crt"}
         ),
     )
-    real_read = load._read
+    real_read = load_source.read_file
     swapped: list[str] = []
 
     def read_then_swap(path: Path, what: str) -> bytes:
@@ -86,7 +87,7 @@ async def test_a_mixed_generation_read_across_a_data_link_swap_is_read_again_not
             generation("..gen2", second.chain_pem, second.key_pem, other_ca.bundle_pem)
         return data
 
-    monkeypatch.setattr(load, "_read", read_then_swap)
+    monkeypatch.setattr(load_source, "read_file", read_then_swap)
     with pytest.raises(RetryableSvidError) as info:
         source.read()
     assert info.value.reason == "set_changed_while_read"

@@ -20,7 +20,8 @@ import pytest
 
 from tests.conftest import FileSet, in_background
 from tests.test_tokens import metadata_token_config
-from wlidd.cli import main, render_status
+from wlidd.cli import main
+from wlidd.cli.client_commands import render_status
 from wlidd.client import AsyncClient, Client, ClientError
 from wlidd.config import Config
 from wlidd.daemon import Daemon

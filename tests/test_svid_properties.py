@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tests.conftest import FUZZ_SCALE
 from wlidd.emulator.ca import CertificateAuthority
 from wlidd.errors import SvidError
-from wlidd.svid.load import CredentialFiles, build_identity
+from wlidd.svid.credential_set import CredentialFiles, build_identity
 from wlidd.svid.spiffeid import parse_spiffe_id
 
 CA = CertificateAuthority("example.org")

@@ -42,8 +42,9 @@ from wlidd.emulator.ca import CertificateAuthority
 from wlidd.emulator.upstreams import Fault, Upstreams
 from wlidd.errors import UpstreamError, WlidError
 from wlidd.status_report import token_status
-from wlidd.svid.load import CredentialSource
-from wlidd.tokens.flows import Flow, upstream_ssl_context
+from wlidd.svid.load.source import CredentialSource
+from wlidd.tokens.flows import Flow
+from wlidd.tokens.flows.transports import upstream_ssl_context
 from wlidd.tokens.limits import IdTokenLimits, ScopedLimits
 from wlidd.tokens.manager import RateLimited, TokenSource, TokenUnavailable
 from wlidd.tokens.model import Token

@@ -101,7 +101,7 @@ def test_a_token_sink_for_an_unknown_user_fails_check(tmp_path: Path) -> None:
 
 def test_a_missing_ca_file_at_run_time_is_a_permanent_error_naming_the_path(tmp_path: Path) -> None:
     from wlidd.errors import UpstreamError
-    from wlidd.tokens.flows import upstream_ssl_context
+    from wlidd.tokens.flows.transports import upstream_ssl_context
 
     with pytest.raises(UpstreamError) as info:
         upstream_ssl_context(tmp_path / "gone.pem")

@@ -282,7 +282,7 @@ async def make_source() -> AsyncIterator[Any]:
 
 def _source(config: dict[str, Any], files: FileSet, clock: Any = None, **kwargs: Any) -> tuple[TokenSource, Any]:
     from wlidd.config import parse_identity_config
-    from wlidd.svid.load import CredentialSource
+    from wlidd.svid.load.source import CredentialSource
     from wlidd.watch import CredentialWatcher
 
     watcher = CredentialWatcher(

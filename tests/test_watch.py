@@ -21,7 +21,9 @@ from wlidd.config import IdentityConfig, parse_identity_config
 from wlidd.emulator.ca import CertificateAuthority, cert_pem, spiffe_bundle
 from wlidd.emulator.gce_writer import GceCredentialWriter, gce_files
 from wlidd.errors import SvidError
-from wlidd.svid.load import CredentialFiles, CredentialSource, build_identity, load_identity
+from wlidd.svid.credential_set import CredentialFiles, build_identity
+from wlidd.svid.load.retry import load_identity
+from wlidd.svid.load.source import CredentialSource
 from wlidd.tlsctx import HotServerContext, TlsContexts
 from wlidd.watch import CredentialWatcher, IdentityState
 
@@ -289,7 +291,7 @@ async def test_a_set_that_keeps_changing_is_retried_up_to_mismatch_retries_then_
 async def test_retries_woken_by_unrelated_file_events_do_not_use_up_the_retry_window(
     files: FileSet, ca: CertificateAuthority
 ) -> None:
-    from wlidd.svid.load import MAX_READS_PER_ATTEMPT
+    from wlidd.svid.load.retry import MAX_READS_PER_ATTEMPT
 
     files.put(ca.issue_svid(), ca.bundle_pem)
     files.write("key.pem", ca.issue_svid().key_pem)
@@ -443,7 +445,7 @@ async def test_certificate_config_workload_entry_is_followed(tmp_path: Path, ca:
 
 
 def test_link_parents_follow_every_symlink_on_the_way(tmp_path: Path) -> None:
-    from wlidd.svid.load import link_parents
+    from wlidd.svid.load.files import link_parents
 
     store = tmp_path / "store"
     (store / "v1").mkdir(parents=True)

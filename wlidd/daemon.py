@@ -57,7 +57,7 @@ from wlidd.runtime import Runtime, RuntimeRef, RuntimeView
 from wlidd.services import Services
 from wlidd.status import FailingSink
 from wlidd.status_report import sink_problems
-from wlidd.svid.load import CredentialSource
+from wlidd.svid.load.source import CredentialSource
 from wlidd.systemd import Notifier, listen_fds, watchdog_period
 from wlidd.watch import CredentialWatcher
 

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import anyio
 from inotify_simple import INotify, flags
-from watchfiles import awatch
 
 from wlidd.logs import get_logger
 
@@ -102,6 +101,8 @@ async def _readable_unless_stopped(fd: int, stop: anyio.Event) -> bool:
 
 
 async def _watchfiles_changes(dirs: Sequence[str], debounce: float, stop: anyio.Event) -> AsyncIterator[None]:
+    from watchfiles import awatch  # the fallback only: ~0.8 MB a daemon with inotify does not load
+
     debounce_ms = max(1, int(debounce * 1000))
     async for _changes in awatch(
         *dirs,

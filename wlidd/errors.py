@@ -7,6 +7,7 @@
     │   │                           turns it into the ValueError pydantic reports against the key
     │   └── SdsRequestError         an Envoy SDS request refused (gRPC INVALID_ARGUMENT): sds_request
     ├── ListenerError               a listener could not be set up (exit code 3)
+    ├── ProcessUnidentified         a caller's process could not be read for a unit/executable/sha256 rule
     ├── SvidError                   a credential set was refused; `reason` says exactly why
     │   └── RetryableSvidError      may be a rotation in progress (missing file, key/leaf mismatch)
     ├── ApiError                    a local API request failed; carries the HTTP status
@@ -107,6 +108,18 @@ class SdsRequestError(InvalidValue):
 
     def __init__(self, message: str) -> None:
         super().__init__("sds_request", message)
+
+
+class ProcessUnidentified(WlidError):
+    """A local caller's process could not be identified for a rule on units, executables or sha256 (it
+    exited during identification, wlidd cannot see its /proc entry, its executable is on a filesystem
+    wlidd does not trust): the caller is refused; `why` is the refusal's text (wlidd.workload.proc)."""
+
+    reason = "process_unidentified"
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
 
 
 class ListenerError(WlidError):

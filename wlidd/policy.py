@@ -9,12 +9,19 @@ warning by `from_config`, printed by `wlidd check` (`policy_warnings`).
 A `Caller` is who asks, as an edge identified it (wlidd.api.peers: SO_PEERCRED and SO_PEERGROUPS on Unix
 sockets, the owner of a loopback TCP socket, an mTLS client's SPIFFE ID):
 
-    local caller     uid, gid, groups (every group it is in), pid (None for a TCP peer), user (its name)
+    local caller     uid, gid, groups (every group it is in), pid (None for a TCP peer), user (its name);
+                     on a Unix socket, when a rule selects on them, `process`: its unit, executable and
+                     that file's SHA-256 (wlidd.workload.model.ProcessFacts, read while a pidfd named it
+                     alive: wlidd.workload.proc), or `process_problem`: why they are unknown
     mTLS caller      spiffe_id (already admitted by the listener's `allow`), address
     anyone else      address only: may have nothing that needs an identity
 
 The decisions, each a `Decision` (allowed, or the reason naming the caller and what it asked for, never
 a secret; the go-spiffe spiffeid/match.go shape):
+
+    A rule admits a local caller when each kind of selector it gives matches (SPIRE's way): who (its
+    users or groups: either), its units, its executables, its sha256 (any entry of a kind); a rule with
+    units, executables or sha256 and no users or groups admits any uid they match, a TCP caller never.
 
     may_have_token(caller, name)           a local caller by [policy.token.<name>] else [policy.tokens];
                                            an mTLS caller by that rule's spiffe_ids (none listed: the
@@ -27,6 +34,10 @@ a secret; the go-spiffe spiffeid/match.go shape):
     may_read_status(caller)                always: /v1/status, /v1/health, /v1/identity/<name> and /metrics
                                            hold names, states and public certificates, never a key or a
                                            token; the listener's own gate (socket mode, `allow`) decides
+    needs_for(caller), file_need(caller)   what must be read of a local caller's process before a
+                                           decision: the selectors of the rules its uid and groups pass
+                                           (nothing: no /proc read); what of its executable's file (its
+                                           identity, its hash) a rule still wants, given the rest
     may_use_listener(spiffe_id, allow)     the mTLS listener's own gate, before any rule: an mTLS client
                                            by its SPIFFE ID against the listener's `allow` matchers
                                            (a function: `allow` is the listener's, not [policy]'s)
@@ -34,15 +45,23 @@ a secret; the go-spiffe spiffeid/match.go shape):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from wlidd.accounts import group_id, user_id
 from wlidd.config import AccessRule, PolicyConfig
 from wlidd.logs import get_logger
 from wlidd.svid.spiffeid import Matcher, SpiffeId, match_any, parse_matcher
+from wlidd.workload.exefile import script_interpreter
+from wlidd.workload.model import Need, ProcessFacts, ProcessSelectors
 
 log = get_logger("wlidd.authz")
+# a Unix caller identified before a reload added a rule on its process (an open Workload API stream)
+UNREAD = "its process was not read when it was identified (a rule on it is newer: reconnect)"
+TCP_PROCESS = (
+    "it connected over TCP, where wlidd cannot tell its process (units, executables, sha256: Unix sockets only)"
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,8 @@ class Caller:
     user: str = ""
     spiffe_id: SpiffeId | None = None
     address: str = ""
+    process: ProcessFacts | None = None
+    process_problem: str = ""
 
     @property
     def local(self) -> bool:
@@ -97,11 +118,29 @@ class Rule:
     matchers: tuple[Matcher, ...] = ()
     per_name: str = ""  # "policy.token.<name>" / "policy.identity.<name>" for a per-name rule, else ""
     unknown: tuple[tuple[str, str], ...] = ()  # ("user" | "group", name): names this host did not know
+    process: ProcessSelectors = field(default_factory=ProcessSelectors)
+    who: bool = True  # the rule names users or groups (known here or not); False: any uid its process selectors match
+    need: Need = Need.NOTHING  # what its process selectors read (`process.need`, computed once)
+    reads: bool = False  # bool(need), kept as a plain bool: the hot path tests it on every decision
+
+    def admits_who(self, caller: Caller) -> bool:
+        """Whether the rule's users or groups name the local caller (a rule without any: any uid, if it
+        selects on the process)."""
+        return caller.uid in self.uids or bool(caller.groups & self.gids) or (self.reads and not self.who)
 
     def check(self, caller: Caller, what: str) -> str | None:
-        """For local callers: None if this rule names the caller's uid or one of its groups, else why not."""
-        if caller.uid in self.uids or caller.groups & self.gids:
-            return None
+        """For local callers: None if this rule admits the caller (its uid or one of its groups, and its
+        process selectors), else why not, naming the selector that failed."""
+        if caller.uid in self.uids or caller.groups & self.gids or (self.reads and not self.who):
+            if not self.reads:
+                return None  # the hot path: no process selector, nothing more to look at
+            if caller.process is None:
+                why = TCP_PROCESS if caller.pid is None else caller.process_problem or UNREAD
+            elif (why_not := self.process.mismatch(caller.process)) is None:
+                return None
+            else:
+                why = why_not
+            return f"{caller.describe()} may not have {what}: {why} (allowed: {self.text})"
         return f"{caller.describe()} may not have {what} (allowed: {self.text})"
 
     def check_spiffe(self, spiffe_id: SpiffeId, what: str, *, allow_without_matchers: bool) -> str | None:
@@ -149,10 +188,15 @@ def resolve_rule(rule: AccessRule, where: str) -> Rule:
         f"users {', '.join(map(str, rule.users))}" if rule.users else "",
         f"groups {', '.join(map(str, rule.groups))}" if rule.groups else "",
     ]
+    process = ProcessSelectors(frozenset(rule.units), frozenset(rule.executables), frozenset(rule.sha256))
     matchers = tuple(parse_matcher(p) for p in rule.spiffe_ids)
     per_name = where if where.startswith(("policy.token.", "policy.identity.")) else ""
-    text = "; ".join(p for p in parts if p) or "nobody"
-    return Rule(frozenset(uids), frozenset(gids), text, matchers, per_name, tuple(unknown))
+    text = "; ".join([*(p for p in parts if p), *process.describe()]) or "nobody"
+    who = bool(rule.users or rule.groups)
+    need = process.need
+    return Rule(
+        frozenset(uids), frozenset(gids), text, matchers, per_name, tuple(unknown), process, who, need, bool(need)
+    )
 
 
 class Policy:
@@ -170,6 +214,11 @@ class Policy:
         self._credentials = credentials
         self._default_token = default_token
         self._default_credentials = default_credentials
+        self._selective = [rule for _, rule in self._rules() if rule.reads]  # rules that read the process
+        self.reads_processes = bool(self._selective)  # False: no decision reads anything of /proc
+        self.process_needs = Need.NOTHING  # what any rule reads of a caller's process
+        for rule in self._selective:
+            self.process_needs |= rule.need
 
     @classmethod
     def from_config(cls, policy: PolicyConfig, *, log_unknown: bool = True) -> Policy:
@@ -223,6 +272,37 @@ class Policy:
         """The rule of the identity's credentials: [policy.identity.<name>], else [policy.credentials]."""
         return self._credentials.get(identity, self._default_credentials)
 
+    # ---- what a decision needs read of the caller's process ------------------------------------------
+
+    def needs_for(self, caller: Caller) -> Need:
+        """The facts of a local caller's process that the rules its uid and groups pass select on (those
+        a decision on it may read); nothing for other callers and when no rule selects on a process."""
+        need = Need.NOTHING
+        if caller.local:
+            for rule in self._selective:
+                if rule.admits_who(caller):
+                    need |= rule.need
+        return need
+
+    def file_need(self, caller: Caller) -> Need:
+        """What of its executable's file some rule still wants of a local caller whose process facts are
+        read but for the file (its unit, its executable's path): EXE (the file's identity, for
+        executables) and SHA256 (its hash), from the rules that admit it on everything cheaper. wlidd
+        touches the file only then (wlidd.workload.proc: off the event loop; a hash costs a whole read)."""
+        facts = caller.process
+        need = Need.NOTHING
+        if facts is None:
+            return need
+        for rule in self._selective:
+            wants = rule.need & (Need.EXE | Need.SHA256)
+            if wants and rule.admits_who(caller) and rule.process.mismatch(facts, before_file=True) is None:
+                need |= wants
+        return need
+
+    def hashes_for(self, caller: Caller) -> bool:
+        """Whether some rule with sha256 admits the caller on everything else (`file_need`)."""
+        return Need.SHA256 in self.file_need(caller)
+
     # ---- the decisions ---------------------------------------------------------------------------
 
     def may_have_token(self, caller: Caller, name: str) -> Decision:
@@ -253,10 +333,58 @@ def may_use_listener(spiffe_id: SpiffeId, allow: tuple[Matcher, ...]) -> Decisio
     return Decision(what, f"{spiffe_id} is not allowed on this listener (allowed: {', '.join(m.text for m in allow)})")
 
 
-def policy_warnings(policy: PolicyConfig) -> list[str]:
+PTRACE_DROP_IN = "/etc/systemd/system/wlidd.service.d/workloads.conf"  # the README's drop-in
+
+
+def policy_warnings(
+    policy: PolicyConfig, *, metadata_token: str | None = None, ptrace_granted: bool | None = None
+) -> list[str]:
     """`wlidd check`'s warnings for a PolicyConfig: one line per user or group name that does not exist
-    on this host (the rule ignores it, as the daemon does, which logs the same at warning)."""
-    return [
+    on this host (the rule ignores it, as the daemon does, which logs the same at warning); per
+    `executables` entry that is not the path the kernel would name (a symlink: /proc/PID/exe names its
+    target, a script: its interpreter) or does not exist; per rule with executables or sha256 and no
+    users, groups or units (anyone who can run that file has it); when `metadata_token` (the metadata
+    listener's token, served over TCP) has a rule with process selectors, which its TCP callers can never
+    match; and when `ptrace_granted` is False (the daemon's unit grants no CAP_SYS_PTRACE; None: not
+    known, no warning) and a rule has executables or sha256, which then refuse other users' processes."""
+    resolved = Policy.from_config(policy, log_unknown=False)
+    warnings = [
         f"{where}: {kind} {name!r} does not exist on this host; the rule ignores it (create it, then reload)"
-        for where, kind, name in Policy.from_config(policy, log_unknown=False).unknown_names()
+        for where, kind, name in resolved.unknown_names()
     ]
+    for where, rule in resolved._rules():
+        for path in sorted(rule.process.executables):
+            real = os.path.realpath(path)
+            if not os.path.exists(path):
+                warnings.append(f"{where}: executable {path!r} does not exist on this host")
+            elif real != path:
+                warnings.append(
+                    f"{where}: executable {path!r} is a link to {real!r}; a process running it is named by "
+                    f"that path (/proc/PID/exe), which the rule must list"
+                )
+            elif (interpreter := script_interpreter(path)) is not None:
+                warnings.append(
+                    f"{where}: executable {path!r} is a script (#!{interpreter}): a process running it is named "
+                    f"by its interpreter (/proc/PID/exe), so this entry never matches; listing the interpreter "
+                    f"would admit every script it runs (use units, or a binary)"
+                )
+        if (rule.process.executables or rule.process.sha256) and not (rule.who or rule.process.units):
+            warnings.append(
+                f"{where} selects on executables or sha256 only: anyone who can run that file has it (a process "
+                f"that connects then execs it, or LD_PRELOADs into it, lends or takes its rights); add users, "
+                f"groups or units"
+            )
+    if metadata_token is not None and resolved.token(metadata_token).need:
+        where = f"policy.token.{metadata_token}" if metadata_token in policy.token else "policy.tokens"
+        warnings.append(
+            f"{where} selects on units, executables or sha256, which the metadata listener's TCP callers cannot "
+            f"be checked against: it refuses them token {metadata_token!r} (use the Unix socket)"
+        )
+    hashed = [where for where, rule in resolved._rules() if rule.process.executables or rule.process.sha256]
+    if hashed and ptrace_granted is False:
+        warnings.append(
+            f"{', '.join(hashed)} select on executables or sha256, which need CAP_SYS_PTRACE to read other "
+            f"users' /proc/PID/exe, and the wlidd unit grants none: they refuse every other user's process "
+            f"(add the README's drop-in {PTRACE_DROP_IN})"
+        )
+    return warnings

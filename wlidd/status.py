@@ -9,6 +9,7 @@ One frozen dataclass per object of the document, its fields in the order of the 
       listeners      {name: ListenerStatus}
       sink_problems  {sink dir or path: FailingSink}
       workload_api   WorkloadApiStatus, only when [listeners.workload_api] is configured
+                       sds  SdsStatus (last_nack: SdsNack), only while Envoy's SDS is served on it
 
 `to_json(value)` writes one as JSON values (times RFC 3339 with 'Z': wlidd.clock.iso_z; tuples as lists; a field
 marked OMITTED_WHEN_NONE left out while None), and `parse_status(document)` reads the document back: equal to
@@ -160,12 +161,40 @@ class FailingSink:
 
 
 @dataclasses.dataclass(frozen=True)
+class SdsNack:
+    """The last SDS response an Envoy rejected (a request with error_detail, or one that keeps an older
+    version): the first resource names it concerned (at most 10, each cut to 256 characters), how many
+    it named in all (0: none, i.e. every resource), and when it arrived. Envoy's error text is only in
+    the log (`Envoy rejected the secrets sent`)."""
+
+    resources: tuple[str, ...]
+    names: int
+    at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class SdsStatus:
+    """Envoy's SDS on the Workload API socket: open StreamSecrets and DeltaSecrets streams, how many of them
+    are nacked (their Envoy rejected the last response and has accepted none since: it runs on an older
+    secret), responses sent (FetchSecrets answers included), NACKs received since start, and the last NACK
+    (None: none yet)."""
+
+    streams: int
+    streams_nacked: int
+    pushes: int
+    nacks: int
+    last_nack: SdsNack | None
+
+
+@dataclasses.dataclass(frozen=True)
 class WorkloadApiStatus:
-    """The SPIFFE Workload API: open streams, X509-SVID responses pushed, the last push per identity."""
+    """The SPIFFE Workload API: open streams, X509-SVID responses pushed, the last push per identity; and
+    Envoy's SDS on the same socket (`sds`, left out when SDS is switched off)."""
 
     streams: int
     pushes: int
     last_push: Mapping[str, dt.datetime]
+    sds: SdsStatus | None = dataclasses.field(default=None, metadata=OMITTED_WHEN_NONE)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ wlidd.json is generated: change this file, regenerate, commit both (tests/test_c
 fails when they differ). Import it in Grafana (Dashboards → New → Import) and pick a Prometheus data
 source; `job` and `instance` narrow it to some daemons.
 
-Every query reads wlidd's own series (README "Metrics", wlidd/metrics.py) and the scrape's `up`; nothing
+Every query reads wlidd's own series (README "Metrics", wlidd/metrics/) and the scrape's `up`; nothing
 depends on the alerting rules in contrib/prometheus being loaded. Shapes: *_timestamp_seconds gauges are
 Unix seconds (shown as time left or age, in seconds); counters are shown as increases per
 $__rate_interval (events) or rates (requests per second).
@@ -200,6 +200,14 @@ def overview(dashboard: Dashboard) -> Dashboard:
                 "Listeners whose accept loop is not running (wlidd_listener_up == 0; alert WliddListenerDown). "
                 "wlidd withholds its watchdog pings then.",
                 f"count(wlidd_listener_up{{{SEL}}} == 0)",
+            )
+        )
+        .with_panel(
+            count_stat(
+                "Envoys on a rejected secret",
+                "Open Envoy SDS streams whose Envoy rejected (NACKed) the last secrets sent and has accepted none "
+                "since (wlidd_sds_streams_nacked; alert WliddEnvoyRejectsSecrets). `wlidd status` names the resources.",
+                f"sum(wlidd_sds_streams_nacked{{{SEL}}})",
             )
         )
         .with_panel(
@@ -451,6 +459,45 @@ def workload_api(dashboard: Dashboard) -> Dashboard:
     )
 
 
+def envoy_sds(dashboard: Dashboard) -> Dashboard:
+    return (
+        dashboard.with_row(Row("Envoy SDS"))
+        .with_panel(
+            timeseries(
+                "SDS streams",
+                "Open Envoy SDS streams by method (wlidd_sds_streams), and those whose Envoy rejected the last "
+                "secrets sent and has accepted none since (wlidd_sds_streams_nacked): it runs on an older secret.",
+                query(f"sum by (instance, method) (wlidd_sds_streams{{{SEL}}})", "{{instance}} {{method}}"),
+                query(
+                    f"sum by (instance, method) (wlidd_sds_streams_nacked{{{SEL}}})",
+                    "{{instance}} {{method}} on a rejected secret",
+                    "B",
+                ),
+                width=8,
+            )
+        )
+        .with_panel(
+            events(
+                "SDS pushes",
+                "SDS responses sent to Envoy per rate window, by method (wlidd_sds_pushes_total): one per stream "
+                "per change of what it asked for, and one per FetchSecrets call.",
+                query(increase("wlidd_sds_pushes", "instance, method"), "{{instance}} {{method}}"),
+                width=8,
+            )
+        )
+        .with_panel(
+            events(
+                "SDS NACKs",
+                "SDS responses Envoy rejected per rate window, by method (wlidd_sds_nacks_total). wlidd resends a "
+                "rejected version only once its content changes; the log line `Envoy rejected the secrets sent` "
+                "has Envoy's error.",
+                query(increase("wlidd_sds_nacks", "instance, method"), "{{instance}} {{method}}"),
+                width=8,
+            )
+        )
+    )
+
+
 def variables(dashboard: Dashboard) -> Dashboard:
     every = VariableOption(selected=True, text="All", value="$__all")
     return (
@@ -493,7 +540,9 @@ def build() -> Dashboard:
     dashboard = (
         Dashboard("wlidd")
         .uid(UID)
-        .description('wlidd workload identity daemon: SVIDs, tokens, local API, Workload API (README "Monitoring").')
+        .description(
+            'wlidd workload identity daemon: SVIDs, tokens, local API, Workload API, Envoy SDS (README "Monitoring").'
+        )
         .tags(["wlidd", "spiffe", "workload-identity"])
         .editable()
         .tooltip(DashboardCursorSync.CROSSHAIR)
@@ -501,7 +550,7 @@ def build() -> Dashboard:
         .time("now-6h", "now")
         .timezone("browser")
     )
-    for section in (variables, overview, identities, tokens, local_api, workload_api):
+    for section in (variables, overview, identities, tokens, local_api, workload_api, envoy_sds):
         dashboard = section(dashboard)
     return numbered(dashboard)
 

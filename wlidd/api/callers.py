@@ -4,22 +4,30 @@
 Unix peer by its kernel credentials (SO_PEERCRED, SO_PEERGROUPS: wlidd.api.peer_credentials), a loopback
 TCP peer by its socket's owner (wlidd.api.tcp_owner) with NSS groups. Names and NSS groups are resolved
 in a worker thread (`unix_caller`: passwd/group lookups may go over the network) and cached as records.
+
+When the policy has rules on units, executables or sha256 (`caller_of(peer, policy)`), a Unix caller
+also gets its process's facts (`Caller.process`, or why not: `Caller.process_problem`), read through a
+pidfd by the daemon's one `ProcessIdentifier` (wlidd.workload.proc) once per connection, never cached by
+pid (a pid is reused; a connection's process is not). Without such rules nothing of /proc is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import anyio
 import anyio.to_thread
 
 from wlidd.accounts import account_by_uid, member_of, user_name
 from wlidd.api.peers import Peer
-from wlidd.policy import Caller
+from wlidd.policy import Caller, Policy
 from wlidd.svid.spiffeid import parse_spiffe_id
+from wlidd.workload.model import Need, ProcessFacts
+from wlidd.workload.proc import PROCESSES, ProcessIdentifier
 
 
 def unix_caller(pid: int | None, uid: int, gid: int | None, groups: frozenset[int] | None = None) -> Caller:
@@ -81,7 +89,14 @@ class CallerCache:
     holds at most `max_entries` (cleared when full: each entry is cheap to resolve again).
     """
 
-    def __init__(self, ttl: float = 60.0, max_entries: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl: float = 60.0,
+        max_entries: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+        processes: ProcessIdentifier | None = None,
+    ) -> None:
+        self.processes = processes if processes is not None else PROCESSES
         self.ttl = ttl
         self.max_entries = max_entries
         self.clock = clock
@@ -115,15 +130,54 @@ class CallerCache:
         self._remember(self._callers, key, CachedCaller(expires, caller))
         return caller
 
-    async def caller_of(self, peer: Peer) -> Caller:
+    async def caller_of(self, peer: Peer, policy: Policy | None = None) -> Caller:
         """The caller behind a request's `peer`: an mTLS peer by its SPIFFE ID (admitted by the mTLS gate,
-        which set it; no lookup), a Unix peer by its kernel credentials (`get`), anyone else by its
-        address alone (the policy grants it nothing that needs an identity)."""
+        which set it; no lookup), a Unix peer by its kernel credentials (`get`) and, when `policy` has rules
+        on units, executables or sha256 that its uid and groups pass, its process (`Policy.needs_for`; the
+        executable's file only when `Policy.file_need` wants it), anyone else by its address alone (the policy grants
+        it nothing that needs an identity)."""
         if peer.spiffe_id is not None:
             return Caller(spiffe_id=parse_spiffe_id(peer.spiffe_id), address=peer.address)
         if peer.uid is None or peer.gid is None or peer.pid is None:
             return Caller(address=peer.address)
-        return await self.get(peer.pid, peer.uid, peer.gid, peer.groups)  # kernel groups
+        caller = await self.get(peer.pid, peer.uid, peer.gid, peer.groups)  # kernel groups
+        if policy is None or not policy.reads_processes or peer.process is None:
+            if policy is not None:
+                self.processes.wanted = False  # (after a reload) accepts record nothing more
+            return caller  # the hot path: no rule reads a caller's process
+        self.processes.wanted = True  # accepts record what the pidfd_open path needs (wlidd.workload.proc)
+        decided = peer.process.decided
+        if decided is not None and decided[0] is caller and decided[1] is policy:
+            return cast(Caller, decided[2])  # the same connection asking again (keep-alive, another call)
+        need = policy.needs_for(caller)
+        if not need:
+            return caller
+
+        def file_need(facts: ProcessFacts) -> Need:
+            return policy.file_need(dataclasses.replace(caller, process=facts))
+
+        facts, problem = await self.processes.identify(
+            peer.process, need, key=policy, hash_if=file_need, owner=caller.uid
+        )
+        identified = dataclasses.replace(caller, process=facts, process_problem=problem)
+        if facts is not None:  # a failure is tried again (its cause may pass: descriptors, a retry)
+            peer.process.decided = (caller, policy, identified)
+        return identified
+
+    def known(self, peer: Peer, policy: Policy | None = None) -> Caller | None:
+        """`caller_of(peer, policy)` when it needs no wait (a server answering at once): a Unix caller this
+        cache holds (the same process asking again) whose process no rule of `policy` reads; None for
+        anything else, which `caller_of` resolves."""
+        if peer.spiffe_id is not None or peer.uid is None or peer.gid is None or peer.pid is None:
+            return None
+        if policy is not None and policy.reads_processes and peer.process is not None:
+            return None
+        hit = self._callers.get(Credentials(peer.pid, peer.uid, peer.gid, peer.groups))
+        if hit is None or hit.expires < self.clock():
+            return None
+        if policy is not None:
+            self.processes.wanted = False  # as caller_of: no rule reads a caller's process
+        return hit.caller
 
     def _remember(self, table: dict[_K, _V], key: _K, value: _V) -> None:
         if len(table) >= self.max_entries and key not in table:  # pids come and go: keep this bounded

@@ -15,6 +15,13 @@ The connection's `phase` and `deadline` say what the sweeper enforces: `first_by
 first request, `idle_timeout` between requests, `request_timeout` for a request being received, none
 while one is handled ("busy").
 
+The hot path's answers need no task at all: a handler with an `answer_now(request) -> (route, Response) |
+None` method answers what it can without waiting (a cached token for a known caller); on a plain connection
+(wlidd.api.plain_stream) a request it answers is answered from the event loop's callback as its bytes arrive
+(`_answer_in_callback`), with what step 4 does (headers, `on_response`, the deadlines), and the
+connection's task keeps waiting for the next. Everything else (None, a request that is not one whole simple
+head, the server closing) goes through the four steps.
+
 A handler may hold a request for long (a long poll: the metadata API's wait_for_change). It says which by
 a `holds(request) -> bool` method; while such a request is handled, the connection is watched: a client
 that closes it ends the handler (cancelled, no answer), and bytes it sends meanwhile (a pipelined request)
@@ -23,12 +30,14 @@ are kept for after the answer.
 
 from __future__ import annotations
 
+import functools
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
-import h11
 from anyio.abc import ByteStream
 
 from wlidd.api.messages import ERROR_CODES, Handler, Request, Response, labelled, serialize_response, with_headers
@@ -37,9 +46,13 @@ from wlidd.api.request_head import BARE_LF, keep_alive, make_request, parse_simp
 from wlidd.errors import ApiError
 from wlidd.logs import get_logger
 
+if TYPE_CHECKING:  # h11 is imported by the first request the hot path's parser leaves to it
+    import h11
+
 log = get_logger("wlidd.api")
 
 HELD_PIPELINE_LIMIT = 16 * 1024  # bytes a client may pipeline behind a held request (one request head's cap)
+REMEMBERED_HEAD = 1024  # bytes of a connection's last request head kept to skip parsing it again
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,7 @@ class Connection:
     """One open connection's state: the bytes received and not yet read, and the timeout bookkeeping the
     sweeper reads."""
 
-    __slots__ = ("deadline", "owner", "pending", "phase", "requests", "since", "stream", "timed_out")
+    __slots__ = ("deadline", "head", "owner", "parsed", "pending", "phase", "requests", "since", "stream", "timed_out")
 
     def __init__(self, stream: ByteStream, deadline: float, owner: object = None) -> None:
         self.stream = stream
@@ -67,6 +80,10 @@ class Connection:
         self.requests = 0  # answered so far: before the first, the first-byte deadline applies
         self.owner = owner  # who it is counted against (the accept loop's caller key), for shedding
         self.since = time.monotonic()
+        # The last request head the hot path's parser took, and what it gave: a client asking the same again
+        # on this connection (a token poller) is not parsed again (`RequestLoop._simple_request`).
+        self.head = b""
+        self.parsed: tuple[Request, bool] | None = None
 
 
 class RequestLoop:
@@ -90,20 +107,31 @@ class RequestLoop:
         # Put on every answer, this layer's own included (wlidd.api.server).
         self.headers: tuple[tuple[str, str], ...] = tuple(getattr(handler, "response_headers", ()))
         self.holds: Callable[[Request], bool] | None = getattr(handler, "holds", None)
+        self.answer_now: Callable[[Request], tuple[str, Response] | None] | None = getattr(handler, "answer_now", None)
+        self._serialized: tuple[Response, bytes] | None = None  # the last keep-alive answer and its bytes
 
     async def serve(self, connection: Connection, peer: Peer) -> None:
         """Read and answer the connection's requests, one per turn, until either side closes it (raises the
         stream's errors, EndOfStream for a client gone while its request was held: the server catches them)."""
+        answer_in_callback = getattr(connection.stream, "answer_in_callback", None) if self.answer_now else None
+        if answer_in_callback is not None:
+            answer_in_callback(functools.partial(self._answer_in_callback, connection, peer))
+        try:
+            await self._serve(connection, peer)
+        finally:
+            if answer_in_callback is not None:
+                answer_in_callback(None)
+
+    async def _serve(self, connection: Connection, peer: Peer) -> None:
         while True:
             head_end = await self._await_head(connection)
             if head_end is None:
                 return  # closed between requests, or a bare-LF head refused
-            simple = parse_simple_request(connection.pending[:head_end]) if head_end >= 0 else None
+            simple = self._simple_request(connection, connection.pending[:head_end], peer) if head_end >= 0 else None
             if simple is not None:  # the hot path
-                method, target, headers, close = simple
+                request, close = simple
                 connection.pending = connection.pending[head_end + 4 :]
                 connection.phase, connection.deadline = "busy", float("inf")
-                request = make_request(method, target, headers, b"", peer, self.name)
             else:
                 received = await self._read_h11(connection, peer, head_end)
                 if received is None:
@@ -116,6 +144,58 @@ class RequestLoop:
                 answered = await self._dispatch(request, handler)
             if not await self._answer(connection, request, answered, route, close):
                 return
+
+    def _simple_request(self, connection: Connection, head: bytes, peer: Peer) -> tuple[Request, bool] | None:
+        """The Request of a head the hot path's parser takes (wlidd.api.request_head) and whether the client
+        asks to close after its answer; None for a head it leaves to h11. The same head as the connection's
+        last gives the same Request again (same peer, same listener), unparsed."""
+        if head == connection.head:
+            return connection.parsed
+        simple = parse_simple_request(head)
+        parsed = None
+        if simple is not None:
+            method, target, headers, close = simple
+            parsed = make_request(method, target, headers, b"", peer, self.name), close
+        if len(head) <= REMEMBERED_HEAD:
+            connection.head, connection.parsed = head, parsed
+        return parsed
+
+    def _answer_in_callback(self, connection: Connection, peer: Peer, data: bytes) -> bytes | None:
+        """The bytes answering `data`, the first bytes of a request on an idle connection, when they are one
+        whole request head of the hot path that the handler's `answer_now` answers and the client keeps the
+        connection open: step 4 done here (headers, `on_response`, the idle deadline). None leaves `data` to
+        the connection's task (the module docstring). Called from the event loop's callback
+        (wlidd.api.plain_stream.ProtocolStream.answer_in_callback); an `answer_now` that raises leaves the
+        request to the task too (logged, through the repeat limiter)."""
+        if connection.phase != "idle" or connection.pending or self.closing or connection.timed_out:
+            return None
+        head_end = data.find(b"\r\n\r\n", 0, self.limits.max_header_bytes)
+        if head_end != len(data) - 4:
+            return None  # part of a head, or more than one request: the task answers as always
+        # A head with a bare LF is not simple (the parser takes CRLF lines of printable ASCII only): the task
+        # refuses it.
+        simple = self._simple_request(connection, data[:head_end], peer)
+        if simple is None or simple[1]:
+            return None
+        request = simple[0]
+        if self.holds is not None and self.holds(request):
+            return None
+        assert self.answer_now is not None  # installed only for a handler that has one
+        try:
+            found = self.answer_now(request)
+        except Exception as exc:  # a bug: the connection's task answers instead (a crash there is a 500)
+            error = type(exc).__name__
+            log.limited("error", "answering from the event loop's callback failed", key={"error_type": error})
+            return None
+        if found is None:
+            return None
+        route, answered = found
+        response = with_headers(answered, self.headers)
+        if self.on_response is not None:
+            self.on_response(request, response, route)
+        connection.requests += 1
+        connection.deadline = time.monotonic() + self.limits.idle_timeout
+        return self._serialize(response, request)
 
     async def _await_head(self, connection: Connection) -> int | None:
         """Receive until `connection.pending` holds a whole request head: the index of its CRLF CRLF; -1 when
@@ -141,6 +221,8 @@ class RequestLoop:
         """A request the hot path does not take, read by h11: (the request, whether the connection closes
         after its answer); None when the connection ends (the peer closed, or the request was refused
         with its error answered). `head_end` as `_await_head` gave it."""
+        import h11  # here, not at start: a daemon whose clients send only simple heads never loads it
+
         limit = self.limits.max_header_bytes
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
         conn.receive_data(connection.pending)
@@ -166,6 +248,8 @@ class RequestLoop:
     async def _read_request(self, conn: h11.Connection, connection: Connection) -> tuple[h11.Request, bytes] | None:
         """The rest of a request h11 already holds the start of (`_read_h11` fed it), or None when the
         peer closed. Raises ApiError for a request over the limits or of another HTTP major version."""
+        import h11
+
         request: h11.Request | None = None
         body = bytearray()
         while True:
@@ -269,8 +353,23 @@ class RequestLoop:
         # A client that never reads (pipelining without reading answers) would hold this send, and
         # the connection, forever: the sweeper closes it once idle_timeout passes.
         connection.deadline = time.monotonic() + self.limits.idle_timeout
-        await connection.stream.send(serialize_response(response, close=close, head=request.method == "HEAD"))
-        return not close
+        if close:
+            await connection.stream.send(serialize_response(response, close=True, head=request.method == "HEAD"))
+            return False
+        await connection.stream.send(self._serialize(response, request))
+        return True
+
+    def _serialize(self, response: Response, request: Request) -> bytes:
+        """The bytes of a keep-alive answer to `request`. The same Response as the last one (a cached token's
+        answer, until the token or its whole second of expires_in changes) gives the same bytes again,
+        unserialized."""
+        last = self._serialized
+        if last is not None and last[0] is response and request.method != "HEAD":
+            return last[1]
+        data = serialize_response(response, close=False, head=request.method == "HEAD")
+        if request.method != "HEAD":
+            self._serialized = (response, data)
+        return data
 
     async def _send_error(self, connection: Connection, status: int, code: str, message: str) -> None:
         with anyio.move_on_after(2.0), quiet():
@@ -286,6 +385,8 @@ class quiet:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: object) -> bool:
-        return kind is not None and issubclass(
-            kind, anyio.BrokenResourceError | anyio.ClosedResourceError | OSError | h11.LocalProtocolError
-        )
+        if kind is None:
+            return False
+        h11 = sys.modules.get("h11")  # only h11's own code raises its errors: not loaded, none to swallow
+        gone = anyio.BrokenResourceError | anyio.ClosedResourceError | OSError
+        return issubclass(kind, gone) or (h11 is not None and issubclass(kind, h11.LocalProtocolError))

@@ -234,7 +234,14 @@ class ListenerSet:
 
         api = self.api
         sds = SdsSettings.from_config(config.sds)
-        self.workload_api = WorkloadApi(api.watchers, api.runtime.current.policy, api.clock, api.metrics, sds)
+        self.workload_api = WorkloadApi(
+            api.watchers,
+            api.runtime.current.policy,
+            api.clock,
+            api.metrics,
+            sds,
+            max_calls_per_caller=config.max_calls_per_caller,
+        )
         server = build_server(self.workload_api)
 
         async def handle(conn: socket.socket, caller: CallerKey) -> None:

@@ -65,6 +65,8 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 Endpoint = Callable[[Request, dict[str, str]], Awaitable[Response]]  # a route's function: request, path params
 OTHER_ROUTE = "other"  # the route label of a request no route matched
+MATCH_CACHE_ENTRIES = 256  # paths whose match a Router keeps (then it starts again)
+MATCH_CACHE_PATH = 256  # characters of the longest path kept (at most 64 KiB of paths per Router)
 
 
 class Router:
@@ -80,9 +82,22 @@ class Router:
             (template.partition("{")[0], _template_pattern(template), template, endpoint)
             for template, endpoint in self.routes
         ]
+        # path → its match, for paths asked before (clients ask the same few again and again); bounded.
+        self._matched: dict[str, tuple[str, Endpoint, dict[str, str]] | None] = {}
 
     def match(self, path: str) -> tuple[str, Endpoint, dict[str, str]] | None:
         """(template, endpoint, {name: segment}) of the first route matching `path`, else None."""
+        try:
+            found = self._matched[path]
+        except KeyError:
+            found = self._match(path)
+            if len(path) <= MATCH_CACHE_PATH:
+                if len(self._matched) >= MATCH_CACHE_ENTRIES:
+                    self._matched.clear()
+                self._matched[path] = found
+        return None if found is None else (found[0], found[1], dict(found[2]))
+
+    def _match(self, path: str) -> tuple[str, Endpoint, dict[str, str]] | None:
         for prefix, pattern, template, endpoint in self._patterns:
             if path.startswith(prefix) and (found := pattern.fullmatch(path)) is not None:
                 return template, endpoint, found.groupdict()

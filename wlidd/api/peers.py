@@ -3,7 +3,8 @@
 Three kinds of peer, three sources of truth, all the kernel's or the TLS stack's, never the caller's word:
 
   - Unix sockets (the local API, the Workload API): SO_PEERCRED (pid, uid, gid) and SO_PEERGROUPS (the
-    supplementary groups), both as they were when the caller called connect() (wlidd.api.peer_credentials).
+    supplementary groups), both as they were when the caller called connect() (wlidd.api.peer_credentials);
+    for rules on units, executables and sha256, its process through a pidfd (wlidd.workload.proc).
   - Loopback TCP (the metadata listener): the owner of the client's ESTABLISHED socket, from the kernel's
     socket table (wlidd.api.tcp_owner); its groups come from NSS.
   - TLS (the mTLS listener): the client certificate and the chain OpenSSL verified (`stream_peer`); the
@@ -26,6 +27,7 @@ from anyio.streams.tls import TLSAttribute
 
 from wlidd.api.peer_credentials import peer_credentials, peer_groups
 from wlidd.api.tcp_owner import lookup_tcp_peer, run_lookup
+from wlidd.workload.proc import PROCESSES, PeerProcess
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Peer:
     tcp_local: tuple[str, int] | None = None
     groups: frozenset[int] | None = None  # a Unix peer's supplementary groups (SO_PEERGROUPS); None: unknown
     inode: int | None = None  # a loopback TCP peer's socket inode found at accept (with uid: its owner then)
+    # a Unix peer's process, as accepted: read only if a rule selects on it (wlidd.workload.proc)
+    process: PeerProcess | None = field(default=None, compare=False, repr=False)
 
 
 def stream_peer(stream: ByteStream) -> Peer:
@@ -82,8 +86,9 @@ def unix_peer(stream: ByteStream) -> Peer:
 
 def socket_peer(sock: socket.socket) -> Peer:
     """Who is on the other end of an accepted socket: a Unix peer's kernel credentials (SO_PEERCRED,
-    SO_PEERGROUPS: both as of its connect()); a TCP peer's addresses (its uid is looked up from the
-    socket table, below). Raises OSError when the peer is already gone."""
+    SO_PEERGROUPS: both as of its connect()) and its process as accepted (the socket, the pid, the time:
+    nothing of /proc is read unless a rule needs it, wlidd.workload.proc); a TCP peer's addresses (its
+    uid is looked up from the socket table, below). Raises OSError when the peer is already gone."""
     creds = peer_credentials(sock)
     if creds is None:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -93,7 +98,8 @@ def socket_peer(sock: socket.socket) -> Peer:
             )
         return Peer()
     pid, uid, gid = creds
-    return Peer(uid=uid, gid=gid, pid=pid, address=f"pid={pid},uid={uid}", groups=peer_groups(sock))
+    process = PROCESSES.accepted(sock, pid)
+    return Peer(uid=uid, gid=gid, pid=pid, address=f"pid={pid},uid={uid}", groups=peer_groups(sock), process=process)
 
 
 # ---- at accept: who a connection is counted against ----------------------------------------------------

@@ -5,6 +5,10 @@ anyio's socket streams add and remove the socket's reader around every wait (ben
 asyncio.BufferedProtocol) and keeps anyio's stream contract (`ProtocolStream`'s docstring), so the server
 serves it like any other byte stream. A TLS connection keeps anyio's streams (a TLSStream over a socket
 stream).
+
+The hot path's answers go out from the protocol's callback (`ProtocolStream.answer_in_callback`): a request
+the server can answer without waiting for anything (a cached token for a caller it knows) is answered as its
+bytes arrive, without waking the connection's task: one pass of the event loop per request, not two.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
+from collections.abc import Callable
 
 import anyio
 from anyio.abc import SocketStream
@@ -30,7 +35,7 @@ class _Reader(asyncio.BufferedProtocol):
     socket at a time, and only what arrived is kept. Writes are not buffered (limits 0): `ProtocolStream.send`
     waits until the kernel took every byte, as a socket send does."""
 
-    __slots__ = ("buffered", "chunks", "eof", "error", "lost", "paused", "readable", "transport", "writable")
+    __slots__ = ("answer", "buffered", "chunks", "eof", "error", "lost", "paused", "readable", "transport", "writable")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -42,6 +47,7 @@ class _Reader(asyncio.BufferedProtocol):
         self.paused = False  # reading paused: READ_AHEAD bytes are waiting
         self.readable: asyncio.Future[None] | None = None  # a receive waiting for bytes
         self.writable: asyncio.Future[None] | None = None  # a send waiting for the kernel to take its bytes
+        self.answer: Callable[[bytes], bytes | None] | None = None  # ProtocolStream.answer_in_callback
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -52,7 +58,20 @@ class _Reader(asyncio.BufferedProtocol):
         return _scratch[: max(READ_AHEAD - self.buffered, 1)]  # reading pauses at READ_AHEAD anyway
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.chunks.append(bytes(_scratch[:nbytes]))
+        data = bytes(_scratch[:nbytes])
+        if (
+            self.answer is not None
+            and self.readable is not None  # a receive waits, with nothing buffered before these bytes
+            and not self.readable.done()
+            and not self.chunks
+            and self.transport is not None
+            and not self.transport.get_write_buffer_size()  # the last answer went out whole (no send waits)
+        ):
+            reply = self.answer(data)
+            if reply is not None:
+                self.transport.write(reply)
+                return
+        self.chunks.append(data)
         self.buffered += nbytes
         if self.buffered >= READ_AHEAD and self.transport is not None:
             self.transport.pause_reading()
@@ -105,6 +124,15 @@ class ProtocolStream(SocketStream):
         loop = asyncio.get_running_loop()
         transport, reader = await loop.connect_accepted_socket(_Reader, sock)
         return cls(sock, transport, reader)
+
+    def answer_in_callback(self, answer: Callable[[bytes], bytes | None] | None) -> None:
+        """Let `answer(data)` take bytes as they arrive, in the event loop's callback: it returns the bytes
+        of their answer, written at once (the kernel takes them, or the transport keeps the rest and the next
+        `send` waits for it), or None, and the bytes go to `receive` as always. It is asked only while a
+        receive waits with nothing buffered and the last answer went out whole, so `answer` sees each
+        request's first bytes, in order, and never overtakes a request or an answer of the connection's
+        task; it must not raise. None stops it."""
+        self._reader.answer = answer
 
     @property
     def _raw_socket(self) -> socket.socket:
@@ -197,6 +225,7 @@ class ProtocolStream(SocketStream):
         ClosedResourceError."""
         if not self._closed:
             self._closed = True
+            self._reader.answer = None
             self._transport.abort()  # unregisters the socket from the loop at once
             self._sock.close()  # the transport's own close, a moment later, finds it closed
             _wake(self._reader.readable)

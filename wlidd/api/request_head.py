@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote
-
-import h11
 
 from wlidd.api.messages import Request
 from wlidd.api.peers import Peer
+
+if TYPE_CHECKING:  # h11 reads only what this parser leaves (wlidd.api.connection), imported there
+    import h11
 
 BARE_LF = re.compile(rb"(?<!\r)\n")
 _ABSOLUTE_FORM = re.compile(r"(?i:https?)://(?P<authority>[^/?#]*)(?P<rest>[^#]*)")

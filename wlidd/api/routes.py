@@ -9,6 +9,7 @@ policy and the token sources are read from the one published `Runtime` (wlidd.ru
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,8 +31,16 @@ from wlidd.watch import CredentialWatcher
 
 if TYPE_CHECKING:  # the token machinery (httpx, PyJWT) is imported only when a config names a token
     from wlidd.tokens.manager import TokenSource
+    from wlidd.tokens.model import Token
 
 audit = get_logger("wlidd.audit")
+TOKEN_ROUTE = "/v1/token/{name}"
+
+
+@functools.lru_cache(maxsize=16)
+def _expiry_text(expire_time: dt.datetime) -> str:
+    """A token's expiry as every hand-out's audit fields write it (iso_z), formatted once per token."""
+    return iso_z(expire_time)
 
 
 @dataclass
@@ -63,7 +72,7 @@ class Api(RuntimeView):
                 ("/v1/identity/{name}", self.identity),
                 ("/v1/credentials/{name}", self.credentials),
                 ("/v1/ready/{name}", self.ready),
-                ("/v1/token/{name}", self.token),
+                (TOKEN_ROUTE, self.token),
                 ("/get_wif_token", self.wif_token),
                 ("/metrics", self.prometheus),
             ]
@@ -149,7 +158,7 @@ class Api(RuntimeView):
         address) if the policy's decision allows it; else ApiError 403 with the decision's reason, which
         names the caller and what it asked for (wlidd.policy). Denials are audited through the repeat
         limiter: the first of each (caller, what) is written, repeats are counted."""
-        caller = await self._callers.caller_of(request.peer)
+        caller = await self._callers.caller_of(request.peer, self.policy)  # its process too, if a rule asks
         decision = decide(caller)
         if decision.refusal is None:
             return caller
@@ -176,7 +185,28 @@ class Api(RuntimeView):
         caller = await self._authorize(request, lambda caller: runtime.policy.may_have_token(caller, name))
         if self.held_back is not None and (reason := self.held_back(source)) is not None:
             raise TokenUnavailable(name, reason)  # the answer of an absent identity, without an upstream attempt
-        token = await source.get()
+        return self._hand_out_token(name, request, caller, await source.get())
+
+    def _token_now(self, name: str, request: Request) -> tuple[dt.datetime, str, dt.datetime] | None:
+        """`_serve_token` when it needs no wait: the token `name` already fetched and servable, for a caller
+        the cache holds whom the policy allows; None for anything else (a refusal too), which
+        `_serve_token` answers."""
+        runtime = self.runtime.current
+        source = runtime.tokens.get(name)
+        if source is None:
+            return None
+        caller = self._callers.known(request.peer, runtime.policy)
+        if caller is None or runtime.policy.may_have_token(caller, name).refusal is not None:
+            return None
+        if self.held_back is not None and self.held_back(source) is not None:
+            return None
+        token = source.serve_now()
+        return None if token is None else self._hand_out_token(name, request, caller, token)
+
+    def _hand_out_token(
+        self, name: str, request: Request, caller: Caller, token: Token
+    ) -> tuple[dt.datetime, str, dt.datetime]:
+        """Audit the token `name` handed to `caller` (wlidd.api.authz); (expire_time, value, now)."""
         handout_audit(
             self._audited,
             "token handed out",
@@ -185,7 +215,7 @@ class Api(RuntimeView):
             token.expire_time,
             route=request.path,
             source=name,
-            expire_time=iso_z(token.expire_time),
+            expire_time=_expiry_text(token.expire_time),
         )
         return token.expire_time, token.value, self.clock()
 
@@ -226,11 +256,28 @@ class Api(RuntimeView):
         )
 
     async def token(self, request: Request, params: dict[str, str]) -> Response:
-        expire_time, value, now = await self._serve_token(params["name"], request)
+        return self._token_answer(params["name"], *await self._serve_token(params["name"], request))
+
+    def answer_now(self, request: Request) -> tuple[str, Response] | None:
+        """(route template, answer) of `request` when it needs no wait (wlidd.api.connection answers it from
+        the event loop's callback): a GET of a token already fetched and servable, for a caller the cache
+        holds whom the policy allows (`_token_now`); None for anything else, which `route` answers."""
+        if request.method != "GET":
+            return None
+        found = self.router.match(request.path)
+        if found is None or found[0] != TOKEN_ROUTE:
+            return None
+        name = found[2]["name"]
+        served = self._token_now(name, request)
+        return None if served is None else (TOKEN_ROUTE, self._token_answer(name, *served))
+
+    def _token_answer(self, name: str, expire_time: dt.datetime, value: str, now: dt.datetime) -> Response:
+        """The JSON answer handing out the token `name`."""
         expires_in = max(0, int((expire_time - now).total_seconds()))
-        # The body only changes when the token or the whole second of expires_in does: reuse it.
+        # The body only changes when the token or the whole second of expires_in does: reuse it (the server
+        # reuses its bytes too: wlidd.api.connection).
         key = (value, expires_in)
-        cached = self._token_bodies.get(params["name"])
+        cached = self._token_bodies.get(name)
         if cached is None or cached[0] != key:
             body = Response.json(
                 200,
@@ -241,7 +288,7 @@ class Api(RuntimeView):
                     "expire_time": iso_z(expire_time),
                 },
             )
-            cached = self._token_bodies[params["name"]] = (key, body)
+            cached = self._token_bodies[name] = (key, body)
         return cached[1]
 
     async def wif_token(self, request: Request, _: dict[str, str]) -> Response:

@@ -28,7 +28,6 @@ from wlidd.config.identities import (
     GceIdentityConfig,
     IdentityConfig,
     parse_identity_config,
-    read_certificate_config,
 )
 from wlidd.config.listeners import (
     ConnectionLimits,
@@ -109,7 +108,6 @@ __all__ = [
     "parse_duration",
     "parse_identity_config",
     "parse_token_config",
-    "read_certificate_config",
     "redact_url",
     "split_address",
     "unreadable_by_service",

@@ -3,7 +3,6 @@ exactly its keys, and the certificate_config.json that names a workload's files 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +12,7 @@ from pydantic import Field, TypeAdapter, model_validator
 
 from wlidd.config.sinks import CredentialSinkConfig
 from wlidd.config.values import Duration, ExpandedPath, _Strict
-from wlidd.errors import ConfigError, SvidError
+from wlidd.errors import SvidError
 from wlidd.svid.spiffeid import TrustDomain
 
 DEFAULT_GCE_DIR = Path("/var/run/secrets/workload-spiffe-credentials")
@@ -103,23 +102,3 @@ def parse_identity_config(data: object) -> IdentityConfig:
     when it does not fit (load_config turns those into ConfigError). For tools and tests: the daemon reads
     whole files (load_config)."""
     return _IDENTITY_ADAPTER.validate_python(data)
-
-
-def read_certificate_config(path: Path) -> tuple[Path, Path]:
-    """The workload cert and key paths from a certificate_config.json (SPECS.md §1.1)."""
-    try:
-        document = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: certificate config not found") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: certificate config unreadable or not JSON: {exc}") from None
-    workload = document.get("cert_configs", {}).get("workload") if isinstance(document, dict) else None
-    if not isinstance(workload, dict):
-        raise ConfigError(f"{path}: cert_configs.workload: missing")
-    paths = []
-    for key in ("cert_path", "key_path"):
-        value = workload.get(key)
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{path}: cert_configs.workload.{key}: missing or not a string")
-        paths.append(Path(os.path.expanduser(value)))
-    return paths[0], paths[1]

@@ -119,6 +119,7 @@ class WorkloadApiListenerConfig(_Strict):
     max_connections: int = Field(default=256, ge=1)
     max_connections_per_caller: int = Field(default=16, ge=1)  # per uid: a client holds one (HTTP/2 multiplexes)
     first_byte_timeout: Duration = 5.0  # from accept to the HTTP/2 preface
+    max_calls_per_caller: int = Field(default=64, ge=1)  # per uid: open calls (streams), Workload API and SDS
     sds: SdsConfig = SdsConfig()
 
 

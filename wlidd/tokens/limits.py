@@ -18,7 +18,7 @@ import anyio
 
 from wlidd.clock import iso_z
 from wlidd.errors import RateLimited, TokenUnavailable, UpstreamError, WlidError
-from wlidd.tokens.flows import Attempt
+from wlidd.tokens.flows.attempts import Attempt
 from wlidd.tokens.schedule import Backoff
 
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wlidd.config import Config, EntraStsTokenConfig
 from wlidd.errors import NotRegularFile, SvidError
-from wlidd.svid.load import read_regular_file
+from wlidd.svid.load.files import read_regular_file
 from wlidd.svid.parse import parse_chain, parse_private_key
 
 

@@ -10,7 +10,7 @@ the pace of all its upstream calls (wlidd.tokens.manager.TokenSource adds the to
   `on_demand` sources fetch on first request and stop refreshing after `idle` without requests.
 - Every upstream call, access-token chains and ID-token and scoped mints alike, goes through `_paced`:
   spaced by `min_interval` in arrival order, counted in `upstream_calls` and wlidd_token_upstream_calls
-  when something was sent (a ca_file that cannot be loaded sends nothing: wlidd.tokens.flows.attempt).
+  when something was sent (a ca_file that cannot be loaded sends nothing: wlidd.tokens.flows.attempts.attempt).
   A mint waiting for its turn re-checks the backoff when the turn comes and whenever a failure sets one:
   held, it gives its turn up and answers from the last error, nothing sent and nothing charged.
 - Permanent errors (`UpstreamError.retryable` false: a 4xx refusal, a bad signing key) back off to
@@ -45,7 +45,8 @@ from wlidd.config import TokenConfig
 from wlidd.errors import TokenUnavailable, UpstreamError, WlidError
 from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
-from wlidd.tokens.flows import Attempt, Flow, attempt
+from wlidd.tokens.flows import Flow
+from wlidd.tokens.flows.attempts import Attempt, attempt
 from wlidd.tokens.limits import (
     CallerBuckets,
     Flight,
@@ -96,6 +97,7 @@ class RefreshingSource:
         self._warned_short = False  # the short-lifetime warning is logged once per source
         self.backoff = Backoff(config.backoff_min, config.backoff_max)
         self.current: Token | None = None
+        self._serve_margin: tuple[Token | None, float, float] = (None, 0.0, 0.0)  # (token, skew, margin): serve_now
         self.failures = 0
         self.upstream_calls = 0
         self.last_error: UpstreamError | None = None
@@ -157,12 +159,27 @@ class RefreshingSource:
             return True
         return self.config.on_demand and (self.next_refresh is None or now >= self.next_refresh)
 
+    def serve_now(self) -> Token | None:
+        """`servable()` (the token to serve now, if one is at hand), recorded as a request as `get` records
+        it; None when only `get` can answer (a fetch first, or its refusal). For a server answering without
+        waiting: a token's serving margin is worked out once (per token and skew), not per request."""
+        token, skew = self.current, self.config.skew
+        if token is None:
+            return None
+        margin = self._serve_margin
+        if margin[0] is not token or margin[1] != skew:
+            margin = self._serve_margin = (token, skew, token.serve_margin(skew))
+        if token.seconds_left(self.clock()) <= margin[2]:  # Token.usable_at, with the margin known
+            return None
+        self.last_request = self.monotonic()
+        return token
+
     async def get(self) -> Token:
         """The token to serve now, fetching it first when nothing was fetched yet or on demand."""
-        self.last_request = self.monotonic()
-        token = self.servable()
+        token = self.serve_now()
         if token is not None:
             return token
+        self.last_request = self.monotonic()
         if self._may_fetch_now(self.clock()):
             # Cold (never fetched, start delay pending, or on-demand idle): demand wins over the delay.
             # After failures, callers do not bypass the backoff: they get the reason instead.

@@ -194,6 +194,11 @@ class Resource:
     def version(self) -> str:
         return digest(self.content)
 
+    @property
+    def fingerprint(self) -> str:
+        """The SVID chain's fingerprint for a tls_certificate (the certificate handed out), else ""."""
+        return str(self.content[2]) if self.identity else ""
+
 
 def digest(value: object) -> str:
     """A short stable digest of a value made of strings, bools and tuples (a version string)."""
@@ -216,6 +221,15 @@ class Selection:
     def identities(self) -> tuple[str, ...]:
         """The identities whose private keys the answer holds."""
         return tuple(dict.fromkeys(r.identity for r in self.resources if r.identity))
+
+    @property
+    def handed_out(self) -> tuple[Resource, ...]:
+        """One tls_certificate per identity whose private key the answer holds (the first), for the audit."""
+        first: dict[str, Resource] = {}
+        for resource in self.resources:
+            if resource.identity:
+                first.setdefault(resource.identity, resource)
+        return tuple(first.values())
 
 
 def _tls(name: str, held: Held) -> Resource:

@@ -1,17 +1,28 @@
 """The xDS protocol of one SDS stream, sans I/O: requests in, what to log and what to send out.
-State-of-the-world (StreamSecrets), incremental (DeltaSecrets) and FetchSecrets answers as pure state.
+State-of-the-world (StreamSecrets) and FetchSecrets answers as pure state, and what every stream shares.
 
 The stream layer (wlidd.workload_api.sds_service) feeds each request to `receive`, logs what it returns,
 and after every request and every credential change asks `answer(credentials)` for the message to send,
 if any. Nothing here reads a socket, a clock or a file; nonces come from an injected function.
 
-State of the world (envoy api/envoy/service/discovery/v3/discovery.proto, DiscoveryRequest; the xDS
-protocol's ACK/NACK; SPIRE pkg/agent/endpoints/sdsv3/handler.go StreamSecrets, lines 96-238 at ef8527e):
+State of the world (envoy api/envoy/service/discovery/v3/discovery.proto, DiscoveryRequest; envoy
+api/xds_protocol.rst "ACK/NACK and resource type instance version", "How the client specifies what resources
+to return", "Unsubscribing From Resources"; SPIRE pkg/agent/endpoints/sdsv3/handler.go StreamSecrets, lines
+96-238 at ef8527e):
   - each response carries a fresh nonce; a request whose response_nonce is not the last one sent is stale
     and ignored whole (handler.go 158-168);
-  - a request with the last nonce ACKs when its version_info is the version sent, else NACKs (the client
-    kept an older version, handler.go 170-177); error_detail, when present, is always logged with the
-    request's resource names (150-156);
+  - a NACK is a request carrying error_detail ("Only the NACK should populate the error_detail"); it is
+    counted (`Received.nack`) when it answers one of the last SENT_HISTORY responses the stream sent, once
+    per nonce: a stale NACK of an earlier response counts, a nonce never sent does not, and the requests
+    Envoy sends after a NACK (the nonce it NACKed, its last accepted version_info, no error_detail: e.g.
+    a subscription change) are not NACKs. An ACK (`Received.ack`) is a request with the last nonce, no
+    error_detail and the version sent as its version_info. error_detail, when present, is always
+    reported with the resource names (handler.go 150-156);
+  - the legacy wildcard (everything the caller has, handler.go 309-315) is a first request that names
+    nothing, and holds while requests name nothing; once a request named a resource, an empty
+    resource_names is an unsubscription from everything ("If the list of resource names becomes empty,
+    that means that the client is no longer interested in any resources"): nothing is sent until names
+    come again;
   - a response is sent on the first request, whenever the set of requested names changes (186-193,
     `subListChanged`), and whenever the answer's content changes (`Selection.version`): a NACKed version
     is therefore not resent until its content changes, however many unrelated updates arrive;
@@ -19,19 +30,22 @@ protocol's ACK/NACK; SPIRE pkg/agent/endpoints/sdsv3/handler.go StreamSecrets, l
   - no response before the caller has credentials (195-198), and none that would hold no resource (Envoy
     NACKs an empty SDS update: wlidd.workload_api.sds).
 
-Incremental (the xDS protocol's "Incremental xDS"; DeltaDiscoveryRequest/Response; SPIRE answers
-UNIMPLEMENTED, handler.go 256-258): names are subscribed and unsubscribed ("*" is the wildcard, and a first
-request subscribing nothing is the legacy wildcard); initial_resource_versions says what a reconnecting
-client already has; each resource carries its own version and is sent when the client does not have that
-version; a subscribed name the caller has nothing for, or a resource it no longer has, is named once in
-removed_resources. A NACK keeps the client on its older versions and nothing is resent until the content
-changes (the versions sent are recorded whether ACKed or not).
+Incremental (DeltaSecrets): wlidd.workload_api.sds_delta, on the same `Received`, `Answer` and
+`SentResponses`.
+
+Memory: a stream's state keeps the client's strings it needs (the names it asks for, the versions it says
+it has), at most MAX_STATE_BYTES (`held_bytes`, by sys.getsizeof: what one request of at most 1 MiB can
+carry); a request that would make it hold more is refused. Each request is taken into the state as
+it comes (a newer SotW request supersedes the older, xds_protocol.rst "new DiscoveryRequests supersede any
+prior DiscoveryRequests"; Delta's subscriptions merge), so a stream holds no queue of requests.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +53,6 @@ from envoy.service.discovery.v3 import discovery_pb2  # type: ignore[import-unty
 
 from wlidd.errors import SdsRequestError
 from wlidd.workload_api.sds import (
-    MAX_NAMES,
     SECRET_TYPE_URL,
     Credentials,
     NodeFacts,
@@ -47,7 +60,6 @@ from wlidd.workload_api.sds import (
     Selection,
     check_names,
     check_type_url,
-    digest,
     node_facts,
     select,
     spiffe_validation,
@@ -55,6 +67,8 @@ from wlidd.workload_api.sds import (
 from wlidd.workload_api.sds_settings import SdsSettings
 
 MAX_ERROR_TEXT = 1024  # characters of a client's error_detail message that are logged
+MAX_STATE_BYTES = 5 * 2**18  # a stream's state: what one request of at most 1 MiB carries, with str overheads
+SENT_HISTORY = 8  # responses a stream remembers (nonce, version, names) to judge a NACK that comes late
 
 
 def new_nonce() -> str:
@@ -64,15 +78,71 @@ def new_nonce() -> str:
 
 @dataclass(frozen=True)
 class Received:
-    """What one request said, for the stream to log: the names it concerns, whether it was stale (ignored),
-    the version it NACKed (`rejected`), the client's error_detail message (cut to MAX_ERROR_TEXT)."""
+    """What one request said, for the stream to log and count.
+
+    names     the names it concerns: for a request answering a response this stream sent, the resources
+              that response held; else the request's own (resource_names, or Delta's subscriptions)
+    stale     it answers a response other than the last one sent (or none sent): ignored
+    rejected  the version of the response a counted NACK rejects (SotW version_info, Delta
+              system_version_info), else None
+    error     its error_detail message, cut to MAX_ERROR_TEXT (any request that carries one)
+    nack      a NACK to count: error_detail answering a response this stream sent, the first for its nonce
+    ack       it accepts the last response (its nonce, no error_detail; SotW: the version sent)
+    nonce     its response_nonce, as the client sent it (cut it before logging)
+    expected  the version (SotW) or nonce (Delta, and stale requests) last sent, for the log line
+    """
 
     names: tuple[str, ...]
     stale: bool = False
     rejected: str | None = None
     error: str | None = None
     nonce: str = ""
-    expected: str = ""  # the version (SotW) or nonce last sent, for the log line
+    expected: str = ""
+    nack: bool = False
+    ack: bool = False
+
+
+@dataclass
+class _Response:
+    version: str
+    names: tuple[str, ...]
+    nacked: bool = False
+
+
+class SentResponses:
+    """The last SENT_HISTORY responses one stream sent, by nonce: what a NACK rejects, and whether that
+    nonce was NACKed already (a NACK is counted once per nonce, and only for a response sent)."""
+
+    def __init__(self, size: int = SENT_HISTORY) -> None:
+        self.size = size
+        self._by_nonce: OrderedDict[str, _Response] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"SentResponses({list(self._by_nonce)!r})"
+
+    def add(self, nonce: str, version: str, names: tuple[str, ...]) -> None:
+        self._by_nonce[nonce] = _Response(version, names)
+        while len(self._by_nonce) > self.size:
+            self._by_nonce.popitem(last=False)
+
+    def names(self, nonce: str) -> tuple[str, ...] | None:
+        """The resource names of the response sent with `nonce`, None for a nonce not (or no longer) known."""
+        sent = self._by_nonce.get(nonce)
+        return None if sent is None else sent.names
+
+    def nack(self, nonce: str) -> str | None:
+        """The version of the response a NACK of `nonce` rejects, the first time that nonce is NACKed; None
+        (not a NACK to count) for a nonce never sent, forgotten, or NACKed already."""
+        sent = self._by_nonce.get(nonce)
+        if sent is None or sent.nacked:
+            return None
+        sent.nacked = True
+        return sent.version
+
+
+def held_bytes(strings: Iterable[str]) -> int:
+    """The memory these strings take (sys.getsizeof: characters and each object's header)."""
+    return sum(sys.getsizeof(s) for s in strings)
 
 
 @dataclass(frozen=True)
@@ -87,7 +157,8 @@ class Answer:
     removed: tuple[str, ...] = ()
 
 
-def _error_text(request: Any) -> str | None:
+def error_text(request: Any) -> str | None:
+    """A request's error_detail message, cut to MAX_ERROR_TEXT; None when it carries none."""
     if not request.HasField("error_detail"):
         return None
     return str(request.error_detail.message)[:MAX_ERROR_TEXT] or f"(code {request.error_detail.code}, no message)"
@@ -101,36 +172,71 @@ class SotwStream:
         self.cache = cache
         self.nonces = nonces
         self.names: tuple[str, ...] | None = None  # None until the first request
+        self.wildcard = False  # the legacy wildcard: the first request named nothing, and none has since
         self.node = NodeFacts()
         self.nonce = ""  # of the last response sent
         self.version = ""  # of the last response sent
+        self.sent = SentResponses()
         self.missing: tuple[tuple[str, str], ...] = ()  # requested names the caller has nothing for, and why
+        self.more = False  # never: a state-of-the-world answer is whole
         self._force = False
 
     def __repr__(self) -> str:
         return f"SotwStream(names={self.names!r}, version={self.version!r}, nonce={self.nonce!r})"
+
+    @property
+    def held_bytes(self) -> int:
+        """The client's strings this state keeps (bytes, see the module docstring)."""
+        return held_bytes(self.names or ()) + held_bytes((self.node.id, self.node.cluster))
 
     def receive(self, request: Any) -> Received:
         """Take one DiscoveryRequest. SdsRequestError for a request wlidd refuses (a foreign type_url,
         too many names)."""
         check_type_url(request.type_url)
         names = check_names(request.resource_names)
-        error = _error_text(request)
-        if self.nonce and request.response_nonce != self.nonce:
-            return Received(names, stale=True, error=error, nonce=request.response_nonce, expected=self.nonce)
-        rejected = None
-        if self.nonce and (not request.version_info or request.version_info != self.version):
-            rejected = self.version
+        error = error_text(request)
+        nonce = str(request.response_nonce)
+        rejected = self.sent.nack(nonce) if error is not None else None
+        concerns = self.sent.names(nonce) or names
+        if self.nonce and nonce != self.nonce:
+            return Received(
+                concerns,
+                stale=True,
+                rejected=rejected,
+                error=error,
+                nonce=nonce,
+                expected=self.nonce,
+                nack=rejected is not None,
+            )
+        if held_bytes(names) > MAX_STATE_BYTES:
+            raise SdsRequestError(f"resource names of more than {MAX_STATE_BYTES} bytes in one request")
+        ack = bool(self.nonce) and error is None and request.version_info == self.version
         self.node = node_facts(request.node if request.HasField("node") else None, self.node)
+        if self.names is None:
+            self.wildcard = not names
+        elif names:
+            self.wildcard = False
         if self.names is None or _names_changed(self.names, names):
             self._force = True
         self.names = names
-        return Received(names, rejected=rejected, error=error, nonce=request.response_nonce, expected=self.version)
+        self.missing = ()  # `answer` finds them again (no name of an older request kept for it)
+        return Received(
+            concerns,
+            rejected=rejected,
+            error=error,
+            nonce=nonce,
+            expected=self.version,
+            nack=rejected is not None,
+            ack=ack,
+        )
 
     def answer(self, creds: Credentials | None) -> Answer | None:
-        """The DiscoveryResponse to send now, or None (nothing requested yet, no credentials yet, nothing
-        changed, or nothing the caller has)."""
+        """The DiscoveryResponse to send now, or None (nothing requested yet, unsubscribed from everything,
+        no credentials yet, nothing changed, or nothing the caller has)."""
         if self.names is None or creds is None:
+            return None
+        if not self.wildcard and not any(self.names):  # names came before: no name now is no resource
+            self.missing = ()
             return None
         selection = select(self.settings, self.names, spiffe_validation(self.settings, self.node), creds)
         self.missing = selection.missing
@@ -145,6 +251,7 @@ class SotwStream:
             resources=[self.cache.packed(r) for r in selection.resources],
         )
         self.version, self.nonce, self._force = version, nonce, False
+        self.sent.add(nonce, version, tuple(r.name for r in selection.resources))
         return Answer(message, selection, version, nonce)
 
 
@@ -153,106 +260,15 @@ def _names_changed(old: tuple[str, ...], new: tuple[str, ...]) -> bool:
     return len(old) != len(new) or not set(new) <= set(old)
 
 
-class DeltaStream:
-    """One DeltaSecrets stream's protocol state (see the module docstring)."""
-
-    def __init__(self, settings: SdsSettings, cache: SecretCache, nonces: Callable[[], str] = new_nonce) -> None:
-        self.settings = settings
-        self.cache = cache
-        self.nonces = nonces
-        self.started = False
-        self.wildcard = False
-        self.subscribed: dict[str, None] = {}  # an ordered set
-        self.node = NodeFacts()
-        self.has: dict[str, str] = {}  # name -> the version the client has (or was last sent)
-        self.told_missing: set[str] = set()
-        self.nonce = ""
-        self.missing: tuple[tuple[str, str], ...] = ()  # subscribed names the caller has nothing for, and why
-        self._last_names: tuple[str, ...] = ()  # what the last response held, for a NACK's log line
-
-    def __repr__(self) -> str:
-        return f"DeltaStream(subscribed={list(self.subscribed)!r}, wildcard={self.wildcard}, nonce={self.nonce!r})"
-
-    def receive(self, request: Any) -> Received:
-        """Take one DeltaDiscoveryRequest. SdsRequestError for a request wlidd refuses."""
-        check_type_url(request.type_url)
-        subscribe = check_names(request.resource_names_subscribe)
-        unsubscribe = check_names(request.resource_names_unsubscribe)
-        if not self.started:
-            self.started = True
-            self.wildcard = not subscribe  # the legacy wildcard
-            if len(request.initial_resource_versions) > MAX_NAMES:
-                raise SdsRequestError(f"more than {MAX_NAMES} initial_resource_versions")
-            self.has.update(request.initial_resource_versions)
-        for name in subscribe:
-            if name == "*":
-                self.wildcard = True
-            elif name:
-                self.subscribed[name] = None
-                self.told_missing.discard(name)
-        for name in unsubscribe:
-            if name == "*":
-                self.wildcard = False
-            else:
-                self.subscribed.pop(name, None)
-                self.has.pop(name, None)
-                self.told_missing.discard(name)
-        if len(self.subscribed) > MAX_NAMES:
-            raise SdsRequestError(f"more than {MAX_NAMES} resource names subscribed")
-        self.node = node_facts(request.node if request.HasField("node") else None, self.node)
-        error = _error_text(request)
-        nonce = request.response_nonce
-        if nonce and nonce != self.nonce:
-            return Received(tuple(subscribe), stale=True, error=error, nonce=nonce, expected=self.nonce)
-        rejected = ",".join(self._last_names) if nonce and error is not None else None
-        return Received(self._last_names if nonce else tuple(subscribe), rejected=rejected, error=error, nonce=nonce)
-
-    def answer(self, creds: Credentials | None) -> Answer | None:
-        """The DeltaDiscoveryResponse to send now (resources the client lacks at their current version,
-        names it should drop), or None."""
-        if not self.started or creds is None:
-            return None
-        spiffe = spiffe_validation(self.settings, self.node)
-        explicit = select(self.settings, list(self.subscribed), spiffe, creds) if self.subscribed else Selection(())
-        self.missing = explicit.missing
-        found = {r.name: r for r in explicit.resources}
-        if self.wildcard:
-            for resource in select(self.settings, [], spiffe, creds).resources:
-                found.setdefault(resource.name, resource)
-        changed = tuple(r for r in found.values() if self.has.get(r.name) != r.version)
-        removed = [name for name in self.has if name not in found]
-        removed += [n for n in self.subscribed if n not in found and n not in self.has and n not in self.told_missing]
-        if not changed and not removed:
-            return None
-        nonce = self.nonces()
-        for resource in changed:
-            self.has[resource.name] = resource.version
-        for name in removed:
-            self.has.pop(name, None)
-            if name in self.subscribed:
-                self.told_missing.add(name)
-        message = discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=digest(tuple(sorted(self.has.items()))),
-            type_url=SECRET_TYPE_URL,
-            nonce=nonce,
-            resources=[
-                discovery_pb2.Resource(name=r.name, version=r.version, resource=self.cache.packed(r)) for r in changed
-            ],
-            removed_resources=removed,
-        )
-        self.nonce = nonce
-        self._last_names = tuple(r.name for r in changed)
-        return Answer(message, Selection(changed, explicit.missing), message.system_version_info, nonce, tuple(removed))
-
-
 def fetch_answer(settings: SdsSettings, request: Any, creds: Credentials, cache: SecretCache) -> Answer:
     """FetchSecrets: the DiscoveryResponse for one request, without version or nonce (handler.go 267-293,
-    `buildResponse("", …)`); names the caller has nothing for are left out."""
+    `buildResponse("", …)`); names the caller has nothing for are left out. No name at all asks for
+    everything (handler.go 309-315); names that are all empty ask for nothing."""
     check_type_url(request.type_url)
     names = check_names(request.resource_names)
     node = node_facts(request.node if request.HasField("node") else None, NodeFacts())
-    selection = select(settings, names, spiffe_validation(settings, node), creds)
+    selection = select(settings, names, spiffe_validation(settings, node), creds) if any(names) or not names else None
     message = discovery_pb2.DiscoveryResponse(
-        type_url=SECRET_TYPE_URL, resources=[cache.packed(r) for r in selection.resources]
+        type_url=SECRET_TYPE_URL, resources=[cache.packed(r) for r in selection.resources] if selection else []
     )
-    return Answer(message, selection, "", "")
+    return Answer(message, selection or Selection(()), "", "")

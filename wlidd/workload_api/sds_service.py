@@ -3,29 +3,64 @@ StreamSecrets, DeltaSecrets and FetchSecrets, driven by the watchers' published 
 
 Per call, as for the Workload API (wlidd.workload_api.server) but without its security header, which
 Envoy does not send: the caller from its connection's kernel credentials; its open calls counted against
-MAX_CALLS_PER_CALLER (RESOURCE_EXHAUSTED beyond); the identities its [policy] credentials rules allow
-(none: PERMISSION_DENIED, audited). Then the requests, each at most MAX_SDS_REQUEST_BYTES (an Envoy node
-lists every extension it was built with: tens of KB), the first within REQUEST_TIMEOUT.
+the listener's `max_calls_per_caller` (RESOURCE_EXHAUSTED beyond); the identities its [policy] credentials
+rules allow (none: PERMISSION_DENIED, audited). Then the requests, each at most MAX_SDS_REQUEST_BYTES (an
+Envoy node lists every extension it was built with: tens of KB): the first whole within REQUEST_TIMEOUT,
+each later one whenever the client likes, but once its first byte came, its prefix and (once there is room
+for it, below) its body within REQUEST_TIMEOUT each, else DEADLINE_EXCEEDED: a half-sent request is not
+held.
 
-A stream's protocol state is a `SotwStream` or `DeltaStream` (wlidd.workload_api.sds_protocol, pure); this
-module feeds it the requests, read by a task of their own into a small `Inbox` (when it is full, reading
-pauses and HTTP/2 flow control holds the client back), and wakes it (`Waker`) on every new published state
-of the caller's identities (`CredentialWatcher.wait_for_change`: the publication FetchX509SVID streams
-follow, no watcher of its own), from one small task per identity that lives as long as the stream (none is
-made per wake-up: a rotation pushed to a thousand streams makes no task), and on every policy reload
-(`WorkloadApi.policy_listeners`). Before each push the policy is checked again; a push
-that holds keys is sent through `WorkloadApi.push`, which stops it the moment a reload revokes them.
+A stream's protocol state is a `SotwStream` or `DeltaStream` (wlidd.workload_api.sds_protocol and
+sds_delta, pure), in a `StreamState` with its budget share (wlidd.workload_api.sds_stream). A reader task
+of its own reads each request and takes it into that state at once (a newer state-of-the-world request
+supersedes the older; Delta's subscriptions merge), logs and counts what it said, and then waits (`Inbox`)
+until the stream's loop has begun a pass after it, so it reads at most one request ahead of the loop: while
+a push is held back, reading stops and HTTP/2 flow control holds the client back. The loop is
+woken (`Waker`) by the reader, by every new published state of the caller's identities
+(`CredentialWatcher.wait_for_change`: the publication FetchX509SVID streams follow, no watcher of its own),
+from one small task per identity that lives as long as the stream (none is made per wake-up: a rotation
+pushed to a thousand streams makes no task), and by every policy reload (`WorkloadApi.policy_listeners`).
+Before each push the policy is checked again; a push that holds keys is sent through `WorkloadApi.push`,
+which stops it the moment a reload revokes them (or after SEND_TIMEOUT, 30 s, unread).
 
-Logged: a client's error_detail (a NACK) at error with the resource names (SPIRE handler.go 150-156);
-requested names the caller has nothing for, at warning, when that set changes; both through the repeat
-limiter (a client looping is counted, not written) and with at most LOGGED_NAMES names, cut short; every
-hand-out of a key in the audit log ("secrets pushed"). Never a secret: messages that hold keys are not
-logged or printed.
+Memory held for a caller's SDS calls (`budget`, wlidd.workload_api.sds_budget), worst cases:
+  - per call: its state, at most MAX_STATE_BYTES (1.25 MiB; an Envoy's: a few hundred bytes); the request
+    it is reading, at most MAX_SDS_REQUEST_BYTES (1 MiB), from its length prefix until it is parsed; the
+    answer it is pushing (a few KB of secrets; a DeltaSecrets answer also names back at most 64 KiB of
+    names, sds_protocol.MAX_REMOVED_BYTES) and its encoding, for as long as the client holds it back
+    (SEND_TIMEOUT, 30 s). A FetchSecrets call holds no request while its response waits. Its unread DATA
+    is bounded by its connection's HTTP/2 window (64 KiB, shared by the connection's streams). And the
+    call itself: ~45 KB (tasks, grpclib and h2 stream state).
+  - per uid: PER_CALLER_BYTES (16 MiB) of states, requests being read and encodings being written, by any
+    number of calls (a read or push waits for room: nothing is refused); over it, what is charged at once
+    (a state replacing the request it came from; an answer as built, ~0.1 MB a call at most), 64 KiB of
+    unread DATA per connection (16: 1 MiB) and ~45 KB a call: ~30 MB for 64 calls. Before: the inbox (4
+    parsed requests), one being read and one being answered, ~8 MB a call held for SEND_TIMEOUT, ~0.5 GB
+    for a uid's 64 calls.
+  - in all: TOTAL_BYTES (64 MiB), 64 KiB of unread DATA per connection (256: 16 MiB), one request being
+    parsed at a time (its bytes, the message and its names: ~4 MiB), and per call what is charged at once
+    and ~45 KB: ~85 MB and ~0.15 MB a call.
+  Measured (RSS growth of `wlidd run`; calls of nobody and other uids with HTTP/2 windows of 0, sending
+  requests of 1 MiB, 1,000 names of 1,000 characters, as fast as the daemon reads them, until it read
+  nothing for 3 s): 12 calls (tests.test_sds_breaker, test_sds_limits): 16.6 MB StreamSecrets, 16.1 MB
+  DeltaSecrets (before: 98 MB, 132 MB); one uid's 64 calls on 16 connections: 21.7 MB, 21.1 MB, FetchSecrets
+  19.9 MB (before: 425 MB, 605 MB); 6 uids' 384 calls: 89.8 MB, 93.0 MB, of which 17.9 MB is the calls
+  themselves (the same calls with Envoy-sized requests).
+
+Logged (wlidd.workload_api.sds_stream), every client-chosen field cut to a fixed length and through the
+repeat limiter: a client's error_detail at error with the resource names (SPIRE handler.go 150-156); a
+request with a stale nonce at debug; requested names the caller has nothing for, at warning, when that set
+changes. Every hand-out of a key in the audit log ("secrets pushed": once per identity and certificate for
+a caller, whatever names it asks it by: `handout_audit` with `what` the method and identity and the
+certificate's fingerprint as marker). Never a secret: messages that hold keys are not logged or printed.
+
+Counted in `counts` (wlidd.workload_api.sds_counts: /v1/status workload_api.sds and the wlidd_sds_* metrics).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import dataclasses
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -38,28 +73,28 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from wlidd.api.authz import handout_audit
+from wlidd.clock import Clock
 from wlidd.errors import SdsRequestError
 from wlidd.logs import AuditOnce, get_logger
+from wlidd.metrics import Metrics
 from wlidd.policy import Caller
+from wlidd.status import SdsStatus
 from wlidd.watch import CredentialWatcher, IdentityState
 from wlidd.workload_api.calls import REQUEST_TIMEOUT, read_message
-from wlidd.workload_api.sds import Credentials, NodeFacts, SecretCache, credentials_of
-from wlidd.workload_api.sds_protocol import Answer, DeltaStream, Received, SotwStream, fetch_answer
+from wlidd.workload_api.sds import Credentials, SecretCache, Selection, credentials_of
+from wlidd.workload_api.sds_budget import RequestBudget, Share
+from wlidd.workload_api.sds_counts import SdsCounts
+from wlidd.workload_api.sds_delta import DeltaStream
+from wlidd.workload_api.sds_protocol import Answer, SotwStream, fetch_answer, held_bytes
 from wlidd.workload_api.sds_settings import SdsSettings
+from wlidd.workload_api.sds_stream import Inbox, StreamState, Waker, log_missing, logged_names
 
 log = get_logger("wlidd.workload_api")
+audit = get_logger("wlidd.audit")
 
 SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
 MAX_SDS_REQUEST_BYTES = 2**20  # a DiscoveryRequest's largest declared size (Envoy's node lists its extensions)
-INBOX_SIZE = 4  # requests read ahead of the stream's loop
-LOGGED_NAMES = 10  # resource names a log line shows (the first ones, each cut to LOGGED_NAME_LENGTH)
-LOGGED_NAME_LENGTH = 256
-
-
-def logged_names(names: Any) -> list[str]:
-    """The first LOGGED_NAMES of a client's resource names, each cut short, for a log line of bounded size."""
-    shown = [name[:LOGGED_NAME_LENGTH] for name in list(names)[:LOGGED_NAMES]]
-    return shown + ([f"... {len(names) - LOGGED_NAMES} more"] if len(names) > LOGGED_NAMES else [])
+ROOM_TIMEOUT = 30.0  # seconds a push may wait for room in its caller's budget (as WorkloadApi.push for its window)
 
 
 class WorkloadCalls(Protocol):
@@ -68,6 +103,8 @@ class WorkloadCalls(Protocol):
 
     watchers: Mapping[str, CredentialWatcher]
     audited: AuditOnce
+    clock: Clock
+    metrics: Metrics | None
     policy_listeners: set[Callable[[], None]]  # each called on every policy reload
 
     async def caller(self, stream: Stream[Any, Any], *, header: bool = True) -> Caller: ...
@@ -85,69 +122,33 @@ class WorkloadCalls(Protocol):
     ) -> None: ...
 
 
-class Waker:
-    """What wakes one stream's loop: a request read, a new published state of one of its identities, a
-    policy reload. One event, armed anew by the loop before it looks at anything, so a wake-up during a
-    pass is not lost: the next wait returns at once."""
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-
-    def arm(self) -> anyio.Event:
-        self.event = anyio.Event()
-        return self.event
-
-    def wake(self) -> None:
-        self.event.set()
-
-
-class Inbox:
-    """The requests one stream's reader task has read and its loop has not yet taken (at most `size`),
-    and whether the client ended its side (`ended`) or broke the protocol (`error`)."""
-
-    def __init__(self, waker: Waker, size: int = INBOX_SIZE) -> None:
-        self.waker = waker
-        self.size = size
-        self.items: deque[Any] = deque()
-        self.ended = False
-        self.error: GRPCError | None = None
-        self._taken: anyio.Event | None = None  # made only while the reader waits for room
-
-    async def put(self, item: Any) -> None:
-        while len(self.items) >= self.size:
-            self._taken = anyio.Event()
-            await self._taken.wait()
-        self._taken = None
-        self.items.append(item)
-        self.waker.wake()
-
-    def end(self, error: GRPCError | None = None) -> None:
-        self.ended, self.error = True, error
-        self.waker.wake()
-
-    def take(self) -> list[Any]:
-        items = list(self.items)
-        self.items.clear()
-        if self._taken is not None:
-            self._taken.set()
-        return items
-
-
 class SecretDiscovery:
     """envoy.service.secret.v3.SecretDiscoveryService for `api`'s callers, identities and policy (`api`: the
-    WorkloadApi whose server registers this service's `__mapping__`)."""
+    WorkloadApi whose server registers this service's `__mapping__`); `budget`: the request bytes its calls
+    may hold (wlidd.workload_api.sds_budget)."""
 
-    def __init__(self, api: WorkloadCalls, settings: SdsSettings) -> None:
+    def __init__(self, api: WorkloadCalls, settings: SdsSettings, budget: RequestBudget | None = None) -> None:
         self.api = api
         self.settings = settings
         self.cache = SecretCache()
+        self.budget = budget if budget is not None else RequestBudget()
         self._credentials: OrderedDict[tuple[tuple[str, int], ...], Credentials] = OrderedDict()
-        self.streams = 0
-        self.pushes = 0
-        self.nacks = 0
+        self.counts = SdsCounts(api.metrics, api.clock)
 
     def __repr__(self) -> str:
-        return f"SecretDiscovery(streams={self.streams}, pushes={self.pushes}, nacks={self.nacks})"
+        return f"SecretDiscovery({self.counts!r})"
+
+    @property
+    def streams(self) -> int:
+        return self.counts.streams
+
+    @property
+    def pushes(self) -> int:
+        return self.counts.pushes
+
+    @property
+    def nacks(self) -> int:
+        return self.counts.nacks
 
     def __mapping__(self) -> dict[str, Handler]:
         request, delta = discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest
@@ -163,8 +164,9 @@ class SecretDiscovery:
             ),
         }
 
-    def status(self) -> dict[str, int]:
-        return {"streams": self.streams, "pushes": self.pushes, "nacks": self.nacks}
+    def status(self) -> SdsStatus:
+        """The SDS part of /v1/status (wlidd.status.SdsStatus): counts and the last NACK, no key material."""
+        return self.counts.status()
 
     def credentials(self, names: list[str]) -> Credentials | None:
         """The Credentials of these identities now (those with a valid SVID), shared by every stream that
@@ -197,17 +199,20 @@ class SecretDiscovery:
         with self.api.admitted(caller):
             self.api.authorize(caller, method)
             parse = discovery_pb2.DiscoveryRequest.FromString
-            request = await read_message(stream, parse, limit=MAX_SDS_REQUEST_BYTES) or discovery_pb2.DiscoveryRequest()
+            share = self.budget.share(caller.uid)
+            request = await read_message(stream, parse, limit=MAX_SDS_REQUEST_BYTES, room=share.reading)
             names = self.api.still_allowed(caller, method)
             creds = self.credentials(names)
             if creds is None:
                 raise GRPCError(Status.UNAVAILABLE, "no valid X.509-SVID is available yet")
             try:
-                answer = fetch_answer(self.settings, request, creds, self.cache)
+                answer = fetch_answer(self.settings, request or discovery_pb2.DiscoveryRequest(), creds, self.cache)
             except SdsRequestError as exc:
                 raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
-            self._log_missing(answer.selection.missing, (), caller, method)
-            await self._send(stream, answer, caller, method)
+            del request  # nothing of it is held while the response waits for the client
+            log_missing(answer.selection.missing, 0, caller, method)
+            answer = dataclasses.replace(answer, selection=Selection(answer.selection.resources))
+            await self._send(stream, answer, caller, method, share)
 
     # ---- a stream ---------------------------------------------------------------------------------------
 
@@ -219,59 +224,60 @@ class SecretDiscovery:
             self.api.authorize(caller, method)
             waker = Waker()
             inbox = Inbox(waker)
+            state = StreamState(method, protocol, caller, self.budget.share(caller.uid), self.counts)
             failure: GRPCError | None = None
-            self.streams += 1
+            self.counts.stream(method, 1)
             try:
                 self.api.policy_listeners.add(waker.wake)
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._read, stream, parse, inbox)
+                    tg.start_soon(self._read, stream, parse, state, inbox)
                     try:
-                        await self._serve(stream, method, protocol, caller, inbox, waker, tg)
+                        await self._serve(stream, state, inbox, waker, tg)
                     except GRPCError as exc:  # raised out of the task group, not wrapped in an ExceptionGroup
                         failure = exc
                     tg.cancel_scope.cancel()
             finally:
                 self.api.policy_listeners.discard(waker.wake)
-                self.streams -= 1
+                state.close()
+                self.counts.stream(method, -1)
             if failure is not None:
                 raise failure
 
     @staticmethod
-    async def _read(stream: Stream[Any, Any], parse: Callable[[bytes], Any], inbox: Inbox) -> None:
-        """Read the stream's requests into `inbox` until the client ends its side or breaks the rules."""
+    async def _read(stream: Stream[Any, Any], parse: Callable[[bytes], Any], state: StreamState, inbox: Inbox) -> None:
+        """Read the stream's requests and take each into its state, one ahead of the loop at most, until the
+        client ends its side or breaks the rules (see the module docstring)."""
         timeout: float | None = REQUEST_TIMEOUT  # for the first request only
         try:
             while True:
-                request = await read_message(stream, parse, limit=MAX_SDS_REQUEST_BYTES, timeout=timeout)
+                request = await read_message(
+                    stream,
+                    parse,
+                    limit=MAX_SDS_REQUEST_BYTES,
+                    timeout=timeout,
+                    rest_timeout=REQUEST_TIMEOUT,
+                    room=state.share.reading,
+                )
                 if request is None:
                     inbox.end()
                     return
                 timeout = None
-                await inbox.put(request)
+                state.take(request)
+                del request  # only the state keeps what it needs of it
+                await inbox.put()
         except GRPCError as exc:
             inbox.end(exc)
 
     async def _serve(
-        self,
-        stream: Stream[Any, Any],
-        method: str,
-        protocol: SotwStream | DeltaStream,
-        caller: Caller,
-        inbox: Inbox,
-        waker: Waker,
-        tg: anyio.abc.TaskGroup,
+        self, stream: Stream[Any, Any], state: StreamState, inbox: Inbox, waker: Waker, tg: anyio.abc.TaskGroup
     ) -> None:
-        """Take requests, answer them, and push after every change, until the client ends the call."""
-        logged_missing: tuple[tuple[str, str], ...] = ()
+        """Answer the state after every request taken in, and push after every change, until the client ends
+        the call."""
+        caller, method = state.caller, state.method
         following: set[str] = set()
         while True:
             woken = waker.arm()  # anything from here on wakes the wait below
-            for request in inbox.take():
-                try:
-                    received = protocol.receive(request)
-                except SdsRequestError as exc:
-                    raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
-                self._log_received(received, caller, method, protocol.node)
+            inbox.take()
             if inbox.error is not None:
                 raise inbox.error
             if inbox.ended:
@@ -281,11 +287,19 @@ class SecretDiscovery:
                 if name not in following:
                     following.add(name)
                     tg.start_soon(self._follow_identity, name, waker)
-            answer = protocol.answer(self.credentials(names))
-            logged_missing = self._log_missing(protocol.missing, logged_missing, caller, method)
-            if answer is not None:
-                await self._send(stream, answer, caller, method)
+            await self._answer(stream, state, names)
+            if state.protocol.more:  # a DeltaSecrets answer left names to remove: the next pass sends them
+                waker.wake()
             await woken.wait()
+
+    async def _answer(self, stream: Stream[Any, Any], state: StreamState, names: list[str]) -> None:
+        """One pass: the answer to the state now, if any, sent (its own frame: nothing of it is kept once
+        sent, while the stream waits for the next wake-up)."""
+        caller, method, protocol = state.caller, state.method, state.protocol
+        answer = protocol.answer(self.credentials(names))
+        state.logged_missing = log_missing(protocol.missing, state.logged_missing, caller, method)
+        if answer is not None:
+            await self._send(stream, answer, caller, method, state.share)
 
     async def _follow_identity(self, name: str, waker: Waker) -> None:
         """Wake the stream on every state the identity's watcher publishes (the publication the Workload
@@ -296,57 +310,54 @@ class SecretDiscovery:
             version = (await watcher.wait_for_change(version)).version
             waker.wake()
 
-    async def _send(self, stream: Stream[Any, Any], answer: Answer, caller: Caller, method: str) -> None:
+    async def _send(self, stream: Stream[Any, Any], answer: Answer, caller: Caller, method: str, share: Share) -> None:
+        """Audit, log and push one answer, charged to the call's `share` meanwhile: the answer as built (the
+        message, and the client's names it refers to: a DeltaSecrets answer names back the ones the caller
+        has nothing for) at once, and its encoding (twice the message's size: grpclib's send_message keeps
+        it with and without its prefix) once that fits, within ROOM_TIMEOUT (else DEADLINE_EXCEEDED). A
+        reload that took any of its identities meanwhile ends the call with PERMISSION_DENIED, as one during
+        the push does (WorkloadApi.push)."""
         identities = list(answer.selection.identities)
-        resources = [r.name for r in answer.selection.resources]
-        if identities:  # audited before the keys leave (see WorkloadApi._serve)
-            marker = tuple(r.content for r in answer.selection.resources if r.identity)
+        size = answer.message.ByteSize()
+        built = size + held_bytes({*answer.removed, *(name for name, _ in answer.selection.missing)})
+        with share.sending(built):
+            with anyio.move_on_after(ROOM_TIMEOUT):
+                await share.room(2 * size)
+            if not share.fits(2 * size):
+                raise GRPCError(
+                    Status.DEADLINE_EXCEEDED,
+                    f"no room for a push within {ROOM_TIMEOUT:g} s: this caller's SDS calls hold what they may",
+                )
+            lost = [name for name in identities if name not in self.api.still_allowed(caller, method)]
+            if lost:  # a reload while the push waited for room
+                audit.warning("access revoked", route=method, uid=caller.uid, user=caller.user, listener="workload_api")
+                raise GRPCError(Status.PERMISSION_DENIED, f"{caller.describe()} may no longer have {', '.join(lost)}")
+            self._announce(answer, caller, method)
+            with share.sending(2 * size):
+                await self.api.push(stream, answer.message, caller, identities, method)
+        self.counts.pushed(method)
+
+    def _announce(self, answer: Answer, caller: Caller, method: str) -> None:
+        """The audit lines and the debug line of a push, before its keys leave (see WorkloadApi._serve): once
+        per identity and certificate for this caller, whatever names it asks them by and however many
+        streams it opens (wlidd.logs.AuditOnce)."""
+        for resource in answer.selection.handed_out:
             handout_audit(
-                self.api.audited, "secrets pushed", caller, method, marker, route=method, identities=identities
+                self.api.audited,
+                "secrets pushed",
+                caller,
+                f"{method} {resource.identity}",
+                resource.fingerprint,
+                route=method,
+                identities=[resource.identity],
+                serial=resource.svid.serial if resource.svid is not None else None,
             )
         log.debug(
             "SDS response sent",
             route=method,
             uid=caller.uid,
-            resources=resources,
-            removed=list(answer.removed),
+            resources=logged_names([r.name for r in answer.selection.resources]),
+            removed=logged_names(answer.removed),
             version=answer.version,
             nonce=answer.nonce,
         )
-        await self.api.push(stream, answer.message, caller, identities, method)
-        self.pushes += 1
-
-    def _log_received(self, received: Received, caller: Caller, method: str, node: NodeFacts) -> None:
-        fields: dict[str, Any] = {"route": method, "uid": caller.uid, "user": caller.user, "pid": caller.pid}
-        fields.update(node=node.id, cluster=node.cluster)
-        if received.stale:
-            log.debug(
-                "SDS request with a stale nonce ignored", nonce=received.nonce, expected=received.expected, **fields
-            )
-        if received.error is not None or received.rejected is not None:
-            self.nacks += 1
-            log.limited(
-                "error",
-                "Envoy rejected the secrets sent",
-                key={"listener": "workload_api", "uid": caller.uid, "route": method},
-                resources=logged_names(received.names),
-                error=received.error,
-                version=received.rejected,
-                **{k: v for k, v in fields.items() if k not in ("route", "uid")},
-            )
-
-    @staticmethod
-    def _log_missing(
-        missing: tuple[tuple[str, str], ...], logged: tuple[tuple[str, str], ...], caller: Caller, method: str
-    ) -> tuple[tuple[str, str], ...]:
-        """Log requested names the caller has nothing for when that set changed; the set now logged."""
-        if missing and missing != logged:
-            log.limited(
-                "warning",
-                "SDS resources requested that this caller has no secret for; left out",
-                key={"listener": "workload_api", "uid": caller.uid, "route": method, "what": "missing"},
-                user=caller.user,
-                resources=logged_names([name for name, _ in missing]),
-                reasons=sorted({why for _, why in missing}),
-            )
-        return missing

@@ -56,7 +56,7 @@ from grpclib.server import Server, Stream
 from h2.errors import ErrorCodes
 
 from wlidd.api.accept import ConnectionCounter
-from wlidd.api.authz import handout_audit
+from wlidd.api.authz import handout_audit, process_fields
 from wlidd.api.callers import CallerCache
 from wlidd.api.peers import CallerKey, Peer, socket_peer
 from wlidd.clock import Clock
@@ -78,12 +78,13 @@ audit = get_logger("wlidd.audit")
 
 SECURITY_HEADER = "workload.spiffe.io"
 SEND_TIMEOUT = 30.0  # seconds a push may wait on a client that does not open its flow-control window
+MAX_EMPTY_DATA_FRAMES = 1024  # per connection (no client needs one: gRPC messages are never empty on the wire)
 WINDOW_BYTES = 2**16 - 1  # HTTP/2 receive windows, per connection and per stream: the minimum (RFC 9113 §6.9.2)
 _PREFACE_BYTES = 24  # the HTTP/2 client connection preface (RFC 9113 §3.4)
 # Streams one connection may open in its life; then GOAWAY and close (clients reconnect). h2 remembers
 # up to 65,536 closed streams per connection (~200 bytes each): this keeps that table small.
 MAX_STREAMS_PER_CONNECTION = 1000
-MAX_CALLS_PER_CALLER = 64  # open calls (streams) of one uid across its connections: each holds memory
+MAX_CALLS_PER_CALLER = 64  # open calls (streams) of one uid across its connections, by default: each holds memory
 CLOSE_GRACE = 2.0  # seconds a closing connection may take to flush its last frames before it is aborted
 
 
@@ -150,6 +151,26 @@ class WorkloadProtocol(H2Protocol):
         # grpclib has no processor for h2's UnknownFrameReceived and raised NotImplementedError out of
         # data_received (a traceback per connection, the connection dropped).
         self.processor.processors[h2.events.UnknownFrameReceived] = _ignore_event
+        # Empty DATA frames cost the sender nothing (no flow-control window) and grpclib queues an object
+        # for each: past a budget the connection ends with ENHANCE_YOUR_CALM, as nghttp2 does against
+        # CVE-2019-9518 ("empty frames flood"). A stream's END_STREAM may come on an empty frame: not counted.
+        process_data = self.processor.processors[h2.events.DataReceived]
+        self._process_data: Callable[[h2.events.DataReceived], None] = process_data  # type: ignore[assignment]
+        self.processor.processors[h2.events.DataReceived] = self._data_frame
+        self.empty_frames = 0
+
+    def _uid(self) -> int | None:
+        return self.credentials.uid if self.credentials is not None else None
+
+    def _data_frame(self, event: h2.events.DataReceived) -> None:
+        if not event.flow_controlled_length and event.stream_ended is None:
+            self.empty_frames += 1
+            if self.empty_frames > MAX_EMPTY_DATA_FRAMES:
+                if self.empty_frames == MAX_EMPTY_DATA_FRAMES + 1:
+                    log.warning("workload API connection ended: a flood of empty DATA frames", uid=self._uid())
+                self.end(ErrorCodes.ENHANCE_YOUR_CALM)
+                return  # nor anything after it on this connection
+        self._process_data(event)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -260,7 +281,9 @@ class _Sending:
 
 
 class WorkloadApi:
-    """The grpclib service; one instance serves every connection (from `build_server`)."""
+    """The grpclib service; one instance serves every connection (from `build_server`).
+    `max_calls_per_caller`: the open calls (Workload API and SDS streams together) one uid may hold across
+    its connections ([listeners.workload_api] max_calls_per_caller)."""
 
     def __init__(
         self,
@@ -269,6 +292,8 @@ class WorkloadApi:
         clock: Clock,
         metrics: Metrics | None = None,
         sds: SdsSettings | None = None,
+        *,
+        max_calls_per_caller: int = MAX_CALLS_PER_CALLER,
     ) -> None:
         self.watchers = watchers
         self._policy = policy
@@ -277,8 +302,9 @@ class WorkloadApi:
         self.metrics = metrics
         self._callers = CallerCache()
         self.audited = AuditOnce()
-        # open calls per uid (only uids with one), refused beyond MAX_CALLS_PER_CALLER; no cap in all
-        self._calls = ConnectionCounter(sys.maxsize, MAX_CALLS_PER_CALLER)
+        # open calls per uid (only uids with one), refused beyond max_calls_per_caller; no cap in all
+        self.max_calls_per_caller = max_calls_per_caller
+        self._calls = ConnectionCounter(sys.maxsize, max_calls_per_caller)
         self.streams = 0
         self.pushes = 0
         self.last_push: dict[str, dt.datetime] = {}
@@ -332,7 +358,9 @@ class WorkloadApi:
         }
 
     def status(self) -> WorkloadApiStatus:
-        return WorkloadApiStatus(self.streams, self.pushes, dict(sorted(self.last_push.items())))
+        """The Workload API's part of /v1/status, with SDS's (`sds`) while it is served."""
+        sds = self.sds.status() if self.sds is not None else None
+        return WorkloadApiStatus(self.streams, self.pushes, dict(sorted(self.last_push.items())), sds)
 
     async def unimplemented(self, stream: Stream[Any, Any]) -> None:
         raise GRPCError(Status.UNIMPLEMENTED, "JWT-SVIDs are not served by wlidd: it distributes X.509-SVIDs")
@@ -358,7 +386,8 @@ class WorkloadApi:
         creds = connection.credentials
         if creds is None or creds.uid is None:
             raise GRPCError(Status.PERMISSION_DENIED, "the caller cannot be identified (not a Unix socket peer)")
-        return await self._callers.caller_of(creds)  # SO_PEERCRED and SO_PEERGROUPS, read at connection time
+        # SO_PEERCRED and SO_PEERGROUPS, read at connection time; its process too when a rule asks (wlidd.workload)
+        return await self._callers.caller_of(creds, self._policy)
 
     def _allowed(self, caller: Caller) -> list[str]:
         """The identities the current policy lets `caller` have (its [policy] credentials rules)."""
@@ -379,14 +408,15 @@ class WorkloadApi:
     @contextlib.contextmanager
     def admitted(self, caller: Caller) -> Iterator[None]:
         """Hold one of the caller's open calls while in the block; RESOURCE_EXHAUSTED when its uid already
-        has MAX_CALLS_PER_CALLER open (each open call holds memory: one uid may not pile them up)."""
+        has `max_calls_per_caller` open (each open call holds memory: one uid may not pile them up; the
+        listener's `max_calls_per_caller`, MAX_CALLS_PER_CALLER by default)."""
         key = CallerKey(caller.uid)
         refusal = self._calls.admit(key)
         if refusal is not None:
             held = self._calls.per_caller.get(key, 0)
             raise GRPCError(
                 Status.RESOURCE_EXHAUSTED,
-                f"{caller.describe()} already has {held} Workload API calls open (at most {MAX_CALLS_PER_CALLER})",
+                f"{caller.describe()} already has {held} Workload API calls open (at most {self.max_calls_per_caller})",
             )
         try:
             yield
@@ -399,8 +429,14 @@ class WorkloadApi:
         names = self._allowed(caller)
         if not names:
             key = {"listener": "workload_api", "uid": caller.uid}  # repeats are counted (wlidd.logs)
-            audit.limited("warning", "access denied", key=key, route=method, user=caller.user)
-            raise GRPCError(Status.PERMISSION_DENIED, f"{caller.describe()} may have no identity here")
+            why = [r for name in self.watchers if (r := self._policy.may_have_credentials(caller, name).refusal)]
+            detail = "; ".join(why[:4])  # which selector each rule found wrong (a few: the config's size)
+            fields = process_fields(caller)
+            audit.limited("warning", "access denied", key=key, route=method, user=caller.user, detail=detail, **fields)
+            refusal = f"{caller.describe()} may have no identity here"
+            if why and (caller.process is not None or caller.process_problem):  # which selector refused it
+                refusal += f" ({why[0]})"
+            raise GRPCError(Status.PERMISSION_DENIED, refusal)
         return names
 
     def still_allowed(self, caller: Caller, method: str) -> list[str]:

@@ -1,13 +1,21 @@
-"""Prometheus metrics: one registry per daemon (tests run several daemons in one process)."""
+"""Prometheus metrics: one registry per daemon (tests run several daemons in one process).
+
+What wlidd exports is declared here (`Metrics`); the values are kept by wlidd.metrics.families until a scrape
+imports prometheus_client to write them out.
+"""
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from wlidd.metrics.families import Counter, Family, Gauge, Registry
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
+__all__ = ["Counter", "Family", "Gauge", "Metrics", "Registry"]
 
 
 class Metrics:
@@ -15,7 +23,7 @@ class Metrics:
 
     # long: one declaration per metric (name, help, labels): the list of what wlidd exports
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = Registry()
         self.identity_reloads = Counter(
             "wlidd_identity_reloads",
             "Credential reload attempts by identity and result (updated, unchanged, rejected).",
@@ -100,6 +108,34 @@ class Metrics:
             ["identity"],
             registry=self.registry,
         )
+        # Envoy SDS: labelled by method only (a fixed set); an Envoy's node id and the resource names it asks
+        # for are the client's to choose, an unbounded set, so they are never labels (see /v1/status and the log)
+        self.sds_streams = Gauge(
+            "wlidd_sds_streams",
+            "Open Envoy SDS streams on the Workload API socket, by method (StreamSecrets, DeltaSecrets).",
+            ["method"],
+            registry=self.registry,
+        )
+        self.sds_streams_nacked = Gauge(
+            "wlidd_sds_streams_nacked",
+            "Open SDS streams whose Envoy rejected (NACKed) the last response and has accepted none since: it"
+            " keeps an older secret, and wlidd resends nothing until the content changes. By method.",
+            ["method"],
+            registry=self.registry,
+        )
+        self.sds_pushes = Counter(
+            "wlidd_sds_pushes",
+            "SDS responses sent to Envoy, by method (StreamSecrets, DeltaSecrets, FetchSecrets).",
+            ["method"],
+            registry=self.registry,
+        )
+        self.sds_nacks = Counter(
+            "wlidd_sds_nacks",
+            "SDS responses Envoy rejected (NACKs; Envoy's error_detail is logged), by method (StreamSecrets,"
+            " DeltaSecrets).",
+            ["method"],
+            registry=self.registry,
+        )
         self.http_requests = Counter(
             "wlidd_http_requests",
             "Local API requests by listener, route and status.",
@@ -148,18 +184,21 @@ class Metrics:
         self.registry.register(_SuppressedLines())
         self.failing_sinks = _FailingSinks()  # the daemon gives it its source of failing sinks
         self.registry.register(self.failing_sinks)
-        # process_start_time_seconds (restart loops), CPU, RSS and open descriptors of this process
-        ProcessCollector(registry=self.registry)
+        # and (Registry) process_start_time_seconds (restart loops), CPU, RSS and open descriptors of this process
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry.prometheus())
 
 
-class _SuppressedLines(Collector):
+class _SuppressedLines:
     """wlidd_log_lines_suppressed_total{event}: repeated log lines counted instead of written
     (wlidd.logs.RepeatLimiter); events are names in the code, a fixed set."""
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
         from wlidd.logs import repeat_limiter
 
         family = CounterMetricFamily(
@@ -172,7 +211,7 @@ class _SuppressedLines(Collector):
         yield family
 
 
-class _FailingSinks(Collector):
+class _FailingSinks:
     """wlidd_sink_write_failing{kind,owner}: how many of an identity's or token source's sinks failed their
     last write; `source` returns (kind, owner) pairs, one per failing sink (the daemon sets it to its
     record of failing sinks: owners come from the config, a bounded set). A series goes away once every
@@ -182,6 +221,8 @@ class _FailingSinks(Collector):
         self.source: Callable[[], Iterable[tuple[str, str]]] = tuple
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         family = GaugeMetricFamily(
             "wlidd_sink_write_failing",
             "Sinks whose last write failed (their files keep the last good content), by kind (identity,"

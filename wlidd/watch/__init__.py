@@ -1,11 +1,10 @@
 """CredentialWatcher: every trigger feeds one `reload(reason)`; consumers read one published state.
-Long: the one reload path, with what triggers it and what reads its result.
 
 Triggers: inotify events (`dirwatch`) on the parent directories (symlink swaps, renames, Kubernetes ``..data``
-swaps), a periodic re-read, SIGHUP (through the daemon), and re-reads just before and at the
-leaf's expiry. Change is decided by content fingerprint, not by events. A valid new set is
-published by one assignment of an immutable `IdentityState`; an invalid one is counted, logged
-with its reason, and the last good state stays.
+swaps; where the watches go, and when they move, is wlidd.watch.directories), a periodic re-read, SIGHUP
+(through the daemon), and re-reads just before and at the leaf's expiry. Change is decided by content
+fingerprint, not by events. A valid new set is published by one assignment of an immutable
+`IdentityState`; an invalid one is counted, logged with its reason, and the last good state stays.
 
 Consumers either read `watcher.current` (the TLS server context does, per handshake) or iterate
 `watcher.changes()` to be woken on every new state (the Workload API and token engine will).
@@ -17,27 +16,27 @@ import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from wlidd.clock import Clock, utc_now
-from wlidd.dirwatch import directory_changes
 from wlidd.errors import SvidError
 from wlidd.logs import get_logger
 from wlidd.metrics import Metrics
-from wlidd.svid.load import RESOURCE_ERRNOS, CredentialSource, load_identity
+from wlidd.svid.load.files import RESOURCE_ERRNOS
+from wlidd.svid.load.retry import load_identity
+from wlidd.svid.load.source import CredentialSource
 from wlidd.svid.model import Identity
 from wlidd.tlsctx import TlsContexts
+from wlidd.watch.directories import DirectoryWatches
 
 log = get_logger("wlidd.watch")
 
 PRE_EXPIRY_MARGIN = 30.0  # seconds before not_after to re-read once more
 MAX_TIMER_SLEEP = 30.0  # wall clock is re-checked at least this often (suspend/resume)
 INVALID_REREAD_INTERVAL = 30.0  # re-read at least this often while no valid SVID is loaded
-MISSING_RECHECK = 2.0  # seconds between re-plans of the watches while a needed directory does not exist
 RESOURCE_RETRY = 1.0  # seconds before a reload deferred for lack of descriptors or memory is tried again
 
 
@@ -93,10 +92,8 @@ class CredentialWatcher:
         self._wake = anyio.Event()
         self._pending: str | None = None
         self._changed = anyio.Event()
-        self._watch_stop = anyio.Event()
-        self._watching: list[str] | None = None  # the directories watched now (_watch_plan)
-        self._closed = False
         self._log = log.bind(identity=name)
+        self._watches = DirectoryWatches(source, self.request_reload, self._log)
         self._task_group: anyio.abc.TaskGroup | None = None  # run()'s, for deferred retries
 
     # ---- consumers -------------------------------------------------------------------------
@@ -286,8 +283,7 @@ class CredentialWatcher:
 
     def close(self) -> None:
         """Stop the file watcher thread promptly (call before cancelling `run`)."""
-        self._closed = True
-        self._watch_stop.set()
+        self._watches.close()
 
     # ---- the service -----------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -296,7 +292,7 @@ class CredentialWatcher:
         The watches are in place before the first read, so a rotation during start-up is never missed."""
         async with anyio.create_task_group() as tg:
             self._task_group = tg
-            await tg.start(self._watch_files)
+            await tg.start(self._watches.run)
             await self.reload("start")
             tg.start_soon(self._timer)
             task_status.started()
@@ -305,81 +301,7 @@ class CredentialWatcher:
                 self._wake = anyio.Event()
                 reason, self._pending = self._pending or "event", None
                 await self.reload(reason)
-                await self._check_watches()
-
-    def _watch_dirs(self) -> list[Path]:
-        return self.source.watch_dirs()
-
-    def _watch_plan(self) -> list[str]:
-        """The directories to watch now: each real directory the source needs (CredentialSource.watch_dirs)
-        that exists, and for one that does not, its nearest existing ancestor — its creation, or a
-        directory moved into place (`mv new certs`), shows there as an event."""
-        return self._plan_for(self._watch_dirs())
-
-    @staticmethod
-    def _plan_for(needed: list[Path]) -> list[str]:
-        plan: list[str] = []
-        for directory in needed:
-            probe = directory
-            while not probe.is_dir() and probe != probe.parent:
-                probe = probe.parent
-            if str(probe) not in plan:
-                plan.append(str(probe))
-        return plan
-
-    async def _check_watches(self) -> None:
-        """Plan the watches again (after an event burst, a reload, and every 2 s while a needed directory
-        is missing): when a link now leads elsewhere (a re-pointed parent link whose old target
-        survives, a swap the events missed) or a missing directory appeared, the watches move."""
-        if self._watching is None:
-            return
-        plan = await anyio.to_thread.run_sync(self._watch_plan)
-        if plan != self._watching:
-            self._log.debug("watched directories moved", dirs=plan)
-            self._watch_stop.set()
-
-    async def _watch_files(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Watch the source's directories until closed; started once the first watches are in place.
-
-        Each time the watches are set up again (a watched directory went away, links moved), events
-        may have been missed meanwhile, so the set is read once more ("watch-changed"; cheap when
-        nothing changed: the content fingerprint is compared before any parsing)."""
-        started = False
-
-        def ready() -> None:
-            nonlocal started
-            if not started:
-                started = True
-                task_status.started()
-
-        first = True
-        while not self._closed:
-            needed = await anyio.to_thread.run_sync(self._watch_dirs)
-            plan = await anyio.to_thread.run_sync(self._plan_for, needed)
-            if not first:
-                self.request_reload("watch-changed")
-            first = False
-            stop = self._watch_stop = anyio.Event()
-            self._watching = plan
-            async with anyio.create_task_group() as tg:
-                if not {str(d) for d in needed} <= set(plan):  # a needed directory is missing
-                    tg.start_soon(self._recheck_while_missing, stop)
-                try:
-                    async for _ in directory_changes(plan, self.source.config.debounce, stop, ready):
-                        self.request_reload("file-event")
-                        await self._check_watches()
-                except (OSError, RuntimeError) as exc:
-                    self._log.warning("file watch failed, restarting", error=str(exc))
-                    ready()  # the periodic re-read still runs; the watch is retried in a second
-                    await anyio.sleep(1.0)
-                tg.cancel_scope.cancel()
-
-    async def _recheck_while_missing(self, stop: anyio.Event) -> None:
-        """Every MISSING_RECHECK seconds while a needed directory does not exist: plan again (a safety
-        net beside the ancestor's events, e.g. for a directory created by a chain of mkdirs)."""
-        while not stop.is_set():
-            await anyio.sleep(MISSING_RECHECK)
-            await self._check_watches()
+                await self._watches.check()
 
     def next_timer_deadline(self, now: dt.datetime) -> tuple[dt.datetime, str]:
         """When the timer fires next, and why: periodic re-read, shortly before expiry, or at expiry."""

@@ -1,81 +1,31 @@
-"""Command line: ``wlidd run | check | status | demo``.
-Long: one parser and one handler per subcommand.
+"""Command line: ``wlidd run | check | status | token | creds | demo``: one parser, one handler per subcommand.
 
 Every failure a user can cause prints one clear message (no traceback) and exits non-zero with one
-of the codes in `ExitCode` (listed by `wlidd --help`).
+of the codes in `ExitCode` (wlidd.cli.exit_codes; listed by `wlidd --help`). The commands that ask the
+running daemon (status, token, creds) are in wlidd.cli.client_commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import enum
-import json
 import os
 import shutil
 import sys
 import tempfile
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 
 from wlidd import __version__
-from wlidd.clock import iso_z
-from wlidd.config import DEFAULT_CONFIG_PATH, Config, UnixListenerConfig, config_path_from, load_config
+from wlidd.cli.client_commands import cmd_creds, cmd_status, cmd_token
+from wlidd.cli.exit_codes import ExitCode, exit_code_for, exit_codes_help
+from wlidd.config import DEFAULT_CONFIG_PATH, Config, config_path_from, load_config
 from wlidd.errors import ConfigError, SvidError, WlidError
 from wlidd.logs import configure_logging
-from wlidd.status import Status, to_json
-from wlidd.svid.load import CredentialSource, load_identity
-
-
-class ExitCode(enum.IntEnum):
-    """Every exit status of `wlidd`, the one table `--help` and the README list (EXIT_CODE_MEANING).
-    WlidError subclasses carry theirs as the `exit_code` hint (ConfigError 2, ListenerError 3);
-    `exit_code_for` maps an error to its code."""
-
-    OK = 0
-    FAILURE = 1
-    CONFIG = 2
-    LISTENER = 3
-    NO_ACCESS = 4
-    INTERRUPTED = 130
-
-
-EXIT_CODE_MEANING: dict[ExitCode, str] = {
-    ExitCode.OK: "success; `run` stopped by SIGTERM/SIGINT; `run --oneshot` did everything",
-    ExitCode.FAILURE: "a check failed, an identity or token is not valid or servable, the daemon refused a"
-    " request or is not running (no socket, nothing listening), a required token could not be had at start,"
-    " `run --oneshot` could not load an identity, fetch a token or write a sink",
-    ExitCode.CONFIG: "bad command line or configuration (unknown key, bad value, missing config file)",
-    ExitCode.LISTENER: "a listener could not be set up: socket in use by a running daemon, path not a socket,"
-    " unknown socket owner or group, address taken",
-    ExitCode.NO_ACCESS: "permission denied on the daemon's socket (the message names its owner, group, mode)",
-    ExitCode.INTERRUPTED: "interrupted by Ctrl-C (SIGINT) outside `run`, or during `run --oneshot`",
-}
-
-
-def exit_codes_help() -> str:
-    """The `--help` epilog: one line per ExitCode."""
-    lines = ["exit codes:"]
-    for code in ExitCode:
-        head = f"  {int(code):<4} {code.name.lower():<12} "
-        lines.append(textwrap.fill(EXIT_CODE_MEANING[code], 79, initial_indent=head, subsequent_indent=" " * len(head)))
-    return "\n".join(lines)
-
-
-def exit_code_for(error: WlidError) -> ExitCode:
-    """The exit code for a WlidError: NO_ACCESS when the daemon's socket refused this caller, else the
-    error's own `exit_code` hint (FAILURE if that is not an ExitCode)."""
-    from wlidd.errors import ClientError
-
-    if isinstance(error, ClientError) and error.reason == "permission_denied":
-        return ExitCode.NO_ACCESS
-    try:
-        return ExitCode(error.exit_code)
-    except ValueError:
-        return ExitCode.FAILURE
+from wlidd.svid.load.retry import load_identity
+from wlidd.svid.load.source import CredentialSource
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -122,6 +72,28 @@ def _socket_account_problems(config: Config) -> list[str]:
     return problems
 
 
+def _unit_grants_ptrace() -> bool:
+    """Whether the wlidd unit clearly grants CAP_SYS_PTRACE (`systemctl show -p AmbientCapabilities wlidd`
+    lists cap_sys_ptrace): rules on executables and sha256 need it for other users' processes. False when
+    it does not, or cannot be told (no systemd here): `wlidd check` then warns of those rules."""
+    import subprocess
+
+    systemctl = shutil.which("systemctl")
+    if systemctl is None:
+        return False
+    try:
+        shown = subprocess.run(
+            [systemctl, "show", "-p", "AmbientCapabilities", "wlidd"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "cap_sys_ptrace" in shown.stdout.lower()
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     _require_something(config)
@@ -142,7 +114,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {unreadable}")
     from wlidd.policy import policy_warnings
 
-    for warning in policy_warnings(config.policy):
+    metadata = config.listeners.metadata  # its TCP callers never match units, executables, sha256
+    token = metadata.token if metadata is not None else None
+    for warning in policy_warnings(config.policy, metadata_token=token, ptrace_granted=_unit_grants_ptrace()):
         print(f"warning: {warning}")
     from wlidd.tokens.preflight import token_problems
 
@@ -174,127 +148,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     anyio.run(check_all)
     return ExitCode.FAILURE if failures else ExitCode.OK
-
-
-def _socket_path(args: argparse.Namespace) -> Path:
-    if args.socket:
-        return Path(args.socket)
-    path = config_path_from(args.config, os.environ)
-    if path == DEFAULT_CONFIG_PATH and not path.exists():
-        return UnixListenerConfig().path
-    return _load(args).listeners.unix.path
-
-
-def fetch_status(socket_path: Path, timeout: float = 5.0) -> Status:
-    """The running daemon's /v1/status (ClientError when it cannot be had, or is malformed)."""
-    from wlidd.client import Client
-
-    with Client(socket_path, timeout=timeout) as client:
-        return client.status()
-
-
-def cmd_token(args: argparse.Namespace) -> int:
-    from wlidd.client import Client
-
-    with Client(_socket_path(args)) as client:
-        token = client.get_token(args.name)
-    if args.json:
-        document = {
-            "access_token": token.access_token,
-            "token_type": token.token_type,
-            "expires_in": token.expires_in,
-            "expire_time": iso_z(token.expire_time),
-        }
-        print(json.dumps(document, indent=2))
-    else:
-        print(token.access_token)
-    return ExitCode.OK
-
-
-def cmd_creds(args: argparse.Namespace) -> int:
-    """Write an identity's current credentials into `--out` in one of the sink layouts, through the sinks'
-    own writer (one generation, published by renaming `..data`; wlidd.sinks.publish_generation)."""
-    from wlidd.client import Client
-    from wlidd.sinks.generations import publish_generation
-    from wlidd.sinks.layouts import Material, layout_files
-    from wlidd.svid.spiffeid import parse_spiffe_id
-
-    if args.include_federated_domains and args.layout != "spiffe-helper":
-        print("wlidd creds: --include-federated-domains is for --layout spiffe-helper", file=sys.stderr)
-        return ExitCode.CONFIG
-    with Client(_socket_path(args)) as client:
-        creds = client.get_credentials(args.identity)
-    out = Path(os.path.abspath(args.out))
-    try:
-        trust_domain = parse_spiffe_id(creds.spiffe_id).trust_domain
-    except SvidError as exc:
-        print(f"wlidd creds: the daemon handed out an unusable SPIFFE ID: {exc.message}", file=sys.stderr)
-        return ExitCode.FAILURE
-    material = Material(
-        key_pem=creds.key_pem.encode(),
-        chain_pem=creds.chain_pem.encode(),
-        trust_domain=trust_domain,
-        bundle_pem=creds.bundle_pem.encode(),
-        federated=tuple(sorted((td, pem.encode()) for td, pem in creds.federated_bundles_pem.items())),
-    )
-    files = layout_files(args.layout, material, out, include_federated_domains=args.include_federated_domains)
-    try:
-        written = publish_generation(out, files)
-    except OSError as exc:  # a refused (unsafe) directory or a plain I/O error: say which, no traceback
-        detail = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
-        print(f"wlidd creds: cannot write to {out}: {detail}", file=sys.stderr)
-        return ExitCode.FAILURE
-    names = ", ".join(f.name for f in files)
-    what = "written to" if written else "already in"
-    print(f"{creds.spiffe_id} serial {creds.serial} (expires {creds.not_after.isoformat()}) {what} {out}: {names}")
-    return ExitCode.OK
-
-
-def render_status(status: Status) -> str:
-    """The `wlidd status` table of a /v1/status document (wlidd.status)."""
-    daemon = status.daemon
-    lines = [f"wlidd {daemon.version} pid {daemon.pid}: {daemon.state}, up {daemon.uptime_seconds}s"]
-    if daemon.state == "starting":  # the accept loops run before the first loads: say what is awaited
-        parts = [f"identity {name} (first load)" for name in daemon.waiting_for.identities]
-        parts += [f"token {name} (required at start)" for name in daemon.waiting_for.tokens]
-        lines.append("starting: waiting for " + (", ".join(parts) or "the last steps before READY"))
-    lines.append(f"{'IDENTITY':<14} {'VALID':<6} {'LEFT':>8}  {'SERIAL':<12} {'SPIFFE ID'}")
-    for name, ident in status.identities.items():
-        left = "-" if ident.seconds_left is None else f"{ident.seconds_left}s"
-        serial = (ident.serial or "-")[:12]
-        lines.append(f"{name:<14} {'yes' if ident.valid else 'NO':<6} {left:>8}  {serial:<12} {ident.spiffe_id or '-'}")
-        if ident.last_error:
-            err = ident.last_error
-            lines.append(f"{'':<14} last error {iso_z(err.at)}: {err.reason}: {err.message}")
-        for problem in ident.bundle_problems:
-            kept = "last good copy kept" if problem.kept else "left out"
-            lines.append(f"{'':<14} bundle of {problem.trust_domain}: {problem.reason}: {problem.message} ({kept})")
-        lines.append(
-            f"{'':<14} reloads {ident.reloads}, updates {ident.updates}, rejections {ident.rejections}, "
-            f"last loaded {iso_z(ident.last_loaded) or '-'}"
-        )
-    if status.tokens:
-        lines.append(f"{'TOKEN':<14} {'VALID':<6} {'LEFT':>8}  {'FLOW':<13} {'FAILURES':>8}  NEXT REFRESH")
-        for name, token in status.tokens.items():
-            left = "-" if token.seconds_left is None else f"{token.seconds_left}s"
-            valid, failures, next_refresh = "yes" if token.valid else "NO", token.failures, iso_z(token.next_refresh)
-            lines.append(f"{name:<14} {valid:<6} {left:>8}  {token.flow:<13} {failures:>8}  {next_refresh or '-'}")
-            if token.last_error:
-                failure = token.last_error
-                kind = " (permanent: retried every backoff_max)" if failure.permanent else ""
-                lines.append(f"{'':<14} last error {iso_z(failure.at)}: {failure.reason}{kind}: {failure.message}")
-    for place, sink in status.sink_problems.items():
-        lines.append(f"SINK {place} ({sink.kind} {sink.owner}): last write failed: {sink.error}")
-    return "\n".join(lines)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    status = fetch_status(_socket_path(args))
-    if args.json or not sys.stdout.isatty():
-        print(json.dumps(to_json(status), indent=2))
-    else:
-        print(render_status(status))
-    return ExitCode.OK if status.daemon.state == "running" else ExitCode.FAILURE
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
