@@ -413,6 +413,29 @@ def test_a_flood_of_empty_data_frames_ends_the_connection_with_enhance_your_calm
     assert grown < 8 * 1024, f"RSS grew {grown} KiB"
 
 
+def test_a_flood_of_one_byte_frames_a_stream_never_reads_ends_the_connection(daemon: DaemonProcess) -> None:
+    """Within the stream's 64 KiB window, one-byte DATA frames the handler never reads were each kept as an
+    object by grpclib (~11 MB per connection, ~180 MB per uid over its connections); past 64 small frames
+    unread on one stream the connection ends (ENHANCE_YOUR_CALM)."""
+    before = warm_up(daemon)
+    client = RawGrpc(str(daemon.workload))
+    try:
+        stream_id = client.call()
+        client.h2.send_data(stream_id, struct.pack(">?I", False, 0))  # a valid empty request, stream left open
+        client.flush()
+        client.wait_for_data(stream_id)  # served: the daemon reads nothing more of this stream
+        client.blast(DataFrame(stream_id, data=b"\0").serialize() * 60_000)  # inside the 64 KiB window
+        deadline = time.monotonic() + 10
+        while client.receive(1.0) and time.monotonic() < deadline:
+            pass
+    finally:
+        client.close()
+    daemon.status()  # still serving
+    grown = daemon.rss_kb() - before
+    assert client.closed, "a stream flooded with small unread frames must lose its connection"
+    assert grown < 8 * 1024, f"RSS grew {grown} KiB"  # the frames read before the end, not all 60,000
+
+
 def test_a_client_that_never_reads_cannot_grow_the_daemons_write_buffer(daemon: DaemonProcess) -> None:
     before = warm_up(daemon)
     client = RawGrpc(str(daemon.workload))

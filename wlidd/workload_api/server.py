@@ -79,6 +79,12 @@ audit = get_logger("wlidd.audit")
 SECURITY_HEADER = "workload.spiffe.io"
 SEND_TIMEOUT = 30.0  # seconds a push may wait on a client that does not open its flow-control window
 MAX_EMPTY_DATA_FRAMES = 1024  # per connection (no client needs one: gRPC messages are never empty on the wire)
+# grpclib keeps every DATA frame a stream has not read yet as its own object (~170 bytes): within the 64 KiB
+# window, one-byte frames made ~11 MB per connection. A stream holding more than this many small frames
+# unread (a client sending far ahead of what wlidd reads: Envoy and the SPIFFE clients send one request
+# and wait) ends its connection with ENHANCE_YOUR_CALM; larger frames are bounded by the window itself.
+SMALL_FRAME_BYTES = 1024
+MAX_UNREAD_SMALL_FRAMES = 64
 WINDOW_BYTES = 2**16 - 1  # HTTP/2 receive windows, per connection and per stream: the minimum (RFC 9113 §6.9.2)
 _PREFACE_BYTES = 24  # the HTTP/2 client connection preface (RFC 9113 §3.4)
 # Streams one connection may open in its life; then GOAWAY and close (clients reconnect). h2 remembers
@@ -171,6 +177,11 @@ class WorkloadProtocol(H2Protocol):
                 self.end(ErrorCodes.ENHANCE_YOUR_CALM)
                 return  # nor anything after it on this connection
         self._process_data(event)
+        if 0 < event.flow_controlled_length < SMALL_FRAME_BYTES:
+            stream = self.processor.streams.get(event.stream_id)
+            if stream is not None and stream.buffer._unacked.qsize() > MAX_UNREAD_SMALL_FRAMES:  # no public accessor
+                log.warning("workload API connection ended: a flood of small unread DATA frames", uid=self._uid())
+                self.end(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def data_received(self, data: bytes) -> None:
         try:
