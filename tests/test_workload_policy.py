@@ -236,6 +236,20 @@ def test_wlidd_check_warns_that_rules_on_executables_need_cap_sys_ptrace_unless_
     assert policy_warnings(units_only, ptrace_granted=False) == []
 
 
+def test_wlidd_check_warns_that_rules_on_units_need_the_unit_to_show_other_users_processes() -> None:
+    """Under the shipped unit's ProtectProc=invisible, /proc/PID of another user's process is hidden: a rule
+    on units refuses everyone but wlidd's own user, and `wlidd check` said nothing of it."""
+    from wlidd.cli import hidden_process_warnings
+
+    units_only = PolicyConfig(token={"gcp": AccessRule(units=("a.service",))})
+    (warning,) = hidden_process_warnings(units_only, False)
+    assert warning.startswith("policy.token.gcp select on units") and "ProtectProc=invisible" in warning
+    assert "/etc/systemd/system/wlidd.service.d/workloads.conf" in warning
+    assert hidden_process_warnings(units_only, True) == hidden_process_warnings(units_only, None) == []
+    users_only = PolicyConfig(token={"gcp": AccessRule(users=("0",))})
+    assert hidden_process_warnings(users_only, False) == []
+
+
 def test_wlidd_check_prints_the_metadata_listeners_warning(
     tmp_path: Path, files: FileSet, ca: CertificateAuthority
 ) -> None:

@@ -21,7 +21,7 @@ import anyio
 from wlidd import __version__
 from wlidd.cli.client_commands import cmd_creds, cmd_status, cmd_token
 from wlidd.cli.exit_codes import ExitCode, exit_code_for, exit_codes_help
-from wlidd.config import DEFAULT_CONFIG_PATH, Config, config_path_from, load_config
+from wlidd.config import DEFAULT_CONFIG_PATH, Config, PolicyConfig, config_path_from, load_config
 from wlidd.errors import ConfigError, SvidError, WlidError
 from wlidd.logs import configure_logging
 from wlidd.svid.load.retry import load_identity
@@ -72,26 +72,60 @@ def _socket_account_problems(config: Config) -> list[str]:
     return problems
 
 
-def _unit_grants_ptrace() -> bool:
-    """Whether the wlidd unit clearly grants CAP_SYS_PTRACE (`systemctl show -p AmbientCapabilities wlidd`
-    lists cap_sys_ptrace): rules on executables and sha256 need it for other users' processes. False when
-    it does not, or cannot be told (no systemd here): `wlidd check` then warns of those rules."""
+WORKLOADS_DROP_IN = "/etc/systemd/system/wlidd.service.d/workloads.conf"  # README "Workloads"
+
+
+def hidden_process_warnings(policy: PolicyConfig, processes_visible: bool | None) -> list[str]:
+    """`wlidd check`'s warning when the wlidd unit hides other users' processes (`processes_visible` False:
+    ProtectProc=invisible, the shipped hardening; None: not known, no warning) and a rule selects on units,
+    which wlidd reads from the caller's /proc/PID/cgroup: such a rule then refuses every other user."""
+    rules = {"policy.tokens": policy.tokens, "policy.credentials": policy.credentials}
+    rules |= {f"policy.token.{name}": rule for name, rule in policy.token.items()}
+    rules |= {f"policy.identity.{name}": rule for name, rule in policy.identity.items()}
+    in_units = [where for where, rule in rules.items() if rule.units]
+    if not in_units or processes_visible is not False:
+        return []
+    return [
+        f"{', '.join(in_units)} select on units, which wlidd reads in other users' /proc/PID/cgroup, and the"
+        f" wlidd unit hides their processes (ProtectProc=invisible): they refuse every other user's process"
+        f" (add the README's drop-in {WORKLOADS_DROP_IN}, its ProtectProc=default)"
+    ]
+
+
+def _unit_properties(*names: str) -> dict[str, str] | None:
+    """The wlidd unit's properties `names` as systemd has them (`systemctl show -p NAME … wlidd`), with its
+    LoadState; None when systemd cannot be asked (no systemctl, it failed or took over 5 s)."""
     import subprocess
 
     systemctl = shutil.which("systemctl")
     if systemctl is None:
-        return False
+        return None
+    options = [option for name in (*names, "LoadState") for option in ("-p", name)]
     try:
         shown = subprocess.run(
-            [systemctl, "show", "-p", "AmbientCapabilities", "wlidd"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
+            [systemctl, "show", *options, "wlidd"], capture_output=True, text=True, timeout=5, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "cap_sys_ptrace" in shown.stdout.lower()
+        return None
+    return dict(line.partition("=")[::2] for line in shown.stdout.splitlines() if "=" in line)
+
+
+def _unit_grants_ptrace() -> bool:
+    """Whether the wlidd unit clearly grants CAP_SYS_PTRACE (`systemctl show -p AmbientCapabilities wlidd`
+    lists cap_sys_ptrace): rules on executables and sha256 need it for other users' processes. False when
+    it does not, or cannot be told (no systemd here): `wlidd check` then warns of those rules."""
+    shown = _unit_properties("AmbientCapabilities")
+    return shown is not None and "cap_sys_ptrace" in shown.get("AmbientCapabilities", "").lower()
+
+
+def _unit_shows_processes() -> bool | None:
+    """Whether the installed wlidd unit lets wlidd see other users' processes: False under
+    `ProtectProc=invisible` or `noaccess` (the shipped unit's hardening), where rules on units refuse every
+    other user's process; None when it cannot be told (no systemd, or no wlidd unit loaded)."""
+    shown = _unit_properties("ProtectProc")
+    if shown is None or shown.get("LoadState") != "loaded":
+        return None
+    return shown.get("ProtectProc", "default") not in ("invisible", "noaccess")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -116,7 +150,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     metadata = config.listeners.metadata  # its TCP callers never match units, executables, sha256
     token = metadata.token if metadata is not None else None
-    for warning in policy_warnings(config.policy, metadata_token=token, ptrace_granted=_unit_grants_ptrace()):
+    for warning in [
+        *policy_warnings(config.policy, metadata_token=token, ptrace_granted=_unit_grants_ptrace()),
+        *hidden_process_warnings(config.policy, _unit_shows_processes()),
+    ]:
         print(f"warning: {warning}")
     from wlidd.tokens.preflight import token_problems
 
